@@ -1,0 +1,122 @@
+"""Per-request stage timing: one vocabulary (DESIGN.md) for traces, Server-Timing and results.
+
+A :class:`Trace` is a chain of contiguous stages: each ``mark(stage)`` charges the time since
+the previous mark to ``stage``, so the stages of a request add up to the server's total time
+for it, with nothing double-counted and nothing hidden.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+
+#: Every stage name cvserve emits, in request order (DESIGN.md, "Stage names").
+STAGES: tuple[str, ...] = (
+    "recv",
+    "queue",
+    "decode",
+    "resize",
+    "normalize",
+    "batch_wait",
+    "h2d",
+    "infer",
+    "d2h",
+    "postprocess",
+    "broker",
+    "encode",
+    "network",
+)
+SERVER_STAGES: tuple[str, ...] = tuple(s for s in STAGES if s != "network")
+_KNOWN = frozenset(STAGES)
+
+__all__ = [
+    "STAGES",
+    "SERVER_STAGES",
+    "Trace",
+    "format_server_timing",
+    "mean_breakdown",
+    "parse_server_timing",
+]
+
+
+class Trace:
+    """Stage durations of one request, in seconds, measured with ``time.perf_counter``."""
+
+    __slots__ = ("start", "last", "stages")
+
+    def __init__(self, start: float | None = None) -> None:
+        self.start = time.perf_counter() if start is None else start
+        self.last = self.start
+        self.stages: dict[str, float] = {}
+
+    def add(self, stage: str, seconds: float) -> None:
+        """Charge ``seconds`` to ``stage`` (a stage may be charged more than once)."""
+        if stage not in _KNOWN:
+            raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+        self.stages[stage] = self.stages.get(stage, 0.0) + max(0.0, seconds)
+
+    def mark(self, stage: str, now: float | None = None) -> float:
+        """Charge the time since the previous mark to ``stage``; returns ``now``."""
+        now = time.perf_counter() if now is None else now
+        self.add(stage, now - self.last)
+        self.last = now
+        return now
+
+    def advance(self, now: float) -> None:
+        """Move the mark without charging (the time was charged by :meth:`add` already)."""
+        self.last = max(self.last, now)
+
+    @property
+    def total(self) -> float:
+        return sum(self.stages.values())
+
+    def server_timing(self) -> str:
+        return format_server_timing(self.stages)
+
+
+def format_server_timing(stages: Mapping[str, float]) -> str:
+    """Encode stage durations (seconds) as a ``Server-Timing`` header value (milliseconds)."""
+    return ", ".join(f"{name};dur={seconds * 1000.0:.3f}" for name, seconds in stages.items())
+
+
+def parse_server_timing(value: str | None) -> tuple[dict[str, float], int]:
+    """Decode a ``Server-Timing`` value into ``({stage: seconds}, malformed_count)``.
+
+    Unknown names and malformed entries are skipped and counted, never raised: a client
+    must survive any server's header.
+    """
+    stages: dict[str, float] = {}
+    bad = 0
+    if not value:
+        return stages, bad
+    for entry in value.split(","):
+        entry = entry.strip()
+        if not entry:
+            continue
+        name, *params = (p.strip() for p in entry.split(";"))
+        dur = None
+        for p in params:
+            key, _, val = p.partition("=")
+            if key.strip().lower() == "dur":
+                try:
+                    dur = float(val.strip().strip('"'))
+                except ValueError:
+                    dur = None
+        if name not in _KNOWN or dur is None or dur != dur or dur < 0:
+            bad += 1
+            continue
+        stages[name] = stages.get(name, 0.0) + dur / 1000.0
+    return stages, bad
+
+
+def mean_breakdown(traces: Iterable[Mapping[str, float]]) -> dict[str, float]:
+    """Mean seconds per stage over requests (a stage absent from a request counts as 0)."""
+    sums: dict[str, float] = {}
+    n = 0
+    for t in traces:
+        n += 1
+        for k, v in t.items():
+            sums[k] = sums.get(k, 0.0) + v
+    if n == 0:
+        return {}
+    return {k: sums[k] / n for k in STAGES if k in sums}
