@@ -1,0 +1,135 @@
+"""Typed configuration of models, batching and the server, from flags or a YAML file."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from cvserve.images.decode import DEFAULT_MAX_PIXELS
+
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+
+
+class ConfigError(ValueError):
+    """A configuration file or flag combination that cannot work."""
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """Batching and admission settings of one model."""
+
+    max_batch_size: int = 8
+    max_delay_ms: float = 5.0
+    instances: int = 1
+    #: Requests admitted at once (preprocessing, waiting or running); more get a 429.
+    max_queue: int = 64
+    #: Default per-request deadline; a request past it gets a 504.
+    timeout_ms: float = 30_000.0
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        if self.max_delay_ms < 0:
+            raise ValueError("max_delay_ms must be >= 0")
+        if self.instances < 1:
+            raise ValueError("instances must be >= 1")
+        if self.max_queue < 1:
+            raise ValueError("max_queue must be >= 1")
+        if self.timeout_ms <= 0:
+            raise ValueError("timeout_ms must be > 0")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One served model: where it comes from and how it is batched, run and preprocessed."""
+
+    name: str
+    #: Store name of the model (defaults to ``name``): serve one model under two names.
+    model: str | None = None
+    batching: BatchConfig = field(default_factory=BatchConfig)
+    #: onnxruntime intra-op threads per instance; 0 = cores / instances.
+    intra_op_threads: int = 0
+    decoder: str = "pil-reduced"
+    #: Overrides of the model's own PreprocessSpec fields (e.g. ``interpolation``).
+    preprocess: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def store_name(self) -> str:
+        return self.model or self.name
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The HTTP server and the resources its models share."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    #: Threads that decode, resize and normalize (shared by all models); 0 = cores.
+    preprocess_threads: int = 0
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    #: How long SIGTERM waits for in-flight requests before exiting anyway.
+    drain_timeout_s: float = 30.0
+    cache_dir: str | None = None
+    models: tuple[ModelConfig, ...] = ()
+
+    def resolved_preprocess_threads(self) -> int:
+        return self.preprocess_threads or (os.cpu_count() or 1)
+
+
+_BATCH_KEYS = {f.name for f in fields(BatchConfig)}
+_MODEL_KEYS = {f.name for f in fields(ModelConfig)} - {"batching"}
+_SERVER_KEYS = {f.name for f in fields(ServerConfig)} - {"models"}
+
+
+def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
+    """A model entry of a config file: ModelConfig keys and BatchConfig keys, flat."""
+    if not isinstance(d, dict) or "name" not in d:
+        raise ConfigError(f"a model entry needs at least a name: {d!r}")
+    unknown = set(d) - _BATCH_KEYS - _MODEL_KEYS
+    if unknown:
+        raise ConfigError(
+            f"model {d['name']!r}: unknown keys {sorted(unknown)}; "
+            f"known: {sorted(_BATCH_KEYS | _MODEL_KEYS)}"
+        )
+    try:
+        batching = BatchConfig(**{k: v for k, v in d.items() if k in _BATCH_KEYS})
+        return ModelConfig(batching=batching, **{k: v for k, v in d.items() if k in _MODEL_KEYS})
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model {d['name']!r}: {e}") from None
+
+
+def server_config_from_dict(d: dict[str, Any]) -> ServerConfig:
+    d = dict(d or {})
+    models = d.pop("models", None) or []
+    server = d.pop("server", None) or {}
+    if d:
+        raise ConfigError(f"unknown top-level keys {sorted(d)}; expected 'server' and 'models'")
+    unknown = set(server) - _SERVER_KEYS
+    if unknown:
+        raise ConfigError(f"server: unknown keys {sorted(unknown)}; known: {sorted(_SERVER_KEYS)}")
+    if not models:
+        raise ConfigError("the config serves no models: add a 'models' list")
+    mcs = tuple(model_config_from_dict(m) for m in models)
+    names = [m.name for m in mcs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"model names must be unique: {names}")
+    try:
+        return ServerConfig(models=mcs, **server)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"server: {e}") from None
+
+
+def load_config(path: str | Path) -> ServerConfig:
+    """Read a YAML config file (see README, "Serving several models")."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path} is not valid YAML: {e}") from None
+    return server_config_from_dict(data or {})

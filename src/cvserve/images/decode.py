@@ -1,0 +1,222 @@
+"""Bytes to RGB pixels: format sniffing, size limits before any pixel is allocated,
+reduced-scale JPEG decoding, EXIF orientation and colour-mode conversion.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+#: Default ceiling on decoded pixels (width x height): a 64-megapixel image.
+DEFAULT_MAX_PIXELS = 64_000_000
+
+# Formats we decode; anything else is a 415. Names are Pillow's format names.
+SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")  # MPO opens as JPEG
+
+# EXIF orientation values whose transpose swaps width and height.
+_SWAPS_AXES = {5, 6, 7, 8}
+
+
+class ImageError(Exception):
+    """Base of every error a client's image can cause; ``status`` is its HTTP status."""
+
+    status = 400
+    kind = "bad_image"
+
+    def __init__(self, message: str, **detail: object) -> None:
+        super().__init__(message)
+        self.detail = detail
+
+
+class UndecodableImage(ImageError):
+    """The bytes claim to be an image but cannot be decoded (corrupt, truncated, empty)."""
+
+    status = 400
+    kind = "undecodable_image"
+
+
+class UnsupportedImageType(ImageError):
+    """The bytes are not an image format cvserve decodes."""
+
+    status = 415
+    kind = "unsupported_media_type"
+
+
+class ImageTooLarge(ImageError):
+    """The image declares more pixels than the limit (refused before decoding)."""
+
+    status = 413
+    kind = "image_too_large"
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The container format from the magic bytes, or None if unknown."""
+    head = data[:16]
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head[:2] == b"BM":
+        return "BMP"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "TIFF"
+    if head[4:8] == b"ftyp":
+        return "ISOBMFF"  # HEIF/AVIF/MP4 family
+    return None
+
+
+def _jpeg_precision(data: bytes) -> int | None:
+    """Sample precision from the first SOF marker of a JPEG, or None if none found."""
+    i = 2
+    n = len(data)
+    while i + 9 < n:
+        if data[i] != 0xFF:
+            i += 1
+            continue
+        marker = data[i + 1]
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
+            i += 1 if marker == 0xFF else 2
+            continue
+        seg_len = int.from_bytes(data[i + 2 : i + 4], "big")
+        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
+            return data[i + 4]
+        i += 2 + seg_len
+    return None
+
+
+@dataclass
+class Decoded:
+    """An upright RGB image and what it took to get there."""
+
+    image: Image.Image  # mode "RGB", EXIF orientation applied
+    orig_size: tuple[int, int]  # (width, height) of the full-resolution upright image
+    format: str
+    reduced: int = 1  # DCT-domain reduction factor applied while decoding (1, 2, 4, 8)
+
+
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, str]:
+    """Parse the header only: format, size and limit checks, no pixel decoding yet."""
+    if not data:
+        raise UndecodableImage("empty request body: expected image bytes")
+    fmt = sniff_format(data)
+    if fmt is None or fmt == "ISOBMFF":
+        what = "HEIF/AVIF" if fmt == "ISOBMFF" else "unknown"
+        raise UnsupportedImageType(
+            f"unsupported image format ({what}); supported: {', '.join(SUPPORTED_FORMATS)}",
+            supported=list(SUPPORTED_FORMATS),
+        )
+    Image.init()  # registers every plugin named in SUPPORTED_FORMATS (idempotent)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageTooLarge(f"image declares too many pixels: {e}", max_pixels=max_pixels) from None
+    except UnidentifiedImageError:
+        if fmt == "JPEG" and _jpeg_precision(data) not in (None, 8):
+            raise UnsupportedImageType(
+                f"{_jpeg_precision(data)}-bit JPEG is not supported (8-bit only)"
+            ) from None
+        raise UndecodableImage(f"cannot decode {fmt} image: corrupt or truncated header") from None
+    except ValueError as e:
+        if "too large" in str(e):
+            raise ImageTooLarge(f"image metadata too large: {e}") from None
+        raise UndecodableImage(f"cannot decode {fmt} image: {e}") from None
+    except OSError as e:
+        raise UndecodableImage(f"cannot decode {fmt} image: {e}") from None
+    w, h = im.size
+    if w <= 0 or h <= 0:
+        raise UndecodableImage(f"image has no pixels ({w}x{h})")
+    if w * h > max_pixels:
+        raise ImageTooLarge(
+            f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}",
+            width=w,
+            height=h,
+            max_pixels=max_pixels,
+        )
+    return im, fmt
+
+
+def exif_orientation(im: Image.Image) -> int:
+    try:
+        value = im.getexif().get(0x0112, 1)
+        return int(value) if value in range(1, 9) else 1
+    except Exception:  # corrupt EXIF must not fail the request
+        return 1
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Convert any decoded mode to 8-bit RGB, scaling 16/32-bit samples instead of clipping."""
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        a = np.asarray(im)
+        if mode == "I":
+            # Pillow widens 16-bit PNG/TIFF greyscale to I; scale by the format's range.
+            peak = 65535 if a.max(initial=0) > 255 else 255
+        else:
+            peak = 65535
+        a8 = (a.astype(np.float32) * (255.0 / peak) + 0.5).clip(0, 255).astype(np.uint8)
+        return Image.fromarray(a8, "L").convert("RGB")
+    if mode == "F":
+        a = np.asarray(im)
+        a8 = (a * (255.0 if a.max(initial=0) <= 1.0 else 1.0)).clip(0, 255).astype(np.uint8)
+        return Image.fromarray(a8, "L").convert("RGB")
+    # L, LA, P, PA, RGBA, CMYK (Adobe-inverted CMYK is handled by the JPEG plugin),
+    # YCbCr, 1: Pillow's own conversion, as HF image processors and torchvision do.
+    return im.convert("RGB")
+
+
+def decode(
+    data: bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_size: Callable[[tuple[int, int]], tuple[int, int]] | None = None,
+) -> Decoded:
+    """Decode ``data`` to an upright RGB image.
+
+    ``min_size`` maps the upright original (width, height) to the smallest upright size the
+    caller needs; with it a JPEG decodes at 1/2, 1/4 or 1/8 scale in the DCT domain, as long
+    as the result stays at least that big.
+    """
+    im, fmt = open_image(data, max_pixels)
+    orientation = exif_orientation(im)
+    w, h = im.size
+    orig = (h, w) if orientation in _SWAPS_AXES else (w, h)
+    reduced = 1
+    try:
+        if min_size is not None and fmt in ("JPEG", "MPO") and im.mode in ("RGB", "L", "CMYK"):
+            mw, mh = min_size(orig)
+            if orientation in _SWAPS_AXES:
+                mw, mh = mh, mw
+            # draft() never goes below the requested size; it picks the largest scale
+            # factor that keeps both sides >= the request.
+            req = (max(1, mw), max(1, mh))
+            mode = "RGB" if im.mode != "L" else "L"
+            im.draft(mode, req)
+            reduced = max(1, round(w / im.size[0]))
+        im.load()
+        im = to_rgb(im)
+    except ImageError:
+        raise
+    except (OSError, ValueError, SyntaxError, IndexError) as e:
+        raise UndecodableImage(f"cannot decode {fmt} image: {e}") from None
+    if orientation != 1:
+        try:
+            im = ImageOps.exif_transpose(im)
+        except Exception as e:  # a corrupt EXIF block must not fail the image
+            log.debug("ignoring EXIF orientation: %s", e)
+    return Decoded(image=im, orig_size=orig, format=fmt, reduced=reduced)

@@ -1,0 +1,76 @@
+"""Preprocessor: image bytes to one model-input slot, timing decode, resize and normalize."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cvserve.images.decode import DEFAULT_MAX_PIXELS, decode
+from cvserve.images.spec import PreprocessSpec
+from cvserve.images.transforms import normalize_into, resize_crop, resized_size
+
+DECODERS = ("pil-reduced", "pil")
+
+
+@dataclass
+class ImageMeta:
+    """What postprocessing needs to know about the image a slot came from."""
+
+    orig_size: tuple[int, int]  # upright (width, height)
+    format: str
+    reduced: int  # DCT-domain reduction used while decoding
+    stages: dict[str, float] = field(default_factory=dict)  # decode/resize/normalize seconds
+    started: float = 0.0  # perf_counter when the worker picked the image up
+    finished: float = 0.0
+
+
+class Preprocessor:
+    """Decode, resize/crop and normalize one image straight into a batch slot.
+
+    ``decoder='pil-reduced'`` lets libjpeg-turbo decode JPEGs at 1/2, 1/4 or 1/8 scale when
+    the model needs fewer pixels; ``'pil'`` always decodes at full resolution.
+    """
+
+    def __init__(
+        self,
+        spec: PreprocessSpec,
+        *,
+        decoder: str = "pil-reduced",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        if decoder not in DECODERS:
+            raise ValueError(f"unknown decoder {decoder!r}; choose from {', '.join(DECODERS)}")
+        self.spec = spec
+        self.decoder = decoder
+        self.max_pixels = max_pixels
+
+    def _min_decode_size(self, orig: tuple[int, int]) -> tuple[int, int]:
+        # The resize step must still be a downscale (or identity): keep at least the
+        # resized size, so the crop loses no detail the model would have seen.
+        return resized_size(*orig, self.spec)
+
+    def run(self, data: bytes, out: np.ndarray) -> ImageMeta:
+        """Preprocess ``data`` into ``out`` (shape ``spec.input_shape``, dtype ``spec.dtype``).
+
+        Raises :class:`cvserve.images.decode.ImageError` subclasses for bad input.
+        """
+        t0 = time.perf_counter()
+        spec = self.spec
+        min_size = self._min_decode_size if self.decoder == "pil-reduced" else None
+        dec = decode(data, max_pixels=self.max_pixels, min_size=min_size)
+        t1 = time.perf_counter()
+        img = resize_crop(dec.image, dec.orig_size, spec)
+        pixels = np.asarray(img)
+        t2 = time.perf_counter()
+        normalize_into(pixels, out, spec)
+        t3 = time.perf_counter()
+        return ImageMeta(
+            orig_size=dec.orig_size,
+            format=dec.format,
+            reduced=dec.reduced,
+            stages={"decode": t1 - t0, "resize": t2 - t1, "normalize": t3 - t2},
+            started=t0,
+            finished=t3,
+        )

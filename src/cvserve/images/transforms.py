@@ -1,0 +1,95 @@
+"""Geometry and pixel encoding: resize + crop in one resampling pass, normalize into a slot.
+
+Geometry follows HuggingFace image processors exactly (shortest edge to ``S`` with the long
+side truncated, then a center crop with ``(size - crop) // 2`` offsets), so a model served
+here sees what it saw in training.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from cvserve.images.spec import PreprocessSpec
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+Box = tuple[float, float, float, float]
+
+
+def resized_size(width: int, height: int, spec: PreprocessSpec) -> tuple[int, int]:
+    """(width, height) of the full image after the resize step, before any crop."""
+    if spec.resize_mode == "direct":
+        return spec.width, spec.height
+    s = spec.resize_shortest
+    assert s is not None
+    if width <= height:
+        return s, int(s * height / width)
+    return int(s * width / height), s
+
+
+def crop_box(width: int, height: int, spec: PreprocessSpec) -> tuple[int, int, int, int]:
+    """The crop (left, top, right, bottom) in resized-image pixels."""
+    rw, rh = resized_size(width, height, spec)
+    if spec.resize_mode == "direct":
+        return 0, 0, rw, rh
+    top = (rh - spec.height) // 2
+    left = (rw - spec.width) // 2
+    return left, top, left + spec.width, top + spec.height
+
+
+def source_box(orig: tuple[int, int], have: tuple[int, int], spec: PreprocessSpec) -> Box:
+    """The region of an image of size ``have`` (the original ``orig``, possibly decoded at
+    reduced scale) that maps onto the model input, in ``have``'s pixel coordinates."""
+    rw, rh = resized_size(*orig, spec)
+    left, top, right, bottom = crop_box(*orig, spec)
+    sx = have[0] / rw
+    sy = have[1] / rh
+    return left * sx, top * sy, right * sx, bottom * sy
+
+
+def resize_crop(im: Image.Image, orig: tuple[int, int], spec: PreprocessSpec) -> Image.Image:
+    """Resize and crop in one resampling pass (Pillow's ``box``): only the pixels that end
+    up in the model input are computed. Crops larger than the image are zero-padded."""
+    box = source_box(orig, im.size, spec)
+    x0, y0, x1, y1 = box
+    if x0 >= 0 and y0 >= 0 and x1 <= im.size[0] + 1e-6 and y1 <= im.size[1] + 1e-6:
+        box = (x0, y0, min(x1, im.size[0]), min(y1, im.size[1]))
+        return im.resize((spec.width, spec.height), _RESAMPLE[spec.interpolation], box=box)
+    # The crop reaches outside the resized image (crop larger than the resize): resize the
+    # whole image, then paste it centred on a black canvas, as HF's center_crop pads.
+    rw, rh = resized_size(*orig, spec)
+    full = im.resize((rw, rh), _RESAMPLE[spec.interpolation])
+    left, top, _, _ = crop_box(*orig, spec)
+    canvas = Image.new("RGB", (spec.width, spec.height))
+    canvas.paste(full, (-left, -top))
+    return canvas
+
+
+def normalize_into(pixels: np.ndarray, out: np.ndarray, spec: PreprocessSpec) -> None:
+    """Write ``(pixels * rescale - mean) / std`` (or the raw uint8 pixels) into ``out``.
+
+    ``pixels`` is HxWx3 uint8 RGB; ``out`` has ``spec.input_shape`` and ``spec.dtype``.
+    One fused multiply-add per pixel, straight into the batch slot.
+    """
+    src = pixels[..., ::-1] if spec.channel_order == "BGR" else pixels
+    if spec.layout == "NCHW":
+        src = src.transpose(2, 0, 1)
+        bshape: tuple[int, ...] = (3, 1, 1)
+    else:
+        bshape = (1, 1, 3)
+    if spec.dtype == "uint8":
+        np.copyto(out, src)
+        return
+    std = np.asarray(spec.std, dtype=np.float64)
+    scale = (spec.rescale / std).astype(np.float32).reshape(bshape)
+    shift = (-np.asarray(spec.mean, dtype=np.float64) / std).astype(np.float32).reshape(bshape)
+    np.multiply(src, scale, out=out)
+    out += shift

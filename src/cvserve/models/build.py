@@ -1,0 +1,447 @@
+"""Build ONNX models from HuggingFace: zoo configs (random weights) or a local directory.
+
+Needs the ``zoo`` extra (torch, transformers). Only the build child process
+(``python -m cvserve.models.build``) and tests import this module; torch and transformers
+are imported inside the functions so that a missing extra becomes a one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from cvserve.images.spec import PreprocessSpec
+from cvserve.models import store
+from cvserve.models.metadata import ModelMeta
+from cvserve.models.zoo import ZOO, ZooEntry
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+ZOO_EXTRA_HINT = "building models needs the zoo extra: pip install 'cvserve[zoo]'"
+OPSET = 17
+# ONNX Runtime vs torch on the same batch: largest |diff| relative to the largest |logit|.
+MAX_EXPORT_REL_ERROR = 1e-3
+
+# PIL.Image.Resampling values -> PreprocessSpec.interpolation
+_PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+_PLACEHOLDER_LABEL = re.compile(r"LABEL_\d+")
+
+
+class BuildError(RuntimeError):
+    """A model could not be built, exported or verified; the message says why."""
+
+
+class MissingZooExtra(BuildError):
+    """torch / transformers / onnx are not installed."""
+
+    def __init__(self) -> None:
+        super().__init__(ZOO_EXTRA_HINT)
+
+
+def _require_zoo() -> tuple[Any, Any]:
+    """Import torch and transformers, or raise MissingZooExtra."""
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        raise MissingZooExtra() from e
+    return torch, transformers
+
+
+# --- preprocessing --------------------------------------------------------------------
+def _interpolation(resample: Any) -> str:
+    if resample is None:
+        return "bilinear"
+    try:
+        return _PIL_RESAMPLE[int(resample)]
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"unsupported resample {resample!r}") from None
+
+
+def _triple(v: Any, default: float) -> tuple[float, float, float]:
+    if v is None:
+        return (default,) * 3
+    if isinstance(v, int | float):
+        return (float(v),) * 3
+    return tuple(float(x) for x in v)  # type: ignore[return-value]
+
+
+def _processor_kind(processor: Any, d: dict[str, Any]) -> str:
+    kind = d.get("image_processor_type") or type(processor).__name__
+    return re.sub(r"(Pil|Fast)$", "", kind)
+
+
+def preprocess_spec_from_hf(processor: Any) -> PreprocessSpec:
+    """Translate a HuggingFace image processor's settings into a PreprocessSpec.
+
+    ConvNextImageProcessor (used by the ResNet checkpoints): below 384 the shortest edge is
+    resized to ``int(shortest_edge / crop_pct)`` then center-cropped to a square of
+    ``shortest_edge``; at 384 and above the image is warped to a square. Other processors
+    (ViT, MobileNetV2, ...): ``size`` height/width is a direct resize, ``size``
+    shortest_edge plus ``crop_size`` is resize-then-center-crop.
+    """
+    d = processor.to_dict()
+    kind = _processor_kind(processor, d)
+    size = d.get("size") or {}
+    if d.get("do_resize") is False:
+        raise ValueError(f"{kind} does not resize, so its input size is not fixed")
+    crop = d.get("crop_size") if d.get("do_center_crop") else None
+
+    if kind == "ConvNextImageProcessor":
+        if crop:
+            raise ValueError("ConvNextImageProcessor with do_center_crop is not supported")
+        se = size.get("shortest_edge")
+        if not se:
+            raise ValueError(f"ConvNextImageProcessor needs size.shortest_edge, got {size}")
+        crop_pct = d.get("crop_pct") or 224 / 256
+        if se < 384:
+            geometry = dict(
+                height=se,
+                width=se,
+                resize_mode="shortest_edge_crop",
+                resize_shortest=int(se / crop_pct),
+            )
+        else:
+            geometry = dict(height=se, width=se, resize_mode="direct")
+    elif "height" in size and "width" in size:
+        h, w = int(size["height"]), int(size["width"])
+        if crop and (crop.get("height"), crop.get("width")) != (h, w):
+            raise ValueError(f"{kind}: resize to {h}x{w} then crop to {crop} is not supported")
+        geometry = dict(height=h, width=w, resize_mode="direct")
+    elif size.get("shortest_edge") and not size.get("longest_edge"):
+        if not crop:
+            raise ValueError(f"{kind}: shortest-edge resize without a center crop has no fixed size")
+        geometry = dict(
+            height=int(crop["height"]),
+            width=int(crop["width"]),
+            resize_mode="shortest_edge_crop",
+            resize_shortest=int(size["shortest_edge"]),
+        )
+    else:
+        raise ValueError(f"{kind}: unsupported size {size}")
+
+    normalize = d.get("do_normalize", True)
+    return PreprocessSpec(
+        **geometry,
+        interpolation=_interpolation(d.get("resample")),
+        rescale=float(d.get("rescale_factor", 1 / 255)) if d.get("do_rescale", True) else 1.0,
+        mean=_triple(d.get("image_mean"), 0.5) if normalize else (0.0, 0.0, 0.0),
+        std=_triple(d.get("image_std"), 0.5) if normalize else (1.0, 1.0, 1.0),
+        extra={"hf_processor": kind},
+    )
+
+
+def _processor_class(transformers: Any, name: str) -> Any:
+    # transformers 5 names the PIL/numpy backend "<Name>Pil" (the plain name wants
+    # torchvision); in transformers 4 the plain name is the slow PIL/numpy processor.
+    cls = getattr(transformers, f"{name}Pil", None) or getattr(transformers, name, None)
+    if cls is None:
+        raise BuildError(f"transformers has no image processor {name!r}")
+    return cls
+
+
+def _load_image_processor(transformers: Any, directory: Path) -> Any:
+    if not (directory / "preprocessor_config.json").is_file():
+        raise BuildError(
+            f"{directory} has no preprocessor_config.json; it defines the model's "
+            "preprocessing (save the image processor with save_pretrained next to the model)"
+        )
+    major = int(transformers.__version__.split(".")[0])
+    kwargs = {"backend": "pil"} if major >= 5 else {"use_fast": False}
+    return transformers.AutoImageProcessor.from_pretrained(
+        str(directory), local_files_only=True, **kwargs
+    )
+
+
+# --- models ---------------------------------------------------------------------------
+def labels_from_config(config: Any) -> list[str]:
+    """Class names from ``config.id2label``; HF's ``LABEL_i`` placeholders become ``class_i``."""
+    id2label = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
+    n = int(getattr(config, "num_labels", 0) or len(id2label))
+    names = [id2label.get(i, f"LABEL_{i}") for i in range(n)]
+    if all(_PLACEHOLDER_LABEL.fullmatch(x) for x in names):
+        return [f"class_{i}" for i in range(n)]
+    return names
+
+
+def create_zoo_model(name: str, seed: int = 0) -> tuple[Any, Any]:
+    """The zoo model ``name`` as (torch model in eval mode, image processor).
+
+    Weights are random but reproducible: the same ``seed`` gives the same weights.
+    """
+    entry = _zoo_entry(name)
+    torch, transformers = _require_zoo()
+    config = getattr(transformers, entry.config_class)(**entry.config)
+    torch.manual_seed(seed)
+    model = getattr(transformers, entry.model_class)(config).eval()
+    processor = _processor_class(transformers, entry.processor_class)(**entry.processor)
+    return model, processor
+
+
+def _zoo_entry(name: str) -> ZooEntry:
+    try:
+        return ZOO[name]
+    except KeyError:
+        raise store.ModelNotFound(name, sorted(ZOO)) from None
+
+
+def build_zoo_model(
+    name: str, cache_dir: Path | str | None = None, progress: Progress | None = None
+) -> ModelMeta:
+    """Create zoo model ``name`` from its config, export it to ONNX, verify, store it."""
+    entry = _zoo_entry(name)
+    say = _say(name, progress)
+    t0 = time.perf_counter()
+    say("creating model")
+    model, processor = create_zoo_model(name)
+    spec = preprocess_spec_from_hf(processor)
+    return _export_and_store(
+        model,
+        spec,
+        name=name,
+        task=entry.task,
+        source=entry.source,
+        cache=store.cache_dir(cache_dir),
+        say=say,
+        t0=t0,
+    )
+
+
+def build_from_hf_dir(
+    directory: Path | str,
+    name: str,
+    cache_dir: Path | str | None = None,
+    progress: Progress | None = None,
+) -> ModelMeta:
+    """Export a local ``save_pretrained`` image classifier (real weights) into the store.
+
+    The directory needs config.json, the weights and preprocessor_config.json; nothing is
+    downloaded (``local_files_only``).
+    """
+    store.validate_name(name)
+    directory = Path(directory).resolve()
+    if not (directory / "config.json").is_file():
+        raise BuildError(f"{directory} has no config.json (expected a save_pretrained folder)")
+    say = _say(name, progress)
+    t0 = time.perf_counter()
+    torch, transformers = _require_zoo()
+    say(f"loading {directory}")
+    try:
+        model = transformers.AutoModelForImageClassification.from_pretrained(
+            str(directory), local_files_only=True
+        )
+    except ValueError as e:  # unknown / non-classification architecture
+        raise BuildError(f"{directory}: not an image classifier transformers can load: {e}") from e
+    model = model.float().eval()
+    spec = preprocess_spec_from_hf(_load_image_processor(transformers, directory))
+    return _export_and_store(
+        model,
+        spec,
+        name=name,
+        task="classify",
+        source=f"hf-dir:{directory}",
+        cache=store.cache_dir(cache_dir),
+        say=say,
+        t0=t0,
+    )
+
+
+def _say(name: str, progress: Progress | None) -> Progress:
+    def say(step: str) -> None:
+        line = f"building {name}: {step}"
+        log.info(line)
+        if progress is not None:
+            progress(line)
+
+    return say
+
+
+@contextlib.contextmanager
+def _temp_path(final: Path) -> Iterator[Path]:
+    """A sibling temp path that is removed unless the caller renamed it into place."""
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _export_and_store(
+    model: Any,
+    spec: PreprocessSpec,
+    *,
+    name: str,
+    task: str,
+    source: str,
+    cache: Path,
+    say: Progress,
+    t0: float,
+) -> ModelMeta:
+    torch, transformers = _require_zoo()
+    import onnxruntime as ort
+
+    wrapper = _logits_only(torch, model).eval()
+    folder = store.model_dir(name, cache)
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx_path = folder / store.ONNX_FILE
+    sidecar = folder / store.SIDECAR_FILE
+    # Unbuilt first: a build that dies halfway must not leave an old sidecar describing a
+    # new (or missing) graph.
+    sidecar.unlink(missing_ok=True)
+
+    with _temp_path(onnx_path) as tmp:
+        say("exporting ONNX")
+        h, w = spec.height, spec.width
+        # Trace at batch 1 and verify at batch 2, so a batch size baked into the graph fails
+        # the check instead of the first batched request.
+        with torch.no_grad():
+            torch.onnx.export(
+                wrapper,
+                (torch.randn(1, 3, h, w),),
+                str(tmp),
+                input_names=["pixel_values"],
+                output_names=["logits"],
+                dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}},
+                opset_version=OPSET,
+                dynamo=False,
+            )
+        say("verifying")
+        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            ref = wrapper(x).numpy()
+        got = session.run(["logits"], {"pixel_values": x.numpy()})[0]
+        if got.shape != ref.shape:
+            raise BuildError(f"ONNX output shape {got.shape} != torch {ref.shape}")
+        max_abs = float(abs(got - ref).max())
+        rel = max_abs / max(float(abs(ref).max()), 1e-12)
+        if not math.isfinite(rel) or rel > MAX_EXPORT_REL_ERROR:
+            raise BuildError(
+                f"exported ONNX disagrees with torch: max |diff| {max_abs:.3g} "
+                f"({rel:.3g} of the largest logit, limit {MAX_EXPORT_REL_ERROR})"
+            )
+        inp = session.get_inputs()[0]
+        input_shape = [d if isinstance(d, int) else None for d in inp.shape]
+        output_names = [o.name for o in session.get_outputs()]
+        del session
+        os.replace(tmp, onnx_path)
+
+    seconds = time.perf_counter() - t0
+    meta = ModelMeta(
+        name=name,
+        task=task,
+        onnx_file=store.ONNX_FILE,
+        input_name=inp.name,
+        input_shape=input_shape,
+        input_dtype="float32",
+        output_names=output_names,
+        preprocess=spec,
+        labels=labels_from_config(model.config),
+        params=sum(p.numel() for p in model.parameters()),
+        source=source,
+        extra={
+            "export_check_max_abs": max_abs,
+            "export_check_rel": rel,
+            "architecture": type(model).__name__,
+            "opset": OPSET,
+            "exporter": "torch.onnx (torchscript)",
+            "build_seconds": round(seconds, 2),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+    )
+    store.write_meta(meta, cache)
+    say(f"done in {seconds:.1f} s")
+    return meta
+
+
+def _logits_only(torch: Any, model: Any) -> Any:
+    """Wrap an HF classifier so the traced graph has one output: the logits tensor."""
+
+    class LogitsOnly(torch.nn.Module):
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, pixel_values: Any) -> Any:
+            return self.inner(pixel_values=pixel_values, return_dict=True).logits
+
+    return LogitsOnly(model)
+
+
+# --- child-process entry point --------------------------------------------------------
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m cvserve.models.build",
+        description="Build a zoo model (or a local HF folder) into the cvserve model store.",
+    )
+    p.add_argument("model", nargs="?", help=f"zoo model: {', '.join(sorted(ZOO))}")
+    p.add_argument("--cache-dir", help="store root (default: $CVSERVE_CACHE or ~/.cache/cvserve)")
+    p.add_argument("--from-dir", help="a local save_pretrained folder with real weights")
+    p.add_argument("--name", help="store name for --from-dir (default: the folder's name)")
+    args = p.parse_args(argv)
+    if args.from_dir is None and args.model is None:
+        p.error("give a zoo model name or --from-dir DIR")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build one model; one progress line per step on stdout, one-line reason on stderr."""
+    args = _parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    def progress(line: str) -> None:
+        print(line, flush=True)
+
+    try:
+        if args.from_dir is None:
+            _zoo_entry(args.model)  # an unknown name fails before the slow imports
+        _quiet_libraries()
+        if args.from_dir is not None:
+            name = args.name or args.model or Path(args.from_dir).resolve().name
+            build_from_hf_dir(args.from_dir, name, args.cache_dir, progress)
+        else:
+            build_zoo_model(args.model, args.cache_dir, progress)
+    except (BuildError, store.ModelNotFound, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except ImportError as e:  # e.g. onnx, which the exporter imports on its own
+        print(f"error: {ZOO_EXTRA_HINT} ({e})", file=sys.stderr)
+        return 1
+    except Exception as e:  # unexpected: keep the traceback, end with the one-line reason
+        import traceback
+
+        traceback.print_exc()
+        print(f"error: building failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _quiet_libraries() -> None:
+    """Keep the child's stderr to what matters: the reason if it fails."""
+    import warnings
+
+    _, transformers = _require_zoo()
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", module=r"torch\.onnx.*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=r".*TracerWarning.*")
+    with contextlib.suppress(ImportError):
+        from torch.jit import TracerWarning
+
+        warnings.filterwarnings("ignore", category=TracerWarning)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

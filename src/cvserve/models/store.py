@@ -1,0 +1,390 @@
+"""The model store: ONNX files with their ModelMeta sidecars under one cache folder.
+
+Layout: ``<cache>/models/<name>/model.onnx`` and ``<cache>/models/<name>/model.json``; a
+model is built when both exist (the sidecar is written last). Zoo models are built in a
+child process (``python -m cvserve.models.build``) so that this module, and the serving
+path that uses it, never imports torch or transformers.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cvserve.images.spec import PreprocessSpec
+from cvserve.models.metadata import ModelMeta
+from cvserve.models.zoo import ZOO
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+CACHE_ENV = "CVSERVE_CACHE"
+ONNX_FILE = "model.onnx"
+SIDECAR_FILE = "model.json"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_ONNX_DTYPES = {"tensor(float)": "float32", "tensor(uint8)": "uint8"}
+
+
+class ModelNotFound(LookupError):
+    """No model of that name in the zoo or the store."""
+
+    def __init__(self, name: str, available: list[str] | None = None) -> None:
+        self.name = name
+        self.available = sorted(available) if available is not None else []
+        listed = ", ".join(self.available) or "none"
+        super().__init__(f"unknown model {name!r}; available: {listed}")
+
+
+class ModelNotBuilt(ModelNotFound):
+    """A zoo model that has not been built into this store yet."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.available = []
+        LookupError.__init__(
+            self, f"model {name!r} is not built yet: run `cvserve models build {name}`"
+        )
+
+
+class ModelBuildError(RuntimeError):
+    """The build child process failed; ``stderr_tail`` holds the end of its stderr."""
+
+    def __init__(self, name: str, returncode: int, stderr_tail: str) -> None:
+        self.name = name
+        self.returncode = returncode
+        self.stderr_tail = stderr_tail
+        lines = [x for x in stderr_tail.strip().splitlines() if x.strip()]
+        reason = lines[-1].removeprefix("error: ") if lines else f"exit status {returncode}"
+        super().__init__(f"building {name} failed: {reason}")
+
+
+class InvalidModel(ValueError):
+    """A user's ONNX file cannot be served as the given task / preprocessing."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One row of ``cvserve models list``."""
+
+    name: str
+    task: str
+    built: bool
+    source: str
+    path: Path | None  # the ONNX file when built
+
+
+# --- layout ---------------------------------------------------------------------------
+def cache_dir(override: Path | str | None = None) -> Path:
+    """The store root: ``override``, else ``$CVSERVE_CACHE``, else ``~/.cache/cvserve``."""
+    if override is not None and str(override) != "":
+        return Path(override).expanduser()
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "cvserve"
+
+
+def validate_name(name: str) -> str:
+    """Model names become folder names: letters, digits, ``.``, ``_``, ``-``."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        raise ValueError(
+            f"invalid model name {name!r}: use letters, digits, '.', '_' and '-' "
+            "(starting with a letter or digit)"
+        )
+    return name
+
+
+def _models_root(cache: Path | str | None) -> Path:
+    return cache_dir(cache) / "models"
+
+
+def model_dir(name: str, cache: Path | str | None = None) -> Path:
+    """The folder of model ``name`` (which may not exist yet)."""
+    return _models_root(cache) / validate_name(name)
+
+
+def model_path(meta: ModelMeta, cache: Path | str | None = None) -> Path:
+    """The ONNX file that ``meta`` describes."""
+    return model_dir(meta.name, cache) / meta.onnx_file
+
+
+def _read_built(name: str, cache: Path | str | None) -> ModelMeta | None:
+    folder = model_dir(name, cache)
+    sidecar = folder / SIDECAR_FILE
+    if not sidecar.is_file():
+        return None
+    try:
+        meta = ModelMeta.load(sidecar)
+    except (ValueError, KeyError, TypeError) as e:
+        log.warning("ignoring unreadable sidecar %s: %s", sidecar, e)
+        return None
+    if not (folder / meta.onnx_file).is_file():
+        return None
+    return meta
+
+
+def write_meta(meta: ModelMeta, cache: Path | str | None = None) -> Path:
+    """Write the sidecar of ``meta`` atomically; returns its path."""
+    folder = model_dir(meta.name, cache)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / SIDECAR_FILE
+    tmp = folder / f".{SIDECAR_FILE}.tmp-{os.getpid()}"
+    try:
+        tmp.write_text(json.dumps(meta.to_dict(), indent=2))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+@contextmanager
+def _store_lock(cache: Path | str | None) -> Iterator[None]:
+    """Serialize builds and adds across processes sharing one store."""
+    root = _models_root(cache)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# --- queries --------------------------------------------------------------------------
+def _stored_names(cache: Path | str | None) -> list[str]:
+    root = _models_root(cache)
+    if not root.is_dir():
+        return []
+    return sorted(
+        p.name for p in root.iterdir() if p.is_dir() and _NAME.fullmatch(p.name) is not None
+    )
+
+
+def list_models(cache: Path | str | None = None) -> list[ModelEntry]:
+    """Every zoo model (built or not), then every other model in the store, by name."""
+    entries = []
+    for name in sorted(ZOO):
+        meta = _read_built(name, cache)
+        entries.append(
+            ModelEntry(
+                name=name,
+                task=ZOO[name].task,
+                built=meta is not None,
+                source=meta.source if meta else ZOO[name].source,
+                path=model_path(meta, cache) if meta else None,
+            )
+        )
+    for name in _stored_names(cache):
+        if name in ZOO:
+            continue
+        meta = _read_built(name, cache)
+        if meta is not None:
+            entries.append(ModelEntry(name, meta.task, True, meta.source, model_path(meta, cache)))
+    return entries
+
+
+def available_names(cache: Path | str | None = None) -> list[str]:
+    """Zoo names plus stored model names."""
+    return sorted({e.name for e in list_models(cache)})
+
+
+def load_meta(name: str, cache: Path | str | None = None) -> ModelMeta:
+    """The sidecar of a built model; ModelNotBuilt for an unbuilt zoo model."""
+    try:
+        validate_name(name)
+    except ValueError:
+        raise ModelNotFound(name, available_names(cache)) from None
+    meta = _read_built(name, cache)
+    if meta is not None:
+        return meta
+    if name in ZOO:
+        raise ModelNotBuilt(name)
+    raise ModelNotFound(name, available_names(cache))
+
+
+def describe(meta: ModelMeta, cache: Path | str | None = None) -> dict[str, Any]:
+    """Everything in the sidecar plus where the ONNX file is and its size (``models show``)."""
+    d = meta.to_dict()
+    path = model_path(meta, cache)
+    d["path"] = str(path)
+    d["file_size"] = path.stat().st_size if path.is_file() else None
+    d["num_labels"] = len(meta.labels)
+    return d
+
+
+# --- building -------------------------------------------------------------------------
+def ensure_built(
+    name: str,
+    cache: Path | str | None = None,
+    progress: Progress | None = None,
+    *,
+    force: bool = False,
+    timeout: float | None = None,
+) -> ModelMeta:
+    """The meta of model ``name``, building it first if it is an unbuilt zoo model.
+
+    The build runs in a child process (``python -m cvserve.models.build``), each of its
+    stdout lines goes to ``progress``. ``force`` rebuilds a zoo model that is built.
+    Raises ModelNotFound for unknown names and ModelBuildError if the child fails.
+    """
+    if not force:
+        try:
+            return load_meta(name, cache)
+        except ModelNotBuilt:
+            pass
+    if name not in ZOO:
+        return load_meta(name, cache)  # a stored model, or ModelNotFound
+    root = cache_dir(cache)
+    with _store_lock(root):
+        if not force:
+            meta = _read_built(name, root)
+            if meta is not None:  # another process built it while we waited for the lock
+                return meta
+        _run_build_child([name, "--cache-dir", str(root)], name, progress, timeout)
+    meta = _read_built(name, root)
+    if meta is None:
+        raise ModelBuildError(name, 0, "error: the build finished but left no model behind")
+    return meta
+
+
+def _run_build_child(
+    args: list[str], name: str, progress: Progress | None, timeout: float | None
+) -> None:
+    cmd = [sys.executable, "-m", "cvserve.models.build", *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log.debug("running %s", cmd)
+    # stderr goes to a file: reading two pipes from one thread can deadlock.
+    with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as err:
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env, bufsize=1
+        )
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                line = line.rstrip("\n")
+                if line and progress is not None:
+                    progress(line)
+            rc = proc.wait(timeout=timeout)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        if rc != 0:
+            err.seek(0)
+            tail = "".join(deque(err, maxlen=20))
+            raise ModelBuildError(name, rc, tail)
+
+
+# --- user models ----------------------------------------------------------------------
+def add_model(
+    onnx_path: Path | str,
+    name: str | None = None,
+    task: str = "classify",
+    spec: PreprocessSpec | None = None,
+    labels: list[str] | None = None,
+    cache: Path | str | None = None,
+    *,
+    overwrite: bool = False,
+) -> ModelMeta:
+    """Register a user's ONNX file: validate it with onnxruntime, copy it in, write a sidecar.
+
+    The model needs exactly one image input of rank 4 (``spec.layout``, 3 channels) whose
+    fixed dimensions agree with ``spec``; ``spec`` defaults to 224x224 ImageNet
+    preprocessing. Raises InvalidModel with the reason otherwise.
+    """
+    src = Path(onnx_path).expanduser().resolve()
+    if not src.is_file():
+        raise FileNotFoundError(f"no such ONNX file: {src}")
+    name = validate_name(name or re.sub(r"[^A-Za-z0-9._-]", "-", src.stem).strip(".-_"))
+    if name in ZOO:
+        raise ValueError(f"{name!r} is a zoo model name; pick another name")
+    spec = spec or PreprocessSpec(height=224, width=224, resize_shortest=256)
+    info = _inspect_onnx(src, spec, task, labels)
+
+    with _store_lock(cache):
+        if _read_built(name, cache) is not None and not overwrite:
+            raise FileExistsError(f"model {name!r} already exists; pass overwrite to replace it")
+        folder = model_dir(name, cache)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / SIDECAR_FILE).unlink(missing_ok=True)
+        tmp = folder / f".{ONNX_FILE}.tmp-{os.getpid()}"
+        try:
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, folder / ONNX_FILE)
+        finally:
+            tmp.unlink(missing_ok=True)
+        meta = ModelMeta(
+            name=name,
+            task=task,
+            onnx_file=ONNX_FILE,
+            preprocess=spec,
+            labels=list(labels or []),
+            source=f"user:{src}",
+            **info,
+        )
+        write_meta(meta, cache)
+    return meta
+
+
+def _inspect_onnx(
+    path: Path, spec: PreprocessSpec, task: str, labels: list[str] | None
+) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own exception types
+        raise InvalidModel(f"{path}: onnxruntime cannot load it: {e}") from e
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        names = ", ".join(f"{i.name}{i.shape}" for i in inputs)
+        raise InvalidModel(f"{path}: needs exactly one image input, has {len(inputs)}: {names}")
+    inp = inputs[0]
+    dtype = _ONNX_DTYPES.get(inp.type)
+    if dtype is None:
+        raise InvalidModel(
+            f"{path}: input {inp.name!r} is {inp.type}; an image input is float32 or uint8"
+        )
+    if dtype != spec.dtype:
+        raise InvalidModel(
+            f"{path}: input {inp.name!r} is {dtype} but the preprocessing spec sends {spec.dtype}"
+        )
+    shape = [d if isinstance(d, int) and d > 0 else None for d in inp.shape]
+    if len(shape) != 4:
+        raise InvalidModel(
+            f"{path}: input {inp.name!r} has shape {inp.shape}; an image batch has rank 4 "
+            f"({'N,3,H,W' if spec.layout == 'NCHW' else 'N,H,W,3'})"
+        )
+    for axis, (got, want) in enumerate(zip(shape[1:], spec.input_shape, strict=True), 1):
+        if got is not None and got != want:
+            raise InvalidModel(
+                f"{path}: input {inp.name!r} has shape {inp.shape} but the preprocessing spec "
+                f"makes {spec.layout} {list(spec.input_shape)} (axis {axis}: {got} != {want})"
+            )
+    outputs = session.get_outputs()
+    if task == "classify" and labels:
+        last = outputs[0].shape[-1] if outputs[0].shape else None
+        if isinstance(last, int) and last != len(labels):
+            raise InvalidModel(
+                f"{path}: output {outputs[0].name!r} has {last} classes but {len(labels)} labels"
+            )
+    return {
+        "input_name": inp.name,
+        "input_shape": shape,
+        "input_dtype": dtype,
+        "output_names": [o.name for o in outputs],
+    }

@@ -1,0 +1,259 @@
+"""Dynamic batcher: requests write their input straight into a slot of a preallocated batch
+buffer; full or timed-out batches run on N instance workers, each with its own runtime.
+
+Contract (all methods are called on the event loop thread; workers report back through
+``call_soon_threadsafe``):
+
+* ``reserve()`` hands out the next slot of the *open* batch. A batch takes at most
+  ``max_batch_size`` slots; the one that fills it closes it.
+* ``commit(slot)`` says the slot holds a valid input and returns a future for that row's
+  outputs; ``release(slot)`` says it never will (bad image) and leaves a hole that is
+  squeezed out before the batch runs, so a bad request never costs a batch-mate anything.
+* The delay clock starts at the first commit of a batch. A batch is dispatched when an
+  instance is idle and the batch is full, or its first commit is ``max_delay_ms`` old
+  (then it stops taking slots). While every instance is busy the open batch keeps
+  growing, so batches get bigger exactly when the server is loaded.
+* A closed batch waits for slots still being written; batches run in the order they closed.
+* Cancelling a row's future (deadline, disconnect) drops only that row's result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from cvserve.config import BatchConfig
+from cvserve.runtime.onnx import Runtime
+
+log = logging.getLogger(__name__)
+
+_PENDING, _READY, _HOLE = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    """How the batch a row rode in ran (perf_counter seconds)."""
+
+    size: int
+    instance: int
+    infer_start: float
+    infer_end: float
+
+
+class _Batch:
+    __slots__ = ("buf", "states", "futures", "assigned", "pending", "first_ready", "closed")
+
+    def __init__(self, buf: np.ndarray) -> None:
+        self.buf = buf
+        n = buf.shape[0]
+        self.states = [_PENDING] * n
+        self.futures: list[asyncio.Future | None] = [None] * n
+        self.assigned = 0
+        self.pending = 0
+        self.first_ready: float | None = None
+        self.closed = False
+
+    def ready_rows(self) -> list[int]:
+        return [i for i in range(self.assigned) if self.states[i] == _READY]
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one request writes its model input."""
+
+    batch: _Batch
+    index: int
+
+    @property
+    def view(self) -> np.ndarray:
+        return self.batch.buf[self.index]
+
+
+class Batcher:
+    """Forms batches from committed slots and runs them on instance worker threads."""
+
+    def __init__(
+        self,
+        runtimes: Sequence[Runtime],
+        item_shape: Sequence[int],
+        dtype: str,
+        config: BatchConfig,
+        *,
+        name: str = "model",
+        on_batch: Callable[[BatchInfo], None] | None = None,
+    ) -> None:
+        if len(runtimes) != config.instances:
+            raise ValueError(f"{config.instances} instances need as many runtimes")
+        self.config = config
+        self.name = name
+        self.item_shape = tuple(item_shape)
+        self.dtype = np.dtype(dtype)
+        self._on_batch = on_batch
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._open: _Batch | None = None
+        self._closed: deque[_Batch] = deque()
+        self._free_buffers: list[np.ndarray] = []
+        self._idle: list[int] = list(range(config.instances))
+        self._timer: asyncio.TimerHandle | None = None
+        self._work: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in runtimes]
+        self._threads = [
+            threading.Thread(
+                target=self._worker, args=(i, rt), name=f"{name}-instance-{i}", daemon=True
+            )
+            for i, rt in enumerate(runtimes)
+        ]
+        self._started = False
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        if not self._started:
+            for t in self._threads:
+                t.start()
+            self._started = True
+
+    def stop(self) -> None:
+        for q in self._work:
+            q.put(None)
+        for t in self._threads:
+            if t.is_alive():
+                t.join(timeout=10)
+        if self._timer is not None:
+            self._timer.cancel()
+
+    @property
+    def busy_instances(self) -> int:
+        return self.config.instances - len(self._idle)
+
+    # -- slots ---------------------------------------------------------------------------
+    def reserve(self) -> Slot:
+        b = self._open
+        if b is None or b.closed:
+            b = self._open = self._new_batch()
+        slot = Slot(b, b.assigned)
+        b.states[b.assigned] = _PENDING
+        b.assigned += 1
+        b.pending += 1
+        if b.assigned == self.config.max_batch_size:
+            self._close(b)
+        return slot
+
+    def commit(self, slot: Slot) -> asyncio.Future:
+        b = slot.batch
+        assert self._loop is not None, "Batcher.start() was not called"
+        fut = self._loop.create_future()
+        b.states[slot.index] = _READY
+        b.futures[slot.index] = fut
+        b.pending -= 1
+        if b.first_ready is None:
+            b.first_ready = time.perf_counter()
+            if not b.closed:
+                self._arm_timer(b.first_ready + self.config.max_delay_ms / 1000.0)
+        self._dispatch()
+        return fut
+
+    def release(self, slot: Slot) -> None:
+        b = slot.batch
+        b.states[slot.index] = _HOLE
+        b.pending -= 1
+        self._dispatch()
+
+    # -- forming and dispatching -----------------------------------------------------------
+    def _new_batch(self) -> _Batch:
+        if self._free_buffers:
+            buf = self._free_buffers.pop()
+        else:
+            buf = np.empty((self.config.max_batch_size, *self.item_shape), dtype=self.dtype)
+        return _Batch(buf)
+
+    def _close(self, b: _Batch) -> None:
+        b.closed = True
+        self._closed.append(b)
+        if self._open is b:
+            self._open = None
+
+    def _arm_timer(self, when: float) -> None:
+        assert self._loop is not None
+        delay = max(0.0, when - time.perf_counter())
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        while self._idle:
+            if not self._closed:
+                b = self._open
+                if b is None or b.first_ready is None:
+                    return
+                due = b.first_ready + self.config.max_delay_ms / 1000.0
+                if time.perf_counter() < due:
+                    self._arm_timer(due)
+                    return
+                self._close(b)
+            b = self._closed[0]
+            if b.pending:
+                return  # a slot is still being written; it will commit or release
+            self._closed.popleft()
+            rows = b.ready_rows()
+            if not rows:
+                self._free_buffers.append(b.buf)
+                continue
+            for k, src in enumerate(rows):  # squeeze out holes left by bad requests
+                if k != src:
+                    b.buf[k] = b.buf[src]
+            futures = [b.futures[i] for i in rows]
+            instance = self._idle.pop()
+            self._work[instance].put((b.buf, len(rows), futures))
+
+    # -- instance workers -----------------------------------------------------------------
+    def _worker(self, instance: int, runtime: Runtime) -> None:
+        work = self._work[instance]
+        while True:
+            item = work.get()
+            if item is None:
+                return
+            buf, n, futures = item
+            t0 = time.perf_counter()
+            try:
+                outputs = runtime.run(buf[:n])
+                error: BaseException | None = None
+            except Exception as e:  # the batch fails, the worker lives on
+                log.exception("%s: batch of %d failed on instance %d", self.name, n, instance)
+                outputs, error = [], e
+            info = BatchInfo(
+                size=n, instance=instance, infer_start=t0, infer_end=time.perf_counter()
+            )
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(
+                self._done, instance, buf, futures, outputs, info, error
+            )
+
+    def _done(self, instance, buf, futures, outputs, info: BatchInfo, error) -> None:
+        self._idle.append(instance)
+        self._free_buffers.append(buf)
+        for row, fut in enumerate(futures):
+            if fut is None or fut.done():
+                continue  # the request gave up (deadline); its row is dropped
+            if error is not None:
+                fut.set_exception(InferenceError(f"inference failed: {error}"))
+            else:
+                fut.set_result(([o[row] for o in outputs], info))
+        if self._on_batch is not None:
+            self._on_batch(info)
+        self._dispatch()
+
+
+class InferenceError(RuntimeError):
+    """The runtime failed on a batch (a server fault, not the client's)."""

@@ -1,0 +1,54 @@
+"""Prometheus metrics of one server, named after the DESIGN.md stages."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+_STAGE_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+)  # fmt: skip
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    """Counters and histograms in a registry of their own (one per app, not global)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "cvserve_requests", "Requests answered, by model and HTTP status", ["model", "status"],
+            registry=r,
+        )  # fmt: skip
+        self.latency = Histogram(
+            "cvserve_request_duration_seconds", "Server time per request", ["model"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.stage = Histogram(
+            "cvserve_stage_duration_seconds", "Time per request in each stage", ["model", "stage"],
+            buckets=_STAGE_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.batch_size = Histogram(
+            "cvserve_batch_size", "Images per inference batch", ["model"],
+            buckets=_BATCH_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.queue_depth = Gauge(
+            "cvserve_queue_depth", "Requests admitted and not yet answered", ["model"], registry=r
+        )
+        self.busy_instances = Gauge(
+            "cvserve_busy_instances", "Model instances running a batch", ["model"], registry=r
+        )
+
+    def observe_request(self, model: str, status: int, stages: dict[str, float]) -> None:
+        self.requests.labels(model, str(status)).inc()
+        self.latency.labels(model).observe(sum(stages.values()))
+        for name, seconds in stages.items():
+            self.stage.labels(model, name).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,148 @@
+"""Running the app: load models, serve with uvicorn, drain on SIGTERM.
+
+The first SIGTERM/SIGINT starts a drain: new work gets 503 and ``/readyz`` fails while
+in-flight requests finish; then the server exits. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import uvicorn
+
+from cvserve.config import ServerConfig
+from cvserve.models import store
+from cvserve.serving.app import ServerState, create_app
+from cvserve.serving.model import ModelServer, PreprocessPool
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+
+def load_models(
+    config: ServerConfig, progress: Progress | None = None
+) -> tuple[dict[str, ModelServer], PreprocessPool]:
+    """Build (in a child process, if needed) and load every configured model."""
+    pool = PreprocessPool(config.resolved_preprocess_threads())
+    models: dict[str, ModelServer] = {}
+    for mc in config.models:
+        meta = store.ensure_built(mc.store_name, config.cache_dir, progress=progress)
+        path = store.model_path(meta, config.cache_dir)
+        models[mc.name] = ModelServer(meta, str(path), mc, pool, max_pixels=config.max_pixels)
+    return models, pool
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn, but the first exit signal drains before shutting down."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState, drain_timeout: float):
+        super().__init__(config)
+        self._state = state
+        self._drain_timeout = drain_timeout
+        self._drain_task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig, frame) -> None:
+        if self._state.draining or self._loop is None:
+            return super().handle_exit(sig, frame)
+        self._loop.call_soon_threadsafe(self.drain)
+
+    def drain(self) -> None:
+        """Start draining (idempotent); the server exits when it is done."""
+        if self._drain_task is None:
+            self._state.begin_drain()
+            self._drain_task = asyncio.ensure_future(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        ok = await self._state.drained(self._drain_timeout)
+        if not ok:
+            log.warning("drain timed out with %d requests in flight", self._state.inflight)
+        else:
+            log.info("drained; shutting down")
+        self.should_exit = True
+
+
+def _uvicorn_config(app, host: str, port: int, fd: int | None = None) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        fd=fd,
+        loop="auto",
+        http="auto",
+        lifespan="on",
+        access_log=False,
+        log_level="warning",
+        timeout_keep_alive=30,
+        backlog=2048,
+    )
+
+
+def run_server(config: ServerConfig, progress: Progress | None = None) -> None:
+    """Serve until a signal; blocks the calling (main) thread."""
+    models, pool = load_models(config, progress)
+    app = create_app(config, models, pool)
+    server = _DrainingServer(
+        _uvicorn_config(app, config.host, config.port), app.state.cvserve, config.drain_timeout_s
+    )
+    server.run()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class ServerThread:
+    """A server in a background thread of this process (``cvserve demo``, tests)."""
+
+    def __init__(self, config: ServerConfig, progress: Progress | None = None) -> None:
+        if not config.port:
+            raise ValueError("ServerThread needs a concrete port (see free_port())")
+        self.config = config
+        models, pool = load_models(config, progress)
+        self.app = create_app(config, models, pool)
+        self.state: ServerState = self.app.state.cvserve
+        self.server = _DrainingServer(
+            _uvicorn_config(self.app, config.host, config.port),
+            self.state,
+            config.drain_timeout_s,
+        )
+        self._thread = threading.Thread(target=self.server.run, name="cvserve-http", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.host}:{self.config.port}"
+
+    def start(self, timeout: float = 120.0) -> ServerThread:
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError("server thread exited during start-up")
+            if time.monotonic() > deadline:
+                raise TimeoutError("server did not start in time")
+            time.sleep(0.02)
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.server._loop is not None and self._thread.is_alive():
+            self.server._loop.call_soon_threadsafe(self.server.drain)
+        self._thread.join(timeout)
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,30 @@
+"""The task-head protocol and the registry of heads by task name."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+
+from cvserve.images.preprocess import ImageMeta
+from cvserve.models.metadata import ModelMeta
+
+
+class TaskHead(Protocol):
+    """Turns one request's rows of the model outputs into a JSON-able result."""
+
+    task: str
+
+    def postprocess(self, outputs: list[np.ndarray], meta: ImageMeta, **params: Any) -> dict: ...
+
+
+def get_head(model: ModelMeta) -> TaskHead:
+    from cvserve.tasks.classify import ClassifyHead
+
+    heads = {"classify": ClassifyHead}
+    try:
+        return heads[model.task](model)
+    except KeyError:
+        raise ValueError(
+            f"model {model.name!r} has task {model.task!r}; supported: {', '.join(heads)}"
+        ) from None
