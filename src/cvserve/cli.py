@@ -12,16 +12,255 @@ import sys
 from cvserve import __version__
 
 
+# --- shared ---------------------------------------------------------------------------
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _csv_floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+
+
+def _csv_ints(text: str) -> list[int]:
+    values = _csv_floats(text)
+    if any(v != int(v) or v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers: {text!r}")
+    return [int(v) for v in values]
+
+
+def _add_cache_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cache-dir",
+        help="model store (default: $CVSERVE_CACHE or ~/.cache/cvserve)",
+    )
+
+
 # --- models ---------------------------------------------------------------------------
 def _add_models_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="build, list, add and show models in the model store")
-    p.set_defaults(func=lambda a: p.print_help() or 2)
+    msub = p.add_subparsers(dest="models_command", required=True)
+
+    b = msub.add_parser("build", help="build a zoo model (or a local HF folder) to ONNX")
+    b.add_argument("name", nargs="?", help="zoo model name (see `cvserve models list`)")
+    b.add_argument("--from-dir", help="a local HuggingFace save_pretrained folder (real weights)")
+    b.add_argument("--as", dest="store_name", help="store name for --from-dir")
+    b.add_argument("--force", action="store_true", help="rebuild a zoo model that is built")
+    _add_cache_arg(b)
+    b.set_defaults(func=_cmd_models_build)
+
+    ls = msub.add_parser("list", help="every zoo model, built or not, and every stored model")
+    _add_cache_arg(ls)
+    ls.set_defaults(func=_cmd_models_list)
+
+    sh = msub.add_parser("show", help="a model's metadata: input, preprocessing, labels")
+    sh.add_argument("name")
+    _add_cache_arg(sh)
+    sh.set_defaults(func=_cmd_models_show)
+
+    a = msub.add_parser("add", help="register your own ONNX file")
+    a.add_argument("file", help="the .onnx file (one NCHW image input)")
+    a.add_argument("--name", help="store name (default: the file's stem)")
+    a.add_argument("--task", default="classify", choices=["classify"])
+    a.add_argument("--size", type=int, default=224, help="input height and width (default 224)")
+    a.add_argument(
+        "--resize",
+        type=int,
+        help="shortest edge before the center crop (default size/0.875); 0 = direct resize",
+    )
+    a.add_argument("--mean", type=_csv_floats, default=None, help="3 values (default ImageNet)")
+    a.add_argument("--std", type=_csv_floats, default=None, help="3 values (default ImageNet)")
+    a.add_argument("--interpolation", default="bilinear")
+    a.add_argument("--labels", help="a text file with one label per line")
+    a.add_argument("--overwrite", action="store_true")
+    _add_cache_arg(a)
+    a.set_defaults(func=_cmd_models_add)
+
+
+def _cmd_models_build(args: argparse.Namespace) -> int:
+    from cvserve.models import store
+
+    if args.from_dir:
+        name = args.store_name or None
+        cmd = ["--from-dir", args.from_dir] + (["--name", name] if name else [])
+        store.build_child(cmd, name or args.from_dir, _say, cache=args.cache_dir)
+        return 0
+    if not args.name:
+        _say("name a zoo model (cvserve models list) or pass --from-dir")
+        return 2
+    meta = store.ensure_built(args.name, args.cache_dir, progress=_say, force=args.force)
+    print(f"{meta.name}: {store.model_path(meta, args.cache_dir)}")
+    return 0
+
+
+def _cmd_models_list(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from cvserve.models import store
+
+    table = Table(title=f"models in {store.cache_dir(args.cache_dir)}")
+    for col in ("name", "task", "built", "source"):
+        table.add_column(col)
+    for e in store.list_models(args.cache_dir):
+        table.add_row(e.name, e.task, "yes" if e.built else "no", e.source)
+    Console().print(table)
+    return 0
+
+
+def _cmd_models_show(args: argparse.Namespace) -> int:
+    import json
+
+    from cvserve.models import store
+
+    meta = store.load_meta(args.name, args.cache_dir)
+    d = store.describe(meta, args.cache_dir)
+    d.pop("labels", None)
+    print(json.dumps(d, indent=2, default=str))
+    return 0
+
+
+def _cmd_models_add(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cvserve.images.spec import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
+    from cvserve.models import store
+
+    for key in ("mean", "std"):
+        v = getattr(args, key)
+        if v is not None and len(v) != 3:
+            _say(f"--{key} needs 3 comma-separated values")
+            return 2
+    resize = args.resize if args.resize is not None else int(args.size / 0.875)
+    spec = PreprocessSpec(
+        height=args.size,
+        width=args.size,
+        resize_mode="direct" if resize == 0 else "shortest_edge_crop",
+        resize_shortest=resize or None,
+        interpolation=args.interpolation,
+        mean=tuple(args.mean or IMAGENET_MEAN),
+        std=tuple(args.std or IMAGENET_STD),
+    )
+    labels = None
+    if args.labels:
+        labels = [ln.strip() for ln in Path(args.labels).read_text().splitlines() if ln.strip()]
+    meta = store.add_model(
+        args.file,
+        name=args.name,
+        task=args.task,
+        spec=spec,
+        labels=labels,
+        cache=args.cache_dir,
+        overwrite=args.overwrite,
+    )
+    print(f"added {meta.name}: input {meta.input_name} {meta.input_shape} {meta.input_dtype}")
+    return 0
 
 
 # --- serve ----------------------------------------------------------------------------
+def _add_batching_args(p: argparse.ArgumentParser) -> None:
+    from cvserve.config import BatchConfig
+
+    d = BatchConfig()
+    p.add_argument("--max-batch", type=int, default=d.max_batch_size, help="max batch size")
+    p.add_argument(
+        "--max-delay-ms", type=float, default=d.max_delay_ms,
+        help="longest wait for a batch to fill, from its first request",
+    )  # fmt: skip
+    p.add_argument("--instances", type=int, default=d.instances, help="model instances")
+    p.add_argument(
+        "--max-queue", type=int, default=d.max_queue,
+        help="requests admitted per model before new ones get 429",
+    )  # fmt: skip
+    p.add_argument(
+        "--timeout-ms", type=float, default=d.timeout_ms,
+        help="default request deadline (504 after it; header X-Timeout-Ms overrides)",
+    )  # fmt: skip
+    p.add_argument(
+        "--intra-op-threads", type=int, default=0,
+        help="onnxruntime threads per instance (default: cores / instances)",
+    )  # fmt: skip
+    p.add_argument(
+        "--decoder", default="pil-reduced", choices=["pil-reduced", "pil"],
+        help="JPEG decoding: reduced-scale DCT decode (default) or always full size",
+    )  # fmt: skip
+    p.add_argument(
+        "--preprocess-threads", type=int, default=0,
+        help="threads that decode/resize/normalize (default: cores)",
+    )  # fmt: skip
+    _add_cache_arg(p)
+
+
 def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve models over HTTP")
-    p.set_defaults(func=lambda a: p.print_help() or 2)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", action="append", help="model to serve (repeatable)")
+    src.add_argument("--config", help="YAML file: several models with their own settings")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    _add_batching_args(p)
+    p.add_argument(
+        "--max-body-mb", type=float, default=32.0, help="largest request body (413 above it)"
+    )
+    p.add_argument(
+        "--max-pixels", type=int, default=None,
+        help="largest decoded image in pixels (413 above it; checked before decoding)",
+    )  # fmt: skip
+    p.set_defaults(func=_cmd_serve)
+
+
+def server_config_from_args(args: argparse.Namespace):
+    """Flags to a ServerConfig; a --config file wins for everything it sets."""
+    from dataclasses import replace
+
+    from cvserve.config import BatchConfig, ModelConfig, ServerConfig, load_config
+
+    overrides = {"cache_dir": args.cache_dir} if args.cache_dir else {}
+    if getattr(args, "config", None):
+        cfg = load_config(args.config)
+        return replace(cfg, host=args.host, port=args.port, **overrides)
+    batching = BatchConfig(
+        max_batch_size=args.max_batch,
+        max_delay_ms=args.max_delay_ms,
+        instances=args.instances,
+        max_queue=args.max_queue,
+        timeout_ms=args.timeout_ms,
+    )
+    models = tuple(
+        ModelConfig(
+            name=m,
+            batching=batching,
+            intra_op_threads=args.intra_op_threads,
+            decoder=args.decoder,
+        )
+        for m in args.model
+    )
+    extra = {}
+    if getattr(args, "max_pixels", None):
+        extra["max_pixels"] = args.max_pixels
+    if getattr(args, "max_body_mb", None):
+        extra["max_body_bytes"] = int(args.max_body_mb * 1024 * 1024)
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        preprocess_threads=args.preprocess_threads,
+        models=models,
+        **extra,
+        **overrides,
+    )
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from cvserve.serving.server import run_server
+
+    cfg = server_config_from_args(args)
+    _say(f"cvserve {__version__}: serving {', '.join(m.name for m in cfg.models)}")
+    run_server(cfg, progress=_say, on_ready=lambda url: _say(f"ready on {url}"))
+    return 0
 
 
 # --- bench / report -------------------------------------------------------------------
@@ -64,6 +303,26 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except _user_errors() as e:
+        _say(f"error: {e}")
+        return 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that deserve one line, not a traceback."""
+    from cvserve.config import ConfigError
+    from cvserve.models.store import InvalidModel, ModelBuildError, ModelNotFound
+
+    return (
+        ConfigError,
+        InvalidModel,
+        ModelBuildError,
+        ModelNotFound,
+        FileNotFoundError,
+        FileExistsError,
+        OSError,
+        ValueError,
+    )
 
 
 if __name__ == "__main__":

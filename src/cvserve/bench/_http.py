@@ -68,7 +68,9 @@ class Target:
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
     def predict_request(self, model: str, body: bytes, content_type: str) -> bytes:
-        return self.request("POST", f"/v1/models/{quote(model, safe='')}:predict", body, content_type)
+        return self.request(
+            "POST", f"/v1/models/{quote(model, safe='')}:predict", body, content_type
+        )
 
 
 def _header(low: bytes, head: bytes, key: bytes) -> bytes | None:
@@ -306,7 +308,9 @@ async def connect(
 ) -> Connection:
     """Open one connection; raises OSError or TimeoutError."""
     async with asyncio.timeout(timeout):
-        _, conn = await loop.create_connection(lambda: Connection(on_done), target.host, target.port)
+        _, conn = await loop.create_connection(
+            lambda: Connection(on_done), target.host, target.port
+        )
     return conn
 
 

@@ -121,7 +121,9 @@ def preprocess_spec_from_hf(processor: Any) -> PreprocessSpec:
         geometry = dict(height=h, width=w, resize_mode="direct")
     elif size.get("shortest_edge") and not size.get("longest_edge"):
         if not crop:
-            raise ValueError(f"{kind}: shortest-edge resize without a center crop has no fixed size")
+            raise ValueError(
+                f"{kind}: shortest-edge resize without a center crop has no fixed size"
+            )
         geometry = dict(
             height=int(crop["height"]),
             width=int(crop["width"]),
@@ -230,6 +232,8 @@ def build_from_hf_dir(
     downloaded (``local_files_only``).
     """
     store.validate_name(name)
+    if name in ZOO:
+        raise BuildError(f"{name!r} is a zoo model name; pick another name")
     directory = Path(directory).resolve()
     if not (directory / "config.json").is_file():
         raise BuildError(f"{directory} has no config.json (expected a save_pretrained folder)")

@@ -261,6 +261,55 @@ def ensure_built(
     return meta
 
 
+def build_from_dir(
+    directory: Path | str,
+    name: str | None = None,
+    cache: Path | str | None = None,
+    progress: Progress | None = None,
+    *,
+    timeout: float | None = None,
+) -> ModelMeta:
+    """Build a local HuggingFace ``save_pretrained`` folder (real weights) into the store.
+
+    Runs ``python -m cvserve.models.build --from-dir`` in a child process, like
+    ensure_built; ``name`` defaults to the folder's name. Rebuilds if it exists.
+    """
+    directory = Path(directory).expanduser().resolve()
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no such folder: {directory}")
+    name = validate_name(name or _name_from(directory.name))
+    if name in ZOO:
+        raise ValueError(f"{name!r} is a zoo model name; pick another name")
+    build_child(
+        ["--from-dir", str(directory), "--name", name], name, progress, cache=cache, timeout=timeout
+    )
+    meta = _read_built(name, cache)
+    if meta is None:
+        raise ModelBuildError(name, 0, "error: the build finished but left no model behind")
+    return meta
+
+
+def build_child(
+    args: list[str],
+    label: str,
+    progress: Progress | None = None,
+    *,
+    cache: Path | str | None = None,
+    timeout: float | None = None,
+) -> None:
+    """Run ``python -m cvserve.models.build ARGS --cache-dir CACHE`` under the store lock.
+
+    Each stdout line goes to ``progress``; ModelBuildError (named ``label``) on failure.
+    """
+    root = cache_dir(cache)
+    with _store_lock(root):
+        _run_build_child([*args, "--cache-dir", str(root)], label, progress, timeout)
+
+
+def _name_from(stem: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "-", stem).strip(".-_")
+
+
 def _run_build_child(
     args: list[str], name: str, progress: Progress | None, timeout: float | None
 ) -> None:
@@ -309,7 +358,7 @@ def add_model(
     src = Path(onnx_path).expanduser().resolve()
     if not src.is_file():
         raise FileNotFoundError(f"no such ONNX file: {src}")
-    name = validate_name(name or re.sub(r"[^A-Za-z0-9._-]", "-", src.stem).strip(".-_"))
+    name = validate_name(name or _name_from(src.stem))
     if name in ZOO:
         raise ValueError(f"{name!r} is a zoo model name; pick another name")
     spec = spec or PreprocessSpec(height=224, width=224, resize_shortest=256)

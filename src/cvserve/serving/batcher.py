@@ -11,8 +11,9 @@ Contract (all methods are called on the event loop thread; workers report back t
   squeezed out before the batch runs, so a bad request never costs a batch-mate anything.
 * The delay clock starts at the first commit of a batch. A batch is dispatched when an
   instance is idle and the batch is full, or its first commit is ``max_delay_ms`` old
-  (then it stops taking slots). While every instance is busy the open batch keeps
-  growing, so batches get bigger exactly when the server is loaded.
+  (then it stops taking slots), or no other request is on its way (``upstream`` is 0:
+  waiting could not make the batch bigger, only later). While every instance is busy the
+  open batch keeps growing, so batches get bigger exactly when the server is loaded.
 * A closed batch waits for slots still being written; batches run in the order they closed.
 * Cancelling a row's future (deadline, disconnect) drops only that row's result.
 """
@@ -111,6 +112,9 @@ class Batcher:
             for i, rt in enumerate(runtimes)
         ]
         self._started = False
+        #: Requests admitted upstream (waiting for or in preprocessing) that have not yet
+        #: committed or released a slot; kept by the caller. Nobody upstream, no waiting.
+        self.upstream = 0
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
@@ -166,6 +170,10 @@ class Batcher:
         b.pending -= 1
         self._dispatch()
 
+    def poke(self) -> None:
+        """Re-evaluate dispatch (after ``upstream`` dropped without a commit)."""
+        self._dispatch()
+
     # -- forming and dispatching -----------------------------------------------------------
     def _new_batch(self) -> _Batch:
         if self._free_buffers:
@@ -198,7 +206,7 @@ class Batcher:
                 if b is None or b.first_ready is None:
                     return
                 due = b.first_ready + self.config.max_delay_ms / 1000.0
-                if time.perf_counter() < due:
+                if self.upstream > 0 and time.perf_counter() < due:
                     self._arm_timer(due)
                     return
                 self._close(b)

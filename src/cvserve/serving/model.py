@@ -179,6 +179,31 @@ class ModelServer:
             self._ewma_latency += 0.1 * ((time.perf_counter() - t_admit) - self._ewma_latency)
 
     async def _predict(self, data, trace: Trace, deadline: float, params) -> Prediction:
+        batcher = self.batcher
+        batcher.upstream += 1
+        try:
+            meta, slot = await self._preprocess(data, trace, deadline)
+        except BaseException:
+            batcher.upstream -= 1
+            batcher.poke()  # the batch it might have joined need not wait for it
+            raise
+        batcher.upstream -= 1
+        fut = batcher.commit(slot)
+        try:
+            rows, info = await asyncio.wait_for(fut, _remaining(deadline))
+        except TimeoutError:
+            trace.mark("batch_wait")
+            raise DeadlineExceeded("deadline passed while waiting for inference") from None
+        info: BatchInfo
+        trace.add("batch_wait", info.infer_start - trace.last)
+        trace.add("infer", info.infer_end - info.infer_start)
+        trace.advance(info.infer_end)
+        result = self.head.postprocess(rows, meta, **params)
+        trace.mark("postprocess")
+        return Prediction(result=result, batch_size=info.size, image_size=meta.orig_size)
+
+    async def _preprocess(self, data, trace: Trace, deadline: float):
+        """Wait for a preprocessing thread, then decode into a reserved batch slot."""
         loop = asyncio.get_running_loop()
         sem = self.pool.semaphore
         try:
@@ -207,19 +232,7 @@ class ModelServer:
         for stage, seconds in meta.stages.items():
             trace.add(stage, seconds)
         trace.advance(meta.finished)
-        fut = self.batcher.commit(slot)
-        try:
-            rows, info = await asyncio.wait_for(fut, _remaining(deadline))
-        except TimeoutError:
-            trace.mark("batch_wait")
-            raise DeadlineExceeded("deadline passed while waiting for inference") from None
-        info: BatchInfo
-        trace.add("batch_wait", info.infer_start - trace.last)
-        trace.add("infer", info.infer_end - info.infer_start)
-        trace.advance(info.infer_end)
-        result = self.head.postprocess(rows, meta, **params)
-        trace.mark("postprocess")
-        return Prediction(result=result, batch_size=info.size, image_size=meta.orig_size)
+        return meta, slot
 
     def _settle_abandoned(self, slot) -> None:
         self.batcher.release(slot)

@@ -41,8 +41,15 @@ def load_models(
 class _DrainingServer(uvicorn.Server):
     """uvicorn, but the first exit signal drains before shutting down."""
 
-    def __init__(self, config: uvicorn.Config, state: ServerState, drain_timeout: float):
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        state: ServerState,
+        drain_timeout: float,
+        on_ready: Callable[[str], None] | None = None,
+    ):
         super().__init__(config)
+        self._on_ready = on_ready
         self._state = state
         self._drain_timeout = drain_timeout
         self._drain_task: asyncio.Task | None = None
@@ -51,6 +58,11 @@ class _DrainingServer(uvicorn.Server):
     async def serve(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self._on_ready is not None and self.started:
+            self._on_ready(f"http://{self.config.host}:{self.config.port}")
 
     def handle_exit(self, sig, frame) -> None:
         if self._state.draining or self._loop is None:
@@ -88,12 +100,19 @@ def _uvicorn_config(app, host: str, port: int, fd: int | None = None) -> uvicorn
     )
 
 
-def run_server(config: ServerConfig, progress: Progress | None = None) -> None:
+def run_server(
+    config: ServerConfig,
+    progress: Progress | None = None,
+    on_ready: Callable[[str], None] | None = None,
+) -> None:
     """Serve until a signal; blocks the calling (main) thread."""
     models, pool = load_models(config, progress)
     app = create_app(config, models, pool)
     server = _DrainingServer(
-        _uvicorn_config(app, config.host, config.port), app.state.cvserve, config.drain_timeout_s
+        _uvicorn_config(app, config.host, config.port),
+        app.state.cvserve,
+        config.drain_timeout_s,
+        on_ready,
     )
     server.run()
 

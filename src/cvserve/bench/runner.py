@@ -1,0 +1,388 @@
+"""``run_bench``: probe the server, run a sweep of load points, summarize each point.
+
+The call is synchronous and owns its event loop (uvloop when installed), so it can be
+called from a plain thread while the server runs in another thread or process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime
+from time import monotonic, perf_counter
+from typing import Any
+
+import numpy as np
+
+from cvserve.bench import _http
+from cvserve.bench.inputs import BenchImage, load_images
+from cvserve.bench.loadgen import PointPlan, PointRecords, run_point
+from cvserve.bench.results import BenchResult, PointSummary, machine_info
+from cvserve.bench.stats import breakdown, latency_summary
+from cvserve.trace import STAGES, parse_server_timing
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "BenchConfig",
+    "BenchError",
+    "ModelNotFound",
+    "ServerUnreachable",
+    "run_bench",
+    "summarize_point",
+]
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+class BenchError(Exception):
+    """The bench could not run (as opposed to errors it measured, which are counted)."""
+
+
+class ServerUnreachable(BenchError):
+    """The server did not answer ``GET /readyz`` with 200 before the sweep."""
+
+
+class ModelNotFound(BenchError):
+    """The server answered 404 to the first predict request."""
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to measure. Points: one per ``concurrency`` (closed loop), then one per
+    ``rates`` entry (open loop, Poisson arrivals per second); neither means ``[1]``.
+
+    Each point warms up for ``warmup`` s, then measures ``requests`` requests if set, else
+    ``duration`` s if set, else ``window``-second windows until three agree within
+    ``tolerance`` on throughput and p50 latency, or ``max_duration`` s pass (unstable).
+    ``images`` is a list of :class:`BenchImage` or a path (file or directory) or paths.
+    """
+
+    url: str
+    model: str
+    images: Any
+    concurrency: Sequence[int] | None = None
+    rates: Sequence[float] | None = None
+    duration: float | None = None
+    warmup: float = 1.0
+    requests: int | None = None
+    timeout: float = 30.0
+    seed: int = 0
+    window: float = 2.0
+    tolerance: float = 0.1
+    max_duration: float = 30.0
+    max_in_flight: int = 4096
+    honor_retry_after: bool = True
+    ready_timeout: float = 0.0
+    label: str | None = None
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, what: str) -> None:
+            if not ok:
+                raise ValueError(f"invalid bench config: {what}")
+
+        check(all(c >= 1 for c in self.concurrency or ()), "concurrency must be >= 1")
+        check(all(r > 0 for r in self.rates or ()), "rates must be > 0")
+        check(self.duration is None or self.duration > 0, "duration must be > 0")
+        check(self.requests is None or self.requests >= 1, "requests must be >= 1")
+        check(not (self.duration is not None and self.requests is not None),
+              "give duration or requests, not both")  # fmt: skip
+        check(self.warmup >= 0, "warmup must be >= 0")
+        check(self.timeout > 0, "timeout must be > 0")
+        check(self.window > 0, "window must be > 0")
+        check(self.tolerance > 0, "tolerance must be > 0")
+        check(self.max_duration > 0, "max_duration must be > 0")
+        check(self.max_in_flight >= 1, "max_in_flight must be >= 1")
+        check(self.ready_timeout >= 0, "ready_timeout must be >= 0")
+        _http.Target.from_url(self.url)  # raises ValueError on a bad URL
+
+    def plans(self, max_in_flight: int) -> list[PointPlan]:
+        common = dict(
+            warmup=self.warmup,
+            duration=self.duration,
+            requests=self.requests,
+            window=self.window,
+            tolerance=self.tolerance,
+            max_duration=self.max_duration,
+            timeout=self.timeout,
+            max_in_flight=max_in_flight,
+            honor_retry_after=self.honor_retry_after,
+            seed=self.seed,
+        )
+        concurrency = list(self.concurrency or ())
+        rates = list(self.rates or ())
+        if not concurrency and not rates:
+            concurrency = [1]
+        plans = [PointPlan(i, concurrency=c, **common) for i, c in enumerate(concurrency)]
+        n = len(plans)
+        plans += [PointPlan(n + i, rate=float(r), **common) for i, r in enumerate(rates)]
+        return plans
+
+
+def _fd_limit(wanted: int) -> int:
+    """``wanted`` in-flight requests, or fewer if the open-file limit cannot hold them."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError):
+        return wanted
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    return max(1, min(wanted, soft - 64))
+
+
+def _config_dict(config: BenchConfig, images: list[BenchImage], max_in_flight: int) -> dict:
+    doc: dict[str, Any] = {}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if f.name == "images":
+            value = [
+                {"name": im.name, "bytes": len(im.data), "content_type": im.content_type}
+                for im in images
+            ]
+        elif isinstance(value, tuple | list):
+            value = list(value)
+        doc[f.name] = value
+    doc["max_in_flight_effective"] = max_in_flight
+    return doc
+
+
+# --- summaries -------------------------------------------------------------------------
+def summarize_point(
+    rec: PointRecords, run_t0: float, images_per_request: int = 1
+) -> tuple[PointSummary, dict[str, np.ndarray]]:
+    """One point's summary over its measured interval, and its per-request rows."""
+    n = len(rec.t0)
+    lat = rec.t1 - rec.t0
+    stage_cols: dict[str, np.ndarray] = {}
+    malformed = np.zeros(n, dtype=np.int32)
+    has_timing = np.zeros(n, dtype=bool)
+    for i, raw in enumerate(rec.timing):
+        if raw is None:
+            continue
+        stages, bad = parse_server_timing(raw.decode("latin-1"))
+        has_timing[i] = True
+        malformed[i] = bad
+        for name, seconds in stages.items():
+            col = stage_cols.get(name)
+            if col is None:
+                col = stage_cols[name] = np.zeros(n, dtype=np.float64)
+            col[i] = seconds
+    stage_cols = {k: stage_cols[k] for k in STAGES if k in stage_cols and k != "network"}
+
+    measured = rec.measured
+    is_ok = (rec.status >= 200) & (rec.status < 300)
+    ok = measured & is_ok
+    bad = measured & ~is_ok
+    seconds = max(rec.measure_end - rec.measure_start, 0.0)
+    n_ok = int(ok.sum())
+
+    statuses, counts = np.unique(rec.status[bad & (rec.status > 0)], return_counts=True)
+    kinds, kind_counts = np.unique(rec.error[bad & (rec.error > 0)], return_counts=True)
+    batches = rec.batch[ok & (rec.batch >= 0)]
+    timed = ok & has_timing
+    ms, pct = breakdown(lat[timed], {k: v[timed] for k, v in stage_cols.items()})
+
+    plan = rec.plan
+    summary = PointSummary(
+        index=plan.index,
+        mode=plan.mode,
+        concurrency=plan.concurrency,
+        rate=plan.rate,
+        stop_reason=rec.stop_reason,
+        stable=rec.stable,
+        started_s=rec.t_start - run_t0,
+        measure_s=seconds,
+        requests=int(measured.sum()),
+        ok=n_ok,
+        throughput_rps=n_ok / seconds if seconds > 0 else 0.0,
+        images_per_s=n_ok * images_per_request / seconds if seconds > 0 else 0.0,
+        request_rate_rps=int(measured.sum()) / seconds if seconds > 0 else 0.0,
+        offered_rps=(rec.offered / seconds if seconds > 0 else 0.0)
+        if plan.mode == "open"
+        else None,
+        dropped=rec.dropped,
+        unfinished=rec.unfinished,
+        latency_ms=latency_summary(lat[ok]),
+        errors={
+            "total": int(bad.sum()),
+            "by_status": {str(s): int(c) for s, c in zip(statuses, counts, strict=True)},
+            "by_kind": {
+                _http.ERROR_KINDS[k - 1]: int(c) for k, c in zip(kinds, kind_counts, strict=True)
+            },
+        },
+        mean_batch_size=float(batches.mean()) if batches.size else None,
+        server_timing_malformed=int(malformed[measured].sum()),
+        server_timing_missing=int((ok & ~has_timing).sum()),
+        breakdown_ms=ms,
+        breakdown_pct=pct,
+        windows=[vars(w).copy() for w in rec.windows],
+        warnings=list(rec.warnings),
+    )
+
+    starts = np.array([rec.t_start + w.start for w in rec.windows], dtype=np.float64)
+    window = np.searchsorted(starts, rec.t1, side="right").astype(np.int32) - 1
+    if rec.windows:
+        last = rec.windows[-1]
+        window[rec.t1 >= rec.t_start + last.start + last.seconds] = len(rec.windows)
+    server = np.zeros(n, dtype=np.float64)
+    for col in stage_cols.values():
+        server += col
+    rows = {
+        "point": np.full(n, plan.index, dtype=np.int32),
+        "window": window,
+        "measured": measured,
+        "image": rec.image,
+        "start": rec.t0 - run_t0,
+        "latency": lat,
+        "status": rec.status,
+        "error": rec.error,
+        "batch_size": rec.batch,
+        "st_malformed": malformed,
+        "has_timing": has_timing,
+        **{f"stage_{k}": v for k, v in stage_cols.items()},
+        "stage_network": np.where(has_timing, lat - server, np.nan),
+    }
+    return summary, rows
+
+
+def _concat_rows(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Concatenate per-point rows; a stage one point lacks is 0 there (network: NaN)."""
+    if not parts:
+        return {}
+    names: list[str] = []
+    for part in parts:
+        names += [k for k in part if k not in names]
+    out = {}
+    for name in names:
+        cols = []
+        for part in parts:
+            n = len(part["point"])
+            fill = np.nan if name == "stage_network" else 0.0
+            cols.append(part[name] if name in part else np.full(n, fill))
+        out[name] = np.concatenate(cols)
+    return out
+
+
+# --- the run ---------------------------------------------------------------------------
+async def _probe(config: BenchConfig, target: _http.Target, images: list[BenchImage]) -> dict:
+    """Fail fast, before the sweep: the server must be ready and must know the model."""
+    timeout = min(config.timeout, 5.0)
+    deadline = monotonic() + config.ready_timeout
+    ready = target.request("GET", "/readyz")
+    while True:
+        try:
+            status, body = await _http.fetch(target, ready, timeout)
+            problem = f"GET /readyz answered {status}: {body[:200].decode('utf-8', 'replace')}"
+            if status == 200:
+                break
+        except (OSError, ConnectionError) as e:
+            problem = f"cannot reach {config.url}: {e or type(e).__name__}"
+        if monotonic() >= deadline:
+            raise ServerUnreachable(f"server not ready: {problem}")
+        await asyncio.sleep(0.1)
+
+    models: Any = None
+    try:
+        status, body = await _http.fetch(target, target.request("GET", "/v1/models"), timeout)
+        if status == 200:
+            models = json.loads(body)
+    except (OSError, ConnectionError, ValueError):
+        pass
+
+    first = images[0]
+    try:
+        status, body = await _http.fetch(
+            target,
+            target.predict_request(config.model, first.data, first.content_type),
+            config.timeout,
+        )
+    except (OSError, ConnectionError) as e:
+        raise ServerUnreachable(f"first predict request to {config.url} failed: {e}") from e
+    if status == 404:
+        text = body[:300].decode("utf-8", "replace")
+        raise ModelNotFound(f"model {config.model!r} not served at {config.url}: {text}")
+    return {"url": config.url, "models": models}
+
+
+async def _sweep(
+    config: BenchConfig,
+    images: list[BenchImage],
+    progress: Progress | None,
+    max_in_flight: int,
+) -> tuple[dict, list[PointSummary], dict[str, np.ndarray]]:
+    target = _http.Target.from_url(config.url)
+    server = await _probe(config, target, images)
+    requests = [target.predict_request(config.model, im.data, im.content_type) for im in images]
+    plans = config.plans(max_in_flight)
+
+    def report(event: dict[str, Any]) -> None:
+        event["points"] = len(plans)
+        progress(event)  # type: ignore[misc]
+
+    run_t0 = perf_counter()
+    summaries, rows = [], []
+    for plan in plans:
+        rec = await run_point(plan, target, requests, report if progress else None)
+        summary, point_rows = summarize_point(rec, run_t0)
+        for warning in summary.warnings:
+            log.warning("point %s: %s", summary.load_label, warning)
+        summaries.append(summary)
+        rows.append(point_rows)
+    return server, summaries, _concat_rows(rows)
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop
+    return uvloop.new_event_loop
+
+
+def run_bench(
+    config: BenchConfig,
+    progress: Progress | None = None,
+    command: Sequence[str] | None = None,
+) -> BenchResult:
+    """Run the sweep ``config`` describes and return its result (nothing is printed).
+
+    ``progress`` receives dicts (``event``: start/tick/window/end, ``point``, ``points``,
+    ``elapsed``, ``expected_seconds``, ``completed``, ``errors`` ...) from the bench's
+    thread. Raises :class:`ServerUnreachable` / :class:`ModelNotFound` before the sweep;
+    errors during the sweep are counted in the result, not raised.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        raise BenchError("run_bench is synchronous: call it from a thread without an event loop")
+    images = (
+        list(config.images)
+        if isinstance(config.images, list | tuple)
+        and config.images
+        and all(isinstance(im, BenchImage) for im in config.images)
+        else load_images(config.images)
+    )
+    max_in_flight = _fd_limit(config.max_in_flight)
+    if max_in_flight < config.max_in_flight:
+        log.warning("max_in_flight lowered to %d by the open-file limit", max_in_flight)
+    created = datetime.now(UTC).isoformat(timespec="seconds")
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        server, points, rows = runner.run(_sweep(config, images, progress, max_in_flight))
+    return BenchResult(
+        command=list(sys.argv if command is None else command),
+        config=_config_dict(config, images, max_in_flight),
+        machine=machine_info(),
+        server=server,
+        points=points,
+        rows=rows,
+        created=created,
+        label=config.label,
+    )

@@ -1,0 +1,47 @@
+"""Fixtures shared by the whole suite: the shared data set and a built tiny model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _data_dir() -> Path:
+    env = os.environ.get("CVSERVE_DATA")
+    return Path(env) if env else REPO.parent / "shared" / "data"
+
+
+DATA = _data_dir()
+
+
+def read_manifest() -> dict[str, dict[str, str]]:
+    """MANIFEST.tsv rows by relative file path."""
+    lines = (DATA / "MANIFEST.tsv").read_text().splitlines()
+    header = lines[0].split("\t")
+    rows = {}
+    for line in lines[1:]:
+        cells = line.split("\t")
+        rows[cells[0]] = dict(zip(header, cells, strict=False))
+    return rows
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not (DATA / "MANIFEST.tsv").exists():
+        pytest.fail(f"shared test data not found at {DATA} (set CVSERVE_DATA)")
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> Path:
+    """A model store with the tiny zoo model built once for the whole session."""
+    pytest.importorskip("torch", reason="building models needs the zoo extra")
+    from cvserve.models import store
+
+    cache = tmp_path_factory.mktemp("cvserve-cache")
+    store.ensure_built("tiny-resnet", cache)
+    return cache

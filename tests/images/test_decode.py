@@ -1,0 +1,192 @@
+"""Decoding real files: every shared bad file, EXIF orientation, colour modes, bombs."""
+
+from __future__ import annotations
+
+import io
+import resource
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from cvserve.images.decode import (
+    ImageError,
+    ImageTooLarge,
+    UndecodableImage,
+    UnsupportedImageType,
+    decode,
+)
+
+# What each file in shared/data/bad must give: a decoded image of this (w, h), or an error.
+EXPECTED = {
+    "79f5fc6bca756e1f067c6fc83e18b32e.jpg": UndecodableImage,
+    "app13-multiple.jpg": (256, 160),
+    "broken.png": UndecodableImage,
+    "decompression_bomb.gif": ImageTooLarge,
+    "f006e96f3b27fdfaa075322d759ea2e8.jpg": UndecodableImage,
+    "hopper.bmp": (128, 128),
+    "hopper.heif": UnsupportedImageType,
+    "hopper.webp": (128, 128),
+    "hopper_16bit_qtables.jpg": (128, 128),
+    "hopper_bad_exif.jpg": (500, 500),
+    "hopper_gray.jpg": (128, 128),
+    "hopper_lzw.tif": (128, 128),
+    "hopper_orientation_6.jpg": (128, 128),
+    "hopper_orientation_8.jpg": (128, 128),
+    "i_trns.png": (64, 64),
+    "iss634.gif": (245, 245),
+    "iss634.webp": (245, 245),
+    "junk_jpeg_header.jpg": (1024, 768),
+    "max_size.jpg": ImageTooLarge,
+    "monkey12.jpg": UnsupportedImageType,
+    "monkey16.png": (149, 227),
+    "notjpeg.jpg": UndecodableImage,
+    "p_trns_single.png": (64, 64),
+    "pil123p.png": (162, 150),
+    "pil123rgba.png": (162, 150),
+    "pil_sample_cmyk.jpg": (100, 100),
+    "png_decompression_dos.png": ImageTooLarge,
+    "reallybig.bmp": ImageTooLarge,
+    "shortfile.bmp": UndecodableImage,
+    "sugarshack.mpo": (640, 480),
+    "testimgari.jpg": (227, 149),
+    "tiff_16bit_RGB.tiff": (100, 40),
+    "truncated.jpg": UndecodableImage,
+    "truncated_image.png": UndecodableImage,
+    "truncated_jpeg.jpg": UndecodableImage,
+    "ultrahdr.jpg": UndecodableImage,
+    "zero_width.gif": UndecodableImage,
+}
+
+
+def test_expectations_cover_every_bad_file(data_dir):
+    assert sorted(p.name for p in (data_dir / "bad").iterdir()) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_bad_file(data_dir, name):
+    data = (data_dir / "bad" / name).read_bytes()
+    want = EXPECTED[name]
+    if isinstance(want, tuple):
+        d = decode(data)
+        assert d.image.mode == "RGB"
+        assert d.image.size == want == d.orig_size
+        a = np.asarray(d.image)
+        if name != "i_trns.png":  # 16-bit samples all <= 255: correctly near-black
+            assert a.std() > 1  # real picture content, not a blank frame
+    else:
+        with pytest.raises(want) as info:
+            decode(data)
+        assert info.value.status in (400, 413, 415)
+        assert str(info.value)
+
+
+def _mean_abs(a: Image.Image, b: Image.Image) -> float:
+    return float(np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).mean())
+
+
+@pytest.mark.parametrize("name", ["hopper_orientation_6.jpg", "hopper_orientation_8.jpg"])
+def test_exif_orientation_comes_out_upright(data_dir, name):
+    upright = Image.open(data_dir / "bad" / "hopper.bmp").convert("RGB")
+    got = decode((data_dir / "bad" / name).read_bytes()).image
+    raw = Image.open(data_dir / "bad" / name).convert("RGB")  # pixels as stored
+    # The decoded image matches the upright picture far better than any other rotation.
+    others = [raw.transpose(t) for t in (Image.Transpose.ROTATE_180,)] + [raw]
+    assert _mean_abs(got, upright) < 8
+    assert all(_mean_abs(o, upright) > 3 * _mean_abs(got, upright) for o in others)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_reduced_and_full(orientation):
+    # A 400x200 picture, stored so that a viewer applying `orientation` shows it upright.
+    rng = np.random.default_rng(orientation)
+    upright = Image.fromarray(rng.integers(0, 256, (200, 400, 3), dtype=np.uint8))
+    upright = upright.resize((400, 200)).filter(ImageFilter.GaussianBlur(4))
+    inverse = {
+        2: Image.Transpose.FLIP_LEFT_RIGHT,
+        3: Image.Transpose.ROTATE_180,
+        4: Image.Transpose.FLIP_TOP_BOTTOM,
+        5: Image.Transpose.TRANSPOSE,
+        6: Image.Transpose.ROTATE_90,
+        7: Image.Transpose.TRANSVERSE,
+        8: Image.Transpose.ROTATE_270,
+    }
+    stored = upright.transpose(inverse[orientation]) if orientation != 1 else upright
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    stored.save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    for min_size in (None, lambda size: (size[0] // 4, size[1] // 4)):
+        d = decode(buf.getvalue(), min_size=min_size)
+        assert d.orig_size == (400, 200)
+        expect = upright.resize(d.image.size, Image.Resampling.BOX)
+        assert d.image.size[0] > d.image.size[1]  # landscape, as shown upright
+        assert _mean_abs(d.image, expect) < 6
+
+
+def test_reduced_decode_never_goes_below_the_request(data_dir):
+    for path in sorted((data_dir / "images").glob("*/*.jpg")):
+        data = path.read_bytes()
+        full = decode(data)
+        d = decode(data, min_size=lambda size: (size[0] * 256 // min(size), size[1] * 256 // min(size)))
+        w, h = full.orig_size
+        need = (w * 256 // min(w, h), h * 256 // min(w, h))
+        assert d.orig_size == full.orig_size
+        assert d.image.size[0] >= need[0] and d.image.size[1] >= need[1]
+        if min(w, h) >= 1024:
+            assert d.reduced >= 2  # big photos really decode at reduced scale
+
+
+def test_cmyk_jpeg_round_trips_to_the_right_colours():
+    rgb = Image.new("RGB", (64, 64))
+    rgb.paste((220, 30, 30), (0, 0, 32, 64))
+    rgb.paste((30, 200, 60), (32, 0, 64, 64))
+    buf = io.BytesIO()
+    rgb.convert("CMYK").save(buf, "JPEG", quality=95)
+    d = decode(buf.getvalue())
+    assert _mean_abs(d.image, rgb) < 10
+
+
+def test_shared_cmyk_file_has_the_right_colours(data_dir):
+    path = data_dir / "bad" / "pil_sample_cmyk.jpg"
+    got = np.asarray(decode(path.read_bytes()).image, np.float64)
+    cmyk = np.asarray(Image.open(path), np.float64)  # Adobe-inverted samples, un-inverted
+    c, m, y, k = (cmyk[..., i] for i in range(4))
+    ref = np.stack([(255 - c) * (255 - k), (255 - m) * (255 - k), (255 - y) * (255 - k)], -1)
+    ref /= 255.0
+    # libjpeg-turbo via OpenCV decodes this file to the same colours (mean diff 0.7).
+    assert np.abs(got - ref).mean() < 2
+    assert np.abs(got - (255 - ref)).mean() > 50  # not inverted
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped():
+    a16 = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(a16).save(buf, "PNG")
+    got = np.asarray(decode(buf.getvalue()).image)[..., 0].astype(int)
+    want = np.round(a16.astype(float) * 255 / 65535).astype(int)
+    assert np.abs(got - want).max() <= 1
+
+
+def test_bombs_are_refused_without_allocating_pixels(data_dir):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for name in ("decompression_bomb.gif", "max_size.jpg", "reallybig.bmp"):
+        with pytest.raises(ImageTooLarge) as info:
+            decode((data_dir / "bad" / name).read_bytes())
+        assert info.value.status == 413
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mb < 100  # each declares >= 4 gigapixels
+
+
+def test_pixel_limit_is_checked_before_decoding():
+    buf = io.BytesIO()
+    Image.new("RGB", (300, 200)).save(buf, "PNG")
+    with pytest.raises(ImageTooLarge) as info:
+        decode(buf.getvalue(), max_pixels=300 * 200 - 1)
+    assert info.value.detail["max_pixels"] == 300 * 200 - 1
+    decode(buf.getvalue(), max_pixels=300 * 200)
+
+
+def test_errors_are_image_errors():
+    with pytest.raises(ImageError):
+        decode(b"not an image at all")
