@@ -114,9 +114,7 @@ class ProgressReporter:
 
     def __call__(self, event: dict[str, Any]) -> None:
         point = event["point"]
-        load = (
-            f"c={event['concurrency']}" if event["mode"] == "closed" else f"{event['rate']:g}/s"
-        )
+        load = f"c={event['concurrency']}" if event["mode"] == "closed" else f"{event['rate']:g}/s"
         if point not in self._tasks:
             desc = f"point {point + 1}/{event.get('points', '?')} {load}"
             self._tasks[point] = self.progress.add_task(desc, total=None, status="")

@@ -203,6 +203,8 @@ async def predict(request: Request) -> Response:
         body = json.dumps(payload, separators=(",", ":")).encode()
         trace.mark("encode")
         headers["Server-Timing"] = trace.server_timing()
+        if state.draining:  # no keep-alive past a drain: clients reconnect elsewhere
+            headers["Connection"] = "close"
         return Response(body, status_code=status, media_type="application/json", headers=headers)
     finally:
         state.leave()
