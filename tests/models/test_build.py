@@ -144,9 +144,7 @@ def test_spec_from_hf_processor(photo: Image.Image, cls: str, kwargs: dict, expe
     spec = build.preprocess_spec_from_hf(processor)
     for key, value in expected.items():
         assert getattr(spec, key) == pytest.approx(value), key
-    assert spec.rescale == pytest.approx(
-        processor.rescale_factor if processor.do_rescale else 1.0
-    )
+    assert spec.rescale == pytest.approx(processor.rescale_factor if processor.do_rescale else 1.0)
     if processor.do_normalize:
         assert spec.mean == pytest.approx(tuple(processor.image_mean))
         assert spec.std == pytest.approx(tuple(processor.image_std))
