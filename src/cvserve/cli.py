@@ -85,9 +85,8 @@ def _cmd_models_build(args: argparse.Namespace) -> int:
     from cvserve.models import store
 
     if args.from_dir:
-        name = args.store_name or None
-        cmd = ["--from-dir", args.from_dir] + (["--name", name] if name else [])
-        store.build_child(cmd, name or args.from_dir, _say, cache=args.cache_dir)
+        meta = store.build_from_dir(args.from_dir, args.store_name, args.cache_dir, progress=_say)
+        print(f"{meta.name}: {store.model_path(meta, args.cache_dir)}")
         return 0
     if not args.name:
         _say("name a zoo model (cvserve models list) or pass --from-dir")
@@ -276,8 +275,53 @@ def _add_report_parser(sub: argparse._SubParsersAction) -> None:
 
 # --- demo -----------------------------------------------------------------------------
 def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="build a model, serve it, load it, print where time went")
-    p.set_defaults(func=lambda a: p.print_help() or 2)
+    p = sub.add_parser(
+        "demo",
+        help="build a model, serve it, load it with real images, print where time went",
+    )
+    p.add_argument("--model", default="resnet18", help="zoo or stored model (default resnet18)")
+    p.add_argument(
+        "--images", help="folder of images (default: ../shared/data/images/medium if present)"
+    )
+    p.add_argument(
+        "--concurrency", type=_csv_ints, default=[1, 4, 16],
+        help="closed-loop concurrencies to measure (default 1,4,16)",
+    )  # fmt: skip
+    p.add_argument("--duration", type=float, default=5.0, help="seconds measured per point")
+    p.add_argument(
+        "--serve-args", default="--max-batch 8 --max-delay-ms 5",
+        help="extra `cvserve serve` flags for the demo server",
+    )  # fmt: skip
+    _add_cache_arg(p)
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import shlex
+    import time
+
+    from rich.console import Console
+
+    from cvserve.bench import ProgressReporter, breakdown_table, summary_table
+    from cvserve.demo import run_demo
+
+    console = Console(stderr=False)
+    t0 = time.monotonic()
+    with ProgressReporter(Console(stderr=True)) as progress:
+        result = run_demo(
+            model=args.model,
+            images=args.images,
+            concurrency=args.concurrency,
+            duration=args.duration,
+            cache_dir=args.cache_dir,
+            serve_args=shlex.split(args.serve_args),
+            say=_say,
+            progress=progress,
+        )
+    console.print(summary_table(result, title=f"cvserve demo: {args.model}"))
+    console.print(breakdown_table(result, title="mean time per request, by stage"))
+    console.print(f"done in {time.monotonic() - t0:.0f} s")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

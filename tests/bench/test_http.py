@@ -66,11 +66,13 @@ def test_content_length_response_in_any_pieces(step):
 def test_chunked_response(step):
     conn, _, done = make_conn()
     conn.send(b"x", 0.0)
+    parts = [b'{"bat', b'ch_size": 3, "a":', b"1}"]
+    chunks = [b"%x\r\n%s\r\n" % (len(p), p) for p in parts]
+    chunks[1] = chunks[1].replace(b"\r\n", b";ext=1\r\n", 1)  # a chunk extension
     raw = (
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-        b"5\r\n{\"bat\r\n"
-        b"10;ext=1\r\nch_size\": 3, \"a\":\r\n"
-        b"2\r\n1}\r\n0\r\nTrailer: x\r\n\r\n"
+        + b"".join(chunks)
+        + b"0\r\nTrailer: x\r\n\r\n"
     )
     feed(conn, raw, step)
     assert done == [(200, _http.ERR_NONE, None, 3, None)]
@@ -80,7 +82,7 @@ def test_chunked_response(step):
 def test_body_until_close_and_connection_close():
     conn, transport, done = make_conn()
     conn.send(b"x", 0.0)
-    conn.data_received(b"HTTP/1.0 200 OK\r\n\r\n{\"batch_size\":2")
+    conn.data_received(b'HTTP/1.0 200 OK\r\n\r\n{"batch_size":2')
     conn.data_received(b"}")
     assert done == []
     conn.connection_lost(None)

@@ -326,3 +326,9 @@ def test_add_model_rejects_garbage_and_zoo_names(cache: Path, tmp_path: Path) ->
         store.add_model(src, name="resnet50", spec=PreprocessSpec(height=16, width=16))
     with pytest.raises(FileNotFoundError):
         store.add_model(tmp_path / "missing.onnx")
+
+
+def test_a_hung_build_is_killed_at_the_timeout(cache: Path) -> None:
+    with pytest.raises(store.ModelBuildError, match="timed out after 0.05 s"):
+        store.ensure_built("tiny-resnet", timeout=0.05)
+    assert not _entry("tiny-resnet").built

@@ -9,6 +9,7 @@ picks a behaviour:
 - ``flaky``: every third request answers 500.
 - ``busy``: every other request answers 429 with ``Retry-After: 0``.
 - ``garbled``: 200 with one malformed entry appended to ``Server-Timing``.
+- ``slow``: 200 after one second (to exercise client timeouts).
 - anything else: 404.
 """
 
@@ -30,7 +31,7 @@ from starlette.routing import Route
 
 from cvserve.trace import Trace
 
-MODELS: tuple[str, ...] = ("echo", "flaky", "busy", "garbled")
+MODELS: tuple[str, ...] = ("echo", "flaky", "busy", "garbled", "slow")
 
 __all__ = ["MODELS", "create_app", "serve_in_thread"]
 
@@ -55,8 +56,8 @@ def create_app(delay: float = 0.0) -> Starlette:
             headers = {"Server-Timing": trace.server_timing(), "Retry-After": "0"}
             return JSONResponse({"error": "queue full", "limit": 0}, 429, headers=headers)
         trace.mark("queue")
-        if delay:
-            await asyncio.sleep(delay)
+        if delay or model == "slow":
+            await asyncio.sleep(1.0 if model == "slow" else delay)
         trace.mark("batch_wait")
         trace.mark("infer")
         trace.mark("postprocess")

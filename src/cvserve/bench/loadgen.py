@@ -246,8 +246,7 @@ class _Point:
         cap = self.plan.max_in_flight
         while True:
             if pos == len(times):
-                self._times = times = self._t_start + self._arrivals.chunk()
-                self.arrival_log.append(times)
+                self._times = times = self._next_arrivals()
                 pos = 0
             t = times[pos]
             if t > now:
@@ -266,9 +265,14 @@ class _Point:
                     conn.send(self.reqs[i], t)
                     break
             else:
-                self._spawn(self._open_send(float(t), i))
+                self._spawn(self._open_send(t, i))
         self._pos = pos
-        self.timer = self.loop.call_later(max(0.0, float(times[pos]) - perf_counter()), self._fire)
+        self.timer = self.loop.call_later(max(0.0, times[pos] - perf_counter()), self._fire)
+
+    def _next_arrivals(self) -> list[float]:
+        times = self._t_start + self._arrivals.chunk()
+        self.arrival_log.append(times)
+        return times.tolist()  # floats index faster than a numpy array, one at a time
 
     async def _open_send(self, t0: float, i: int) -> None:
         try:
@@ -373,8 +377,7 @@ class _Point:
         else:
             self._arrivals = Arrivals(plan.rate, [plan.seed, plan.index])  # type: ignore[arg-type]
             self._t_start = t_start
-            self._times = t_start + self._arrivals.chunk()
-            self.arrival_log.append(self._times)
+            self._times = self._next_arrivals()
             self._pos = 0
             self._fire()
 

@@ -110,7 +110,9 @@ def _plot_breakdown(results: list[BenchResult], labels: list[str], path: Path) -
     ax.set_xticks(x, [name for name, _ in bars], fontsize="small")
     ax.set(ylabel="mean ms per request", title="where the time goes (stage breakdown)")
     ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    handles, names = ax.get_legend_handles_labels()  # top of the stack first, as drawn
+    ax.legend(handles[::-1], names[::-1], fontsize="small", loc="upper left",
+              bbox_to_anchor=(1.0, 1.0))  # fmt: skip
     fig.savefig(path)
     return path
 

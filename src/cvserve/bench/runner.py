@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
@@ -64,7 +65,7 @@ class BenchConfig:
 
     url: str
     model: str
-    images: Any
+    images: Sequence[BenchImage] | str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
     concurrency: Sequence[int] | None = None
     rates: Sequence[float] | None = None
     duration: float | None = None
@@ -302,8 +303,13 @@ async def _probe(config: BenchConfig, target: _http.Target, images: list[BenchIm
             target.predict_request(config.model, first.data, first.content_type),
             config.timeout,
         )
+    except TimeoutError:  # a slow server is what a bench is for: measure it
+        log.warning("the first predict request took over %ss", config.timeout)
+        return {"url": config.url, "models": models}
     except (OSError, ConnectionError) as e:
-        raise ServerUnreachable(f"first predict request to {config.url} failed: {e}") from e
+        raise ServerUnreachable(
+            f"first predict request to {config.url} failed: {e or type(e).__name__}"
+        ) from e
     if status == 404:
         text = body[:300].decode("utf-8", "replace")
         raise ModelNotFound(f"model {config.model!r} not served at {config.url}: {text}")

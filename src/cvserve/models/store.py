@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -321,20 +322,35 @@ def _run_build_child(
         proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env, bufsize=1
         )
+        # The timer kills a hung child, which closes its stdout and ends the read loop.
+        fired = threading.Event()
+
+        def kill() -> None:
+            fired.set()
+            proc.kill()
+
+        timer = threading.Timer(timeout, kill) if timeout is not None else None
         try:
+            if timer is not None:
+                timer.start()
             assert proc.stdout is not None
             for line in proc.stdout:
                 line = line.rstrip("\n")
                 if line and progress is not None:
                     progress(line)
-            rc = proc.wait(timeout=timeout)
+            rc = proc.wait()
         except BaseException:
             proc.kill()
             proc.wait()
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
         if rc != 0:
             err.seek(0)
             tail = "".join(deque(err, maxlen=20))
+            if fired.is_set():
+                tail += f"error: timed out after {timeout:g} s\n"
             raise ModelBuildError(name, rc, tail)
 
 
