@@ -64,6 +64,7 @@ def test_sweep_completes_without_errors(sweep):
         assert p.errors == {"total": 0, "by_status": {}, "by_kind": {}}
         assert p.ok == p.requests > 0 and p.stop_reason == "duration" and p.stable is None
         assert p.server_timing_malformed == 0 and p.server_timing_missing == 0
+        assert p.send_lag_ms is None and p.offered_rps is None  # open loop only
         assert set(p.breakdown_ms) <= set(STAGES) and "network" in p.breakdown_ms
         assert set(p.breakdown_ms) == set(p.breakdown_pct)
         assert sum(p.breakdown_ms.values()) == pytest.approx(p.latency_ms["mean"])

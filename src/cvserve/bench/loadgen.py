@@ -108,6 +108,7 @@ class PointRecords:
     dropped_total: int
     offered: int  # open loop: arrivals scheduled during the measured interval
     unfinished: int  # requests still in flight when the point stopped (not counted)
+    send_lag: tuple[float, float] | None  # open loop: (mean, max) s an arrival was sent late
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -170,6 +171,8 @@ class _Point:
         self.timer: asyncio.TimerHandle | None = None
         self.windows: list[Window] = []
         self.unfinished = 0
+        self.lag_sum = self.lag_max = 0.0  # open loop: how late arrivals were released
+        self.lag_n = 0
         self.measure_lo = -1  # index of the first record after the warmup
         self._errors = self._err_seen = 0
 
@@ -252,6 +255,11 @@ class _Point:
             if t > now:
                 break
             pos += 1
+            lag = now - t
+            self.lag_sum += lag
+            self.lag_n += 1
+            if lag > self.lag_max:
+                self.lag_max = lag
             if self.in_flight >= cap:
                 self.drops.append(t)
                 continue
@@ -502,6 +510,9 @@ class _Point:
             dropped_total=len(self.drops),
             offered=offered,
             unfinished=self.unfinished,
+            send_lag=(self.lag_sum / max(1, self.lag_n), self.lag_max)
+            if plan.mode == "open"
+            else None,
             warnings=warnings,
         )
 

@@ -56,6 +56,9 @@ class PointSummary:
     offered_rps: float | None  # open loop: arrivals per second in the interval
     dropped: int  # open loop: arrivals refused by max_in_flight in the interval
     unfinished: int
+    # open loop: how late the client released arrivals ({"mean", "max"}); a large value
+    # means the client, not the server, fell behind (it is counted in the latencies)
+    send_lag_ms: dict[str, float] | None
     latency_ms: dict[str, float | None]
     errors: dict[str, Any]  # {"total", "by_status": {"500": n}, "by_kind": {"timeout": n}}
     mean_batch_size: float | None
@@ -133,6 +136,11 @@ _POINT = {
         "offered_rps": _NUM_OR_NULL,
         "dropped": _INT,
         "unfinished": _INT,
+        "send_lag_ms": {
+            "type": ["object", "null"],
+            "required": ["mean", "max"],
+            "additionalProperties": _NUM,
+        },
         "latency_ms": {
             "type": "object",
             "required": ["mean", "p50", "p90", "p99", "min", "max"],

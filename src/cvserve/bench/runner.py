@@ -209,6 +209,9 @@ def summarize_point(
         else None,
         dropped=rec.dropped,
         unfinished=rec.unfinished,
+        send_lag_ms=None
+        if rec.send_lag is None
+        else {"mean": rec.send_lag[0] * 1000.0, "max": rec.send_lag[1] * 1000.0},
         latency_ms=latency_summary(lat[ok]),
         errors={
             "total": int(bad.sum()),
