@@ -264,13 +264,141 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 # --- bench / report -------------------------------------------------------------------
 def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="measure a server with real images")
-    p.set_defaults(func=lambda a: p.print_help() or 2)
+    from dataclasses import fields
+    from types import SimpleNamespace
+
+    from cvserve.bench import BenchConfig
+
+    d = SimpleNamespace(**{f.name: f.default for f in fields(BenchConfig)})
+    p = sub.add_parser(
+        "bench",
+        help="measure a server with real images: throughput, latency, stage breakdown",
+        description="Closed-loop sweeps (--concurrency) and open-loop Poisson arrivals (--rate) "
+        "against a running server, or one started for the run (--inprocess).",
+    )
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
+    p.add_argument("--model", required=True, help="model name on the server")
+    p.add_argument("--images", nargs="+", required=True, help="image files or folders")
+    p.add_argument("--concurrency", type=_csv_ints, help="closed loop: e.g. 1,2,4,8,16,32")
+    p.add_argument("--rate", type=_csv_floats, help="open loop, requests/s: e.g. 20,40,80")
+    stop = p.add_mutually_exclusive_group()
+    stop.add_argument("--duration", type=float, help="seconds measured per point")
+    stop.add_argument("--requests", type=int, help="requests measured per point")
+    p.add_argument("--warmup", type=float, default=d.warmup, help="seconds before measuring")
+    p.add_argument(
+        "--window", type=float, default=d.window,
+        help="stability window (s) when neither --duration nor --requests is given",
+    )  # fmt: skip
+    p.add_argument(
+        "--tolerance", type=float, default=d.tolerance,
+        help="three consecutive windows within this fraction = stable",
+    )  # fmt: skip
+    p.add_argument("--max-duration", type=float, default=d.max_duration, help="cap per point (s)")
+    p.add_argument("--timeout", type=float, default=d.timeout, help="per-request timeout (s)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the open-loop arrivals")
+    p.add_argument("--max-in-flight", type=int, default=d.max_in_flight)
+    p.add_argument("--no-retry-after", action="store_true", help="ignore 429 Retry-After")
+    p.add_argument(
+        "--ready-timeout", type=float, default=d.ready_timeout,
+        help="wait this long for /readyz before giving up",
+    )  # fmt: skip
+    p.add_argument("--label", help="name of this run in reports")
+    p.add_argument("--out", help="write the result here (JSON, with per-request rows in .npz)")
+    p.add_argument(
+        "--inprocess", action="store_true",
+        help="start `cvserve serve` with --serve-args for this run, then stop it",
+    )  # fmt: skip
+    p.add_argument(
+        "--serve-args", default="",
+        help="flags for the --inprocess server, e.g. '--max-batch 8 --max-delay-ms 5'",
+    )  # fmt: skip
+    _add_cache_arg(p)
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import contextlib
+    import shlex
+
+    from rich.console import Console
+
+    from cvserve.bench import (
+        BenchConfig,
+        BenchError,
+        ImageSourceError,
+        ProgressReporter,
+        breakdown_table,
+        run_bench,
+        save_result,
+        summary_table,
+    )
+
+    server = contextlib.nullcontext()
+    url = args.url
+    if args.inprocess:
+        from cvserve.serving.server import ServerProcess
+
+        serve = ["--model", args.model, *shlex.split(args.serve_args)]
+        if args.cache_dir:
+            serve += ["--cache-dir", args.cache_dir]
+        _say(f"starting cvserve serve {' '.join(serve)}")
+        server = ServerProcess(serve)
+        url = server.url
+    try:
+        with server:
+            config = BenchConfig(
+                url=url,
+                model=args.model,
+                images=args.images,
+                concurrency=args.concurrency,
+                rates=args.rate,
+                duration=args.duration,
+                requests=args.requests,
+                warmup=args.warmup,
+                window=args.window,
+                tolerance=args.tolerance,
+                max_duration=args.max_duration,
+                timeout=args.timeout,
+                seed=args.seed,
+                max_in_flight=args.max_in_flight,
+                honor_retry_after=not args.no_retry_after,
+                ready_timeout=args.ready_timeout,
+                label=args.label,
+            )
+            with ProgressReporter(Console(stderr=True)) as progress:
+                result = run_bench(config, progress=progress, command=sys.argv)
+    except (BenchError, ImageSourceError) as e:
+        _say(f"error: {e}")
+        return 2
+    console = Console()
+    console.print(summary_table(result))
+    console.print(breakdown_table(result))
+    if args.out:
+        _say(f"wrote {save_result(result, args.out)}")
+    return 0
 
 
 def _add_report_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="plot bench results")
-    p.set_defaults(func=lambda a: p.print_help() or 2)
+    p = sub.add_parser(
+        "report",
+        help="plot bench results: throughput/latency vs load, breakdown bars, latency CDF",
+    )
+    p.add_argument("results", nargs="+", help="result JSON files from `cvserve bench --out`")
+    p.add_argument("--out", default="report", help="folder for the PNG plots (default ./report)")
+    p.set_defaults(func=_cmd_report)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from cvserve.bench import ResultError, report
+
+    try:
+        paths = report(args.results, args.out)
+    except ResultError as e:
+        _say(f"error: {e}")
+        return 2
+    for path in paths:
+        print(path)
+    return 0
 
 
 # --- demo -----------------------------------------------------------------------------

@@ -34,38 +34,45 @@ def _points(result: BenchResult | list[PointSummary]) -> list[PointSummary]:
 
 
 def summary_table(result: BenchResult | list[PointSummary], title: str | None = None) -> Table:
-    """One row per point: throughput, latency percentiles, errors, batch, stability."""
+    """One row per point: throughput, latency percentiles (ms), errors, batch, stability.
+
+    Fits an 80-column terminal: images/s equals req/s for one image per request and is
+    left to the JSON; the stability column shows only when a point used the stop rule.
+    """
     points = _points(result)
     if title is None and isinstance(result, BenchResult):
         cfg = result.config
         title = f"{cfg.get('model')} @ {cfg.get('url')}" + (
             f" [{result.label}]" if result.label else ""
         )
-    table = Table(title=title)
+    show_stable = any(p.stable is not None for p in points)
+    table = Table(title=title, caption="latencies in ms; queue = queue + batch_wait")
     table.add_column("load", justify="right")
-    for name in ("req/s", "img/s", "mean ms", "p50 ms", "p90 ms", "p99 ms", "max ms"):
+    for name in ("req/s", "mean", "p50", "p90", "p99", "max", "batch", "queue", "errors"):
         table.add_column(name, justify="right")
-    table.add_column("batch", justify="right")
-    table.add_column("queue ms", justify="right")
-    table.add_column("errors", justify="right")
-    table.add_column("stable", justify="center")
+    if show_stable:
+        table.add_column("stable", justify="center")
     for p in points:
         lat = p.latency_ms
         load = p.load_label
         if p.mode == "open" and p.dropped:
             load += f" ({p.dropped} dropped)"
-        stable = {True: "yes", False: "[red]no[/]", None: "-"}[p.stable]
-        table.add_row(
+        row = [
             load,
             f"{p.throughput_rps:.1f}",
-            f"{p.images_per_s:.1f}",
-            *(_ms(lat[k]) for k in ("mean", "p50", "p90", "p99", "max")),
+            *(_ms1(lat[k]) for k in ("mean", "p50", "p90", "p99", "max")),
             "-" if p.mean_batch_size is None else f"{p.mean_batch_size:.2f}",
-            _ms(p.queue_ms) if p.breakdown_ms else "-",
+            _ms1(p.queue_ms) if p.breakdown_ms else "-",
             _errors(p) if not p.errors["total"] else f"[red]{_errors(p)}[/]",
-            stable,
-        )
+        ]
+        if show_stable:
+            row.append({True: "yes", False: "[red]no[/]", None: "-"}[p.stable])
+        table.add_row(*row)
     return table
+
+
+def _ms1(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def breakdown_table(result: BenchResult | list[PointSummary], title: str | None = None) -> Table:
