@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
 
@@ -180,43 +180,95 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+#: How an image is turned into pixels. ``pil``: Pillow, full resolution. The others decode
+#: JPEGs at reduced scale in the DCT domain (libjpeg-turbo in every case) when the caller
+#: needs fewer pixels, and fall back to Pillow for other formats and for CMYK JPEGs.
+BACKENDS = ("pil", "pil-reduced", "simplejpeg", "opencv")
+
+# Pillow's exif_transpose table: orientation -> the transpose that shows the image upright.
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
 def decode(
     data: bytes,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     min_size: Callable[[tuple[int, int]], tuple[int, int]] | None = None,
+    backend: str = "pil-reduced",
 ) -> Decoded:
     """Decode ``data`` to an upright RGB image.
 
     ``min_size`` maps the upright original (width, height) to the smallest upright size the
-    caller needs; with it a JPEG decodes at 1/2, 1/4 or 1/8 scale in the DCT domain, as long
-    as the result stays at least that big.
+    caller needs; with it (and a reduced ``backend``) a JPEG decodes at 1/2, 1/4 or 1/8
+    scale in the DCT domain, as long as the result stays at least that big.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown decoder {backend!r}; choose from {', '.join(BACKENDS)}")
     im, fmt = open_image(data, max_pixels)
     orientation = exif_orientation(im)
     w, h = im.size
     orig = (h, w) if orientation in _SWAPS_AXES else (w, h)
-    reduced = 1
+    req = None
+    if min_size is not None and backend != "pil" and fmt == "JPEG":
+        mw, mh = min_size(orig)
+        if orientation in _SWAPS_AXES:
+            mw, mh = mh, mw
+        req = (max(1, min(w, mw)), max(1, min(h, mh)))  # in stored (raw) orientation
     try:
-        if min_size is not None and fmt in ("JPEG", "MPO") and im.mode in ("RGB", "L", "CMYK"):
-            mw, mh = min_size(orig)
-            if orientation in _SWAPS_AXES:
-                mw, mh = mh, mw
-            # draft() never goes below the requested size; it picks the largest scale
-            # factor that keeps both sides >= the request.
-            req = (max(1, mw), max(1, mh))
-            mode = "RGB" if im.mode != "L" else "L"
-            im.draft(mode, req)
-            reduced = max(1, round(w / im.size[0]))
-        im.load()
-        im = to_rgb(im)
+        out = None
+        if req is not None and backend in ("simplejpeg", "opencv") and im.mode in ("RGB", "L"):
+            out = _decode_jpeg_array(backend, data, (w, h), req)
+        if out is None:
+            if req is not None and im.mode in ("RGB", "L", "CMYK"):
+                # draft() picks the largest DCT scale factor that keeps both sides >= req.
+                im.draft("L" if im.mode == "L" else "RGB", req)
+            im.load()
+            out = to_rgb(im)
     except ImageError:
         raise
     except (OSError, ValueError, SyntaxError, IndexError) as e:
         raise UndecodableImage(f"cannot decode {fmt} image: {e}") from None
-    if orientation != 1:
+    if orientation in _UPRIGHT:
+        out = out.transpose(_UPRIGHT[orientation])
+    reduced = max(1, round(max(orig) / max(out.size)))
+    return Decoded(image=out, orig_size=orig, format=fmt, reduced=reduced)
+
+
+def _decode_jpeg_array(
+    backend: str, data: bytes, size: tuple[int, int], req: tuple[int, int]
+) -> Image.Image | None:
+    """Reduced-scale JPEG decode to RGB with simplejpeg or OpenCV (both release the GIL);
+    None when the library cannot take this file, so the caller falls back to Pillow."""
+    if backend == "simplejpeg":
+        import simplejpeg
+
         try:
-            im = ImageOps.exif_transpose(im)
-        except Exception as e:  # a corrupt EXIF block must not fail the image
-            log.debug("ignoring EXIF orientation: %s", e)
-    return Decoded(image=im, orig_size=orig, format=fmt, reduced=reduced)
+            arr = simplejpeg.decode_jpeg(
+                data, colorspace="RGB", min_width=req[0], min_height=req[1]
+            )
+        except ValueError:
+            return None
+    else:
+        import cv2
+
+        scale = min(size[0] // req[0], size[1] // req[1])
+        factor = 8 if scale >= 8 else 4 if scale >= 4 else 2 if scale >= 2 else 1
+        flags = {
+            1: cv2.IMREAD_COLOR,
+            2: cv2.IMREAD_REDUCED_COLOR_2,
+            4: cv2.IMREAD_REDUCED_COLOR_4,
+            8: cv2.IMREAD_REDUCED_COLOR_8,
+        }[factor] | cv2.IMREAD_IGNORE_ORIENTATION
+        arr = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+        if arr is None:
+            return None
+        arr = cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+    return Image.fromarray(arr)
