@@ -50,6 +50,10 @@ def _add_models_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--from-dir", help="a local HuggingFace save_pretrained folder (real weights)")
     b.add_argument("--as", dest="store_name", help="store name for --from-dir")
     b.add_argument("--force", action="store_true", help="rebuild a zoo model that is built")
+    b.add_argument(
+        "--fold-normalize", action="store_true",
+        help="also store NAME-u8: the same model taking uint8 pixels, normalizing in its graph",
+    )  # fmt: skip
     _add_cache_arg(b)
     b.set_defaults(func=_cmd_models_build)
 
@@ -77,6 +81,10 @@ def _add_models_parser(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--interpolation", default="bilinear")
     a.add_argument("--labels", help="a text file with one label per line")
     a.add_argument("--overwrite", action="store_true")
+    a.add_argument(
+        "--fold-normalize", action="store_true",
+        help="also store NAME-u8, taking uint8 pixels and normalizing in its graph",
+    )  # fmt: skip
     _add_cache_arg(a)
     a.set_defaults(func=_cmd_models_add)
 
@@ -86,14 +94,22 @@ def _cmd_models_build(args: argparse.Namespace) -> int:
 
     if args.from_dir:
         meta = store.build_from_dir(args.from_dir, args.store_name, args.cache_dir, progress=_say)
-        print(f"{meta.name}: {store.model_path(meta, args.cache_dir)}")
-        return 0
-    if not args.name:
+    elif args.name:
+        meta = store.ensure_built(args.name, args.cache_dir, progress=_say, force=args.force)
+    else:
         _say("name a zoo model (cvserve models list) or pass --from-dir")
         return 2
-    meta = store.ensure_built(args.name, args.cache_dir, progress=_say, force=args.force)
     print(f"{meta.name}: {store.model_path(meta, args.cache_dir)}")
+    if args.fold_normalize:
+        _print_folded(meta.name, args.cache_dir)
     return 0
+
+
+def _print_folded(name: str, cache_dir: str | None) -> None:
+    from cvserve.models import store
+
+    folded = store.fold_normalize(name, cache=cache_dir, overwrite=True)
+    print(f"{folded.name}: {store.model_path(folded, cache_dir)} (uint8 input, normalize folded)")
 
 
 def _cmd_models_list(args: argparse.Namespace) -> int:
@@ -157,6 +173,8 @@ def _cmd_models_add(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     print(f"added {meta.name}: input {meta.input_name} {meta.input_shape} {meta.input_dtype}")
+    if args.fold_normalize:
+        _print_folded(meta.name, args.cache_dir)
     return 0
 
 
@@ -184,8 +202,10 @@ def _add_batching_args(p: argparse.ArgumentParser) -> None:
         help="onnxruntime threads per instance (default: cores / instances)",
     )  # fmt: skip
     p.add_argument(
-        "--decoder", default="pil-reduced", choices=["pil-reduced", "pil"],
-        help="JPEG decoding: reduced-scale DCT decode (default) or always full size",
+        "--decoder", default="pil-reduced",
+        choices=["pil-reduced", "simplejpeg", "opencv", "pil"],
+        help="JPEG decoding: reduced-scale DCT decode with Pillow (default), simplejpeg or "
+        "OpenCV, or 'pil' to always decode at full size",
     )  # fmt: skip
     p.add_argument(
         "--preprocess-threads", type=int, default=0,

@@ -33,6 +33,7 @@ def test_public_names_are_pinned() -> None:
         "cache_dir",
         "describe",
         "ensure_built",
+        "fold_normalize",
         "list_models",
         "load_meta",
         "model_path",

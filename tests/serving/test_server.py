@@ -201,3 +201,27 @@ def test_bad_config_is_a_clear_error(tmp_path):
     f.write_text("models:\n  - name: x\n    max_batch: 4\n")
     with pytest.raises(ConfigError, match="unknown keys"):
         load_config(f)
+
+
+def test_folded_uint8_model_serves_the_same_answers(model_cache, data_dir):
+    pytest.importorskip("onnx")
+    from cvserve.config import ModelConfig, ServerConfig
+    from cvserve.models import fold_normalize
+    from cvserve.serving.server import ServerThread, free_port
+
+    fold_normalize("tiny-resnet", cache=model_cache, overwrite=True)
+    cfg = ServerConfig(
+        port=free_port(),
+        cache_dir=str(model_cache),
+        models=(ModelConfig("tiny-resnet"), ModelConfig("tiny-resnet-u8")),
+    )
+    with ServerThread(cfg) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        models = {m["name"]: m for m in c.get("/v1/models").json()["models"]}
+        assert models["tiny-resnet-u8"]["input"]["dtype"] == "uint8"
+        for path in sorted((data_dir / "images" / "small").glob("*.jpg"))[:4]:
+            a = c.post("/v1/models/tiny-resnet:predict", content=path.read_bytes()).json()
+            b = c.post("/v1/models/tiny-resnet-u8:predict", content=path.read_bytes()).json()
+            assert [t["index"] for t in a["top_k"]] == [t["index"] for t in b["top_k"]]
+            np.testing.assert_allclose(
+                [t["score"] for t in a["top_k"]], [t["score"] for t in b["top_k"]], rtol=1e-4
+            )

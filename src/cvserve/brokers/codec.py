@@ -97,7 +97,12 @@ def encode(message: Message, published_at: float | None = None) -> bytes:
     if len(header) > MAX_HEADER_BYTES:
         raise MalformedMessage(f"header of {len(header)} bytes (limit {MAX_HEADER_BYTES})")
     start = 8 + len(header)
-    parts: list[Any] = [MAGIC, len(header).to_bytes(4, "little"), header, _PAD[: _align(start) - start]]
+    parts: list[Any] = [
+        MAGIC,
+        len(header).to_bytes(4, "little"),
+        header,
+        _PAD[: _align(start) - start],
+    ]
     for arr in blocks:
         raw = arr.reshape(-1).view(np.uint8)
         parts.append(raw)
@@ -167,9 +172,7 @@ def decode(frame: bytes | bytearray | memoryview) -> Message:
                 f"array {name!r} needs {nbytes} bytes at offset {offset}; frame has {size}"
             )
         arr = np.frombuffer(buf, dtype=dt, count=count, offset=offset) if count else None
-        arrays[name] = (
-            arr.reshape(shape) if arr is not None else np.empty(shape, dtype=dt)
-        )
+        arrays[name] = arr.reshape(shape) if arr is not None else np.empty(shape, dtype=dt)
         arrays[name].flags.writeable = False
         offset = _align(offset + nbytes)
     if offset != size:

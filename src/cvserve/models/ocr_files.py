@@ -53,7 +53,9 @@ def package_dir() -> Path:
 def ocr_model_files() -> OcrModelFiles:
     """The packaged det/rec/cls ONNX files; raises ``OcrModelsNotFound`` if any is missing."""
     root = package_dir()
-    files = {name: root / rel for name, rel in (("det", DET_FILE), ("rec", REC_FILE), ("cls", CLS_FILE))}
+    files = {
+        name: root / rel for name, rel in (("det", DET_FILE), ("rec", REC_FILE), ("cls", CLS_FILE))
+    }
     missing = [str(p) for p in files.values() if not p.is_file()]
     if missing:
         raise OcrModelsNotFound(f"OCR model files missing from {root}: {', '.join(missing)}")

@@ -405,6 +405,54 @@ def add_model(
     return meta
 
 
+def fold_normalize(
+    name: str,
+    new_name: str | None = None,
+    cache: Path | str | None = None,
+    *,
+    overwrite: bool = False,
+) -> ModelMeta:
+    """Store a copy of model ``name`` that takes uint8 pixels and normalizes in its graph.
+
+    The copy is named ``new_name`` (default ``<name>-u8``); its preprocessing is the
+    original's with ``dtype='uint8'``. Needs the ``onnx`` package.
+    """
+    import onnx
+
+    from cvserve.models.fold import fold_normalize as fold_graph
+
+    meta = load_meta(name, cache)
+    new_name = validate_name(new_name or f"{name}-u8")
+    if new_name in ZOO:
+        raise ValueError(f"{new_name!r} is a zoo model name; pick another name")
+    if meta.input_dtype != "float32":
+        raise InvalidModel(f"model {name!r} takes {meta.input_dtype}; only float32 inputs fold")
+    folded = fold_graph(onnx.load(str(model_path(meta, cache))), meta.preprocess)
+    with _store_lock(cache):
+        if _read_built(new_name, cache) is not None and not overwrite:
+            raise FileExistsError(
+                f"model {new_name!r} already exists; pass overwrite to replace it"
+            )
+        folder = model_dir(new_name, cache)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / SIDECAR_FILE).unlink(missing_ok=True)
+        tmp = folder / f".{ONNX_FILE}.tmp-{os.getpid()}"
+        try:
+            onnx.save(folded, str(tmp))
+            os.replace(tmp, folder / ONNX_FILE)
+        finally:
+            tmp.unlink(missing_ok=True)
+        new = ModelMeta.from_dict(meta.to_dict())
+        new.name = new_name
+        new.onnx_file = ONNX_FILE
+        new.input_dtype = "uint8"
+        new.preprocess = meta.preprocess.replace(dtype="uint8")
+        new.source = f"fold:{name}"
+        new.extra = {**meta.extra, "folded_from": name}
+        write_meta(new, cache)
+    return new
+
+
 def _inspect_onnx(
     path: Path, spec: PreprocessSpec, task: str, labels: list[str] | None
 ) -> dict[str, Any]:

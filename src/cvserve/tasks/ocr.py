@@ -229,7 +229,9 @@ class OcrPipeline:
         self.cls = OrtRuntime(self.files.cls, options) if cfg.rec.use_cls else None
         self.labels = ctc_labels(read_dictionary(self.files.rec))
 
-    def __call__(self, rgb: np.ndarray, timings: dict[str, list[float]] | None = None) -> list[Line]:
+    def __call__(
+        self, rgb: np.ndarray, timings: dict[str, list[float]] | None = None
+    ) -> list[Line]:
         """OCR one upright RGB image (H, W, 3) uint8. ``timings``, if given, collects the
         seconds each step took, by step name (rec steps once per batch)."""
         times: dict[str, list[float]] = timings if timings is not None else {}

@@ -1,0 +1,318 @@
+"""Redis Streams broker: a stream per topic, consumer groups, XAUTOCLAIM, bounded streams.
+
+Each entry holds one field, ``m``: the message frame of ``codec`` (header + raw array
+bytes). Two Lua scripts keep the bound exact and never drop unfinished work, since a
+stream's own MAXLEN trims the oldest entries whether consumed or not:
+
+- publish: ``XADD`` only while ``XLEN < maxlen``; otherwise the client waits and retries
+  until its timeout (``BrokerFull``).
+- ack: ``XACK``, then drop what every group has finished: the acknowledged entries
+  themselves (``XDEL``) when the stream has one group, else everything below the oldest
+  entry that some group has not finished (``XTRIM MINID``).
+
+Connection failures raise ``BrokerUnavailable`` quickly (short socket timeouts, one
+immediate retry on a fresh connection); the connection pool reconnects by itself on a
+later call, and groups lost with a restarted server's data are created again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .base import DEFAULT_MAXLEN, DEFAULT_PUBLISH_TIMEOUT, Broker
+from .codec import decode, encode
+from .errors import BrokerError, BrokerFull, BrokerUnavailable, MalformedMessage
+from .message import Delivery, Message
+
+log = logging.getLogger(__name__)
+
+FIELD = b"m"
+
+_PUBLISH = """
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
+return redis.call('XADD', KEYS[1], '*', 'm', ARGV[2])
+"""
+
+_ACK = """
+local key, group = KEYS[1], ARGV[1]
+if redis.call('EXISTS', key) == 0 then return 0 end
+local groups = redis.call('XINFO', 'GROUPS', key)
+local acked = 0
+if #groups <= 1 then
+  for i = 2, #ARGV do
+    if redis.call('XACK', key, group, ARGV[i]) == 1 then
+      redis.call('XDEL', key, ARGV[i])
+      acked = acked + 1
+    end
+  end
+  return acked
+end
+for i = 2, #ARGV do
+  acked = acked + redis.call('XACK', key, group, ARGV[i])
+end
+if acked == 0 then return 0 end
+local function parse(id)
+  local dash = string.find(id, '-', 1, true)
+  return tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1))
+end
+local floor_ms, floor_seq
+for _, g in ipairs(groups) do
+  local name, last
+  for j = 1, #g, 2 do
+    if g[j] == 'name' then name = g[j + 1] elseif g[j] == 'last-delivered-id' then last = g[j + 1] end
+  end
+  local ms, seq
+  local summary = redis.call('XPENDING', key, name)
+  if summary[1] > 0 then
+    ms, seq = parse(summary[2])
+  else
+    ms, seq = parse(last)
+    seq = seq + 1
+  end
+  if floor_ms == nil or ms < floor_ms or (ms == floor_ms and seq < floor_seq) then
+    floor_ms, floor_seq = ms, seq
+  end
+end
+redis.call('XTRIM', key, 'MINID', string.format('%d-%d', floor_ms, floor_seq))
+return acked
+"""
+
+_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
+_OWN_PARAMS = ("maxlen", "publish_timeout", "prefix")
+
+
+class _Translate:
+    """Turns redis-py's failures into the broker's typed errors, once, at the boundary."""
+
+    __slots__ = ("where",)
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is None or not isinstance(exc, Exception):
+            return
+        if isinstance(exc, _UNAVAILABLE):
+            raise BrokerUnavailable(f"redis at {self.where} unavailable: {exc}") from exc
+        if isinstance(exc, RedisError):
+            raise BrokerError(f"redis at {self.where}: {exc}") from exc
+
+
+def _no_group(exc: ResponseError) -> bool:
+    return str(exc).startswith("NOGROUP")
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class RedisStreamsBroker(Broker):
+    """Topics as Redis streams ``{prefix}{topic}``; see the module docstring."""
+
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        *,
+        maxlen: int = DEFAULT_MAXLEN,
+        publish_timeout: float = DEFAULT_PUBLISH_TIMEOUT,
+        prefix: str = "cvserve:",
+        socket_timeout: float = 2.0,
+        connect_timeout: float = 1.0,
+    ) -> None:
+        if maxlen < 1:
+            raise ValueError(f"maxlen must be >= 1, got {maxlen}")
+        parts = urlsplit(url)
+        query = dict(parse_qsl(parts.query))
+        maxlen = int(query.pop("maxlen", maxlen))
+        publish_timeout = float(query.pop("publish_timeout", publish_timeout))
+        prefix = query.pop("prefix", prefix)
+        url = urlunsplit(parts._replace(query=urlencode(query)))
+        self.maxlen = maxlen
+        self.publish_timeout = publish_timeout
+        self.prefix = prefix
+        self.url = url
+        self._where = parts.netloc.rpartition("@")[2] or "localhost:6379"
+        self._translate = _Translate(self._where)
+        # A blocking XREADGROUP must return before the socket timeout fires.
+        self._block_chunk_ms = max(1, int(socket_timeout * 1000 / 2))
+        self._redis = aioredis.Redis.from_url(
+            url,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=connect_timeout,
+            # One immediate retry on a fresh connection: a pooled socket that the server
+            # closed (restart) is replaced at once; a server that is down fails fast.
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            decode_responses=False,
+            protocol=2,
+        )
+        self._publish_script = self._redis.register_script(_PUBLISH)
+        self._ack_script = self._redis.register_script(_ACK)
+        self._groups: set[tuple[str, str]] = set()
+
+    def _key(self, topic: str) -> str:
+        return self.prefix + topic
+
+    async def publish(self, topic: str, message: Message, *, timeout: float | None = None) -> str:
+        frame = encode(message, published_at=time.time())
+        key = self._key(topic)
+        wait = self.publish_timeout if timeout is None else timeout
+        deadline = time.monotonic() + wait
+        pause = 0.001
+        with self._translate:
+            while True:
+                entry_id = await self._publish_script(keys=[key], args=[self.maxlen, frame])
+                if entry_id is not None:
+                    return _text(entry_id)
+                # Full: poll the length (cheap) until there is room, then send again.
+                while True:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise BrokerFull(topic, self.maxlen, wait)
+                    await asyncio.sleep(min(pause, remaining))
+                    pause = min(pause * 2, 0.05)
+                    if await self._redis.xlen(key) < self.maxlen:
+                        break
+
+    async def create_group(self, topic: str, group: str) -> None:
+        with self._translate:
+            try:
+                await self._redis.xgroup_create(self._key(topic), group, id="0", mkstream=True)
+            except ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
+        self._groups.add((topic, group))
+
+    async def consume(
+        self, topic: str, group: str, consumer: str, *, count: int = 1, block_ms: int = 0
+    ) -> list[Delivery]:
+        if (topic, group) not in self._groups:
+            await self.create_group(topic, group)
+        key = self._key(topic)
+        deadline = time.monotonic() + block_ms / 1000
+        while True:
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            block = min(remaining_ms, self._block_chunk_ms) if remaining_ms > 0 else None
+            with self._translate:
+                try:
+                    resp = await self._redis.xreadgroup(
+                        group, consumer, {key: ">"}, count=count, block=block
+                    )
+                except ResponseError as e:
+                    if not _no_group(e):
+                        raise
+                    # The server lost the stream (restart without persistence): recreate.
+                    self._groups.discard((topic, group))
+                    await self.create_group(topic, group)
+                    continue
+            entries = _entries(resp)
+            if entries:
+                return await self._deliveries(topic, group, entries, redelivered=False)
+            if block is None or time.monotonic() >= deadline:
+                return []
+
+    async def _deliveries(
+        self, topic: str, group: str, entries: list[Any], *, redelivered: bool
+    ) -> list[Delivery]:
+        now = time.time()
+        out: list[Delivery] = []
+        bad: list[str] = []
+        for entry_id, fields in entries:
+            if entry_id is None:  # deleted while pending (Redis 6.2 XAUTOCLAIM)
+                continue
+            eid = _text(entry_id)
+            try:
+                frame = fields.get(FIELD)
+                if frame is None:
+                    raise MalformedMessage(f"entry has no {FIELD!r} field")
+                message = decode(frame)
+            except MalformedMessage as e:
+                # Redelivering it would fail again forever; nothing can answer it.
+                log.error("dropping malformed entry %s of topic %r: %s", eid, topic, e)
+                bad.append(eid)
+                continue
+            out.append(Delivery(eid, topic, message, now, redelivered=redelivered))
+        if bad:
+            await self.ack(topic, group, bad)
+        return out
+
+    async def ack(self, topic: str, group: str, ids: Iterable[str]) -> int:
+        args = [group, *ids]
+        if len(args) == 1:
+            return 0
+        with self._translate:
+            return int(await self._ack_script(keys=[self._key(topic)], args=args))
+
+    async def reclaim(
+        self, topic: str, group: str, consumer: str, *, min_idle_ms: int, count: int = 100
+    ) -> list[Delivery]:
+        key = self._key(topic)
+        start: bytes | str = "0-0"
+        entries: list[Any] = []
+        with self._translate:
+            while len(entries) < count:
+                try:
+                    resp = await self._redis.xautoclaim(
+                        key,
+                        group,
+                        consumer,
+                        min_idle_ms,
+                        start_id=start,
+                        count=count - len(entries),
+                    )
+                except ResponseError as e:
+                    if _no_group(e):
+                        return []
+                    raise
+                start, claimed = resp[0], resp[1]
+                entries.extend(claimed)
+                if _text(start) == "0-0":
+                    break
+        return await self._deliveries(topic, group, entries, redelivered=True)
+
+    async def length(self, topic: str) -> int:
+        with self._translate:
+            return int(await self._redis.xlen(self._key(topic)))
+
+    async def pending(self, topic: str, group: str) -> int:
+        with self._translate:
+            try:
+                summary = await self._redis.xpending(self._key(topic), group)
+            except ResponseError as e:
+                if _no_group(e):
+                    return 0
+                raise
+        return int(summary["pending"])
+
+    async def delete_topic(self, topic: str) -> None:
+        with self._translate:
+            await self._redis.delete(self._key(topic))
+        self._groups = {tg for tg in self._groups if tg[0] != topic}
+
+    async def ping(self) -> None:
+        """Raise ``BrokerUnavailable`` unless the server answers."""
+        with self._translate:
+            await self._redis.ping()
+
+    async def close(self) -> None:
+        closer = getattr(self._redis, "aclose", None) or self._redis.close
+        await closer()
+
+
+def _entries(resp: Any) -> list[Any]:
+    """The ``(id, fields)`` pairs of a one-stream XREADGROUP reply (RESP2)."""
+    return list(resp[0][1]) if resp else []
