@@ -20,6 +20,7 @@ import pyclipper
 _DET_LUT = (
     ((np.arange(256, dtype=np.float32) * (1 / 255.0)).astype(np.float64) - 0.5) / 0.5
 ).astype(np.float32)
+_DET_LUT.setflags(write=False)
 
 
 @dataclass(frozen=True)

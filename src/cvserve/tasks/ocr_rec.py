@@ -19,6 +19,7 @@ import numpy as np
 _REC_LUT = ((np.arange(256, dtype=np.float32) / 255 - np.float32(0.5)) / np.float32(0.5)).astype(
     np.float32
 )
+_REC_LUT.setflags(write=False)
 
 CTC_BLANK = "blank"  # class 0 of a PP-OCR recognizer
 
