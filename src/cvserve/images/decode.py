@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from cvserve.errors import RequestError
+
 log = logging.getLogger(__name__)
 
 #: Default ceiling on decoded pixels (width x height): a 64-megapixel image.
@@ -24,15 +26,11 @@ SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")  # MPO opens a
 _SWAPS_AXES = {5, 6, 7, 8}
 
 
-class ImageError(Exception):
+class ImageError(RequestError):
     """Base of every error a client's image can cause; ``status`` is its HTTP status."""
 
     status = 400
     kind = "bad_image"
-
-    def __init__(self, message: str, **detail: object) -> None:
-        super().__init__(message)
-        self.detail = detail
 
 
 class UndecodableImage(ImageError):

@@ -21,7 +21,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from cvserve.config import ServerConfig
-from cvserve.images.decode import ImageError
+from cvserve.errors import RequestError
 from cvserve.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cvserve.serving.metrics import Metrics
 from cvserve.serving.model import Draining, ModelServer, PreprocessPool, ServingError
@@ -109,10 +109,6 @@ def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None
     )
 
 
-def _error_body(e: ServingError | ImageError) -> dict[str, Any]:
-    return {"error": {"kind": e.kind, "message": str(e), **getattr(e, "detail", {})}}
-
-
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -190,9 +186,9 @@ async def predict(request: Request) -> Response:
                 "batch_size": pred.batch_size,
                 **pred.result,
             }
-        except (ServingError, ImageError) as e:
+        except RequestError as e:
             status = e.status
-            payload = _error_body(e)
+            payload = e.to_json()
             if status == 429:
                 headers["Retry-After"] = str(e.retry_after_s)
             log.debug("%s: %d %s", name, status, e)
@@ -233,7 +229,7 @@ async def show_model(request: Request) -> Response:
     ms = state.models.get(request.path_params["name"])
     if ms is None:
         e = ModelNotFound(f"no model named {request.path_params['name']!r}")
-        return _json(_error_body(e), 404)
+        return _json(e.to_json(), 404)
     return _json(ms.describe())
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from cvserve.config import ModelConfig
+from cvserve.errors import RequestError
 from cvserve.images.preprocess import Preprocessor
 from cvserve.models.metadata import ModelMeta
 from cvserve.runtime.onnx import OrtOptions, OrtRuntime
@@ -28,15 +29,8 @@ from cvserve.trace import Trace
 log = logging.getLogger(__name__)
 
 
-class ServingError(Exception):
-    """Base of the errors the server answers with; ``status`` is the HTTP status."""
-
-    status = 500
-    kind = "internal"
-
-    def __init__(self, message: str, **detail: Any) -> None:
-        super().__init__(message)
-        self.detail = detail
+class ServingError(RequestError):
+    """Base of the errors the server itself answers with (admission, deadlines)."""
 
 
 class Overloaded(ServingError):
