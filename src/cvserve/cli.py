@@ -1,4 +1,4 @@
-"""The one entry point: ``cvserve serve|bench|demo|models|report``.
+"""The one entry point: ``cvserve serve|worker|bench|demo|models|report``.
 
 Only this module prints; everything it calls reports through return values and logging.
 """
@@ -216,9 +216,20 @@ def _add_batching_args(p: argparse.ArgumentParser) -> None:
 
 def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve models over HTTP")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", action="append", help="model to serve (repeatable)")
-    src.add_argument("--config", help="YAML file: several models with their own settings")
+    p.add_argument("--model", action="append", help="model to serve (repeatable)")
+    p.add_argument(
+        "--pipeline", action="append",
+        help="multi-DNN pipeline to serve (repeatable): ocr, detect-classify",
+    )  # fmt: skip
+    p.add_argument("--config", help="YAML file: models and pipelines with their own settings")
+    p.add_argument(
+        "--broker", default=None,
+        help="where pipeline stages meet: inprocess:// (default) or redis://host:port",
+    )  # fmt: skip
+    p.add_argument(
+        "--workers", type=int, default=1,
+        help="pipeline stage-B workers inside this server (0: only `cvserve worker`s)",
+    )  # fmt: skip
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     _add_batching_args(p)
@@ -236,12 +247,25 @@ def server_config_from_args(args: argparse.Namespace):
     """Flags to a ServerConfig; a --config file wins for everything it sets."""
     from dataclasses import replace
 
-    from cvserve.config import BatchConfig, ModelConfig, ServerConfig, load_config
+    from cvserve.config import (
+        BatchConfig,
+        ConfigError,
+        ModelConfig,
+        PipelineConfig,
+        ServerConfig,
+        load_config,
+    )
 
     overrides = {"cache_dir": args.cache_dir} if args.cache_dir else {}
+    if getattr(args, "broker", None):
+        overrides["broker"] = args.broker
     if getattr(args, "config", None):
+        if args.model or args.pipeline:
+            raise ConfigError("--config names what to serve: drop --model/--pipeline")
         cfg = load_config(args.config)
         return replace(cfg, host=args.host, port=args.port, **overrides)
+    if not args.model and not args.pipeline:
+        raise ConfigError("nothing to serve: pass --model, --pipeline or --config")
     batching = BatchConfig(
         max_batch_size=args.max_batch,
         max_delay_ms=args.max_delay_ms,
@@ -256,7 +280,17 @@ def server_config_from_args(args: argparse.Namespace):
             intra_op_threads=args.intra_op_threads,
             decoder=args.decoder,
         )
-        for m in args.model
+        for m in args.model or []
+    )
+    pipelines = tuple(
+        PipelineConfig(
+            name=p,
+            workers=args.workers,
+            intra_op_threads=args.intra_op_threads,
+            timeout_ms=args.timeout_ms,
+            max_queue=args.max_queue,
+        )  # fmt: skip
+        for p in args.pipeline or []
     )
     extra = {}
     if getattr(args, "max_pixels", None):
@@ -268,6 +302,7 @@ def server_config_from_args(args: argparse.Namespace):
         port=args.port,
         preprocess_threads=args.preprocess_threads,
         models=models,
+        pipelines=pipelines,
         **extra,
         **overrides,
     )
@@ -277,9 +312,45 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from cvserve.serving.server import run_server
 
     cfg = server_config_from_args(args)
-    _say(f"cvserve {__version__}: serving {', '.join(m.name for m in cfg.models)}")
+    names = [m.name for m in cfg.models] + [p.name for p in cfg.pipelines]
+    _say(f"cvserve {__version__}: serving {', '.join(names)}")
     run_server(cfg, progress=_say, on_ready=lambda url: _say(f"ready on {url}"))
     return 0
+
+
+# --- worker ---------------------------------------------------------------------------
+def _add_worker_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "worker",
+        help="serve one pipeline stage from a broker (scale a stage out across processes)",
+    )
+    p.add_argument("--pipeline", required=True, help="pipeline name as served (e.g. ocr)")
+    p.add_argument("--kind", help="pipeline kind (default: the pipeline's name)")
+    p.add_argument("--stage", required=True, help="stage to serve (ocr: rec)")
+    p.add_argument("--broker", required=True, help="redis://host:port")
+    p.add_argument("--instances", type=int, default=1, help="model instances in this process")
+    p.add_argument("--max-batch", type=int, default=16, help="items per batch")
+    p.add_argument("--intra-op-threads", type=int, default=0)
+    p.add_argument(
+        "--reclaim-idle-ms", type=int, default=30_000,
+        help="take over items another worker left unacknowledged this long",
+    )  # fmt: skip
+    p.set_defaults(func=_cmd_worker)
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from cvserve.config import PipelineConfig
+    from cvserve.serving.pipelines.worker import run_worker
+
+    cfg = PipelineConfig(
+        name=args.pipeline,
+        kind=args.kind or "",
+        instances=args.instances,
+        max_batch_size=args.max_batch,
+        intra_op_threads=args.intra_op_threads,
+        reclaim_idle_ms=args.reclaim_idle_ms,
+    )
+    return run_worker(cfg, args.stage, args.broker, say=_say)
 
 
 # --- bench / report -------------------------------------------------------------------
@@ -478,6 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve_parser(sub)
+    _add_worker_parser(sub)
     _add_bench_parser(sub)
     _add_demo_parser(sub)
     _add_models_parser(sub)

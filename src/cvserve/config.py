@@ -61,6 +61,42 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class PipelineConfig:
+    """One served multi-DNN pipeline (see ``cvserve.serving.pipelines``)."""
+
+    name: str
+    kind: str = ""  # "ocr" | "detect-classify"; defaults to ``name``
+    #: Stage B workers inside the serving process (0: only ``cvserve worker`` processes).
+    workers: int = 1
+    #: Stage B model instances per worker process (``cvserve worker``).
+    instances: int = 1
+    max_batch_size: int = 16
+    #: How long a stage B worker waits for a first item before looking again.
+    block_ms: int = 50
+    reclaim_idle_ms: int = 30_000
+    max_queue: int = 64
+    timeout_ms: float = 30_000.0
+    intra_op_threads: int = 0
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.kind:
+            object.__setattr__(self, "kind", self.name)
+        for key in ("max_batch_size", "max_queue", "instances", "block_ms", "reclaim_idle_ms"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1")
+        if self.workers < 0:
+            raise ValueError("workers must be >= 0")
+        if self.timeout_ms <= 0:
+            raise ValueError("timeout_ms must be > 0")
+
+    def with_instances(self, n: int) -> PipelineConfig:
+        from dataclasses import replace
+
+        return replace(self, instances=n)
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """The HTTP server and the resources its models share."""
 
@@ -73,7 +109,10 @@ class ServerConfig:
     #: How long SIGTERM waits for in-flight requests before exiting anyway.
     drain_timeout_s: float = 30.0
     cache_dir: str | None = None
+    #: Where pipeline stages meet: ``inprocess://`` (default) or ``redis://host:port``.
+    broker: str = "inprocess://"
     models: tuple[ModelConfig, ...] = ()
+    pipelines: tuple[PipelineConfig, ...] = ()
 
     def resolved_preprocess_threads(self) -> int:
         return self.preprocess_threads or (os.cpu_count() or 1)
@@ -81,7 +120,8 @@ class ServerConfig:
 
 _BATCH_KEYS = {f.name for f in fields(BatchConfig)}
 _MODEL_KEYS = {f.name for f in fields(ModelConfig)} - {"batching"}
-_SERVER_KEYS = {f.name for f in fields(ServerConfig)} - {"models"}
+_SERVER_KEYS = {f.name for f in fields(ServerConfig)} - {"models", "pipelines"}
+_PIPELINE_KEYS = {f.name for f in fields(PipelineConfig)}
 
 
 def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
@@ -101,23 +141,42 @@ def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
         raise ConfigError(f"model {d['name']!r}: {e}") from None
 
 
+def pipeline_config_from_dict(d: dict[str, Any]) -> PipelineConfig:
+    """A pipeline entry of a config file: PipelineConfig keys."""
+    if not isinstance(d, dict) or "name" not in d:
+        raise ConfigError(f"a pipeline entry needs at least a name: {d!r}")
+    unknown = set(d) - _PIPELINE_KEYS
+    if unknown:
+        raise ConfigError(
+            f"pipeline {d['name']!r}: unknown keys {sorted(unknown)}; known: {sorted(_PIPELINE_KEYS)}"
+        )
+    try:
+        return PipelineConfig(**d)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"pipeline {d['name']!r}: {e}") from None
+
+
 def server_config_from_dict(d: dict[str, Any]) -> ServerConfig:
     d = dict(d or {})
     models = d.pop("models", None) or []
+    pipelines = d.pop("pipelines", None) or []
     server = d.pop("server", None) or {}
     if d:
-        raise ConfigError(f"unknown top-level keys {sorted(d)}; expected 'server' and 'models'")
+        raise ConfigError(
+            f"unknown top-level keys {sorted(d)}; expected 'server', 'models' and 'pipelines'"
+        )
     unknown = set(server) - _SERVER_KEYS
     if unknown:
         raise ConfigError(f"server: unknown keys {sorted(unknown)}; known: {sorted(_SERVER_KEYS)}")
-    if not models:
-        raise ConfigError("the config serves no models: add a 'models' list")
+    if not models and not pipelines:
+        raise ConfigError("the config serves nothing: add a 'models' or 'pipelines' list")
     mcs = tuple(model_config_from_dict(m) for m in models)
-    names = [m.name for m in mcs]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"model names must be unique: {names}")
+    pcs = tuple(pipeline_config_from_dict(p) for p in pipelines)
+    for what, names in (("model", [m.name for m in mcs]), ("pipeline", [p.name for p in pcs])):
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{what} names must be unique: {names}")
     try:
-        return ServerConfig(models=mcs, **server)
+        return ServerConfig(models=mcs, pipelines=pcs, **server)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"server: {e}") from None
 

@@ -10,9 +10,14 @@ stream's own MAXLEN trims the oldest entries whether consumed or not:
   themselves (``XDEL``) when the stream has one group, else everything below the oldest
   entry that some group has not finished (``XTRIM MINID``).
 
-Connection failures raise ``BrokerUnavailable`` quickly (short socket timeouts, one
+Connection failures raise ``BrokerUnavailable`` quickly (a deadline on every call, one
 immediate retry on a fresh connection); the connection pool reconnects by itself on a
 later call, and groups lost with a restarted server's data are created again.
+
+The deadlines are ``asyncio.timeout`` around each call, not redis-py's ``socket_timeout``:
+with a socket timeout, redis-py writes through ``asyncio.wait_for``, which on Python 3.11
+loses a cancellation that lands as the write completes (the task then runs on, and a
+``close`` that cancels a consume loop hangs).
 """
 
 from __future__ import annotations
@@ -90,23 +95,33 @@ return acked
 """
 
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
-_OWN_PARAMS = ("maxlen", "publish_timeout", "prefix")
 
 
-class _Translate:
-    """Turns redis-py's failures into the broker's typed errors, once, at the boundary."""
+class _Guard:
+    """A deadline around one call, and redis-py's failures turned into typed errors.
 
-    __slots__ = ("where",)
+    Callers handle the replies they expect (NOGROUP, BUSYGROUP) inside the block.
+    """
 
-    def __init__(self, where: str) -> None:
+    __slots__ = ("where", "timeout", "_deadline")
+
+    def __init__(self, where: str, timeout: float) -> None:
         self.where = where
+        self.timeout = timeout
+        self._deadline: asyncio.Timeout | None = None
 
-    def __enter__(self) -> None:
-        return None
+    async def __aenter__(self) -> None:
+        self._deadline = asyncio.timeout(self.timeout)
+        await self._deadline.__aenter__()
 
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        if exc is None or not isinstance(exc, Exception):
-            return
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        assert self._deadline is not None
+        try:
+            await self._deadline.__aexit__(exc_type, exc, tb)
+        except TimeoutError as e:
+            raise BrokerUnavailable(
+                f"redis at {self.where} did not answer within {self.timeout:g} s"
+            ) from e
         if isinstance(exc, _UNAVAILABLE):
             raise BrokerUnavailable(f"redis at {self.where} unavailable: {exc}") from exc
         if isinstance(exc, RedisError):
@@ -131,28 +146,23 @@ class RedisStreamsBroker(Broker):
         maxlen: int = DEFAULT_MAXLEN,
         publish_timeout: float = DEFAULT_PUBLISH_TIMEOUT,
         prefix: str = "cvserve:",
-        socket_timeout: float = 2.0,
+        call_timeout: float = 2.0,
         connect_timeout: float = 1.0,
     ) -> None:
-        if maxlen < 1:
-            raise ValueError(f"maxlen must be >= 1, got {maxlen}")
         parts = urlsplit(url)
         query = dict(parse_qsl(parts.query))
         maxlen = int(query.pop("maxlen", maxlen))
-        publish_timeout = float(query.pop("publish_timeout", publish_timeout))
-        prefix = query.pop("prefix", prefix)
-        url = urlunsplit(parts._replace(query=urlencode(query)))
+        if maxlen < 1:
+            raise ValueError(f"maxlen must be >= 1, got {maxlen}")
         self.maxlen = maxlen
-        self.publish_timeout = publish_timeout
-        self.prefix = prefix
-        self.url = url
+        self.publish_timeout = float(query.pop("publish_timeout", publish_timeout))
+        self.prefix = query.pop("prefix", prefix)
+        self.call_timeout = float(query.pop("call_timeout", call_timeout))
+        self.url = urlunsplit(parts._replace(query=urlencode(query)))
         self._where = parts.netloc.rpartition("@")[2] or "localhost:6379"
-        self._translate = _Translate(self._where)
-        # A blocking XREADGROUP must return before the socket timeout fires.
-        self._block_chunk_ms = max(1, int(socket_timeout * 1000 / 2))
         self._redis = aioredis.Redis.from_url(
-            url,
-            socket_timeout=socket_timeout,
+            self.url,
+            socket_timeout=None,  # deadlines come from _Guard (see the module docstring)
             socket_connect_timeout=connect_timeout,
             # One immediate retry on a fresh connection: a pooled socket that the server
             # closed (restart) is replaced at once; a server that is down fails fast.
@@ -164,6 +174,9 @@ class RedisStreamsBroker(Broker):
         self._ack_script = self._redis.register_script(_ACK)
         self._groups: set[tuple[str, str]] = set()
 
+    def _guard(self, extra_s: float = 0.0) -> _Guard:
+        return _Guard(self._where, self.call_timeout + extra_s)
+
     def _key(self, topic: str) -> str:
         return self.prefix + topic
 
@@ -173,23 +186,24 @@ class RedisStreamsBroker(Broker):
         wait = self.publish_timeout if timeout is None else timeout
         deadline = time.monotonic() + wait
         pause = 0.001
-        with self._translate:
-            while True:
+        while True:
+            async with self._guard():
                 entry_id = await self._publish_script(keys=[key], args=[self.maxlen, frame])
-                if entry_id is not None:
-                    return _text(entry_id)
-                # Full: poll the length (cheap) until there is room, then send again.
-                while True:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise BrokerFull(topic, self.maxlen, wait)
-                    await asyncio.sleep(min(pause, remaining))
-                    pause = min(pause * 2, 0.05)
+            if entry_id is not None:
+                return _text(entry_id)
+            # Full: poll the length (cheap) until there is room, then send again.
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise BrokerFull(topic, self.maxlen, wait)
+                await asyncio.sleep(min(pause, remaining))
+                pause = min(pause * 2, 0.05)
+                async with self._guard():
                     if await self._redis.xlen(key) < self.maxlen:
                         break
 
     async def create_group(self, topic: str, group: str) -> None:
-        with self._translate:
+        async with self._guard():
             try:
                 await self._redis.xgroup_create(self._key(topic), group, id="0", mkstream=True)
             except ResponseError as e:
@@ -203,27 +217,22 @@ class RedisStreamsBroker(Broker):
         if (topic, group) not in self._groups:
             await self.create_group(topic, group)
         key = self._key(topic)
-        deadline = time.monotonic() + block_ms / 1000
-        while True:
-            remaining_ms = int((deadline - time.monotonic()) * 1000)
-            block = min(remaining_ms, self._block_chunk_ms) if remaining_ms > 0 else None
-            with self._translate:
-                try:
-                    resp = await self._redis.xreadgroup(
-                        group, consumer, {key: ">"}, count=count, block=block
-                    )
-                except ResponseError as e:
-                    if not _no_group(e):
-                        raise
-                    # The server lost the stream (restart without persistence): recreate.
-                    self._groups.discard((topic, group))
-                    await self.create_group(topic, group)
-                    continue
-            entries = _entries(resp)
-            if entries:
-                return await self._deliveries(topic, group, entries, redelivered=False)
-            if block is None or time.monotonic() >= deadline:
-                return []
+        block = block_ms if block_ms > 0 else None
+        async with self._guard(block_ms / 1000):
+            try:
+                resp = await self._redis.xreadgroup(
+                    group, consumer, {key: ">"}, count=count, block=block
+                )
+            except ResponseError as e:
+                if not _no_group(e):
+                    raise
+                # The server lost the stream (restart without persistence): make it again.
+                self._groups.discard((topic, group))
+                await self.create_group(topic, group)
+                resp = await self._redis.xreadgroup(
+                    group, consumer, {key: ">"}, count=count, block=block
+                )
+        return await self._deliveries(topic, group, _entries(resp), redelivered=False)
 
     async def _deliveries(
         self, topic: str, group: str, entries: list[Any], *, redelivered: bool
@@ -254,7 +263,7 @@ class RedisStreamsBroker(Broker):
         args = [group, *ids]
         if len(args) == 1:
             return 0
-        with self._translate:
+        async with self._guard():
             return int(await self._ack_script(keys=[self._key(topic)], args=args))
 
     async def reclaim(
@@ -263,7 +272,7 @@ class RedisStreamsBroker(Broker):
         key = self._key(topic)
         start: bytes | str = "0-0"
         entries: list[Any] = []
-        with self._translate:
+        async with self._guard():
             while len(entries) < count:
                 try:
                     resp = await self._redis.xautoclaim(
@@ -285,11 +294,11 @@ class RedisStreamsBroker(Broker):
         return await self._deliveries(topic, group, entries, redelivered=True)
 
     async def length(self, topic: str) -> int:
-        with self._translate:
+        async with self._guard():
             return int(await self._redis.xlen(self._key(topic)))
 
     async def pending(self, topic: str, group: str) -> int:
-        with self._translate:
+        async with self._guard():
             try:
                 summary = await self._redis.xpending(self._key(topic), group)
             except ResponseError as e:
@@ -299,13 +308,13 @@ class RedisStreamsBroker(Broker):
         return int(summary["pending"])
 
     async def delete_topic(self, topic: str) -> None:
-        with self._translate:
+        async with self._guard():
             await self._redis.delete(self._key(topic))
         self._groups = {tg for tg in self._groups if tg[0] != topic}
 
     async def ping(self) -> None:
         """Raise ``BrokerUnavailable`` unless the server answers."""
-        with self._translate:
+        async with self._guard():
             await self._redis.ping()
 
     async def close(self) -> None:

@@ -58,10 +58,15 @@ class ServerState:
     """What the routes share: the models, the metrics and the draining flag."""
 
     def __init__(
-        self, config: ServerConfig, models: Mapping[str, ModelServer], pool: PreprocessPool
+        self,
+        config: ServerConfig,
+        models: Mapping[str, ModelServer],
+        pool: PreprocessPool,
+        pipelines: Mapping[str, Any] | None = None,
     ) -> None:
         self.config = config
         self.models = dict(models)
+        self.pipelines = dict(pipelines or {})
         self.pool = pool
         self.metrics = Metrics()
         self.draining = False
@@ -151,10 +156,22 @@ def _timeout_s(request: Request, default_ms: float) -> float:
 
 
 async def predict(request: Request) -> Response:
+    """``POST /v1/models/{name}:predict``."""
+    state: ServerState = request.app.state.cvserve
+    return await _predict(request, state.models, "model")
+
+
+async def predict_pipeline(request: Request) -> Response:
+    """``POST /v1/pipelines/{name}:predict``."""
+    state: ServerState = request.app.state.cvserve
+    return await _predict(request, state.pipelines, "pipeline")
+
+
+async def _predict(request: Request, targets: Mapping[str, Any], what: str) -> Response:
     trace = Trace()
     state: ServerState = request.app.state.cvserve
     name = request.path_params["name"]
-    label = name if name in state.models else "_unknown"
+    label = name if name in targets else "_unknown"
     status = 200
     headers: dict[str, str] = {}
     state.enter()
@@ -162,11 +179,11 @@ async def predict(request: Request) -> Response:
         try:
             if state.draining:
                 raise Draining("server is shutting down; retry on another replica")
-            ms = state.models.get(name)
-            if ms is None:
+            target = targets.get(name)
+            if target is None:
                 raise ModelNotFound(
-                    f"no model named {name!r}; serving: {', '.join(state.models)}",
-                    models=list(state.models),
+                    f"no {what} named {name!r}; serving: {', '.join(targets) or 'none'}",
+                    **{f"{what}s": list(targets)},
                 )
             ctype = request.headers.get("content-type", "application/octet-stream").lower()
             if not ctype.startswith(_ACCEPTED_TYPES):
@@ -176,12 +193,12 @@ async def predict(request: Request) -> Response:
                 )
             data = await _read_body(request, state.config.max_body_bytes)
             trace.mark("recv")
-            deadline = trace.start + _timeout_s(request, ms.config.batching.timeout_ms)
+            deadline = trace.start + _timeout_s(request, target.timeout_ms)
             params = _params(request)
-            pred = await ms.predict(data, trace, deadline, params)
+            pred = await target.predict(data, trace, deadline, params)
             payload = {
-                "model": name,
-                "task": ms.meta.task,
+                what: name,
+                "task": target.task,
                 "image_size": list(pred.image_size),
                 "batch_size": pred.batch_size,
                 **pred.result,
@@ -233,17 +250,22 @@ async def show_model(request: Request) -> Response:
     return _json(ms.describe())
 
 
+async def list_pipelines(request: Request) -> Response:
+    state: ServerState = request.app.state.cvserve
+    return _json({"pipelines": [p.describe() for p in state.pipelines.values()]})
+
+
 async def healthz(request: Request) -> Response:
     return _json({"status": "ok"})
 
 
 async def readyz(request: Request) -> Response:
     state: ServerState = request.app.state.cvserve
-    not_ready = [n for n, ms in state.models.items() if not ms.ready]
+    not_ready = [n for n, t in {**state.models, **state.pipelines}.items() if not t.ready]
     if state.draining or not_ready:
         why = "draining" if state.draining else f"models not ready: {not_ready}"
         return _json({"ready": False, "reason": why}, 503)
-    return _json({"ready": True, "models": list(state.models)})
+    return _json({"ready": True, "models": list(state.models), "pipelines": list(state.pipelines)})
 
 
 async def metrics(request: Request) -> Response:
@@ -262,10 +284,15 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
 
 
 def create_app(
-    config: ServerConfig, models: Mapping[str, ModelServer], pool: PreprocessPool
+    config: ServerConfig,
+    models: Mapping[str, ModelServer],
+    pool: PreprocessPool,
+    pipelines: Mapping[str, Any] | None = None,
+    broker: Any = None,
 ) -> Starlette:
-    """The ASGI app over already-loaded models; startup warms them, shutdown stops them."""
-    state = ServerState(config, models, pool)
+    """The ASGI app over already-loaded models and pipelines; startup warms the models and
+    connects the pipelines to ``broker``, shutdown stops them."""
+    state = ServerState(config, models, pool, pipelines)
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
@@ -273,16 +300,24 @@ def create_app(
         for ms in state.models.values():
             await loop.run_in_executor(None, ms.warm_up)
             ms.start()
-        log.info("ready: %s", ", ".join(state.models))
+        for p in state.pipelines.values():
+            await p.start()
+        log.info("ready: %s", ", ".join([*state.models, *state.pipelines]))
         try:
             yield
         finally:
+            for p in state.pipelines.values():
+                await p.stop()
+            if broker is not None:
+                await broker.close()
             for ms in state.models.values():
                 ms.stop()
             pool.shutdown()
 
     routes = [
         Route("/v1/models/{name}:predict", predict, methods=["POST"]),
+        Route("/v1/pipelines/{name}:predict", predict_pipeline, methods=["POST"]),
+        Route("/v1/pipelines", _timed(list_pipelines), methods=["GET"]),
         Route("/v1/models", _timed(list_models), methods=["GET"]),
         Route("/v1/models/{name}", _timed(show_model), methods=["GET"]),
         Route("/healthz", _timed(healthz), methods=["GET"]),

@@ -228,6 +228,14 @@ class ModelServer:
         trace.advance(meta.finished)
         return meta, slot
 
+    @property
+    def task(self) -> str:
+        return self.meta.task
+
+    @property
+    def timeout_ms(self) -> float:
+        return self.config.batching.timeout_ms
+
     def _settle_abandoned(self, slot) -> None:
         self.batcher.release(slot)
         self.pool.semaphore.release()

@@ -44,6 +44,23 @@ def load_models(
     return models, pool
 
 
+def build_app(config: ServerConfig, progress: Progress | None = None):
+    """Everything ``config`` serves, loaded, in one ASGI app."""
+    models, pool = load_models(config, progress)
+    pipelines: dict = {}
+    broker = None
+    if config.pipelines:
+        from cvserve.brokers import broker_from_url
+        from cvserve.serving.pipelines.engine import PipelineServer
+
+        broker = broker_from_url(config.broker)
+        for pc in config.pipelines:
+            if progress is not None:
+                progress(f"loading pipeline {pc.name} ({pc.kind}) over {config.broker}")
+            pipelines[pc.name] = PipelineServer(pc, pool, broker, max_pixels=config.max_pixels)
+    return create_app(config, models, pool, pipelines, broker)
+
+
 class _DrainingServer(uvicorn.Server):
     """uvicorn, but the first exit signal drains before shutting down."""
 
@@ -112,8 +129,7 @@ def run_server(
     on_ready: Callable[[str], None] | None = None,
 ) -> None:
     """Serve until a signal; blocks the calling (main) thread."""
-    models, pool = load_models(config, progress)
-    app = create_app(config, models, pool)
+    app = build_app(config, progress)
     server = _DrainingServer(
         _uvicorn_config(app, config.host, config.port),
         app.state.cvserve,
@@ -136,8 +152,7 @@ class ServerThread:
         if not config.port:
             raise ValueError("ServerThread needs a concrete port (see free_port())")
         self.config = config
-        models, pool = load_models(config, progress)
-        self.app = create_app(config, models, pool)
+        self.app = build_app(config, progress)
         self.state: ServerState = self.app.state.cvserve
         self.server = _DrainingServer(
             _uvicorn_config(self.app, config.host, config.port),

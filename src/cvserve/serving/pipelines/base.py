@@ -1,0 +1,68 @@
+"""What a two-stage pipeline kind provides: stage A in the serving process (one image ->
+N items), stage B behind the broker (a batch of items from any requests -> one result
+each), and the join of a request's results.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from cvserve.brokers import Message
+
+#: Result headers a stage B sets so the server can break down its time (seconds).
+INFER_S = "infer_s"
+POST_S = "post_s"
+BATCH = "batch"
+
+
+@dataclass
+class FanOut:
+    """Stage A's output for one image."""
+
+    items: list[dict[str, np.ndarray]]  # one dict of named arrays per item
+    context: Any  # kept by the serving process for the join (never sent)
+    image_size: tuple[int, int]  # upright (width, height)
+    stages: dict[str, float] = field(default_factory=dict)  # DESIGN stage -> seconds
+    started: float = 0.0  # perf_counter when the thread picked the image up
+    finished: float = 0.0
+
+
+class StageA(Protocol):
+    """Runs in a preprocessing thread: decode, first DNN, fan-out."""
+
+    def run(self, data: bytes) -> FanOut: ...
+
+
+class StageB(Protocol):
+    """Runs in a worker thread: one result message per work message, in order."""
+
+    def run(self, messages: list[Message]) -> list[Message]: ...
+
+
+@dataclass(frozen=True)
+class StageOptions:
+    """Knobs every stage understands."""
+
+    intra_op_threads: int = 0
+    max_pixels: int = 64_000_000
+    params: dict[str, Any] = field(default_factory=dict)  # kind-specific settings
+
+
+class PipelineKind(Protocol):
+    """A named two-stage pipeline (``ocr``, ``detect-classify``)."""
+
+    kind: str
+    task: str
+    stage_a: str
+    stage_b: str
+
+    def make_stage_a(self, options: StageOptions) -> StageA: ...
+
+    def make_stage_b(self, options: StageOptions) -> StageB: ...
+
+    def join(self, context: Any, results: list[Message]) -> dict: ...
+
+    def describe(self, options: StageOptions) -> dict: ...

@@ -1,0 +1,52 @@
+"""``cvserve worker``: a process that serves one pipeline stage from a broker until told
+to stop. Two such processes on one stage share its load (one consumer group); a worker
+that dies leaves its items pending, and another reclaims them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+
+from cvserve.brokers import broker_from_url
+from cvserve.config import PipelineConfig
+from cvserve.serving.pipelines import get_kind
+from cvserve.serving.pipelines.base import StageOptions
+from cvserve.serving.pipelines.engine import StageBRunner
+
+log = logging.getLogger(__name__)
+
+
+def run_worker(
+    config: PipelineConfig, stage: str, broker_url: str, say: Callable[[str], None] = log.info
+) -> int:
+    kind = get_kind(config.kind)
+    if stage != kind.stage_b:
+        raise ValueError(
+            f"pipeline kind {config.kind!r} runs stage {kind.stage_a!r} in the server; "
+            f"workers serve stage {kind.stage_b!r}"
+        )
+    if broker_url.startswith("inprocess:"):
+        raise ValueError("an in-process broker cannot reach another process: use redis://")
+
+    async def main() -> None:
+        broker = broker_from_url(broker_url)
+        options = StageOptions(intra_op_threads=config.intra_op_threads, params=dict(config.params))
+        runner = StageBRunner(config, broker, options)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await runner.start()
+        say(
+            f"worker: {config.instances} x {stage} of {config.name} on {runner.topic} "
+            f"via {broker_url}"
+        )
+        await stop.wait()
+        say("worker: finishing the batch in hand")
+        await runner.stop()
+        await broker.close()
+
+    asyncio.run(main())
+    return 0
