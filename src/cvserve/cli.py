@@ -335,6 +335,11 @@ def _add_worker_parser(sub: argparse._SubParsersAction) -> None:
         "--reclaim-idle-ms", type=int, default=30_000,
         help="take over items another worker left unacknowledged this long",
     )  # fmt: skip
+    p.add_argument(
+        "--param", action="append", default=[], metavar="KEY=VALUE",
+        help="a pipeline-kind setting (detect-classify: classifier=resnet18)",
+    )  # fmt: skip
+    _add_cache_arg(p)
     p.set_defaults(func=_cmd_worker)
 
 
@@ -349,8 +354,26 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch,
         intra_op_threads=args.intra_op_threads,
         reclaim_idle_ms=args.reclaim_idle_ms,
+        params=_kv(args.param),
     )
-    return run_worker(cfg, args.stage, args.broker, say=_say)
+    return run_worker(cfg, args.stage, args.broker, say=_say, cache_dir=args.cache_dir)
+
+
+def _kv(pairs: list[str]) -> dict[str, object]:
+    """KEY=VALUE flags; numbers become numbers."""
+    out: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"expected KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = int(value)
+        except ValueError:
+            try:
+                out[key] = float(value)
+            except ValueError:
+                out[key] = value
+    return out
 
 
 # --- bench / report -------------------------------------------------------------------

@@ -98,3 +98,41 @@ def test_no_text_many_regions_and_bad_files(ocr_server, data_dir):
                 assert r.json()["error"]["message"]
         assert c.get("/readyz").status_code == 200
         assert c.get("/v1/pipelines").json()["pipelines"][0]["stages"] == ["det", "rec"]
+
+
+@pytest.mark.parametrize("objects", [1, 5])
+def test_detect_classify_fans_out_the_configured_objects(model_cache, data_dir, objects):
+    from cvserve.models import store
+
+    store.ensure_built("tiny-yolos", model_cache)
+    cfg = ServerConfig(
+        port=free_port(),
+        cache_dir=str(model_cache),
+        pipelines=(
+            PipelineConfig(
+                "dc", kind="detect-classify", max_batch_size=16, block_ms=5,
+                params={"detector": "tiny-yolos", "classifier": "tiny-resnet", "objects": objects},
+            ),
+        ),
+    )  # fmt: skip
+    photos = sorted((data_dir / "images" / "small").glob("*.jpg"))[:6]
+    with ServerThread(cfg) as srv:
+
+        async def burst():
+            async with httpx.AsyncClient(base_url=srv.url, timeout=60) as client:
+                return await asyncio.gather(
+                    *(client.post("/v1/pipelines/dc:predict", content=p.read_bytes()) for p in photos)
+                )
+
+        responses = asyncio.run(burst())
+    for path, r in zip(photos, responses, strict=True):
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert len(body["objects"]) == objects
+        w, h = body["image_size"]
+        for obj in body["objects"]:
+            x0, y0, x1, y1 = obj["box"]
+            assert 0 <= x0 <= x1 <= w and 0 <= y0 <= y1 <= h
+            assert obj["label"].startswith("class_") and 0 <= obj["score"] <= 1
+        stages, _ = parse_server_timing(r.headers["server-timing"])
+        assert {"decode", "infer", "broker"} <= set(stages)

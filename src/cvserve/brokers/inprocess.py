@@ -147,6 +147,9 @@ class InProcessBroker(Broker):
     async def consume(
         self, topic: str, group: str, consumer: str, *, count: int = 1, block_ms: int = 0
     ) -> list[Delivery]:
+        # Always suspend once, like a network call would: a consume loop that always
+        # finds work must still let other tasks run and a cancellation land.
+        await asyncio.sleep(0)
         t = self._topic(topic)
         g = self._group(t, group)
         deadline = time.monotonic() + block_ms / 1000

@@ -218,6 +218,7 @@ def build_zoo_model(
         cache=store.cache_dir(cache_dir),
         say=say,
         t0=t0,
+        outputs=entry.outputs,
     )
 
 
@@ -292,11 +293,12 @@ def _export_and_store(
     cache: Path,
     say: Progress,
     t0: float,
+    outputs: tuple[str, ...] = ("logits",),
 ) -> ModelMeta:
     torch, transformers = _require_zoo()
     import onnxruntime as ort
 
-    wrapper = _logits_only(torch, model).eval()
+    wrapper = _outputs_only(torch, model, outputs).eval()
     folder = store.model_dir(name, cache)
     folder.mkdir(parents=True, exist_ok=True)
     onnx_path = folder / store.ONNX_FILE
@@ -322,8 +324,8 @@ def _export_and_store(
                 (torch.randn(1, 3, h, w),),
                 str(tmp),
                 input_names=["pixel_values"],
-                output_names=["logits"],
-                dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}},
+                output_names=list(outputs),
+                dynamic_axes={k: {0: "batch"} for k in ("pixel_values", *outputs)},
                 opset_version=OPSET,
                 dynamo=False,
             )
@@ -331,12 +333,16 @@ def _export_and_store(
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
-            ref = wrapper(x).numpy()
-        got = session.run(["logits"], {"pixel_values": x.numpy()})[0]
-        if got.shape != ref.shape:
-            raise BuildError(f"ONNX output shape {got.shape} != torch {ref.shape}")
-        max_abs = float(abs(got - ref).max())
-        rel = max_abs / max(float(abs(ref).max()), 1e-12)
+            refs = wrapper(x)
+        refs = [r.numpy() for r in (refs if isinstance(refs, tuple) else (refs,))]
+        gots = session.run(list(outputs), {"pixel_values": x.numpy()})
+        max_abs = rel = 0.0
+        for got, ref in zip(gots, refs, strict=True):
+            if got.shape != ref.shape:
+                raise BuildError(f"ONNX output shape {got.shape} != torch {ref.shape}")
+            diff = float(abs(got - ref).max())
+            max_abs = max(max_abs, diff)
+            rel = max(rel, diff / max(float(abs(ref).max()), 1e-12))
         if not math.isfinite(rel) or rel > MAX_EXPORT_REL_ERROR:
             raise BuildError(
                 f"exported ONNX disagrees with torch: max |diff| {max_abs:.3g} "
@@ -377,18 +383,22 @@ def _export_and_store(
     return meta
 
 
-def _logits_only(torch: Any, model: Any) -> Any:
-    """Wrap an HF classifier so the traced graph has one output: the logits tensor."""
+def _outputs_only(torch: Any, model: Any, outputs: tuple[str, ...] = ("logits",)) -> Any:
+    """Wrap an HF model so the traced graph's outputs are exactly ``outputs`` (attributes
+    of its output object): the logits of a classifier, logits and boxes of a detector."""
 
-    class LogitsOnly(torch.nn.Module):
+    class OutputsOnly(torch.nn.Module):
         def __init__(self, inner: Any) -> None:
             super().__init__()
             self.inner = inner
 
         def forward(self, pixel_values: Any) -> Any:
-            return self.inner(pixel_values=pixel_values, return_dict=True).logits
+            out = self.inner(pixel_values=pixel_values, return_dict=True)
+            if len(outputs) == 1:
+                return getattr(out, outputs[0])
+            return tuple(getattr(out, k) for k in outputs)
 
-    return LogitsOnly(model)
+    return OutputsOnly(model)
 
 
 # --- child-process entry point --------------------------------------------------------

@@ -31,6 +31,8 @@ class ZooEntry:
     processor: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     tiny: bool = False  # for tests: builds in about a second
+    #: Model outputs exported to ONNX, by attribute of the HF output object, in order.
+    outputs: tuple[str, ...] = ("logits",)
 
     @property
     def source(self) -> str:
@@ -151,6 +153,64 @@ _ENTRIES = [
         tiny=True,
     ),
 ]
+
+_ENTRIES.append(
+    ZooEntry(
+        name="yolos-tiny",
+        task="detect",
+        model_class="YolosForObjectDetection",
+        config_class="YolosConfig",
+        config={
+            "hidden_size": 192,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 3,
+            "intermediate_size": 768,
+            "image_size": [512, 512],
+            "num_detection_tokens": 100,
+            "num_labels": 91,
+        },
+        # hustvl/yolos-tiny's processor resizes to a shortest edge of 800 (any shape);
+        # a fixed 512x512 direct resize lets requests share batches.
+        processor_class="ViTImageProcessor",
+        processor={
+            "size": {"height": 512, "width": 512},
+            "resample": _BILINEAR,
+            "image_mean": list(IMAGENET_MEAN),
+            "image_std": list(IMAGENET_STD),
+        },
+        description="YOLOS-tiny detector (6.5M params), 512x512, 100 queries; "
+        "stage A of the detect-classify pipeline",
+        outputs=("logits", "pred_boxes"),
+    )
+)
+
+_ENTRIES.append(
+    ZooEntry(
+        name="tiny-yolos",
+        task="detect",
+        model_class="YolosForObjectDetection",
+        config_class="YolosConfig",
+        config={
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+            "image_size": [64, 64],
+            "num_detection_tokens": 10,
+            "num_labels": 5,
+        },
+        processor_class="ViTImageProcessor",
+        processor={
+            "size": {"height": 64, "width": 64},
+            "resample": _BILINEAR,
+            "image_mean": list(IMAGENET_MEAN),
+            "image_std": list(IMAGENET_STD),
+        },
+        description="a tiny YOLOS detector for tests: 64x64, 10 queries, 5 classes",
+        tiny=True,
+        outputs=("logits", "pred_boxes"),
+    )
+)
 
 ZOO: dict[str, ZooEntry] = {e.name: e for e in _ENTRIES}
 

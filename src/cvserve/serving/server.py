@@ -57,7 +57,9 @@ def build_app(config: ServerConfig, progress: Progress | None = None):
         for pc in config.pipelines:
             if progress is not None:
                 progress(f"loading pipeline {pc.name} ({pc.kind}) over {config.broker}")
-            pipelines[pc.name] = PipelineServer(pc, pool, broker, max_pixels=config.max_pixels)
+            pipelines[pc.name] = PipelineServer(
+                pc, pool, broker, max_pixels=config.max_pixels, cache_dir=config.cache_dir
+            )
     return create_app(config, models, pool, pipelines, broker)
 
 

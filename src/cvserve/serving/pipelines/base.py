@@ -48,6 +48,7 @@ class StageOptions:
 
     intra_op_threads: int = 0
     max_pixels: int = 64_000_000
+    cache_dir: str | None = None  # the model store, for kinds built from zoo models
     params: dict[str, Any] = field(default_factory=dict)  # kind-specific settings
 
 

@@ -120,6 +120,7 @@ class PipelineServer:
         broker: Broker,
         *,
         max_pixels: int = 64_000_000,
+        cache_dir: str | None = None,
     ) -> None:
         self.name = config.name
         self.config = config
@@ -129,6 +130,7 @@ class PipelineServer:
         self.options = StageOptions(
             intra_op_threads=config.intra_op_threads,
             max_pixels=max_pixels,
+            cache_dir=cache_dir,
             params=dict(config.params),
         )
         self.stage_a = self.kind.make_stage_a(self.options)

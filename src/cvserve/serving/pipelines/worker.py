@@ -19,7 +19,11 @@ log = logging.getLogger(__name__)
 
 
 def run_worker(
-    config: PipelineConfig, stage: str, broker_url: str, say: Callable[[str], None] = log.info
+    config: PipelineConfig,
+    stage: str,
+    broker_url: str,
+    say: Callable[[str], None] = log.info,
+    cache_dir: str | None = None,
 ) -> int:
     kind = get_kind(config.kind)
     if stage != kind.stage_b:
@@ -32,7 +36,11 @@ def run_worker(
 
     async def main() -> None:
         broker = broker_from_url(broker_url)
-        options = StageOptions(intra_op_threads=config.intra_op_threads, params=dict(config.params))
+        options = StageOptions(
+            intra_op_threads=config.intra_op_threads,
+            cache_dir=cache_dir,
+            params=dict(config.params),
+        )
         runner = StageBRunner(config, broker, options)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -1,0 +1,177 @@
+"""Detection -> per-object classification: a detector finds objects in the serving
+process, each object's crop goes through the broker to a classifier that batches crops of
+every request. ``objects`` (the top-scoring detections kept per image) sets how many
+items one image fans out into, so the rate mismatch between the stages can be swept.
+
+Built from zoo models (random weights: which boxes win is arbitrary, the cost is real):
+``detector`` (default ``yolos-tiny``) and ``classifier`` (default ``resnet18``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from cvserve.brokers import Message
+from cvserve.serving.pipelines.base import BATCH, INFER_S, POST_S, FanOut, StageOptions
+
+KIND = "detect-classify"
+DEFAULTS = {"detector": "yolos-tiny", "classifier": "resnet18", "objects": 8}
+
+
+def _param(options: StageOptions, key: str) -> Any:
+    return options.params.get(key, DEFAULTS[key])
+
+
+def _load(name: str, options: StageOptions):
+    from cvserve.models import store
+    from cvserve.runtime import OrtOptions, OrtRuntime
+
+    meta = store.ensure_built(name, options.cache_dir)
+    rt = OrtRuntime(
+        store.model_path(meta, options.cache_dir),
+        OrtOptions(intra_op_threads=options.intra_op_threads),
+    )
+    return meta, rt
+
+
+class DetectStage:
+    """Stage A: image -> top-``objects`` detections -> one classifier-sized crop each."""
+
+    def __init__(self, options: StageOptions) -> None:
+        from cvserve.images.preprocess import Preprocessor
+        from cvserve.models import store
+
+        self.objects = int(_param(options, "objects"))
+        if self.objects < 1:
+            raise ValueError("objects must be >= 1")
+        self.meta, self.det = _load(_param(options, "detector"), options)
+        if self.meta.task != "detect":
+            raise ValueError(f"detector {self.meta.name!r} is a {self.meta.task} model")
+        cls_meta = store.ensure_built(_param(options, "classifier"), options.cache_dir)
+        self.crop_size = (cls_meta.preprocess.width, cls_meta.preprocess.height)
+        self.pre = Preprocessor(self.meta.preprocess, max_pixels=options.max_pixels)
+        self.x = None
+
+    def run(self, data: bytes) -> FanOut:
+        from cvserve.images.decode import decode
+
+        spec = self.meta.preprocess
+        x = np.empty((1, *spec.input_shape), np.float32)
+        t0 = time.perf_counter()
+        # The crops need the picture too: decode once, preprocess from the decoded image.
+        dec = decode(data, max_pixels=self.pre.max_pixels, backend="pil")
+        t1 = time.perf_counter()
+        from cvserve.images.transforms import normalize_into, resize_crop
+
+        normalize_into(np.asarray(resize_crop(dec.image, dec.orig_size, spec)), x[0], spec)
+        t2 = time.perf_counter()
+        logits, boxes = self.det.run(x)[:2]
+        t3 = time.perf_counter()
+        z = logits[0] - logits[0].max(axis=-1, keepdims=True)
+        probs = np.exp(z)
+        probs /= probs.sum(axis=-1, keepdims=True)
+        probs = probs[:, :-1]  # the last class is "no object"
+        labels = probs.argmax(axis=-1)
+        scores = probs.max(axis=-1)
+        keep = np.argsort(-scores, kind="stable")[: self.objects]
+        w, h = dec.orig_size
+        cx, cy, bw, bh = (boxes[0][keep, i] for i in range(4))
+        xyxy = np.stack(
+            [(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h], -1
+        )
+        xyxy = np.clip(xyxy, 0, [w, h, w, h]).astype(np.float32)
+        items = []
+        for x0, y0, x1, y1 in xyxy:
+            box = (
+                int(x0),
+                int(y0),
+                max(int(x0) + 1, int(np.ceil(x1))),
+                max(int(y0) + 1, int(np.ceil(y1))),
+            )
+            crop = dec.image.resize(self.crop_size, Image.Resampling.BILINEAR, box=box)
+            items.append({"pixels": np.asarray(crop)})
+        t4 = time.perf_counter()
+        context = {
+            "boxes": [[round(float(v), 1) for v in b] for b in xyxy],
+            "det_scores": [float(s) for s in scores[keep]],
+            "det_labels": [int(k) for k in labels[keep]],
+        }
+        return FanOut(
+            items=items, context=context, image_size=dec.orig_size,
+            stages={"decode": t1 - t0, "resize": t2 - t1, "infer": t3 - t2, "postprocess": t4 - t3},
+            started=t0, finished=t4,
+        )  # fmt: skip
+
+
+class ClassifyStage:
+    """Stage B: crops from any requests -> one batched classifier run -> top-1 each."""
+
+    def __init__(self, options: StageOptions) -> None:
+        self.meta, self.rt = _load(_param(options, "classifier"), options)
+        self.spec = self.meta.preprocess
+        self.labels = self.meta.labels
+
+    def run(self, messages: list[Message]) -> list[Message]:
+        from cvserve.images.transforms import normalize_into
+
+        t0 = time.perf_counter()
+        x = np.empty((len(messages), *self.spec.input_shape), self.spec.dtype)
+        for i, m in enumerate(messages):
+            normalize_into(m.arrays["pixels"], x[i], self.spec)
+        t1 = time.perf_counter()
+        logits = self.rt.run(x)[0]
+        t2 = time.perf_counter()
+        z = logits - logits.max(axis=-1, keepdims=True)
+        probs = np.exp(z)
+        probs /= probs.sum(axis=-1, keepdims=True)
+        top = probs.argmax(axis=-1)
+        post = (t1 - t0) + (time.perf_counter() - t2)
+        n = len(messages)
+        return [
+            m.reply(
+                headers={
+                    "index": int(k),
+                    "score": float(probs[i, k]),
+                    "label": self.labels[k] if k < len(self.labels) else f"class_{k}",
+                    INFER_S: t2 - t1,
+                    POST_S: post,
+                    BATCH: n,
+                }
+            )  # fmt: skip
+            for i, (m, k) in enumerate(zip(messages, top, strict=True))
+        ]
+
+
+class DetectClassifyPipeline:
+    kind = KIND
+    task = "detect-classify"
+    stage_a = "detect"
+    stage_b = "classify"
+
+    def make_stage_a(self, options: StageOptions) -> DetectStage:
+        return DetectStage(options)
+
+    def make_stage_b(self, options: StageOptions) -> ClassifyStage:
+        return ClassifyStage(options)
+
+    def join(self, context: Any, results: list[Message]) -> dict:
+        objects = [
+            {
+                "box": box,
+                "det_score": round(ds, 5),
+                "det_label": dl,
+                "label": r.headers["label"],
+                "score": round(float(r.headers["score"]), 5),
+            }  # fmt: skip
+            for box, ds, dl, r in zip(
+                context["boxes"], context["det_scores"], context["det_labels"], results, strict=True
+            )
+        ]
+        return {"objects": objects}
+
+    def describe(self, options: StageOptions) -> dict:
+        return {k: _param(options, k) for k in DEFAULTS}
