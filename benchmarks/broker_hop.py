@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 
 PAYLOADS = {
-    "tensor 224x224x3 f32": ((224, 224, 3), np.float32),
-    "crop 48x320x3 u8": ((48, 320, 3), np.uint8),
+    "f32 224x224x3": ((224, 224, 3), np.float32),
+    "u8 48x320x3": ((48, 320, 3), np.uint8),
 }
 WARMUP = 100
 

@@ -17,8 +17,9 @@ from cvserve.brokers import (
     StageWorker,
     broker_from_url,
 )
+from cvserve.serving.server import free_port
 
-from .conftest import RedisServer, free_port, run
+from .conftest import run
 
 aioredis = pytest.importorskip("redis.asyncio")
 
@@ -48,8 +49,8 @@ def _failing_calls(b):
     }
 
 
-def test_outage_raises_broker_unavailable_and_the_same_objects_recover(redis_exe, tmp_path):
-    server = RedisServer(redis_exe, tmp_path / "redis").start()
+def test_outage_raises_broker_unavailable_and_the_same_objects_recover(redis_factory):
+    server = redis_factory()
 
     async def main():
         async with broker_from_url(server.url) as b:
@@ -80,8 +81,8 @@ def test_outage_raises_broker_unavailable_and_the_same_objects_recover(redis_exe
     assert all(f"127.0.0.1:{server.port}" in msg for msg in failed.values()), failed
 
 
-def test_a_hung_server_times_out_instead_of_hanging(redis_exe, tmp_path):
-    server = RedisServer(redis_exe, tmp_path / "redis").start()
+def test_a_hung_server_times_out_instead_of_hanging(redis_factory):
+    server = redis_factory()
 
     async def main():
         async with broker_from_url(server.url, call_timeout=0.3) as b:

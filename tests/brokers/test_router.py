@@ -73,6 +73,20 @@ def test_duplicate_results_are_ignored(make_broker):
     assert left == 0  # every reply entry was acknowledged
 
 
+def test_results_that_arrive_before_wait_are_not_missed(make_broker):
+    async def main():
+        async with make_broker() as b, ResultRouter(b) as router:
+            router.expect("quick", 2)
+            for i in range(2):
+                await b.publish(router.topic, Message("quick", index=i))
+            while router.stats.routed < 2:  # answered before anyone waits
+                await asyncio.sleep(0.01)
+            got = await router.wait("quick", 2, timeout=10)
+            return [d.message.index for d in got], len(router._unclaimed)
+
+    assert run(main()) == ([0, 1], 0)
+
+
 def test_a_request_without_results_times_out_cleanly(make_broker):
     async def main():
         async with make_broker() as b, ResultRouter(b) as router:

@@ -33,9 +33,7 @@ def test_geometry_matches_huggingface(size):
 
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
 def test_fused_resize_crop_equals_resize_then_crop(data_dir, interpolation):
-    spec = PreprocessSpec(
-        height=224, width=224, resize_shortest=256, interpolation=interpolation
-    )
+    spec = PreprocessSpec(height=224, width=224, resize_shortest=256, interpolation=interpolation)
     resample = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
     for path in sorted((data_dir / "images" / "small").glob("*.jpg"))[:4]:
         im = Image.open(path).convert("RGB")

@@ -46,7 +46,9 @@ def test_sigterm_drains_without_losing_accepted_requests(model_cache, data_dir):
             with httpx.Client(base_url=url, timeout=30) as c:
                 for i in range(200):
                     try:
-                        r = c.post("/v1/models/tiny-resnet:predict", content=images[(k + i) % len(images)])
+                        r = c.post(
+                            "/v1/models/tiny-resnet:predict", content=images[(k + i) % len(images)]
+                        )
                         what = str(r.status_code)
                     except httpx.ConnectError:
                         what = "refused"  # never accepted: the listener is gone

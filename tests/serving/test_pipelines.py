@@ -48,8 +48,9 @@ def _same_lines(got: list[dict], want: list[dict]) -> None:
     assert len(got) == len(want)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g["box"], w["box"], atol=0.5)
-    sims = [SequenceMatcher(None, g["text"], w["text"]).ratio() for g, w in zip(got, want)]
-    assert not sims or np.mean(sims) >= 0.98, list(zip(got, want))
+    pairs = list(zip(got, want, strict=True))
+    sims = [SequenceMatcher(None, g["text"], w["text"]).ratio() for g, w in pairs]
+    assert not sims or np.mean(sims) >= 0.98, pairs
 
 
 def test_every_ocr_image_concurrently_matches_the_in_process_steps(ocr_server, reference, data_dir):
@@ -121,11 +122,14 @@ def test_detect_classify_fans_out_the_configured_objects(model_cache, data_dir, 
         async def burst():
             async with httpx.AsyncClient(base_url=srv.url, timeout=60) as client:
                 return await asyncio.gather(
-                    *(client.post("/v1/pipelines/dc:predict", content=p.read_bytes()) for p in photos)
+                    *(
+                        client.post("/v1/pipelines/dc:predict", content=p.read_bytes())
+                        for p in photos
+                    )
                 )
 
         responses = asyncio.run(burst())
-    for path, r in zip(photos, responses, strict=True):
+    for r in responses:
         assert r.status_code == 200, r.text
         body = r.json()
         assert len(body["objects"]) == objects

@@ -63,7 +63,9 @@ def test_concurrent_distinct_images_each_get_their_own_result(server, model_cach
             [t["score"] for t in got["top_k"]], [t["score"] for t in want], rtol=1e-4, atol=1e-6
         )
         stages = _check_timing(r, secs)
-        assert {"recv", "queue", "decode", "resize", "normalize", "batch_wait", "infer"} <= set(stages)
+        assert {"recv", "queue", "decode", "resize", "normalize", "batch_wait", "infer"} <= set(
+            stages
+        )
         batch_sizes.append(got["batch_size"])
     assert max(batch_sizes) > 1  # they really rode in shared batches
 

@@ -82,6 +82,10 @@ class Broker(abc.ABC):
     async def delete_topic(self, topic: str) -> None:
         """Drop the topic, its entries and its groups."""
 
+    async def ping(self) -> None:
+        """Raise ``BrokerUnavailable`` unless the broker answers (in-process: always)."""
+        return None
+
     @abc.abstractmethod
     async def close(self) -> None:
         """Release connections; the broker is not used afterwards."""

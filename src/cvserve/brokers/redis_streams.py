@@ -159,7 +159,7 @@ class RedisStreamsBroker(Broker):
         self.prefix = query.pop("prefix", prefix)
         self.call_timeout = float(query.pop("call_timeout", call_timeout))
         self.url = urlunsplit(parts._replace(query=urlencode(query)))
-        self._where = parts.netloc.rpartition("@")[2] or "localhost:6379"
+        self._where = parts.netloc.rpartition("@")[2] or parts.path or "localhost:6379"
         self._redis = aioredis.Redis.from_url(
             self.url,
             socket_timeout=None,  # deadlines come from _Guard (see the module docstring)

@@ -1,9 +1,10 @@
 """Results back to the request that waits for them: one reply topic per serving process.
 
 The serving process registers a request (``expect``) *before* publishing its work, with
-``reply_to=router.topic`` on every work message; the ``ResultRouter`` consumes the reply
-topic and resolves the request's future once all ``count`` items (indices ``0..count-1``)
-have arrived, in index order. Reclaimed work can produce a second result for an item:
+``reply_to=router.topic`` on every work message, then awaits ``wait`` (or the future that
+``expect`` returned). The ``ResultRouter`` consumes the reply topic and resolves the
+request once all ``count`` items (indices ``0..count-1``) have arrived, in index order;
+results that arrive before ``wait`` is called are kept for it. Reclaimed work can produce a second result for an item:
 results are deduplicated by ``(request_id, index)``, so every request is answered once.
 A request whose results do not all arrive in time fails with ``ResultTimeout``; results
 arriving later are acknowledged and counted as ``late``, never delivered.
@@ -69,6 +70,9 @@ class ResultRouter:
         # Request ids recently answered or given up on: tells duplicates and late results
         # from results nobody asked for, in bounded memory.
         self._finished: OrderedDict[str, bool] = OrderedDict()  # id -> answered
+        # Answered requests whose results ``wait`` has not collected yet (the results can
+        # arrive between ``expect`` and ``wait``); ``wait`` pops them, so this stays small.
+        self._unclaimed: OrderedDict[str, asyncio.Future[list[Delivery]]] = OrderedDict()
         self._remember = remember
         self._unacked: list[str] = []
         self._task: asyncio.Task[None] | None = None
@@ -97,25 +101,35 @@ class ResultRouter:
     async def wait(
         self, request_id: str, count: int = 1, timeout: float | None = None
     ) -> list[Delivery]:
-        """``expect`` (unless already done) and await the results, up to ``timeout``."""
+        """Await the results of a request (``expect`` it first unless already done)."""
+        answered = self._unclaimed.pop(request_id, None)
+        if answered is not None:
+            return answered.result()
         waiting = self._waiting.get(request_id)
-        fut = waiting.future if waiting else self.expect(request_id, count)
-        waiting = self._waiting[request_id]
+        if waiting is None:
+            self.expect(request_id, count)
+            waiting = self._waiting[request_id]
+        fut = waiting.future
         try:
             async with asyncio.timeout(timeout):
-                return await asyncio.shield(fut)
+                results = await asyncio.shield(fut)
         except TimeoutError:
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                return fut.result()  # answered in the same tick as the timeout
-            received = len(waiting.results)
-            self.forget(request_id)
-            raise ResultTimeout(request_id, received, waiting.count, timeout or 0.0) from None
+            if fut.done() and not fut.cancelled():
+                results = fut.result()  # answered in the same tick as the timeout
+            else:
+                self.forget(request_id)
+                raise ResultTimeout(
+                    request_id, len(waiting.results), waiting.count, timeout or 0.0
+                ) from None
         except asyncio.CancelledError:
             self.forget(request_id)
             raise
+        self._unclaimed.pop(request_id, None)
+        return results
 
     def forget(self, request_id: str) -> None:
         """Stop waiting for a request; its results, if they come, are counted as late."""
+        self._unclaimed.pop(request_id, None)
         waiting = self._waiting.pop(request_id, None)
         if waiting is not None:
             if not waiting.future.done():
@@ -165,6 +179,9 @@ class ResultRouter:
             self._finish(msg.request_id, answered=True)
             if not waiting.future.done():
                 waiting.future.set_result([waiting.results[i] for i in range(waiting.count)])
+                self._unclaimed[msg.request_id] = waiting.future
+                if len(self._unclaimed) > self._remember:
+                    self._unclaimed.popitem(last=False)
 
     async def _run(self) -> None:
         while True:
@@ -202,6 +219,7 @@ class ResultRouter:
                 waiting.future.set_exception(BrokerError("result router closed"))
             self._finish(request_id, answered=False)
         self._waiting.clear()
+        self._unclaimed.clear()
         if self.delete_on_close:
             try:
                 await self.broker.delete_topic(self.topic)

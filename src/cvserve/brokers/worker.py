@@ -84,9 +84,12 @@ class StageWorker:
 
     async def run(self) -> None:
         """Serve until ``stop``; a failing broker call is retried after ``retry_s``."""
-        await self.broker.create_group(self.topic, self.group)
+        grouped = False
         while not self._stop.is_set():
             try:
+                if not grouped:  # before any work is published, where the worker is first
+                    await self.broker.create_group(self.topic, self.group)
+                    grouped = True
                 await self.run_once()
             except asyncio.CancelledError:
                 raise
