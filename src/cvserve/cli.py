@@ -391,7 +391,9 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
         "against a running server, or one started for the run (--inprocess).",
     )
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
-    p.add_argument("--model", required=True, help="model name on the server")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--model", help="model name on the server")
+    target.add_argument("--pipeline", help="pipeline name on the server (e.g. ocr)")
     p.add_argument("--images", nargs="+", required=True, help="image files or folders")
     p.add_argument("--concurrency", type=_csv_ints, help="closed loop: e.g. 1,2,4,8,16,32")
     p.add_argument("--rate", type=_csv_floats, help="open loop, requests/s: e.g. 20,40,80")
@@ -452,7 +454,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.inprocess:
         from cvserve.serving.server import ServerProcess
 
-        serve = ["--model", args.model, *shlex.split(args.serve_args)]
+        what = ["--pipeline", args.pipeline] if args.pipeline else ["--model", args.model]
+        serve = [*what, *shlex.split(args.serve_args)]
         if args.cache_dir:
             serve += ["--cache-dir", args.cache_dir]
         _say(f"starting cvserve serve {' '.join(serve)}")
@@ -462,7 +465,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         with server:
             config = BenchConfig(
                 url=url,
-                model=args.model,
+                model=args.pipeline or args.model,
+                kind="pipeline" if args.pipeline else "model",
                 images=args.images,
                 concurrency=args.concurrency,
                 rates=args.rate,

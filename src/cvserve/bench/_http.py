@@ -67,9 +67,12 @@ class Target:
         lines.append("User-Agent: cvserve-bench")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
-    def predict_request(self, model: str, body: bytes, content_type: str) -> bytes:
+    def predict_request(
+        self, model: str, body: bytes, content_type: str, kind: str = "model"
+    ) -> bytes:
+        """``POST /v1/models/{model}:predict`` (or ``/v1/pipelines/...`` for a pipeline)."""
         return self.request(
-            "POST", f"/v1/models/{quote(model, safe='')}:predict", body, content_type
+            "POST", f"/v1/{kind}s/{quote(model, safe='')}:predict", body, content_type
         )
 
 

@@ -80,8 +80,13 @@ class BenchConfig:
     honor_retry_after: bool = True
     ready_timeout: float = 0.0
     label: str | None = None
+    #: What ``model`` names: a served ``"model"`` or a multi-DNN ``"pipeline"``.
+    kind: str = "model"
 
     def __post_init__(self) -> None:
+        if self.kind not in ("model", "pipeline"):
+            raise ValueError(f"kind must be 'model' or 'pipeline', got {self.kind!r}")
+
         def check(ok: bool, what: str) -> None:
             if not ok:
                 raise ValueError(f"invalid bench config: {what}")
@@ -303,7 +308,7 @@ async def _probe(config: BenchConfig, target: _http.Target, images: list[BenchIm
     try:
         status, body = await _http.fetch(
             target,
-            target.predict_request(config.model, first.data, first.content_type),
+            target.predict_request(config.model, first.data, first.content_type, config.kind),
             config.timeout,
         )
     except TimeoutError:  # a slow server is what a bench is for: measure it
@@ -315,7 +320,7 @@ async def _probe(config: BenchConfig, target: _http.Target, images: list[BenchIm
         ) from e
     if status == 404:
         text = body[:300].decode("utf-8", "replace")
-        raise ModelNotFound(f"model {config.model!r} not served at {config.url}: {text}")
+        raise ModelNotFound(f"{config.kind} {config.model!r} not served at {config.url}: {text}")
     return {"url": config.url, "models": models}
 
 
@@ -327,7 +332,9 @@ async def _sweep(
 ) -> tuple[dict, list[PointSummary], dict[str, np.ndarray]]:
     target = _http.Target.from_url(config.url)
     server = await _probe(config, target, images)
-    requests = [target.predict_request(config.model, im.data, im.content_type) for im in images]
+    requests = [
+        target.predict_request(config.model, im.data, im.content_type, config.kind) for im in images
+    ]
     plans = config.plans(max_in_flight)
 
     def report(event: dict[str, Any]) -> None:
