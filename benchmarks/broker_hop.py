@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
 import socket
@@ -160,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from cvserve.bench.results import machine_info
+    from cvserve.bench.results import write_benchmark
 
     console = Console()
     proc, redis_url, redis_version = None, args.redis_url, "external"
@@ -200,16 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     console.print(table)
     import redis
 
-    doc = {
-        "benchmark": "broker_hop",
-        "command": [sys.executable, *sys.argv],
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "machine": machine_info(),
-        "versions": {"redis-server": redis_version, "redis-py": redis.__version__},
-        "summary": summary,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    write_benchmark(
+        args.out, "broker_hop", args,
+        versions={"redis-server": redis_version, "redis-py": redis.__version__},
+        summary=summary,
+    )  # fmt: skip
     console.print(f"wrote {args.out}")
     return 0
 

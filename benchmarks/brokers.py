@@ -15,11 +15,8 @@ pipeline is swept over ``objects`` (the fan-out, i.e. the rate mismatch between 
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -31,7 +28,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from cvserve.bench import BenchConfig, run_bench  # noqa: E402
-from cvserve.bench.results import machine_info  # noqa: E402
+from cvserve.bench.results import write_benchmark  # noqa: E402
 from cvserve.serving.server import ServerProcess  # noqa: E402
 
 PIPELINES = {
@@ -138,15 +135,7 @@ def main() -> int:
             f"{r['p99_ms']:.0f}", f"{r['broker_ms']:.1f}", f"{r['broker_pct']:.0f}%",
         )  # fmt: skip
     Console().print(t)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    out.write_text(json.dumps({
-        "benchmark": "brokers", "command": sys.argv, "commit": git.stdout.strip(),
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine_info(),
-        "config": vars(a), "rows": rows,
-    }, indent=2))  # fmt: skip
-    print(f"wrote {out}", file=sys.stderr)
+    print(f"wrote {write_benchmark(a.out, 'brokers', a, rows=rows)}", file=sys.stderr)
     return 0
 
 

@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from cvserve.bench.results import machine_info
+    from cvserve.bench.results import write_benchmark
 
     console = Console()
     pinned = _pin(CLIENT_CORE)
@@ -240,17 +240,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{row['client_ceiling_rps']:.0f}",
             )
     console.print(table)
-    doc = {
-        "benchmark": "client_ceiling",
-        "command": [sys.executable, *sys.argv],
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "pinned": {"client_core": CLIENT_CORE, "server_core": SERVER_CORE, "ok": pinned},
-        "machine": machine_info(),
-        "runs": runs,
-        "summary": summary,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    write_benchmark(
+        args.out, "client_ceiling", args,
+        pinned={"client_core": CLIENT_CORE, "server_core": SERVER_CORE, "ok": pinned},
+        runs=runs, summary=summary,
+    )  # fmt: skip
     console.print(f"wrote {args.out}")
     return 0
 

@@ -190,7 +190,7 @@ def main() -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from cvserve.bench.results import machine_info
+    from cvserve.bench.results import write_benchmark
 
     paths = available(a.paths.split(","))
     classes = a.classes.split(",")
@@ -274,13 +274,8 @@ def main() -> int:
             f"{v['top1_agreement']:.2f}", f"{v['mean_top5_overlap']:.2f}",
         )  # fmt: skip
     console.print(f)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "benchmark": "preprocess", "command": sys.argv, "machine": machine_info(),
-        "config": {k: v for k, v in vars(a).items() if k != "child"},
-        "summary": summary, "fidelity": fid, "runs": runs,
-    }, indent=2, default=float))  # fmt: skip
+    config = {k: v for k, v in vars(a).items() if k != "child"}
+    out = write_benchmark(a.out, "preprocess", config, summary=summary, fidelity=fid, runs=runs)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

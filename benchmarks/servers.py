@@ -12,19 +12,16 @@ repeat; writes everything to JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from cvserve.bench import BenchConfig, run_bench
-from cvserve.bench.results import machine_info
+from cvserve.bench.results import write_benchmark
 from cvserve.models import store
 from cvserve.serving.server import ServerProcess, free_port
 
@@ -144,14 +141,7 @@ def main() -> int:
                     f"{statistics.median([r['mean_batch_size'] or 0 for r in sel]):.2f}",
                 )  # fmt: skip
     Console().print(table)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    out.write_text(json.dumps({
-        "benchmark": "servers", "command": sys.argv, "commit": git.stdout.strip(),
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine_info(),
-        "config": vars(a), "variants": variants, "summary": summary, "runs": rows,
-    }, indent=2))  # fmt: skip
+    out = write_benchmark(a.out, "servers", a, variants=variants, summary=summary, runs=rows)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

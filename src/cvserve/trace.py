@@ -8,7 +8,7 @@ for it, with nothing double-counted and nothing hidden.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 #: Every stage name cvserve emits, in request order (DESIGN.md, "Stage names").
 STAGES: tuple[str, ...] = (
@@ -34,7 +34,6 @@ __all__ = [
     "SERVER_STAGES",
     "Trace",
     "format_server_timing",
-    "mean_breakdown",
     "parse_server_timing",
 ]
 
@@ -107,16 +106,3 @@ def parse_server_timing(value: str | None) -> tuple[dict[str, float], int]:
             continue
         stages[name] = stages.get(name, 0.0) + dur / 1000.0
     return stages, bad
-
-
-def mean_breakdown(traces: Iterable[Mapping[str, float]]) -> dict[str, float]:
-    """Mean seconds per stage over requests (a stage absent from a request counts as 0)."""
-    sums: dict[str, float] = {}
-    n = 0
-    for t in traces:
-        n += 1
-        for k, v in t.items():
-            sums[k] = sums.get(k, 0.0) + v
-    if n == 0:
-        return {}
-    return {k: sums[k] / n for k in STAGES if k in sums}

@@ -396,3 +396,39 @@ def load_result(path: str | os.PathLike[str], rows: bool = True) -> BenchResult:
         label=doc.get("label"),
         schema=doc["schema"],
     )
+
+
+def write_benchmark(out: str | os.PathLike[str], name: str, config: Any, **sections: Any) -> Path:
+    """Write a ``benchmarks/*.py`` result: its name, command line, git commit, time and
+    machine, the ``config`` it ran with (an argparse Namespace or a dict), then
+    ``sections`` (summaries, rows). Non-JSON values (paths, numpy scalars) become text."""
+    import subprocess
+    import sys
+    import time
+
+    cfg = vars(config) if hasattr(config, "__dict__") else dict(config)
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    doc = {
+        "benchmark": name,
+        "command": [sys.executable, *sys.argv],
+        "commit": commit,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine_info(),
+        "config": cfg,
+        **sections,
+    }
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1, default=_jsonable) + "\n")
+    return path
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
