@@ -40,6 +40,7 @@ def test_sweep_against_real_server_then_report(model_cache, data_dir, tmp_path):
             p.breakdown_ms
         )
         assert p.mean_batch_size is not None and p.mean_batch_size >= 1
+        assert p.mean_response_bytes is not None and p.mean_response_bytes > 50
 
     plots = tmp_path / "plots"
     r = _cli("report", str(out), str(out), "--out", str(plots))

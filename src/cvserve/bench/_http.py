@@ -144,6 +144,7 @@ class Connection(asyncio.Protocol):
 
     def __init__(self, on_done: DoneCallback) -> None:
         self.on_done = on_done
+        self.body_len = -1  # bytes of the last response body
         self.transport: asyncio.Transport | None = None
         self.open = False
         self.busy = False
@@ -293,6 +294,7 @@ class Connection(asyncio.Protocol):
                 batch = int(m.group(1))
         if self.keep_body:
             self.body = bytes(body)
+        self.body_len = len(body)
         self._reset()
         if self._close:
             self.open = False

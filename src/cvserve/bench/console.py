@@ -93,6 +93,12 @@ def breakdown_table(result: BenchResult | list[PointSummary], title: str | None 
         table.add_row(stage, *cells)
     table.add_section()
     table.add_row("end to end", *(_ms(p.latency_ms["mean"]) for p in points), style="bold")
+    if any(p.mean_response_bytes for p in points):
+        table.add_row(
+            "response KB",
+            *("-" if p.mean_response_bytes is None else f"{p.mean_response_bytes / 1024:.1f}"
+              for p in points),
+        )  # fmt: skip
     return table
 
 

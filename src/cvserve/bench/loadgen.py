@@ -98,6 +98,7 @@ class PointRecords:
     error: np.ndarray  # 0, or 1 + index into _http.ERROR_KINDS
     batch: np.ndarray  # batch_size from the body, -1 when absent
     image: np.ndarray  # index into the image list
+    nbytes: np.ndarray  # response body bytes, -1 when no response
     timing: list[bytes | None]  # raw Server-Timing values
     windows: list[Window]
     measure_start: float  # perf_counter bounds of the measured interval [start, end)
@@ -180,7 +181,7 @@ class _Point:
     def _done_closed(self, conn, status, kind, timing, batch, retry) -> None:  # noqa: ANN001
         t1 = perf_counter()
         records = self.records
-        records.append((conn.t0, t1, status, kind, timing, batch, conn.tag))
+        records.append((conn.t0, t1, status, kind, timing, batch, conn.tag, conn.body_len))
         if self.stop_len and len(records) >= self.stop_len:
             self.running = False
         if not self.running:
@@ -217,7 +218,7 @@ class _Point:
         except OSError:
             if self.running:
                 now = perf_counter()
-                self.records.append((now, now, 0, _http.ERR_CONNECT, None, -1, -1))
+                self.records.append((now, now, 0, _http.ERR_CONNECT, None, -1, -1, -1))
                 self._connect_closed(slot, _CONNECT_BACKOFF)
             return
         if not self.running:
@@ -231,7 +232,9 @@ class _Point:
 
     # --- open loop --------------------------------------------------------------------
     def _done_open(self, conn, status, kind, timing, batch, retry) -> None:  # noqa: ANN001
-        self.records.append((conn.t0, perf_counter(), status, kind, timing, batch, conn.tag))
+        self.records.append(
+            (conn.t0, perf_counter(), status, kind, timing, batch, conn.tag, conn.body_len)
+        )
         self.in_flight -= 1
         if self.stop_len and len(self.records) >= self.stop_len:
             self.running = False
@@ -287,7 +290,7 @@ class _Point:
             conn = await _http.connect(self.loop, self.target, self._done_open, self.plan.timeout)
         except OSError:
             if self.running:
-                self.records.append((t0, perf_counter(), 0, _http.ERR_CONNECT, None, -1, i))
+                self.records.append((t0, perf_counter(), 0, _http.ERR_CONNECT, None, -1, i, -1))
                 self.in_flight -= 1
             return
         if not self.running:
@@ -309,7 +312,7 @@ class _Point:
         for conn in conns:
             if conn is not None and conn.busy and conn.t0 < limit:
                 conn.abort()
-                self.records.append((conn.t0, now, 0, _http.ERR_TIMEOUT, None, -1, conn.tag))
+                self.records.append((conn.t0, now, 0, _http.ERR_TIMEOUT, None, -1, conn.tag, -1))
                 if self.plan.mode == "closed":
                     self._connect_closed(conn.slot, 0.0)
                 else:
@@ -490,7 +493,7 @@ class _Point:
         if plan.mode == "open":
             times = np.concatenate(self.arrival_log)
             offered = int(((times >= measure_start) & (times < measure_end)).sum())
-        cols = list(zip(*self.records, strict=True)) if self.records else [()] * 7
+        cols = list(zip(*self.records, strict=True)) if self.records else [()] * 8
         return PointRecords(
             plan=plan,
             t_start=self.t_start,
@@ -501,6 +504,7 @@ class _Point:
             timing=list(cols[4]),
             batch=np.asarray(cols[5], dtype=np.int32),
             image=np.asarray(cols[6], dtype=np.int32),
+            nbytes=np.asarray(cols[7], dtype=np.int64),
             windows=self.windows,
             measure_start=measure_start,
             measure_end=measure_end,

@@ -36,6 +36,9 @@ class ResultError(ValueError):
     """A result file that cannot be read: wrong schema version, invalid, or missing rows."""
 
 
+_ADDED_IN_V1 = frozenset({"mean_response_bytes"})
+
+
 @dataclass
 class PointSummary:
     """One load point, summarized over its measured interval. Times in ms unless named _s."""
@@ -68,6 +71,8 @@ class PointSummary:
     breakdown_pct: dict[str, float]
     windows: list[dict[str, Any]]
     warnings: list[str] = field(default_factory=list)
+    #: Mean body size of the successful responses (moving results is data movement too).
+    mean_response_bytes: float | None = None
 
     @property
     def load_label(self) -> str:
@@ -117,7 +122,8 @@ _INT = {"type": "integer", "minimum": 0}
 _MS = {"type": "object", "additionalProperties": _NUM}
 _POINT = {
     "type": "object",
-    "required": [f.name for f in fields(PointSummary)],
+    # Fields added later within schema version 1 have defaults and are optional.
+    "required": [f.name for f in fields(PointSummary) if f.name not in _ADDED_IN_V1],
     "additionalProperties": False,
     "properties": {
         "index": _INT,
@@ -157,6 +163,7 @@ _POINT = {
             },
         },
         "mean_batch_size": _NUM_OR_NULL,
+        "mean_response_bytes": _NUM_OR_NULL,
         "server_timing_malformed": _INT,
         "server_timing_missing": _INT,
         "breakdown_ms": _MS,
