@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-ResizeMode = Literal["shortest_edge_crop", "direct"]
+ResizeMode = Literal["shortest_edge_crop", "direct", "letterbox"]
 Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -19,6 +19,10 @@ class PreprocessSpec:
     ``shortest_edge_crop``: scale so the shorter side is ``resize_shortest`` (keeping the
     aspect ratio, longer side truncated as HuggingFace does), then center-crop to
     ``height`` x ``width``. ``direct``: resize straight to ``height`` x ``width``.
+    ``letterbox``: scale keeping the aspect ratio so the whole image fits in ``height`` x
+    ``width`` (each side ``round(side * scale)``), placed at the top-left corner and padded
+    on the bottom/right with ``extra["pad_value"]`` (an RGB triple or one int, default 0,
+    in raw 0..255 pixel values, before normalization), as HuggingFace's ``do_pad`` does.
     Pixels are rescaled by ``rescale`` (1/255) then normalized ``(x - mean) / std``;
     with ``dtype='uint8'`` the raw pixels are sent and the model normalizes itself.
     """
@@ -41,7 +45,7 @@ class PreprocessSpec:
             raise ValueError("height and width must be positive")
         if self.resize_mode == "shortest_edge_crop" and self.resize_shortest is None:
             object.__setattr__(self, "resize_shortest", max(self.height, self.width))
-        if self.resize_mode not in ("shortest_edge_crop", "direct"):
+        if self.resize_mode not in ("shortest_edge_crop", "direct", "letterbox"):
             raise ValueError(f"unknown resize_mode {self.resize_mode!r}")
         if len(self.mean) != 3 or len(self.std) != 3 or any(s == 0 for s in self.std):
             raise ValueError("mean and std need 3 values each, std non-zero")

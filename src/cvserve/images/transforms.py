@@ -28,6 +28,12 @@ def resized_size(width: int, height: int, spec: PreprocessSpec) -> tuple[int, in
     """(width, height) of the full image after the resize step, before any crop."""
     if spec.resize_mode == "direct":
         return spec.width, spec.height
+    if spec.resize_mode == "letterbox":
+        scale = min(spec.width / width, spec.height / height)
+        return (
+            min(spec.width, max(1, round(width * scale))),
+            min(spec.height, max(1, round(height * scale))),
+        )
     s = spec.resize_shortest
     assert s is not None
     if width <= height:
@@ -36,8 +42,13 @@ def resized_size(width: int, height: int, spec: PreprocessSpec) -> tuple[int, in
 
 
 def crop_box(width: int, height: int, spec: PreprocessSpec) -> tuple[int, int, int, int]:
-    """The crop (left, top, right, bottom) in resized-image pixels."""
+    """The crop (left, top, right, bottom) in resized-image pixels.
+
+    For ``letterbox`` this is ``(0, 0, width, height)`` of the model input: the resized
+    image sits at the top-left and the crop reaches past its bottom/right (the padding)."""
     rw, rh = resized_size(width, height, spec)
+    if spec.resize_mode == "letterbox":
+        return 0, 0, spec.width, spec.height
     if spec.resize_mode == "direct":
         return 0, 0, rw, rh
     top = (rh - spec.height) // 2
@@ -68,9 +79,20 @@ def resize_crop(im: Image.Image, orig: tuple[int, int], spec: PreprocessSpec) ->
     rw, rh = resized_size(*orig, spec)
     full = im.resize((rw, rh), _RESAMPLE[spec.interpolation])
     left, top, _, _ = crop_box(*orig, spec)
-    canvas = Image.new("RGB", (spec.width, spec.height))
+    canvas = Image.new("RGB", (spec.width, spec.height), _pad_fill(spec))
     canvas.paste(full, (-left, -top))
     return canvas
+
+
+def _pad_fill(spec: PreprocessSpec) -> tuple[int, int, int]:
+    """Canvas colour for padding: ``extra["pad_value"]`` for letterbox, else black."""
+    if spec.resize_mode != "letterbox":
+        return (0, 0, 0)
+    pad = spec.extra.get("pad_value", 0)
+    if isinstance(pad, int | float):
+        return (int(pad),) * 3  # type: ignore[return-value]
+    r, g, b = (int(v) for v in pad)
+    return (r, g, b)
 
 
 def normalize_into(pixels: np.ndarray, out: np.ndarray, spec: PreprocessSpec) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
+import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -25,6 +26,7 @@ from cvserve.errors import RequestError
 from cvserve.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cvserve.serving.metrics import Metrics
 from cvserve.serving.model import Draining, ModelServer, PreprocessPool, ServingError
+from cvserve.tasks.encode import encode_result
 from cvserve.trace import Trace, format_server_timing
 
 log = logging.getLogger(__name__)
@@ -132,13 +134,37 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+#: Query parameters a predict request may carry, with their types (task heads use them).
+_PARAMS: dict[str, type] = {
+    "top_k": int,  # classify, detect
+    "threshold": float,  # detect
+    "nms_iou": float,  # detect: greedy NMS at this IoU (off unless given)
+    "nms_class_agnostic": bool,
+    "clip": bool,  # detect: clip boxes to the image
+    "score": str,  # detect: "sigmoid" | "softmax" (default: by architecture)
+    "ignore_index": int,  # segment: the fill value outside the crop
+}
+
+
 def _params(request: Request) -> dict[str, Any]:
     params: dict[str, Any] = {}
-    top_k = request.query_params.get("top_k")
-    if top_k is not None:
-        if not top_k.isdigit() or not 1 <= int(top_k) <= 1000:
-            raise BadRequest(f"top_k must be an integer in 1..1000, got {top_k!r}")
-        params["top_k"] = int(top_k)
+    for key, raw in request.query_params.items():
+        kind = _PARAMS.get(key)
+        if kind is None:
+            raise BadRequest(f"unknown parameter {key!r}; known: {', '.join(_PARAMS)}")
+        try:
+            if kind is bool:
+                if raw.lower() not in ("1", "0", "true", "false"):
+                    raise ValueError(raw)
+                value: Any = raw.lower() in ("1", "true")
+            else:
+                value = kind(raw)
+        except ValueError:
+            raise BadRequest(f"{key} must be a {kind.__name__}, got {raw!r}") from None
+        params[key] = value
+    top_k = params.get("top_k")
+    if top_k is not None and not 1 <= top_k <= 1000:
+        raise BadRequest(f"top_k must be an integer in 1..1000, got {top_k}")
     return params
 
 
@@ -213,15 +239,25 @@ async def _predict(request: Request, targets: Mapping[str, Any], what: str) -> R
             log.exception("%s: internal error", name)
             status = 500
             payload = {"error": {"kind": "internal", "message": f"internal error: {e}"}}
-        body = json.dumps(payload, separators=(",", ":")).encode()
+        accept = request.headers.get("accept")
+        if status == 200 and _has_arrays(payload):  # PNG/npz encoding takes real CPU
+            body, media = await asyncio.get_running_loop().run_in_executor(
+                state.pool.executor, encode_result, payload, accept
+            )
+        else:
+            body, media = encode_result(payload, accept if status == 200 else None)
         trace.mark("encode")
         headers["Server-Timing"] = trace.server_timing()
         if state.draining:  # no keep-alive past a drain: clients reconnect elsewhere
             headers["Connection"] = "close"
-        return Response(body, status_code=status, media_type="application/json", headers=headers)
+        return Response(body, status_code=status, media_type=media, headers=headers)
     finally:
         state.leave()
         state.metrics.observe_request(label, status, trace.stages)
+
+
+def _has_arrays(payload: dict[str, Any]) -> bool:
+    return any(isinstance(v, np.ndarray) for v in payload.values())
 
 
 def _timed(handler):

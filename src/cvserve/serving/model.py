@@ -13,6 +13,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -192,7 +193,12 @@ class ModelServer:
         trace.add("batch_wait", info.infer_start - trace.last)
         trace.add("infer", info.infer_end - info.infer_start)
         trace.advance(info.infer_end)
-        result = self.head.postprocess(rows, meta, **params)
+        if self.meta.task == "classify":  # microseconds: not worth a thread hop
+            result = self.head.postprocess(rows, meta, **params)
+        else:  # full-resolution masks and depth maps take real CPU: off the event loop
+            result = await asyncio.get_running_loop().run_in_executor(
+                self.pool.executor, partial(self.head.postprocess, rows, meta, **params)
+            )
         trace.mark("postprocess")
         return Prediction(result=result, batch_size=info.size, image_size=meta.orig_size)
 

@@ -2,5 +2,8 @@
 
 from cvserve.tasks.base import TaskHead, get_head
 from cvserve.tasks.classify import ClassifyHead
+from cvserve.tasks.depth import DepthHead
+from cvserve.tasks.detect import DetectHead
+from cvserve.tasks.segment import SegmentHead
 
-__all__ = ["ClassifyHead", "TaskHead", "get_head"]
+__all__ = ["ClassifyHead", "DepthHead", "DetectHead", "SegmentHead", "TaskHead", "get_head"]

@@ -20,8 +20,16 @@ class TaskHead(Protocol):
 
 def get_head(model: ModelMeta) -> TaskHead:
     from cvserve.tasks.classify import ClassifyHead
+    from cvserve.tasks.depth import DepthHead
+    from cvserve.tasks.detect import DetectHead
+    from cvserve.tasks.segment import SegmentHead
 
-    heads = {"classify": ClassifyHead}
+    heads = {
+        "classify": ClassifyHead,
+        "segment": SegmentHead,
+        "detect": DetectHead,
+        "depth": DepthHead,
+    }
     try:
         return heads[model.task](model)
     except KeyError:
