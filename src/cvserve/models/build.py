@@ -117,6 +117,18 @@ def preprocess_spec_from_hf(processor: Any) -> PreprocessSpec:
             geometry = dict(height=se, width=se, resize_mode="direct")
     elif "height" in size and "width" in size:
         h, w = int(size["height"]), int(size["width"])
+        if d.get("keep_aspect_ratio"):
+            # DPT / Depth Anything: the output shape follows each image's aspect ratio.
+            raise ValueError(
+                f"{kind} with keep_aspect_ratio has no fixed input size; "
+                "set keep_aspect_ratio=False for a fixed square"
+            )
+        if d.get("do_pad") and d.get("size_divisor"):
+            raise ValueError(f"{kind} with do_pad and size_divisor has no fixed input size")
+        multiple = int(d.get("ensure_multiple_of") or 1)
+        if multiple > 1:  # DPT rounds each side to the nearest multiple
+            h = max(multiple, round(h / multiple) * multiple)
+            w = max(multiple, round(w / multiple) * multiple)
         if crop and (crop.get("height"), crop.get("width")) != (h, w):
             raise ValueError(f"{kind}: resize to {h}x{w} then crop to {crop} is not supported")
         geometry = dict(height=h, width=w, resize_mode="direct")
@@ -188,8 +200,18 @@ def create_zoo_model(name: str, seed: int = 0) -> tuple[Any, Any]:
     config = getattr(transformers, entry.config_class)(**entry.config)
     torch.manual_seed(seed)
     model = getattr(transformers, entry.model_class)(config).eval()
+    if entry.break_ties:
+        _redraw_constant_weights(torch, model)
     processor = _processor_class(transformers, entry.processor_class)(**entry.processor)
     return model, processor
+
+
+def _redraw_constant_weights(torch: Any, model: Any, std: float = 0.02) -> None:
+    """Give every constant weight matrix (2+ dims, all elements equal) N(0, std) values."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2 and p.numel() > 1 and bool((p == p.flatten()[0]).all()):
+                p.normal_(0.0, std)
 
 
 def _zoo_entry(name: str) -> ZooEntry:
@@ -307,9 +329,10 @@ def _export_and_store(
     # new (or missing) graph.
     sidecar.unlink(missing_ok=True)
 
+    h, w = spec.height, spec.width
     with _temp_path(onnx_path) as tmp:
         say("exporting ONNX")
-        h, w = spec.height, spec.width
+        gflops = count_gflops(model, (1, 3, h, w))  # part of this step: ~one forward pass
         # Trace at batch 1 and verify at batch 2, so a batch size baked into the graph fails
         # the check instead of the first batched request.
         with torch.no_grad(), warnings.catch_warnings():
@@ -368,9 +391,12 @@ def _export_and_store(
         params=sum(p.numel() for p in model.parameters()),
         source=source,
         extra={
+            "gflops": gflops,
+            "flops_convention": "FLOPs = 2 x multiply-accumulates, batch 1",
             "export_check_max_abs": max_abs,
             "export_check_rel": rel,
             "architecture": type(model).__name__,
+            "model_type": getattr(model.config, "model_type", ""),
             "opset": OPSET,
             "exporter": "torch.onnx (torchscript)",
             "build_seconds": round(seconds, 2),
@@ -381,6 +407,23 @@ def _export_and_store(
     store.write_meta(meta, cache)
     say(f"done in {seconds:.1f} s")
     return meta
+
+
+def count_gflops(model: Any, input_shape: tuple[int, ...]) -> float:
+    """GFLOPs of one forward pass on a zero input of ``input_shape`` (batch 1 normally).
+
+    torch's FlopCounterMode counts matmuls, convolutions (and transposed ones) and
+    attention as 2 FLOPs per multiply-accumulate; elementwise ops, norms and resizes are
+    not counted. So ResNet-50 at 224x224 is ~8.2 GFLOPs (the "4.1 GFLOPs" of papers is
+    multiply-accumulates).
+    """
+    torch, _ = _require_zoo()
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(pixel_values=torch.zeros(*input_shape))
+    return float(f"{counter.get_total_flops() / 1e9:.4g}")
 
 
 def _outputs_only(torch: Any, model: Any, outputs: tuple[str, ...] = ("logits",)) -> Any:

@@ -224,6 +224,9 @@ def describe(meta: ModelMeta, cache: Path | str | None = None) -> dict[str, Any]
     d["path"] = str(path)
     d["file_size"] = path.stat().st_size if path.is_file() else None
     d["num_labels"] = len(meta.labels)
+    # GFLOPs per image (2 x MACs, batch 1), counted at build time; None for models built
+    # before it was recorded.
+    d["gflops"] = (meta.extra or {}).get("gflops")
     return d
 
 

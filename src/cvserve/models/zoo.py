@@ -33,6 +33,11 @@ class ZooEntry:
     tiny: bool = False  # for tests: builds in about a second
     #: Model outputs exported to ONNX, by attribute of the HF output object, in order.
     outputs: tuple[str, ...] = ("logits",)
+    #: Re-draw weight matrices that HF initializes to a constant (zero box heads and
+    #: attention weights of DETR-style detectors) as N(0, 0.02), so random boxes are not
+    #: just the anchors. (Score ties in top-k query selection, which torch and ONNX Runtime
+    #: break differently, are avoided by a larger ``initializer_range`` in the config.)
+    break_ties: bool = False
 
     @property
     def source(self) -> str:
@@ -209,6 +214,239 @@ _ENTRIES.append(
         description="a tiny YOLOS detector for tests: 64x64, 10 queries, 5 classes",
         tiny=True,
         outputs=("logits", "pred_boxes"),
+    )
+)
+
+# --- dense tasks: segmentation, detection (RT-DETR), depth ----------------------------
+# nvidia/segformer-b0-finetuned-ade-512-512: direct resize 512x512, bilinear, ImageNet
+# mean/std; logits come out at 1/4 of the input (B, 150, 128, 128).
+_ENTRIES.append(
+    ZooEntry(
+        name="segformer-b0",
+        task="segment",
+        model_class="SegformerForSemanticSegmentation",
+        config_class="SegformerConfig",
+        config={
+            "num_encoder_blocks": 4,
+            "depths": [2, 2, 2, 2],
+            "sr_ratios": [8, 4, 2, 1],
+            "hidden_sizes": [32, 64, 160, 256],
+            "patch_sizes": [7, 3, 3, 3],
+            "strides": [4, 2, 2, 2],
+            "num_attention_heads": [1, 2, 5, 8],
+            "mlp_ratios": [4, 4, 4, 4],
+            "decoder_hidden_size": 256,
+            "num_labels": 150,
+        },
+        processor_class="SegformerImageProcessor",
+        processor={
+            "size": {"height": 512, "width": 512},
+            "resample": _BILINEAR,
+            "image_mean": list(IMAGENET_MEAN),
+            "image_std": list(IMAGENET_STD),
+            "do_reduce_labels": True,
+        },
+        description="SegFormer-B0 semantic segmentation (3.8M params), 512x512, 150 ADE20k "
+        "classes, logits at 128x128, like nvidia/segformer-b0-finetuned-ade-512-512",
+    )
+)
+
+_ENTRIES.append(
+    ZooEntry(
+        name="tiny-segformer",
+        task="segment",
+        model_class="SegformerForSemanticSegmentation",
+        config_class="SegformerConfig",
+        config={
+            "num_encoder_blocks": 2,
+            "depths": [1, 1],
+            "sr_ratios": [2, 1],
+            "hidden_sizes": [8, 16],
+            "patch_sizes": [7, 3],
+            "strides": [4, 2],
+            "num_attention_heads": [1, 2],
+            "mlp_ratios": [2, 2],
+            "decoder_hidden_size": 16,
+            "num_labels": 5,
+        },
+        processor_class="SegformerImageProcessor",
+        processor={
+            "size": {"height": 64, "width": 64},
+            "resample": _BILINEAR,
+            "image_mean": list(IMAGENET_MEAN),
+            "image_std": list(IMAGENET_STD),
+        },
+        description="a tiny SegFormer for tests: 64x64, 5 classes, logits at 16x16",
+        tiny=True,
+    )
+)
+
+# PekingU/rtdetr_r18vd: ResNet-18-style backbone (basic blocks), 3-layer decoder, 300
+# queries, 80 COCO classes. RTDetrImageProcessor: direct resize 640x640, bilinear, rescale
+# to [0, 1] only (do_normalize False).
+_ENTRIES.append(
+    ZooEntry(
+        name="rtdetr-r18",
+        task="detect",
+        model_class="RTDetrForObjectDetection",
+        config_class="RTDetrConfig",
+        config={
+            "backbone_config": {
+                "model_type": "rt_detr_resnet",
+                "layer_type": "basic",
+                "embedding_size": 64,
+                "depths": [2, 2, 2, 2],
+                "hidden_sizes": [64, 128, 256, 512],
+                "out_features": ["stage2", "stage3", "stage4"],
+            },
+            "use_pretrained_backbone": False,
+            # HF's 0.01 leaves the random encoder output ~0, so every anchor gets the same
+            # score and the top-k query choice is a tie; 0.2 spreads the scores.
+            "initializer_range": 0.2,
+            "encoder_in_channels": [128, 256, 512],
+            "hidden_expansion": 0.5,
+            "decoder_layers": 3,
+            "num_queries": 300,
+            "num_labels": 80,
+        },
+        processor_class="RTDetrImageProcessor",
+        processor={
+            "size": {"height": 640, "width": 640},
+            "resample": _BILINEAR,
+            "do_normalize": False,
+            "do_pad": False,
+        },
+        description="RT-DETR with a ResNet-18 backbone (20M params), 640x640, 300 queries, "
+        "80 classes, like PekingU/rtdetr_r18vd",
+        outputs=("logits", "pred_boxes"),
+        break_ties=True,
+    )
+)
+
+_ENTRIES.append(
+    ZooEntry(
+        name="tiny-rtdetr",
+        task="detect",
+        model_class="RTDetrForObjectDetection",
+        config_class="RTDetrConfig",
+        config={
+            "backbone_config": {
+                "model_type": "rt_detr_resnet",
+                "layer_type": "basic",
+                "embedding_size": 8,
+                "depths": [1, 1, 1, 1],
+                "hidden_sizes": [8, 16, 32, 64],
+                "out_features": ["stage2", "stage3", "stage4"],
+            },
+            "use_pretrained_backbone": False,
+            "initializer_range": 0.2,
+            "encoder_in_channels": [16, 32, 64],
+            "encoder_hidden_dim": 32,
+            "encoder_ffn_dim": 64,
+            "encoder_attention_heads": 2,
+            "hidden_expansion": 0.5,
+            "d_model": 32,
+            "decoder_in_channels": [32, 32, 32],
+            "decoder_ffn_dim": 64,
+            "decoder_attention_heads": 2,
+            "decoder_n_points": 2,
+            "decoder_layers": 1,
+            "num_queries": 10,
+            "num_denoising": 0,
+            "num_labels": 5,
+        },
+        processor_class="RTDetrImageProcessor",
+        processor={
+            "size": {"height": 64, "width": 64},
+            "resample": _BILINEAR,
+            "do_normalize": False,
+            "do_pad": False,
+        },
+        description="a tiny RT-DETR for tests: 64x64, 10 queries, 5 classes",
+        tiny=True,
+        outputs=("logits", "pred_boxes"),
+        break_ties=True,
+    )
+)
+
+# LiheYoung/depth-anything-small-hf: DINOv2-small backbone (384 wide, 12 layers, 6 heads,
+# patch 14, features of layers 9-12), DPT-style neck [48, 96, 192, 384], fusion 64, head 32.
+# Its processor resizes keeping the aspect ratio to a multiple of 14 (about 518 on the
+# short side, so shapes vary); a fixed 518x518 direct resize lets requests share batches.
+_DEPTH_PROCESSOR: dict[str, Any] = {
+    "size": {"height": 518, "width": 518},
+    "keep_aspect_ratio": False,
+    "ensure_multiple_of": 14,
+    "resample": _BICUBIC,
+    "image_mean": list(IMAGENET_MEAN),
+    "image_std": list(IMAGENET_STD),
+    "do_pad": False,
+}
+
+_ENTRIES.append(
+    ZooEntry(
+        name="depth-anything-small",
+        task="depth",
+        model_class="DepthAnythingForDepthEstimation",
+        config_class="DepthAnythingConfig",
+        config={
+            "backbone_config": {
+                "model_type": "dinov2",
+                "hidden_size": 384,
+                "num_hidden_layers": 12,
+                "num_attention_heads": 6,
+                "patch_size": 14,
+                "image_size": 518,
+                "out_indices": [9, 10, 11, 12],
+                "reshape_hidden_states": False,
+            },
+            "patch_size": 14,
+            "reassemble_hidden_size": 384,
+            "reassemble_factors": [4, 2, 1, 0.5],
+            "neck_hidden_sizes": [48, 96, 192, 384],
+            "fusion_hidden_size": 64,
+            "head_hidden_size": 32,
+            "depth_estimation_type": "relative",
+        },
+        processor_class="DPTImageProcessor",
+        processor=_DEPTH_PROCESSOR,
+        description="Depth Anything small (DINOv2-S backbone, 25M params), relative depth at "
+        "518x518 (fixed square, the HF processor keeps aspect), like "
+        "LiheYoung/depth-anything-small-hf",
+        outputs=("predicted_depth",),
+    )
+)
+
+_ENTRIES.append(
+    ZooEntry(
+        name="tiny-depth",
+        task="depth",
+        model_class="DepthAnythingForDepthEstimation",
+        config_class="DepthAnythingConfig",
+        config={
+            "backbone_config": {
+                "model_type": "dinov2",
+                "hidden_size": 32,
+                "num_hidden_layers": 4,
+                "num_attention_heads": 2,
+                "mlp_ratio": 2,
+                "patch_size": 14,
+                "image_size": 56,
+                "out_indices": [1, 2, 3, 4],
+                "reshape_hidden_states": False,
+            },
+            "patch_size": 14,
+            "reassemble_hidden_size": 32,
+            "reassemble_factors": [4, 2, 1, 0.5],
+            "neck_hidden_sizes": [8, 16, 32, 32],
+            "fusion_hidden_size": 16,
+            "head_hidden_size": 8,
+        },
+        processor_class="DPTImageProcessor",
+        processor={**_DEPTH_PROCESSOR, "size": {"height": 56, "width": 56}},
+        description="a tiny Depth Anything for tests: 56x56 (4x4 patches of 14)",
+        tiny=True,
+        outputs=("predicted_depth",),
     )
 )
 

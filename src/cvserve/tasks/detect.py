@@ -103,7 +103,9 @@ class DetectHead:
         extra = model.extra or {}
         score = extra.get("score")
         if score is None:
-            score = "sigmoid" if extra.get("architecture") in SIGMOID_ARCHS else "softmax"
+            # The model family: HF's model_type ("rt_detr"), recorded at build time.
+            family = extra.get("model_type") or extra.get("architecture")
+            score = "sigmoid" if family in SIGMOID_ARCHS else "softmax"
         self.score = score
 
     def postprocess(
