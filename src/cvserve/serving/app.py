@@ -76,7 +76,7 @@ class ServerState:
         self._idle = asyncio.Event()
         self._idle.set()
         for name, ms in self.models.items():
-            ms.batcher._on_batch = _batch_observer(self.metrics, name)
+            ms.batcher.on_batch = _batch_observer(self.metrics, name)
 
     def enter(self) -> None:
         self.inflight += 1

@@ -97,7 +97,8 @@ class Batcher:
         self.name = name
         self.item_shape = tuple(item_shape)
         self.dtype = np.dtype(dtype)
-        self._on_batch = on_batch
+        #: Called on the event loop with each finished batch's BatchInfo (metrics).
+        self.on_batch = on_batch
         self._loop: asyncio.AbstractEventLoop | None = None
         self._open: _Batch | None = None
         self._closed: deque[_Batch] = deque()
@@ -258,8 +259,8 @@ class Batcher:
                 fut.set_exception(InferenceError(f"inference failed: {error}"))
             else:
                 fut.set_result(([o[row] for o in outputs], info))
-        if self._on_batch is not None:
-            self._on_batch(info)
+        if self.on_batch is not None:
+            self.on_batch(info)
         self._dispatch()
 
 
