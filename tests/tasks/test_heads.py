@@ -381,7 +381,7 @@ def test_depth_matches_hf(depth_anything, images, case):
     res = DepthHead(_meta("depth", spec, 0)).postprocess(_rows(out.predicted_depth), meta)
     depth = res["depth"]
     assert depth.shape == (h, w) and depth.dtype == np.float32
-    scale = np.abs(ref).max()
+    scale = float(np.abs(ref).max())  # a Python float: pytest.approx rejects numpy scalars
     assert np.abs(depth - ref).max() <= 1e-4 * scale
     assert res["min"] == pytest.approx(float(ref.min()), abs=1e-4 * scale)
     assert res["max"] == pytest.approx(float(ref.max()), abs=1e-4 * scale)
