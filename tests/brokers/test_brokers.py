@@ -87,6 +87,24 @@ def test_order_within_a_topic_is_preserved(make_broker):
     assert [d.message.index for d in got] == list(range(20))
 
 
+def test_publish_many_keeps_order_and_respects_maxlen(make_broker):
+    async def main():
+        async with make_broker(maxlen=5, publish_timeout=0.2) as b:
+            fan = [Message("r", index=i, arrays={"x": np.full(4, i, np.int16)}) for i in range(4)]
+            ids = await b.publish_many("work", fan)
+            got = await b.consume("work", "g", "c", count=10)
+            # Room for 1 more of 5: the next fan-out of 3 falls back to one at a time,
+            # publishes one, then waits for room and reports the topic full.
+            with pytest.raises(BrokerFull):
+                await b.publish_many("work", [Message("s", index=i) for i in range(3)])
+            return ids, got, await b.length("work")
+
+    ids, got, length = run(main())
+    assert [d.id for d in got] == ids
+    assert [int(d.message.arrays["x"][0]) for d in got] == [0, 1, 2, 3]
+    assert length == 5  # 4 unacknowledged + 1: nothing trimmed, nothing over maxlen
+
+
 def test_consume_without_block_returns_at_once_when_empty(make_broker):
     async def main():
         async with make_broker() as b:

@@ -43,6 +43,16 @@ class Broker(abc.ABC):
         seconds (default ``publish_timeout``) raises ``BrokerFull``.
         """
 
+    async def publish_many(
+        self, topic: str, messages: list[Message], *, timeout: float | None = None
+    ) -> list[str]:
+        """Publish ``messages`` in order (one request's fan-out); returns their entry ids.
+
+        The same guarantees as ``publish`` for each message; a broker may send them in one
+        round trip (Redis does, when the topic has room for all of them).
+        """
+        return [await self.publish(topic, m, timeout=timeout) for m in messages]
+
     @abc.abstractmethod
     async def consume(
         self, topic: str, group: str, consumer: str, *, count: int = 1, block_ms: int = 0

@@ -50,6 +50,13 @@ if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
 return redis.call('XADD', KEYS[1], '*', 'm', ARGV[2])
 """
 
+_PUBLISH_MANY = """
+if redis.call('XLEN', KEYS[1]) + #ARGV - 1 > tonumber(ARGV[1]) then return false end
+local ids = {}
+for i = 2, #ARGV do ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', 'm', ARGV[i]) end
+return ids
+"""
+
 _ACK = """
 local key, group = KEYS[1], ARGV[1]
 if redis.call('EXISTS', key) == 0 then return 0 end
@@ -171,6 +178,7 @@ class RedisStreamsBroker(Broker):
             protocol=2,
         )
         self._publish_script = self._redis.register_script(_PUBLISH)
+        self._publish_many_script = self._redis.register_script(_PUBLISH_MANY)
         self._ack_script = self._redis.register_script(_ACK)
         self._groups: set[tuple[str, str]] = set()
 
@@ -201,6 +209,23 @@ class RedisStreamsBroker(Broker):
                 async with self._guard():
                     if await self._redis.xlen(key) < self.maxlen:
                         break
+
+    async def publish_many(
+        self, topic: str, messages: list[Message], *, timeout: float | None = None
+    ) -> list[str]:
+        """One round trip for the whole fan-out when the topic has room for all of it;
+        otherwise one message at a time, each waiting for room as ``publish`` does."""
+        if len(messages) < 2:
+            return await super().publish_many(topic, messages, timeout=timeout)
+        now = time.time()
+        frames = [encode(m, published_at=now) for m in messages]
+        async with self._guard():
+            ids = await self._publish_many_script(
+                keys=[self._key(topic)], args=[self.maxlen, *frames]
+            )
+        if ids is not None:
+            return [_text(i) for i in ids]
+        return await super().publish_many(topic, messages, timeout=timeout)
 
     async def create_group(self, topic: str, group: str) -> None:
         async with self._guard():

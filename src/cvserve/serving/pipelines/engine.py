@@ -220,13 +220,15 @@ class PipelineServer:
         fut = self.router.expect(request_id, len(items))
         sent = time.perf_counter()
         try:
-            for i, arrays in enumerate(items):
-                msg = Message(
-                    request_id=request_id, index=i, arrays=arrays, reply_to=self.router.topic
-                )
-                await self.broker.publish(
-                    self.topic, msg, timeout=max(0.001, deadline - time.perf_counter())
-                )
+            # One round trip for the whole fan-out where the broker can (Redis).
+            await self.broker.publish_many(
+                self.topic,
+                [
+                    Message(request_id=request_id, index=i, arrays=a, reply_to=self.router.topic)
+                    for i, a in enumerate(items)
+                ],
+                timeout=max(0.001, deadline - time.perf_counter()),
+            )
             deliveries = await self.router.wait(
                 request_id, len(items), timeout=max(0.0, deadline - time.perf_counter())
             )
