@@ -49,3 +49,17 @@ def test_demo_runs_end_to_end(model_cache, data_dir):
     assert r.returncode == 0, r.stderr[-2000:]
     for word in ("c=1", "c=4", "decode", "infer", "batch_wait", "end to end"):
         assert word in r.stdout, word
+
+
+def test_the_serving_path_never_imports_torch():
+    code = (
+        "import sys\n"
+        "import cvserve.cli, cvserve.serving.server, cvserve.serving.pipelines.engine\n"
+        "import cvserve.serving.pipelines.ocr, cvserve.serving.pipelines.detect_classify\n"
+        "import cvserve.tasks, cvserve.bench, cvserve.demo\n"
+        "cvserve.cli.build_parser()\n"
+        "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
