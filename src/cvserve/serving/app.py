@@ -241,9 +241,7 @@ async def _predict(request: Request, targets: Mapping[str, Any], what: str) -> R
             payload = {"error": {"kind": "internal", "message": f"internal error: {e}"}}
         accept = request.headers.get("accept")
         if status == 200 and _has_arrays(payload):  # PNG/npz encoding takes real CPU
-            body, media = await asyncio.get_running_loop().run_in_executor(
-                state.pool.executor, encode_result, payload, accept
-            )
+            body, media = await state.pool.run(trace, "encode", encode_result, payload, accept)
         else:
             body, media = encode_result(payload, accept if status == 200 else None)
         trace.mark("encode")

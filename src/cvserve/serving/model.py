@@ -84,6 +84,21 @@ class PreprocessPool:
     def shutdown(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=False)
 
+    async def run(self, trace: Trace, stage: str, fn, *args):
+        """``fn(*args)`` on a pool thread: the wait for a free thread is charged to
+        ``queue`` and the work itself to ``stage``, so a busy pool shows as queueing."""
+
+        def timed():
+            t0 = time.perf_counter()
+            out = fn(*args)
+            return out, t0, time.perf_counter()
+
+        out, t0, t1 = await asyncio.get_running_loop().run_in_executor(self.executor, timed)
+        trace.add("queue", t0 - trace.last)
+        trace.add(stage, t1 - t0)
+        trace.advance(t1)
+        return out
+
 
 class ModelServer:
     """Serves one model: admission control, preprocessing, batching and postprocessing."""
@@ -196,8 +211,8 @@ class ModelServer:
         if self.meta.task == "classify":  # microseconds: not worth a thread hop
             result = self.head.postprocess(rows, meta, **params)
         else:  # full-resolution masks and depth maps take real CPU: off the event loop
-            result = await asyncio.get_running_loop().run_in_executor(
-                self.pool.executor, partial(self.head.postprocess, rows, meta, **params)
+            result = await self.pool.run(
+                trace, "postprocess", partial(self.head.postprocess, rows, meta, **params)
             )
         trace.mark("postprocess")
         return Prediction(result=result, batch_size=info.size, image_size=meta.orig_size)
