@@ -10,6 +10,12 @@ from cvserve.images.preprocess import ImageMeta
 from cvserve.models.metadata import ModelMeta
 
 
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Numerically stable softmax along ``axis``, in ``x``'s own dtype."""
+    z = np.exp(x - x.max(axis=axis, keepdims=True))
+    return z / z.sum(axis=axis, keepdims=True)
+
+
 class TaskHead(Protocol):
     """Turns one request's rows of the model outputs into a JSON-able result."""
 

@@ -8,6 +8,7 @@ import numpy as np
 
 from cvserve.images.preprocess import ImageMeta
 from cvserve.models.metadata import ModelMeta
+from cvserve.tasks.base import softmax
 
 DEFAULT_TOP_K = 5
 
@@ -21,10 +22,7 @@ class ClassifyHead:
     def postprocess(
         self, outputs: list[np.ndarray], meta: ImageMeta, top_k: int = DEFAULT_TOP_K, **_: Any
     ) -> dict:
-        logits = np.asarray(outputs[0], dtype=np.float64).reshape(-1)
-        z = logits - logits.max()
-        probs = np.exp(z)
-        probs /= probs.sum()
+        probs = softmax(np.asarray(outputs[0], dtype=np.float64).reshape(-1))
         k = max(1, min(int(top_k), probs.size))
         idx = np.argpartition(-probs, k - 1)[:k]
         idx = idx[np.argsort(-probs[idx], kind="stable")]

@@ -33,6 +33,7 @@ from cvserve.images.preprocess import ImageMeta
 from cvserve.images.spec import PreprocessSpec
 from cvserve.images.transforms import crop_box, resized_size
 from cvserve.models.metadata import ModelMeta
+from cvserve.tasks.base import softmax
 
 DEFAULT_THRESHOLD = 0.5
 SIGMOID_ARCHS = frozenset(
@@ -135,10 +136,7 @@ class DetectHead:
             idx = np.argsort(-flat, kind="stable")[:q]
             scores, labels, queries = flat[idx], idx % c, idx // c
         elif mode == "softmax":
-            z = logits.astype(np.float64)
-            z = np.exp(z - z.max(axis=1, keepdims=True))
-            probs = z / z.sum(axis=1, keepdims=True)
-            probs = probs[:, :-1]
+            probs = softmax(logits.astype(np.float64), axis=1)[:, :-1]  # last: no object
             labels = probs.argmax(axis=1)
             scores = probs[np.arange(q), labels]
             queries = np.argsort(-scores, kind="stable")

@@ -16,7 +16,11 @@ import numpy as np
 from PIL import Image
 
 from cvserve.brokers import Message
+from cvserve.images.decode import decode
+from cvserve.images.preprocess import ImageMeta
+from cvserve.images.transforms import normalize_into, resize_crop
 from cvserve.serving.pipelines.base import BATCH, INFER_S, POST_S, FanOut, StageOptions
+from cvserve.tasks.base import softmax
 
 KIND = "detect-classify"
 DEFAULTS = {"detector": "yolos-tiny", "classifier": "resnet18", "objects": 8}
@@ -42,8 +46,8 @@ class DetectStage:
     """Stage A: image -> top-``objects`` detections -> one classifier-sized crop each."""
 
     def __init__(self, options: StageOptions) -> None:
-        from cvserve.images.preprocess import Preprocessor
         from cvserve.models import store
+        from cvserve.tasks.detect import DetectHead
 
         self.objects = int(_param(options, "objects"))
         if self.objects < 1:
@@ -51,41 +55,30 @@ class DetectStage:
         self.meta, self.det = _load(_param(options, "detector"), options)
         if self.meta.task != "detect":
             raise ValueError(f"detector {self.meta.name!r} is a {self.meta.task} model")
+        # The detector's own head: its family's scoring (softmax or sigmoid) and geometry.
+        self.head = DetectHead(self.meta)
         cls_meta = store.ensure_built(_param(options, "classifier"), options.cache_dir)
         self.crop_size = (cls_meta.preprocess.width, cls_meta.preprocess.height)
-        self.pre = Preprocessor(self.meta.preprocess, max_pixels=options.max_pixels)
-        self.x = None
+        self.max_pixels = options.max_pixels
 
     def run(self, data: bytes) -> FanOut:
-        from cvserve.images.decode import decode
-
         spec = self.meta.preprocess
         x = np.empty((1, *spec.input_shape), np.float32)
         t0 = time.perf_counter()
         # The crops need the picture too: decode once, preprocess from the decoded image.
-        dec = decode(data, max_pixels=self.pre.max_pixels, backend="pil")
+        dec = decode(data, max_pixels=self.max_pixels, backend="pil")
         t1 = time.perf_counter()
-        from cvserve.images.transforms import normalize_into, resize_crop
-
         normalize_into(np.asarray(resize_crop(dec.image, dec.orig_size, spec)), x[0], spec)
         t2 = time.perf_counter()
-        logits, boxes = self.det.run(x)[:2]
+        outputs = self.det.run(x)
         t3 = time.perf_counter()
-        z = logits[0] - logits[0].max(axis=-1, keepdims=True)
-        probs = np.exp(z)
-        probs /= probs.sum(axis=-1, keepdims=True)
-        probs = probs[:, :-1]  # the last class is "no object"
-        labels = probs.argmax(axis=-1)
-        scores = probs.max(axis=-1)
-        keep = np.argsort(-scores, kind="stable")[: self.objects]
-        w, h = dec.orig_size
-        cx, cy, bw, bh = (boxes[0][keep, i] for i in range(4))
-        xyxy = np.stack(
-            [(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h], -1
-        )
-        xyxy = np.clip(xyxy, 0, [w, h, w, h]).astype(np.float32)
-        items = []
-        for x0, y0, x1, y1 in xyxy:
+        meta = ImageMeta(orig_size=dec.orig_size, format=dec.format, reduced=dec.reduced)
+        found = self.head.postprocess(
+            [o[0] for o in outputs[:2]], meta, threshold=0.0, top_k=self.objects, clip=True
+        )["detections"]
+        items, boxes = [], []
+        for d in found:
+            x0, y0, x1, y1 = d["box"]
             box = (
                 int(x0),
                 int(y0),
@@ -94,11 +87,12 @@ class DetectStage:
             )
             crop = dec.image.resize(self.crop_size, Image.Resampling.BILINEAR, box=box)
             items.append({"pixels": np.asarray(crop)})
+            boxes.append([round(v, 1) for v in d["box"]])
         t4 = time.perf_counter()
         context = {
-            "boxes": [[round(float(v), 1) for v in b] for b in xyxy],
-            "det_scores": [float(s) for s in scores[keep]],
-            "det_labels": [int(k) for k in labels[keep]],
+            "boxes": boxes,
+            "det_scores": [d["score"] for d in found],
+            "det_labels": [d["index"] for d in found],
         }
         return FanOut(
             items=items, context=context, image_size=dec.orig_size,
@@ -116,8 +110,6 @@ class ClassifyStage:
         self.labels = self.meta.labels
 
     def run(self, messages: list[Message]) -> list[Message]:
-        from cvserve.images.transforms import normalize_into
-
         t0 = time.perf_counter()
         x = np.empty((len(messages), *self.spec.input_shape), self.spec.dtype)
         for i, m in enumerate(messages):
@@ -125,9 +117,7 @@ class ClassifyStage:
         t1 = time.perf_counter()
         logits = self.rt.run(x)[0]
         t2 = time.perf_counter()
-        z = logits - logits.max(axis=-1, keepdims=True)
-        probs = np.exp(z)
-        probs /= probs.sum(axis=-1, keepdims=True)
+        probs = softmax(logits)
         top = probs.argmax(axis=-1)
         post = (t1 - t0) + (time.perf_counter() - t2)
         n = len(messages)
