@@ -595,7 +595,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except _user_errors() as e:
-        _say(f"error: {e}")
+        if args.verbose:  # the one-line message hides where it came from
+            raise
+        _say(f"error: {e} (-v for the traceback)")
         return 2
 
 
