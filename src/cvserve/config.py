@@ -16,6 +16,10 @@ class ConfigError(ValueError):
     """A configuration file or flag combination that cannot work."""
 
 
+#: Runtimes a model can be served with.
+RUNTIMES: tuple[str, ...] = ("onnxruntime", "simulated")
+
+
 @dataclass(frozen=True)
 class BatchConfig:
     """Batching and admission settings of one model."""
@@ -54,6 +58,43 @@ class ModelConfig:
     decoder: str = "pil-reduced"
     #: Overrides of the model's own PreprocessSpec fields (e.g. ``interpolation``).
     preprocess: dict[str, Any] = field(default_factory=dict)
+    #: ``"onnxruntime"``, or ``"simulated"``: an accelerator that takes ``sim_profile``'s
+    #: time per batch and burns no host CPU (see ``cvserve.runtime.simulated``).
+    runtime: str = "onnxruntime"
+    #: Latency per batch size: ``"1:0.9,8:2.4"`` (ms), a profile JSON file, or a packaged
+    #: profile's name (``resnet50-trt-a100``). Required when ``runtime`` is simulated.
+    sim_profile: str | None = None
+    #: Simulated devices shared by the instances; each runs one batch at a time.
+    sim_devices: int = 1
+    #: Host<->device copy rate in GB/s (no copy time when None).
+    sim_h2d_gbps: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(
+                f"model {self.name!r}: runtime {self.runtime!r}; choose one of {', '.join(RUNTIMES)}"
+            )
+        if self.runtime == "simulated":
+            if not self.sim_profile:
+                raise ConfigError(
+                    f"model {self.name!r}: the simulated runtime needs a latency profile "
+                    "(sim_profile / --sim-profile: '1:0.9,8:2.4', a JSON file, or a packaged name)"
+                )
+            from cvserve.runtime.simulated import SimProfile
+
+            try:
+                SimProfile.parse(self.sim_profile)
+            except ValueError as e:
+                raise ConfigError(f"model {self.name!r}: {e}") from None
+        elif self.sim_profile or self.sim_h2d_gbps is not None:
+            raise ConfigError(
+                f"model {self.name!r}: sim_profile/sim_h2d_gbps need the simulated runtime "
+                "(runtime: simulated / --runtime simulated)"
+            )
+        if not isinstance(self.sim_devices, int) or self.sim_devices < 1:
+            raise ConfigError(f"model {self.name!r}: sim_devices must be an integer >= 1")
+        if self.sim_h2d_gbps is not None and not self.sim_h2d_gbps > 0:
+            raise ConfigError(f"model {self.name!r}: sim_h2d_gbps must be > 0")
 
     @property
     def store_name(self) -> str:

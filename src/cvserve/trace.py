@@ -35,18 +35,27 @@ __all__ = [
     "Trace",
     "format_server_timing",
     "parse_server_timing",
+    "server_timing_simulated",
 ]
+
+#: Server-Timing parameter on the ``infer`` entry of a response whose inference ran on the
+#: simulated accelerator (``infer;dur=1.234;sim=1``): the numbers are not a real DNN's.
+SIMULATED_PARAM = "sim"
 
 
 class Trace:
-    """Stage durations of one request, in seconds, measured with ``time.perf_counter``."""
+    """Stage durations of one request, in seconds, measured with ``time.perf_counter``.
 
-    __slots__ = ("start", "last", "stages")
+    ``simulated`` is set when the request's inference ran on the simulated accelerator;
+    its Server-Timing then flags the ``infer`` entry with ``sim=1``."""
+
+    __slots__ = ("start", "last", "stages", "simulated")
 
     def __init__(self, start: float | None = None) -> None:
         self.start = time.perf_counter() if start is None else start
         self.last = self.start
         self.stages: dict[str, float] = {}
+        self.simulated = False
 
     def add(self, stage: str, seconds: float) -> None:
         """Charge ``seconds`` to ``stage`` (a stage may be charged more than once)."""
@@ -70,12 +79,33 @@ class Trace:
         return sum(self.stages.values())
 
     def server_timing(self) -> str:
-        return format_server_timing(self.stages)
+        return format_server_timing(self.stages, simulated=self.simulated)
 
 
-def format_server_timing(stages: Mapping[str, float]) -> str:
-    """Encode stage durations (seconds) as a ``Server-Timing`` header value (milliseconds)."""
-    return ", ".join(f"{name};dur={seconds * 1000.0:.3f}" for name, seconds in stages.items())
+def format_server_timing(stages: Mapping[str, float], simulated: bool = False) -> str:
+    """Encode stage durations (seconds) as a ``Server-Timing`` header value (milliseconds).
+
+    ``simulated`` adds ``sim=1`` to the ``infer`` entry (see :func:`server_timing_simulated`).
+    """
+    flag = f";{SIMULATED_PARAM}=1" if simulated else ""
+    return ", ".join(
+        f"{name};dur={seconds * 1000.0:.3f}{flag if name == 'infer' else ''}"
+        for name, seconds in stages.items()
+    )
+
+
+def server_timing_simulated(value: str | bytes | None) -> bool:
+    """True when a ``Server-Timing`` value says its inference was simulated (``sim=1``)."""
+    if not value:
+        return False
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    for entry in value.split(","):
+        for param in entry.split(";")[1:]:
+            key, _, val = param.partition("=")
+            if key.strip().lower() == SIMULATED_PARAM and val.strip().strip('"') == "1":
+                return True
+    return False
 
 
 def parse_server_timing(value: str | None) -> tuple[dict[str, float], int]:

@@ -36,7 +36,7 @@ class ResultError(ValueError):
     """A result file that cannot be read: wrong schema version, invalid, or missing rows."""
 
 
-_ADDED_IN_V1 = frozenset({"mean_response_bytes"})
+_ADDED_IN_V1 = frozenset({"mean_response_bytes", "simulated_responses"})
 
 
 @dataclass
@@ -73,6 +73,9 @@ class PointSummary:
     warnings: list[str] = field(default_factory=list)
     #: Mean body size of the successful responses (moving results is data movement too).
     mean_response_bytes: float | None = None
+    #: Measured successful responses whose inference ran on the simulated accelerator
+    #: (``sim=1`` in Server-Timing): their ``infer`` time is a profile's, not a real DNN's.
+    simulated_responses: int = 0
 
     @property
     def load_label(self) -> str:
@@ -100,12 +103,26 @@ class BenchResult:
     label: str | None = None
     schema: str = SCHEMA_VERSION
 
+    @property
+    def simulated(self) -> bool:
+        """True when any measured inference ran on the simulated accelerator, or the
+        server said its model runs on one: the DNN times are a profile's, not measured."""
+        if any(p.simulated_responses for p in self.points):
+            return True
+        models = (self.server or {}).get("models") or {}
+        entries = models.get("models", []) if isinstance(models, dict) else []
+        return any(
+            isinstance(m, dict) and (m.get("runtime") or {}).get("simulated") is True
+            for m in entries
+        )
+
     def to_dict(self, rows_file: str | None = None) -> dict[str, Any]:
         n = len(next(iter(self.rows.values()))) if self.rows else 0
         return {
             "schema": self.schema,
             "created": self.created,
             "label": self.label,
+            "simulated": self.simulated,
             "command": list(self.command),
             "config": self.config,
             "machine": self.machine,
@@ -164,6 +181,7 @@ _POINT = {
         },
         "mean_batch_size": _NUM_OR_NULL,
         "mean_response_bytes": _NUM_OR_NULL,
+        "simulated_responses": _INT,
         "server_timing_malformed": _INT,
         "server_timing_missing": _INT,
         "breakdown_ms": _MS,
@@ -195,6 +213,8 @@ RESULT_SCHEMA: dict[str, Any] = {
         "schema": {"const": SCHEMA_VERSION},
         "created": {"type": "string"},
         "label": {"type": ["string", "null"]},
+        # optional (added within version 1): inference ran on the simulated accelerator
+        "simulated": {"type": "boolean"},
         "command": {"type": "array", "items": {"type": "string"}},
         "config": {
             "type": "object",

@@ -24,7 +24,7 @@ from cvserve.bench.inputs import BenchImage, load_images
 from cvserve.bench.loadgen import PointPlan, PointRecords, run_point
 from cvserve.bench.results import BenchResult, PointSummary, machine_info
 from cvserve.bench.stats import breakdown, latency_summary
-from cvserve.trace import STAGES, parse_server_timing
+from cvserve.trace import STAGES, parse_server_timing, server_timing_simulated
 
 log = logging.getLogger(__name__)
 
@@ -168,10 +168,13 @@ def summarize_point(
     stage_cols: dict[str, np.ndarray] = {}
     malformed = np.zeros(n, dtype=np.int32)
     has_timing = np.zeros(n, dtype=bool)
+    simulated = np.zeros(n, dtype=bool)
     for i, raw in enumerate(rec.timing):
         if raw is None:
             continue
-        stages, bad = parse_server_timing(raw.decode("latin-1"))
+        text = raw.decode("latin-1")
+        stages, bad = parse_server_timing(text)
+        simulated[i] = server_timing_simulated(text)
         has_timing[i] = True
         malformed[i] = bad
         for name, seconds in stages.items():
@@ -195,6 +198,13 @@ def summarize_point(
     ms, pct = breakdown(lat[timed], {k: v[timed] for k, v in stage_cols.items()})
 
     plan = rec.plan
+    warnings = list(rec.warnings)
+    n_sim = int((ok & simulated).sum())
+    if n_sim:
+        warnings.append(
+            f"simulated accelerator: {n_sim} of {n_ok} responses ran on a simulated device "
+            "(sim=1 in Server-Timing); their infer time is a latency profile's, not a real DNN's"
+        )
     summary = PointSummary(
         index=plan.index,
         mode=plan.mode,
@@ -232,7 +242,8 @@ def summarize_point(
         breakdown_ms=ms,
         breakdown_pct=pct,
         windows=[vars(w).copy() for w in rec.windows],
-        warnings=list(rec.warnings),
+        warnings=warnings,
+        simulated_responses=n_sim,
     )
 
     starts = np.array([rec.t_start + w.start for w in rec.windows], dtype=np.float64)
@@ -256,6 +267,7 @@ def summarize_point(
         "response_bytes": rec.nbytes,
         "st_malformed": malformed,
         "has_timing": has_timing,
+        "simulated": simulated,
         **{f"stage_{k}": v for k, v in stage_cols.items()},
         "stage_network": np.where(has_timing, lat - server, np.nan),
     }

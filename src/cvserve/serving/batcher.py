@@ -26,7 +26,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,6 +47,11 @@ class BatchInfo:
     instance: int
     infer_start: float
     infer_end: float
+    #: How the runtime says its call split (``batch_wait`` for a device, ``h2d``, ``infer``,
+    #: ``d2h``; seconds), when it says (the simulated accelerator does).
+    stages: Mapping[str, float] | None = None
+    #: The batch ran on the simulated accelerator: no real DNN ran.
+    simulated: bool = False
 
 
 class _Batch:
@@ -241,8 +246,14 @@ class Batcher:
             except Exception as e:  # the batch fails, the worker lives on
                 log.exception("%s: batch of %d failed on instance %d", self.name, n, instance)
                 outputs, error = [], e
+            t1 = time.perf_counter()
             info = BatchInfo(
-                size=n, instance=instance, infer_start=t0, infer_end=time.perf_counter()
+                size=n,
+                instance=instance,
+                infer_start=t0,
+                infer_end=t1,
+                stages=getattr(runtime, "last_stages", None) if error is None else None,
+                simulated=bool(getattr(runtime, "simulated", False)),
             )
             assert self._loop is not None
             self._loop.call_soon_threadsafe(

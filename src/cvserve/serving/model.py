@@ -23,6 +23,7 @@ from cvserve.errors import RequestError
 from cvserve.images.preprocess import Preprocessor
 from cvserve.models.metadata import ModelMeta
 from cvserve.runtime.onnx import OrtOptions, OrtRuntime
+from cvserve.runtime.simulated import SimDevice, SimModel, SimulatedRuntime
 from cvserve.serving.batcher import Batcher, BatchInfo
 from cvserve.tasks.base import get_head
 from cvserve.trace import Trace
@@ -126,10 +127,7 @@ class ModelServer:
         self.preprocessor = Preprocessor(spec, decoder=config.decoder, max_pixels=max_pixels)
         self.head = get_head(meta)
         b = config.batching
-        threads = config.intra_op_threads or max(1, (os.cpu_count() or 1) // b.instances)
-        runtimes = [
-            OrtRuntime(onnx_path, OrtOptions(intra_op_threads=threads)) for _ in range(b.instances)
-        ]
+        runtimes = _make_runtimes(onnx_path, config)
         shape = runtimes[0].input_shape
         if len(shape) != len(spec.input_shape) + 1 or any(
             isinstance(d, int) and d != s for d, s in zip(shape[1:], spec.input_shape, strict=True)
@@ -205,9 +203,7 @@ class ModelServer:
             trace.mark("batch_wait")
             raise DeadlineExceeded("deadline passed while waiting for inference") from None
         info: BatchInfo
-        trace.add("batch_wait", info.infer_start - trace.last)
-        trace.add("infer", info.infer_end - info.infer_start)
-        trace.advance(info.infer_end)
+        _charge_batch(trace, info)
         if self.meta.task == "classify":  # microseconds: not worth a thread hop
             result = self.head.postprocess(rows, meta, **params)
         else:  # full-resolution masks and depth maps take real CPU: off the event loop
@@ -283,7 +279,50 @@ class ModelServer:
                 "max_queue": b.max_queue,
                 "timeout_ms": b.timeout_ms,
             },
+            "runtime": self.runtime_description(),
         }
+
+    def runtime_description(self) -> dict[str, Any]:
+        rt = self._runtimes[0]
+        if isinstance(rt, SimulatedRuntime):
+            return rt.describe()
+        return {"kind": "onnxruntime", "simulated": False, "providers": list(rt.providers)}
+
+
+def _make_runtimes(onnx_path: str, config: ModelConfig) -> list:
+    """One runtime per instance: onnxruntime sessions, or simulated runtimes sharing one
+    simulated device (``sim_devices`` slots) and one view of the model's outputs."""
+    n = config.batching.instances
+    if config.runtime == "simulated":
+        device = SimDevice(config.sim_profile, config.sim_devices, config.sim_h2d_gbps)
+        model = SimModel(onnx_path)
+        log.info(
+            "%s: simulated accelerator (%d device(s), profile: %s)",
+            config.name,
+            config.sim_devices,
+            device.profile.source,
+        )
+        return [SimulatedRuntime(onnx_path, device, model=model) for _ in range(n)]
+    threads = config.intra_op_threads or max(1, (os.cpu_count() or 1) // n)
+    return [OrtRuntime(onnx_path, OrtOptions(intra_op_threads=threads)) for _ in range(n)]
+
+
+def _charge_batch(trace: Trace, info: BatchInfo) -> None:
+    """Charge a row's wait and its batch's runtime call to the trace. When the runtime
+    split its call (the simulated accelerator), waiting for a device counts as
+    ``batch_wait`` and the copies as ``h2d``/``d2h``; ``infer`` gets the rest of the call,
+    so the stages still add up to the request's time."""
+    split = info.stages or {}
+    call = info.infer_end - info.infer_start
+    trace.add("batch_wait", info.infer_start - trace.last + split.get("batch_wait", 0.0))
+    if "h2d" in split:
+        trace.add("h2d", split["h2d"])
+    trace.add("infer", call - sum(split.get(k, 0.0) for k in ("batch_wait", "h2d", "d2h")))
+    if "d2h" in split:
+        trace.add("d2h", split["d2h"])
+    trace.advance(info.infer_end)
+    if info.simulated:
+        trace.simulated = True
 
 
 def _remaining(deadline: float) -> float:
