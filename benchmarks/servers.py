@@ -24,17 +24,9 @@ from cvserve.bench import BenchConfig, run_bench
 from cvserve.bench.results import write_benchmark
 from cvserve.models import store
 from cvserve.serving.server import ServerProcess, free_port
+from cvserve.study.baseline import BaselineProcess
 
 HERE = Path(__file__).resolve().parent
-
-
-class BaselineProcess(ServerProcess):
-    """benchmarks/baseline_server.py in a child process."""
-
-    def __init__(self, onnx: Path, name: str):
-        super().__init__([])
-        self.args = [sys.executable, str(HERE / "baseline_server.py"), "--onnx", str(onnx),
-                     "--name", name, "--port", str(self.port)]  # fmt: skip
 
 
 def start(variant: str, serve_args: str, model: str, cache: str | None) -> ServerProcess:

@@ -1,0 +1,250 @@
+"""Peer servers: the same ONNX file and the same baseline preprocessing, served by LitServe
+and by Ray Serve, so the study compares serving frameworks and not model code.
+
+Each peer runs :class:`cvserve.study.baseline.BaselineModel` (full PIL decode, HF-like
+resize/crop, float64 normalize, onnxruntime at batch 1) behind the framework's own HTTP
+front and worker model, at the framework's defaults except where the comparison needs
+them pinned: batch size 1 and one worker, as the baseline.
+
+- **LitServe**: ``LitAPI(max_batch_size=1)``, one inference worker on the CPU
+  (``accelerator="cpu", devices=1, workers_per_device=1``) and one API-server process,
+  its defaults otherwise (30 s queue timeout). The API process puts each request on a
+  queue to the worker process, which runs ``decode_request`` (preprocess), ``predict``
+  (infer) and ``encode_response`` (postprocess) one request at a time. Its handler sees
+  the body only, so ``?top_k=`` is ignored (always 5).
+- **Ray Serve**: one replica (``num_replicas=1``), batch 1, its default
+  ``max_ongoing_requests``, behind Ray's HTTP proxy actor; the replica runs the handler
+  in a thread, as the baseline does. A local Ray instance is started for it
+  (``num_cpus=os.cpu_count()``, a 128 MiB object store, no dashboard, no usage stats,
+  loopback only); starting takes ~6 s and ~1 GB of memory on a 2-core machine.
+
+Both answer the baseline's URLs: ``POST /v1/models/{name}:predict`` with the raw image
+body, ``GET /readyz``, ``GET /v1/models`` and ``GET /v1/models/{name}``, with cvserve's
+JSON shape (errors too) and a ``Server-Timing`` header, so ``cvserve bench`` drives and
+breaks down all of them alike. The framework's own time outside the handler is
+``queue``: for LitServe the front measures it (its queue to the worker and back); for
+Ray Serve the proxy-to-replica hop is not seen by the replica and lands in the client's
+``network``.
+
+Install with ``pip install 'cvserve[peers]'`` (neither pulls torch);
+:func:`available_peers` says which peers can run here.
+
+    python -m cvserve.study.peers litserve --onnx MODEL.onnx --name resnet50 --port 8002
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cvserve.serving.server import ServerProcess
+
+__all__ = [
+    "PEERS",
+    "LitServeProcess",
+    "RayServeProcess",
+    "available_peers",
+    "peer_process",
+]
+
+#: peer name -> (modules it needs, pip requirement that brings them)
+_REQUIREMENTS: dict[str, tuple[tuple[str, ...], str]] = {
+    "litserve": (("litserve", "fastapi"), "litserve"),
+    "ray-serve": (("ray", "ray.serve", "fastapi", "aiohttp"), "ray[serve]"),
+}
+PEERS: tuple[str, ...] = tuple(_REQUIREMENTS)
+
+
+def _findable(module: str) -> bool:
+    """Whether ``module`` is installed, without importing it (importing ray takes ~1 s)."""
+    top, *rest = module.split(".")
+    spec = importlib.util.find_spec(top)
+    for part in rest:
+        if spec is None or not spec.submodule_search_locations:
+            return False
+        where = [Path(p) / part for p in spec.submodule_search_locations]
+        if not any((w / "__init__.py").is_file() or w.with_suffix(".py").is_file() for w in where):
+            return False
+    return spec is not None
+
+
+def available_peers() -> dict[str, str | None]:
+    """``{peer: None}`` for each peer that can run here, else ``{peer: why not}``."""
+    out: dict[str, str | None] = {}
+    for peer, (modules, req) in _REQUIREMENTS.items():
+        missing = [m for m in modules if not _findable(m)]
+        out[peer] = (
+            f"{', '.join(missing)} not installed (pip install 'cvserve[peers]', or '{req}')"
+            if missing
+            else None
+        )
+    return out
+
+
+class _PeerProcess(ServerProcess):
+    """A peer server (``python -m cvserve.study.peers PEER ...``) in a child process.
+
+    The child starts its own helper processes (LitServe's workers, Ray's daemons) and
+    stops them on SIGTERM, which :meth:`stop` sends."""
+
+    peer = ""
+
+    def __init__(
+        self,
+        onnx: str | Path,
+        name: str,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        meta: str | Path | None = None,
+    ) -> None:
+        reason = available_peers()[self.peer]
+        if reason is not None:
+            raise RuntimeError(f"{self.peer} cannot run: {reason}")
+        super().__init__([], port=port, host=host)
+        self.args = [sys.executable, "-m", "cvserve.study.peers", self.peer, "--onnx", str(onnx),
+                     "--name", name, "--host", host, "--port", str(self.port)]  # fmt: skip
+        if meta is not None:
+            self.args += ["--meta", str(meta)]
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        rc = super().stop(timeout)
+        if self.proc is not None:
+            try:  # helpers that outlived their parent (it leads their process group)
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        return rc
+
+
+class LitServeProcess(_PeerProcess):
+    """The model served by LitServe (one worker, batch 1) in a child process."""
+
+    peer = "litserve"
+
+
+class RayServeProcess(_PeerProcess):
+    """The model served by Ray Serve (one replica, batch 1) in a child process."""
+
+    peer = "ray-serve"
+
+
+def peer_process(peer: str, onnx: str | Path, name: str, **kw: Any) -> ServerProcess:
+    """The process class of ``peer`` (a name in :data:`PEERS`), constructed."""
+    classes: dict[str, Callable[..., ServerProcess]] = {
+        "litserve": LitServeProcess,
+        "ray-serve": RayServeProcess,
+    }
+    if peer not in classes:
+        raise ValueError(f"unknown peer {peer!r}; peers: {', '.join(PEERS)}")
+    return classes[peer](onnx, name, **kw)
+
+
+# --- pieces the servers share (used in the child process) ----------------------------
+def describe_routes(model_info: dict[str, Any], name: str):
+    """Starlette routes for the read-only endpoints a bench probes."""
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    def js(obj: Any, status: int = 200) -> Response:
+        return Response(json.dumps(obj), status, media_type="application/json")
+
+    async def list_models(request: Request) -> Response:
+        return js({"models": [model_info]})
+
+    async def show_model(request: Request) -> Response:
+        if request.path_params["model"] != name:
+            return js({"error": {"kind": "not_found", "message": "no such model"}}, 404)
+        return js(model_info)
+
+    return [Route("/v1/models", list_models), Route("/v1/models/{model}", show_model)]
+
+
+class TimingMiddleware:
+    """Pure ASGI: completes the worker's ``Server-Timing`` with ``recv`` (reading the
+    body) and ``queue`` (everything else the front spent: its queue to the worker, the
+    hops back), so the stages add up to the front's total time."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        t_recv = t0
+
+        async def timed_receive():
+            nonlocal t_recv
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body"):
+                t_recv = time.perf_counter()
+            return message
+
+        async def timed_send(message) -> None:
+            if message["type"] == "http.response.start":
+                message = _complete_timing(message, t0, t_recv)
+            await send(message)
+
+        await self.app(scope, timed_receive, timed_send)
+
+
+def _complete_timing(message: dict, t0: float, t_recv: float) -> dict:
+    from cvserve.trace import format_server_timing, parse_server_timing
+
+    headers = list(message.get("headers", []))
+    idx = [i for i, (k, _) in enumerate(headers) if k.lower() == b"server-timing"]
+    if not idx:
+        return message
+    stages, _ = parse_server_timing(headers[idx[0]][1].decode("latin-1"))
+    recv = max(0.0, t_recv - t0)
+    total = time.perf_counter() - t0
+    timing = {"recv": recv, **stages}
+    timing["queue"] = max(0.0, total - sum(timing.values()))
+    headers[idx[0]] = (b"server-timing", format_server_timing(timing).encode("latin-1"))
+    return {**message, "headers": headers}
+
+
+def timed_response(result: dict, stages: dict[str, float]):
+    """``result`` as JSON with a ``Server-Timing`` header of ``stages`` plus ``encode``."""
+    from starlette.responses import Response
+
+    from cvserve.trace import format_server_timing
+
+    t = time.perf_counter()
+    body = json.dumps(result).encode()
+    stages = {**stages, "encode": time.perf_counter() - t}
+    return Response(body, media_type="application/json",
+                    headers={"Server-Timing": format_server_timing(stages)})  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p.add_argument("peer", choices=PEERS)
+    p.add_argument("--onnx", required=True, help="the model file")
+    p.add_argument("--name", required=True, help="the model name in the URL")
+    p.add_argument("--meta", default=None, help="its sidecar (default: model.json beside it)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8002)
+    a = p.parse_args(argv)
+    # Lead a process group of our own: stop() can then end every helper process the
+    # framework started (workers, daemons) even if this one dies without cleaning up.
+    os.setpgrp()
+    if a.peer == "litserve":
+        from cvserve.study._litserve import run
+    else:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no reports home
+        from cvserve.study._rayserve import run
+    run(a.onnx, a.name, a.host, a.port, a.meta)
+
+
+if __name__ == "__main__":
+    main()
