@@ -1,4 +1,4 @@
-"""The one entry point: ``cvserve serve|worker|bench|demo|models|report``.
+"""The one entry point: ``cvserve serve|worker|bench|demo|models|report|study|profile``.
 
 Only this module prints; everything it calls reports through return values and logging.
 """
@@ -211,7 +211,34 @@ def _add_batching_args(p: argparse.ArgumentParser) -> None:
         "--preprocess-threads", type=int, default=0,
         help="threads that decode/resize/normalize (default: cores)",
     )  # fmt: skip
+    _add_runtime_args(p)
     _add_cache_arg(p)
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    from cvserve.config import RUNTIMES
+    from cvserve.runtime.simulated import packaged_profiles
+
+    p.add_argument(
+        "--runtime", default="onnxruntime", choices=RUNTIMES,
+        help="onnxruntime (default), or simulated: an accelerator that takes --sim-profile's "
+        "time per batch, burns no host CPU and returns outputs of the right shapes "
+        "(responses carry sim=1 in Server-Timing)",
+    )  # fmt: skip
+    p.add_argument(
+        "--sim-profile", metavar="FILE|NAME|1:0.9,8:2.4",
+        help="latency per batch size for --runtime simulated: batch:ms pairs, a profile JSON "
+        "(see `cvserve profile`), or a packaged profile: "
+        + (", ".join(packaged_profiles()) or "none"),
+    )  # fmt: skip
+    p.add_argument(
+        "--sim-devices", type=int, default=1,
+        help="simulated devices shared by the instances, one batch at a time each (default 1)",
+    )  # fmt: skip
+    p.add_argument(
+        "--sim-h2d-gbps", type=float, default=None,
+        help="simulated host<->device copy rate in GB/s (default: copies take no time)",
+    )  # fmt: skip
 
 
 def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -279,6 +306,10 @@ def server_config_from_args(args: argparse.Namespace):
             batching=batching,
             intra_op_threads=args.intra_op_threads,
             decoder=args.decoder,
+            runtime=getattr(args, "runtime", "onnxruntime"),
+            sim_profile=getattr(args, "sim_profile", None),
+            sim_devices=getattr(args, "sim_devices", 1),
+            sim_h2d_gbps=getattr(args, "sim_h2d_gbps", None),
         )
         for m in args.model or []
     )
@@ -519,6 +550,147 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- study ----------------------------------------------------------------------------
+def _add_study_parser(sub: argparse._SubParsersAction) -> None:
+    from cvserve.study.results import EXPERIMENTS
+
+    p = sub.add_parser(
+        "study",
+        help="rerun the paper's experiments on this machine and write a report with plots",
+        description="Runs the experiments of 'Beyond Inference' (DAC 2024) against servers it "
+        "starts itself: " + ", ".join(EXPERIMENTS) + ". Writes one JSON per experiment, "
+        "CSVs, PNG/SVG plots and a self-contained report.html to --out. The accelerator "
+        "experiment uses the simulated accelerator runtime and says so everywhere.",
+    )
+    p.add_argument("--out", default="study", help="output folder (default ./study)")
+    p.add_argument(
+        "--quick", action="store_true",
+        help="tiny models and short points: a few minutes on 2 cores (default: ~45 min at most)",
+    )  # fmt: skip
+    p.add_argument(
+        "--only", type=lambda t: [x.strip() for x in t.split(",") if x.strip()],
+        help="comma-separated experiments to run: " + ",".join(EXPERIMENTS),
+    )  # fmt: skip
+    p.add_argument(
+        "--resume", action="store_true",
+        help="reuse the points (and measurements) a previous run left in --out",
+    )  # fmt: skip
+    p.add_argument(
+        "--images", help="folder with small/, medium/ and large/ photos "
+        "(default: ../shared/data/images); OCR images come from its sibling ocr/",
+    )  # fmt: skip
+    p.add_argument("--model", help="classifier for setups/concurrency/image-sizes/accelerator")
+    p.add_argument("--duration", type=float, help="seconds measured per point")
+    p.add_argument(
+        "--sim-profile", action="append", default=[], metavar="FILE|NAME|1:0.9,8:2.4",
+        help="also run the accelerator experiment with this latency profile (repeatable)",
+    )  # fmt: skip
+    p.add_argument(
+        "--report-only", action="store_true",
+        help="run nothing: rewrite the report from the JSON files in --out",
+    )  # fmt: skip
+    _add_cache_arg(p)
+    p.set_defaults(func=_cmd_study)
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    import textwrap
+    import time
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from cvserve.study.report import write_report
+    from cvserve.study.runner import StudyConfig, StudyError, run_study
+
+    out = Path(args.out)
+    # each simulated point's warning is kept in its results; the terminal shows progress
+    logging.getLogger("cvserve.bench").setLevel(logging.ERROR)
+    t0 = time.monotonic()
+    command = ["cvserve", *sys.argv[1:]] if sys.argv[1:2] == ["study"] else ["cvserve", "study"]
+    results = None
+    if not args.report_only:
+        config = StudyConfig(
+            out=out,
+            profile="quick" if args.quick else "default",
+            only=args.only,
+            resume=args.resume,
+            images=Path(args.images) if args.images else None,
+            cache_dir=args.cache_dir,
+            model=args.model,
+            duration=args.duration,
+            sim_profiles=args.sim_profile,
+            command=command,
+        )
+        try:
+            with StudyProgress(Console(stderr=True)) as progress:
+                results = run_study(config, progress=progress)
+        except StudyError as e:
+            _say(f"error: {e}")
+            return 2
+    elapsed = time.monotonic() - t0
+    html = write_report(
+        out,
+        run_info={
+            "command": " ".join(command),
+            "elapsed_s": elapsed,
+            "profile": "quick" if args.quick else "default",
+        },
+    )
+    for r in results or []:
+        print(f"\n{r.title}" + (" [simulated]" if r.simulated else ""))
+        for f in r.findings:
+            print(textwrap.fill(f.text, 78, initial_indent="  ", subsequent_indent="  "))
+        skipped = [p for p in r.points if p.status != "ok"]
+        for p in skipped:
+            print(textwrap.fill(f"{p.id}: {p.status}: {p.reason}", 78, initial_indent="  - ",
+                                subsequent_indent="    "))  # fmt: skip
+    print(f"\nreport: {html} ({elapsed:.0f} s)")
+    return 0
+
+
+class StudyProgress:
+    """One bar for the whole study: the current experiment and point, and the ETA."""
+
+    def __init__(self, console) -> None:  # noqa: ANN001
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(bar_width=20),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self.task = self.progress.add_task("study", total=None)
+
+    def __enter__(self) -> StudyProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def __call__(self, event: dict) -> None:
+        kind = event["event"]
+        if kind == "plan":
+            self.progress.update(self.task, total=max(event["total_s"], 1.0))
+        elif kind == "message":
+            self.progress.console.print(f"[dim]{event['message']}[/]")
+        elif kind == "point":
+            desc = f"{event['experiment']} {event['index'] + 1}/{event['points']} {event['point']}"
+            self.progress.update(self.task, description=desc)
+        elif kind == "done_point":
+            self.progress.advance(self.task, event["expected_s"])
+
+
 # --- demo -----------------------------------------------------------------------------
 def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -570,6 +742,64 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- profile --------------------------------------------------------------------------
+def _add_profile_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "profile",
+        help="measure a model's latency per batch size here: a profile for --runtime simulated",
+        description="Runs the model with onnxruntime at each batch size (random inputs, median "
+        "of --repeats runs after a warm-up), prints a table and writes a profile JSON "
+        "(schema cvserve.profile/1) that `serve --runtime simulated --sim-profile` reads.",
+    )
+    p.add_argument("model", help="a zoo or stored model name, or a .onnx file")
+    p.add_argument("--out", help="profile JSON to write (default: MODEL-profile.json)")
+    p.add_argument(
+        "--batch-sizes", type=_csv_ints, default=[1, 2, 4, 8, 16, 32],
+        help="batch sizes to measure (default 1,2,4,8,16,32)",
+    )  # fmt: skip
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per batch size (default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per batch size first")
+    p.add_argument(
+        "--intra-op-threads", type=int, default=0,
+        help="onnxruntime threads (default: onnxruntime's choice, one per core)",
+    )  # fmt: skip
+    _add_cache_arg(p)
+    p.set_defaults(func=_cmd_profile)
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cvserve.runtime.profile import measure_profile, profile_table
+
+    path = Path(args.model)
+    if path.suffix == ".onnx" and path.is_file():
+        name, item_shape = path.stem, None
+    else:
+        from cvserve.models import store
+
+        meta = store.ensure_built(args.model, args.cache_dir, progress=_say)
+        name, path = meta.name, store.model_path(meta, args.cache_dir)
+        item_shape = meta.preprocess.input_shape
+    _say(f"profiling {name}: batch sizes {','.join(map(str, args.batch_sizes))}, "
+         f"{args.repeats} runs each")  # fmt: skip
+    profile = measure_profile(
+        path,
+        args.batch_sizes,
+        repeats=args.repeats,
+        threads=args.intra_op_threads,
+        warmup=args.warmup,
+        item_shape=item_shape,
+        model=name,
+        progress=lambda b, s: _say(f"  batch {b}: {s * 1000:.2f} ms"),
+    )
+    print(f"{name} on {profile.device} ({profile.runtime})")
+    print("\n".join(profile_table(profile)))
+    out = profile.save(args.out or f"{name}-profile.json")
+    _say(f"wrote {out} (serve it with --runtime simulated --sim-profile {out})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cvserve", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"cvserve {__version__}")
@@ -581,6 +811,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_parser(sub)
     _add_models_parser(sub)
     _add_report_parser(sub)
+    _add_study_parser(sub)
+    _add_profile_parser(sub)
     return parser
 
 
