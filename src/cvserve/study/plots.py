@@ -357,8 +357,14 @@ def plot_image_sizes(result: ExperimentResult) -> list[Plot]:
     )
     group_keys = ["size", *(["model"] if len(models) > 1 else [])]
     plots = []
+    # Latency composition at the lowest concurrency, throughput at the highest.
+    levels = sorted({p.labels.get("concurrency") or 0 for p in pts})
+    light = [p for p in pts if (p.labels.get("concurrency") or 0) == levels[0]]
+    loaded = [p for p in pts if (p.labels.get("concurrency") or 0) == levels[-1]]
+    at_light = f" at c={levels[0]}" if len(levels) > 1 else ""
+    at_load = f" at c={levels[-1]}" if len(levels) > 1 else ""
 
-    with_bd = [p for p in pts if isinstance(p.metrics.get("breakdown_ms"), dict)]
+    with_bd = [p for p in light if isinstance(p.metrics.get("breakdown_ms"), dict)]
     if with_bd:
         pos, x, prev = [], -1.0, None
         for p in with_bd:
@@ -371,10 +377,13 @@ def plot_image_sizes(result: ExperimentResult) -> list[Plot]:
         _stacked_stages(
             ax, names, [p.metrics["breakdown_ms"] for p in with_bd], horizontal=False, positions=pos
         )
-        ax.set_title(_title("where the time goes, per image size and server", sim))
-        t = _title("Stage breakdown per image size and server (mean ms per request)", sim)
+        ax.set_title(_title("where the time goes, per image size and server" + at_light, sim))
+        t = _title(
+            f"Stage breakdown per image size and server{at_light} (mean ms per request)", sim
+        )
         plots.append(Plot("image-sizes-breakdown", t, fig, sim))
 
+    pts = loaded
     fig, (ax,) = _figure(8, 4.6)
     groups = _order(tuple(p.labels.get(k) for k in group_keys) for p in pts)
     width = 0.8 / max(len(servers), 1)
@@ -406,7 +415,7 @@ def plot_image_sizes(result: ExperimentResult) -> list[Plot]:
     ax.set(
         xlabel="image size",
         ylabel="throughput (req/s)",
-        title=_title("throughput vs the DNN alone (label: throughput lost)", sim),
+        title=_title(f"throughput{at_load} vs the DNN alone (label: throughput lost)", sim),
     )
     ax.set_ylim(bottom=0)
     ax.margins(y=0.15)
@@ -415,7 +424,7 @@ def plot_image_sizes(result: ExperimentResult) -> list[Plot]:
     plots.append(
         Plot(
             "image-sizes-throughput",
-            _title("Throughput per image size vs the DNN alone", sim),
+            _title(f"Throughput per image size{at_load} vs the DNN alone", sim),
             fig,
             sim,
         )

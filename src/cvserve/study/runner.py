@@ -369,6 +369,13 @@ def _bench_point(ctx: StudyContext, url: str, plan: PointPlan) -> dict[str, Any]
     return metrics
 
 
+def _jsonable(labels: dict[str, Any]) -> dict[str, Any]:
+    """Labels as they read back from JSON (a reused point matches only the same plan)."""
+    import json
+
+    return json.loads(json.dumps(labels))
+
+
 def _r(v: float | None) -> float | None:
     return None if v is None else round(v, 3)
 
@@ -451,7 +458,7 @@ def _estimate(names: list[str], ctx: StudyContext, per_point: float) -> float:
         "setups": (1 + 4 + 1, 6),
         "models": (len(s.models), 1),
         "concurrency": (len(s.sweep), 1),
-        "image-sizes": (6, 2),
+        "image-sizes": (12, 2),
         "broker": (2 + 2 * len(s.fanouts), 2),
         "accelerator": (len(s.speedups) * 3, 1),
     }
@@ -479,7 +486,7 @@ def _run_experiment(exp: Experiment, ctx: StudyContext, per_point: float) -> Exp
     try:
         for i, plan in enumerate(plans):
             event = {"experiment": exp.name, "point": plan.id, "index": i, "points": len(plans)}
-            if plan.id in done:
+            if plan.id in done and done[plan.id].labels == _jsonable(plan.labels):
                 result.points.append(done[plan.id])
                 ctx.progress({"event": "done_point", **event, "status": "reused",
                               "expected_s": per_point})  # fmt: skip
