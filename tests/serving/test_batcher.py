@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from cvserve.config import BatchConfig
-from cvserve.serving.batcher import Batcher, InferenceError
+from cvserve.serving.batcher import Batcher
+from cvserve.serving.errors import InferenceFailed
 
 
 class RowSums:
@@ -57,7 +58,7 @@ def test_full_batch_dispatches_at_once():
     async def main():
         rt = RowSums()
         b = _batcher(rt, max_batch_size=4, max_delay_ms=60_000)
-        b.upstream = 100  # others are on their way: only a full batch may go early
+        b._upstream = 100  # others are on their way: only a full batch may go early
         futs = [_submit(b, v) for v in range(4)]
         results = await asyncio.wait_for(asyncio.gather(*futs), 10)
         b.stop()
@@ -72,7 +73,7 @@ def test_partial_batch_waits_for_the_delay():
     async def main():
         rt = RowSums()
         b = _batcher(rt, max_batch_size=8, max_delay_ms=50)
-        b.upstream = 100
+        b._upstream = 100
         t0 = time.perf_counter()
         futs = [_submit(b, 1.0), _submit(b, 2.0)]
         results = await asyncio.wait_for(asyncio.gather(*futs), 10)
@@ -89,7 +90,7 @@ def test_nobody_upstream_means_no_wait():
     async def main():
         rt = RowSums()
         b = _batcher(rt, max_batch_size=8, max_delay_ms=60_000)
-        b.upstream = 0
+        b._upstream = 0
         r = await asyncio.wait_for(_submit(b, 3.0), 10)  # a 60 s delay would time out
         b.stop()
         assert _value(r) == 24.0 and rt.batches == [1]
@@ -102,7 +103,7 @@ def test_batch_grows_while_the_instance_is_busy():
         gate = threading.Event()
         rt = RowSums(gate)
         b = _batcher(rt, max_batch_size=8, max_delay_ms=0)
-        b.upstream = 0
+        b._upstream = 0
         first = _submit(b, 1.0)
         await asyncio.get_running_loop().run_in_executor(None, rt.started.wait, 10)
         later = [_submit(b, float(v)) for v in range(5)]
@@ -118,7 +119,7 @@ def test_holes_are_squeezed_out():
     async def main():
         rt = RowSums()
         b = _batcher(rt, max_batch_size=3, max_delay_ms=60_000)
-        b.upstream = 100
+        b._upstream = 100
         s0, s1, s2 = b.reserve(), b.reserve(), b.reserve()
         s0.view[...] = 1.0
         s2.view[...] = 5.0
@@ -138,7 +139,7 @@ def test_cancelled_row_does_not_hurt_its_batch_mates():
         gate = threading.Event()
         rt = RowSums(gate)
         b = _batcher(rt, max_batch_size=2, max_delay_ms=60_000)
-        b.upstream = 100
+        b._upstream = 100
         f0, f1 = _submit(b, 1.0), _submit(b, 2.0)
         f0.cancel()
         gate.set()
@@ -153,8 +154,8 @@ def test_failed_batch_fails_its_rows_and_the_worker_lives_on():
     async def main():
         rt = RowSums(fail_first=True)
         b = _batcher(rt, max_batch_size=2, max_delay_ms=0)
-        b.upstream = 0
-        with pytest.raises(InferenceError):
+        b._upstream = 0
+        with pytest.raises(InferenceFailed):
             await asyncio.wait_for(_submit(b, 1.0), 10)
         r = await asyncio.wait_for(_submit(b, 2.0), 10)
         b.stop()

@@ -9,12 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections.abc import Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
-import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -23,9 +23,17 @@ from starlette.routing import Route
 
 from cvserve.config import ServerConfig
 from cvserve.errors import RequestError
+from cvserve.serving.core import PreprocessPool, Servable
+from cvserve.serving.errors import (
+    BadRequest,
+    BodyTooLarge,
+    Draining,
+    NotServed,
+    UnsupportedMediaType,
+    http_status,
+)
 from cvserve.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cvserve.serving.metrics import Metrics
-from cvserve.serving.model import Draining, ModelServer, PreprocessPool, ServingError
 from cvserve.tasks.encode import encode_result
 from cvserve.trace import Trace, format_server_timing
 
@@ -36,47 +44,30 @@ TIMEOUT_HEADER = "x-timeout-ms"
 _ACCEPTED_TYPES = ("image/", "application/octet-stream")
 
 
-class BadRequest(ServingError):
-    status = 400
-    kind = "bad_request"
-
-
-class ModelNotFound(ServingError):
-    status = 404
-    kind = "model_not_found"
-
-
-class BodyTooLarge(ServingError):
-    status = 413
-    kind = "body_too_large"
-
-
-class UnsupportedMediaType(ServingError):
-    status = 415
-    kind = "unsupported_media_type"
-
-
 class ServerState:
     """What the routes share: the models, the metrics and the draining flag."""
 
     def __init__(
         self,
         config: ServerConfig,
-        models: Mapping[str, ModelServer],
+        models: Mapping[str, Servable],
         pool: PreprocessPool,
-        pipelines: Mapping[str, Any] | None = None,
+        pipelines: Mapping[str, Servable] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self.models = dict(models)
         self.pipelines = dict(pipelines or {})
         self.pool = pool
-        self.metrics = Metrics()
+        self.metrics = metrics or Metrics()
         self.draining = False
         self.inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        for name, ms in self.models.items():
-            ms.batcher.on_batch = _batch_observer(self.metrics, name)
+
+    @property
+    def servables(self) -> dict[str, Servable]:
+        return {**self.models, **self.pipelines}
 
     def enter(self) -> None:
         self.inflight += 1
@@ -100,11 +91,6 @@ class ServerState:
             return True
         except TimeoutError:
             return False
-
-
-def _batch_observer(metrics: Metrics, name: str):
-    hist = metrics.batch_size.labels(name)
-    return lambda info: hist.observe(info.size)
 
 
 def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -134,40 +120,6 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-#: Query parameters a predict request may carry, with their types (task heads use them).
-_PARAMS: dict[str, type] = {
-    "top_k": int,  # classify, detect
-    "threshold": float,  # detect
-    "nms_iou": float,  # detect: greedy NMS at this IoU (off unless given)
-    "nms_class_agnostic": bool,
-    "clip": bool,  # detect: clip boxes to the image
-    "score": str,  # detect: "sigmoid" | "softmax" (default: by architecture)
-    "ignore_index": int,  # segment: the fill value outside the crop
-}
-
-
-def _params(request: Request) -> dict[str, Any]:
-    params: dict[str, Any] = {}
-    for key, raw in request.query_params.items():
-        kind = _PARAMS.get(key)
-        if kind is None:
-            raise BadRequest(f"unknown parameter {key!r}; known: {', '.join(_PARAMS)}")
-        try:
-            if kind is bool:
-                if raw.lower() not in ("1", "0", "true", "false"):
-                    raise ValueError(raw)
-                value: Any = raw.lower() in ("1", "true")
-            else:
-                value = kind(raw)
-        except ValueError:
-            raise BadRequest(f"{key} must be a {kind.__name__}, got {raw!r}") from None
-        params[key] = value
-    top_k = params.get("top_k")
-    if top_k is not None and not 1 <= top_k <= 1000:
-        raise BadRequest(f"top_k must be an integer in 1..1000, got {top_k}")
-    return params
-
-
 def _timeout_s(request: Request, default_ms: float) -> float:
     raw = request.headers.get(TIMEOUT_HEADER)
     if raw is None:
@@ -193,21 +145,21 @@ async def predict_pipeline(request: Request) -> Response:
     return await _predict(request, state.pipelines, "pipeline")
 
 
-async def _predict(request: Request, targets: Mapping[str, Any], what: str) -> Response:
+async def _predict(request: Request, targets: Mapping[str, Servable], what: str) -> Response:
     trace = Trace()
     state: ServerState = request.app.state.cvserve
     name = request.path_params["name"]
     label = name if name in targets else "_unknown"
     status = 200
     headers: dict[str, str] = {}
+    target = targets.get(name)
     state.enter()
     try:
         try:
             if state.draining:
                 raise Draining("server is shutting down; retry on another replica")
-            target = targets.get(name)
             if target is None:
-                raise ModelNotFound(
+                raise NotServed(
                     f"no {what} named {name!r}; serving: {', '.join(targets) or 'none'}",
                     **{f"{what}s": list(targets)},
                 )
@@ -220,7 +172,7 @@ async def _predict(request: Request, targets: Mapping[str, Any], what: str) -> R
             data = await _read_body(request, state.config.max_body_bytes)
             trace.mark("recv")
             deadline = trace.start + _timeout_s(request, target.timeout_ms)
-            params = _params(request)
+            params = target.parse_params(request.query_params)
             pred = await target.predict(data, trace, deadline, params)
             payload = {
                 what: name,
@@ -230,7 +182,7 @@ async def _predict(request: Request, targets: Mapping[str, Any], what: str) -> R
                 **pred.result,
             }
         except RequestError as e:
-            status = e.status
+            status = http_status(e)
             payload = e.to_json()
             if status == 429:
                 headers["Retry-After"] = str(e.retry_after_s)
@@ -240,8 +192,10 @@ async def _predict(request: Request, targets: Mapping[str, Any], what: str) -> R
             status = 500
             payload = {"error": {"kind": "internal", "message": f"internal error: {e}"}}
         accept = request.headers.get("accept")
-        if status == 200 and _has_arrays(payload):  # PNG/npz encoding takes real CPU
-            body, media = await state.pool.run(trace, "encode", encode_result, payload, accept)
+        if status == 200 and target is not None and target.heavy:  # PNG/npz: real CPU
+            body, media = await state.pool.submit(
+                trace, encode_result, payload, accept, deadline=math.inf, stage="encode"
+            )
         else:
             body, media = encode_result(payload, accept if status == 200 else None)
         trace.mark("encode")
@@ -252,10 +206,6 @@ async def _predict(request: Request, targets: Mapping[str, Any], what: str) -> R
     finally:
         state.leave()
         state.metrics.observe_request(label, status, trace.stages)
-
-
-def _has_arrays(payload: dict[str, Any]) -> bool:
-    return any(isinstance(v, np.ndarray) for v in payload.values())
 
 
 def _timed(handler):
@@ -279,8 +229,8 @@ async def show_model(request: Request) -> Response:
     state: ServerState = request.app.state.cvserve
     ms = state.models.get(request.path_params["name"])
     if ms is None:
-        e = ModelNotFound(f"no model named {request.path_params['name']!r}")
-        return _json(e.to_json(), 404)
+        e = NotServed(f"no model named {request.path_params['name']!r}")
+        return _json(e.to_json(), http_status(e))
     return _json(ms.describe())
 
 
@@ -295,14 +245,14 @@ async def healthz(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     state: ServerState = request.app.state.cvserve
-    not_ready = [n for n, t in {**state.models, **state.pipelines}.items() if not t.ready]
+    not_ready = [n for n, t in state.servables.items() if not t.ready]
     if state.draining or not_ready:
         why = "draining" if state.draining else f"models not ready: {not_ready}"
         return _json({"ready": False, "reason": why}, 503)
     return _json({"ready": True, "models": list(state.models), "pipelines": list(state.pipelines)})
 
 
-async def metrics(request: Request) -> Response:
+async def metrics_endpoint(request: Request) -> Response:
     state: ServerState = request.app.state.cvserve
     for name, ms in state.models.items():
         state.metrics.queue_depth.labels(name).set(ms.inflight)
@@ -319,24 +269,21 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
 
 def create_app(
     config: ServerConfig,
-    models: Mapping[str, ModelServer],
+    models: Mapping[str, Servable],
     pool: PreprocessPool,
-    pipelines: Mapping[str, Any] | None = None,
+    pipelines: Mapping[str, Servable] | None = None,
     broker: Any = None,
+    metrics: Metrics | None = None,
 ) -> Starlette:
-    """The ASGI app over already-loaded models and pipelines; startup warms the models and
-    connects the pipelines to ``broker``, shutdown stops them."""
-    state = ServerState(config, models, pool, pipelines)
+    """The ASGI app over already-loaded models and pipelines; startup starts (warms) every
+    servable, shutdown stops them, then closes ``broker``."""
+    state = ServerState(config, models, pool, pipelines, metrics)
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
-        loop = asyncio.get_running_loop()
-        for ms in state.models.values():
-            await loop.run_in_executor(None, ms.warm_up)
-            ms.start()
-        for p in state.pipelines.values():
-            await p.start()
-        log.info("ready: %s", ", ".join([*state.models, *state.pipelines]))
+        for servable in state.servables.values():
+            await servable.start()
+        log.info("ready: %s", ", ".join(state.servables))
         try:
             yield
         finally:
@@ -345,7 +292,7 @@ def create_app(
             if broker is not None:
                 await broker.close()
             for ms in state.models.values():
-                ms.stop()
+                await ms.stop()
             pool.shutdown()
 
     routes = [
@@ -356,7 +303,7 @@ def create_app(
         Route("/v1/models/{name}", _timed(show_model), methods=["GET"]),
         Route("/healthz", _timed(healthz), methods=["GET"]),
         Route("/readyz", _timed(readyz), methods=["GET"]),
-        Route("/metrics", _timed(metrics), methods=["GET"]),
+        Route("/metrics", _timed(metrics_endpoint), methods=["GET"]),
     ]
     app = Starlette(
         routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _http_error}

@@ -9,10 +9,12 @@ Contract (all methods are called on the event loop thread; workers report back t
 * ``commit(slot)`` says the slot holds a valid input and returns a future for that row's
   outputs; ``release(slot)`` says it never will (bad image) and leaves a hole that is
   squeezed out before the batch runs, so a bad request never costs a batch-mate anything.
+* A request that is on its way to a slot (waiting for a thread, or being preprocessed)
+  says so with ``with batcher.incoming(): ...`` around its reserve/commit.
 * The delay clock starts at the first commit of a batch. A batch is dispatched when an
   instance is idle and the batch is full, or its first commit is ``max_delay_ms`` old
-  (then it stops taking slots), or no other request is on its way (``upstream`` is 0:
-  waiting could not make the batch bigger, only later). While every instance is busy the
+  (then it stops taking slots), or no other request is on its way (waiting could not
+  make the batch bigger, only later). While every instance is busy the
   open batch keeps growing, so batches get bigger exactly when the server is loaded.
 * A closed batch waits for slots still being written; batches run in the order they closed.
 * Cancelling a row's future (deadline, disconnect) drops only that row's result.
@@ -21,18 +23,20 @@ Contract (all methods are called on the event loop thread; workers report back t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from cvserve.config import BatchConfig
 from cvserve.runtime.onnx import Runtime
+from cvserve.serving.errors import InferenceFailed
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +122,9 @@ class Batcher:
             for i, rt in enumerate(runtimes)
         ]
         self._started = False
-        #: Requests admitted upstream (waiting for or in preprocessing) that have not yet
-        #: committed or released a slot; kept by the caller. Nobody upstream, no waiting.
-        self.upstream = 0
+        #: Requests on their way (``incoming``) that have not yet committed or released a
+        #: slot. Nobody upstream, no waiting.
+        self._upstream = 0
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
@@ -144,6 +148,18 @@ class Batcher:
         return self.config.instances - len(self._idle)
 
     # -- slots ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def incoming(self) -> Iterator[None]:
+        """Around one request's way to a batch (thread wait, reserve, preprocessing,
+        commit or release): while it is on its way, an open batch that is not due yet may
+        wait for it; when it is done (whatever happened), the batch need not wait."""
+        self._upstream += 1
+        try:
+            yield
+        finally:
+            self._upstream -= 1
+            self._dispatch()
+
     def reserve(self) -> Slot:
         b = self._open
         if b is None or b.closed:
@@ -174,10 +190,6 @@ class Batcher:
         b = slot.batch
         b.states[slot.index] = _HOLE
         b.pending -= 1
-        self._dispatch()
-
-    def poke(self) -> None:
-        """Re-evaluate dispatch (after ``upstream`` dropped without a commit)."""
         self._dispatch()
 
     # -- forming and dispatching -----------------------------------------------------------
@@ -212,7 +224,7 @@ class Batcher:
                 if b is None or b.first_ready is None:
                     return
                 due = b.first_ready + self.config.max_delay_ms / 1000.0
-                if self.upstream > 0 and time.perf_counter() < due:
+                if self._upstream > 0 and time.perf_counter() < due:
                     self._arm_timer(due)
                     return
                 self._close(b)
@@ -267,13 +279,9 @@ class Batcher:
             if fut is None or fut.done():
                 continue  # the request gave up (deadline); its row is dropped
             if error is not None:
-                fut.set_exception(InferenceError(f"inference failed: {error}"))
+                fut.set_exception(InferenceFailed(f"inference failed: {error}"))
             else:
                 fut.set_result(([o[row] for o in outputs], info))
         if self.on_batch is not None:
             self.on_batch(info)
         self._dispatch()
-
-
-class InferenceError(RuntimeError):
-    """The runtime failed on a batch (a server fault, not the client's)."""

@@ -50,5 +50,10 @@ class Metrics:
         for name, seconds in stages.items():
             self.stage.labels(model, name).observe(seconds)
 
+    def batch_observer(self, model: str):
+        """The batcher's ``on_batch`` hook for ``model``: records each batch's size."""
+        hist = self.batch_size.labels(model)
+        return lambda info: hist.observe(info.size)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -24,7 +24,9 @@ import uvicorn
 from cvserve.config import ServerConfig
 from cvserve.models import store
 from cvserve.serving.app import ServerState, create_app
-from cvserve.serving.model import ModelServer, PreprocessPool
+from cvserve.serving.core import PreprocessPool
+from cvserve.serving.metrics import Metrics
+from cvserve.serving.model import ModelServer
 
 log = logging.getLogger(__name__)
 
@@ -32,21 +34,25 @@ Progress = Callable[[str], None]
 
 
 def load_models(
-    config: ServerConfig, progress: Progress | None = None
-) -> tuple[dict[str, ModelServer], PreprocessPool]:
+    config: ServerConfig, pool: PreprocessPool, metrics: Metrics, progress: Progress | None = None
+) -> dict[str, ModelServer]:
     """Build (in a child process, if needed) and load every configured model."""
-    pool = PreprocessPool(config.resolved_preprocess_threads())
     models: dict[str, ModelServer] = {}
     for mc in config.models:
         meta = store.ensure_built(mc.store_name, config.cache_dir, progress=progress)
         path = store.model_path(meta, config.cache_dir)
-        models[mc.name] = ModelServer(meta, str(path), mc, pool, max_pixels=config.max_pixels)
-    return models, pool
+        models[mc.name] = ModelServer(
+            meta, str(path), mc, pool, max_pixels=config.max_pixels,
+            on_batch=metrics.batch_observer(mc.name),
+        )  # fmt: skip
+    return models
 
 
 def build_app(config: ServerConfig, progress: Progress | None = None):
     """Everything ``config`` serves, loaded, in one ASGI app."""
-    models, pool = load_models(config, progress)
+    pool = PreprocessPool(config.resolved_preprocess_threads())
+    metrics = Metrics()
+    models = load_models(config, pool, metrics, progress)
     pipelines: dict = {}
     broker = None
     if config.pipelines:
@@ -60,7 +66,7 @@ def build_app(config: ServerConfig, progress: Progress | None = None):
             pipelines[pc.name] = PipelineServer(
                 pc, pool, broker, max_pixels=config.max_pixels, cache_dir=config.cache_dir
             )
-    return create_app(config, models, pool, pipelines, broker)
+    return create_app(config, models, pool, pipelines, broker, metrics)
 
 
 class _DrainingServer(uvicorn.Server):

@@ -9,12 +9,16 @@ import numpy as np
 from cvserve.images.preprocess import ImageMeta
 from cvserve.models.metadata import ModelMeta
 from cvserve.tasks.base import softmax
+from cvserve.tasks.params import Param
 
 DEFAULT_TOP_K = 5
 
 
 class ClassifyHead:
     task = "classify"
+    params = (Param("top_k", int, DEFAULT_TOP_K, 1, 1000, help="labels to return"),)
+    #: softmax and top-k take microseconds: not worth a thread hop
+    heavy = False
 
     def __init__(self, model: ModelMeta) -> None:
         self.labels = list(model.labels)
@@ -35,3 +39,6 @@ class ClassifyHead:
 
     def _label(self, i: int) -> str:
         return self.labels[i] if i < len(self.labels) else f"class_{i}"
+
+
+HEAD = ClassifyHead

@@ -74,6 +74,9 @@ def resize_bicubic(
 
 class DepthHead:
     task = "depth"
+    params = ()
+    #: a depth map at the photo's size: real CPU, off the event loop
+    heavy = True
 
     def __init__(self, model: ModelMeta) -> None:
         self.spec = model.preprocess
@@ -88,3 +91,6 @@ class DepthHead:
         frame = model_frame(self.spec, (W, H), pred.shape)
         depth = resize_bicubic(pred, (H, W), frame)
         return {"depth": depth, "min": float(depth.min()), "max": float(depth.max())}
+
+
+HEAD = DepthHead

@@ -34,6 +34,7 @@ from cvserve.images.spec import PreprocessSpec
 from cvserve.images.transforms import crop_box, resized_size
 from cvserve.models.metadata import ModelMeta
 from cvserve.tasks.base import softmax
+from cvserve.tasks.params import Param
 
 DEFAULT_THRESHOLD = 0.5
 SIGMOID_ARCHS = frozenset(
@@ -97,6 +98,18 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
 
 class DetectHead:
     task = "detect"
+    params = (
+        Param(
+            "threshold", float, DEFAULT_THRESHOLD, 0.0, 1.0, help="keep detections scoring above"
+        ),
+        Param("top_k", int, None, 1, 1000, help="keep at most this many detections"),
+        Param("nms_iou", float, None, 0.0, 1.0, help="greedy NMS at this IoU (off unless given)"),
+        Param("nms_class_agnostic", bool, False, help="NMS across classes"),
+        Param("clip", bool, False, help="clip boxes to the image"),
+        Param("score", str, None, choices=("sigmoid", "softmax"), help="default: by family"),
+    )
+    #: scoring every query and NMS take milliseconds: off the event loop
+    heavy = True
 
     def __init__(self, model: ModelMeta) -> None:
         self.labels = list(model.labels)
@@ -192,3 +205,6 @@ class DetectHead:
 
     def _label(self, i: int) -> str:
         return self.labels[i] if i < len(self.labels) else f"class_{i}"
+
+
+HEAD = DetectHead

@@ -32,6 +32,7 @@ from cvserve.images.preprocess import ImageMeta
 from cvserve.images.spec import PreprocessSpec
 from cvserve.images.transforms import crop_box, resized_size
 from cvserve.models.metadata import ModelMeta
+from cvserve.tasks.params import Param
 
 #: Ambiguous cells with at most this many candidate classes are evaluated with a fixed-size
 #: candidate list; busier cells fall back to a bigger one.
@@ -213,6 +214,9 @@ def _eval_candidates(
 
 class SegmentHead:
     task = "segment"
+    params = (Param("ignore_index", int, None, 0, 65535, help="class id outside the crop"),)
+    #: a class map at the photo's size: real CPU, off the event loop
+    heavy = True
 
     def __init__(self, model: ModelMeta) -> None:
         self.labels = list(model.labels)
@@ -254,3 +258,6 @@ class SegmentHead:
 
     def _label(self, i: int) -> str:
         return self.labels[i] if i < len(self.labels) else f"class_{i}"
+
+
+HEAD = SegmentHead

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from cvserve.brokers import Message
+from cvserve.tasks.params import Param
 
 #: Result headers a stage B sets so the server can break down its time (seconds).
 INFER_S = "infer_s"
@@ -59,11 +60,13 @@ class PipelineKind(Protocol):
     task: str
     stage_a: str
     stage_b: str
+    #: The request parameters ``join`` takes (checked by the server; 400 for others).
+    params: tuple[Param, ...]
 
     def make_stage_a(self, options: StageOptions) -> StageA: ...
 
     def make_stage_b(self, options: StageOptions) -> StageB: ...
 
-    def join(self, context: Any, results: list[Message]) -> dict: ...
+    def join(self, context: Any, results: list[Message], **params: Any) -> dict: ...
 
     def describe(self, options: StageOptions) -> dict: ...

@@ -141,6 +141,7 @@ class DetectClassifyPipeline:
     task = "detect-classify"
     stage_a = "detect"
     stage_b = "classify"
+    params = ()
 
     def make_stage_a(self, options: StageOptions) -> DetectStage:
         return DetectStage(options)
@@ -148,7 +149,7 @@ class DetectClassifyPipeline:
     def make_stage_b(self, options: StageOptions) -> ClassifyStage:
         return ClassifyStage(options)
 
-    def join(self, context: Any, results: list[Message]) -> dict:
+    def join(self, context: Any, results: list[Message], **_: Any) -> dict:
         objects = [
             {
                 "box": box,

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -28,28 +29,14 @@ from cvserve.brokers import (
 )
 from cvserve.brokers.worker import ERROR
 from cvserve.config import PipelineConfig
-from cvserve.serving.model import (
-    DeadlineExceeded,
-    Overloaded,
-    Prediction,
-    PreprocessPool,
-    ServingError,
-)
+from cvserve.serving.core import Admission, Prediction, PreprocessPool
+from cvserve.serving.errors import BrokerDown, DeadlineExceeded, Overloaded, StageFailed
 from cvserve.serving.pipelines import get_kind
 from cvserve.serving.pipelines.base import BATCH, INFER_S, POST_S, StageOptions
+from cvserve.tasks.params import describe_params, parse_params
 from cvserve.trace import Trace
 
 log = logging.getLogger(__name__)
-
-
-class BrokerDown(ServingError):
-    status = 503
-    kind = "broker_unavailable"
-
-
-class StageFailed(ServingError):
-    status = 500
-    kind = "stage_failed"
 
 
 def work_topic(pipeline: str, stage: str) -> str:
@@ -111,7 +98,11 @@ class StageBRunner:
 
 
 class PipelineServer:
-    """Serves one pipeline in this process (stage A, and stage B unless ``workers=0``)."""
+    """Serves one pipeline in this process (stage A, and stage B unless ``workers=0``); a
+    :class:`~cvserve.serving.core.Servable` like a model."""
+
+    #: the join is cheap: it and the encoding of the answer stay on the event loop
+    heavy = False
 
     def __init__(
         self,
@@ -141,7 +132,8 @@ class PipelineServer:
             if config.workers
             else None
         )
-        self.inflight = 0
+        self.admission = Admission(f"pipeline {self.name}", config.max_queue)
+        self.params = tuple(self.kind.params)
         self.ready = False
 
     def warm_up(self) -> None:
@@ -168,52 +160,29 @@ class PipelineServer:
             await self.local.stop()
         await self.router.close()
 
+    @property
+    def inflight(self) -> int:
+        return self.admission.inflight
+
+    def parse_params(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        return parse_params(self.params, given)
+
     async def predict(
         self, data: bytes, trace: Trace, deadline: float, params: dict[str, Any]
     ) -> Prediction:
-        if self.inflight >= self.config.max_queue:
-            raise Overloaded(
-                f"pipeline {self.name} has {self.inflight} requests in flight (max_queue="
-                f"{self.config.max_queue}); retry later",
-                retry_after_s=1,
-                max_queue=self.config.max_queue,
+        with self.admission.admit():
+            fan = await self.pool.submit(
+                trace, self.stage_a.run, data, deadline=deadline, fail_stage="decode"
             )
-        self.inflight += 1
-        try:
-            return await self._predict(data, trace, deadline)
-        finally:
-            self.inflight -= 1
-
-    async def _predict(self, data: bytes, trace: Trace, deadline: float) -> Prediction:
-        loop = asyncio.get_running_loop()
-        sem = self.pool.semaphore
-        try:
-            await asyncio.wait_for(sem.acquire(), max(0.0, deadline - time.perf_counter()))
-        except TimeoutError:
-            trace.mark("queue")
-            raise DeadlineExceeded(
-                "deadline passed while waiting for a preprocessing worker"
-            ) from None
-        try:
-            fan = await loop.run_in_executor(self.pool.executor, self.stage_a.run, data)
-        except BaseException:
-            trace.mark("decode")
-            raise
-        finally:
-            sem.release()
-        trace.add("queue", fan.started - trace.last)
-        for stage, seconds in fan.stages.items():
-            trace.add(stage, seconds)
-        trace.advance(fan.finished)
-        results: list[Message] = []
-        if fan.items:
-            results = await self._fan_out(fan.items, trace, deadline)
-        t0 = time.perf_counter()
-        result = self.kind.join(fan.context, results)
-        trace.add("postprocess", time.perf_counter() - t0)
-        trace.advance(time.perf_counter())
-        batch = max((int(r.headers.get(BATCH, 1)) for r in results), default=1)
-        return Prediction(result=result, batch_size=batch, image_size=fan.image_size)
+            results: list[Message] = []
+            if fan.items:
+                results = await self._fan_out(fan.items, trace, deadline)
+            t0 = time.perf_counter()
+            result = self.kind.join(fan.context, results, **params)
+            trace.add("postprocess", time.perf_counter() - t0)
+            trace.advance(time.perf_counter())
+            batch = max((int(r.headers.get(BATCH, 1)) for r in results), default=1)
+            return Prediction(result=result, batch_size=batch, image_size=fan.image_size)
 
     async def _fan_out(self, items, trace: Trace, deadline: float) -> list[Message]:
         request_id = uuid.uuid4().hex
@@ -286,5 +255,6 @@ class PipelineServer:
             "max_batch_size": c.max_batch_size,
             "max_queue": c.max_queue,
             "timeout_ms": c.timeout_ms,
+            "parameters": describe_params(self.params),
             "models": self.kind.describe(self.options),
         }

@@ -138,6 +138,7 @@ class OcrPipeline:
     task = "ocr"
     stage_a = "det"
     stage_b = "rec"
+    params = ()
 
     def make_stage_a(self, options: StageOptions) -> OcrDetStage:
         return OcrDetStage(options)
@@ -145,7 +146,7 @@ class OcrPipeline:
     def make_stage_b(self, options: StageOptions) -> OcrRecStage:
         return OcrRecStage(options)
 
-    def join(self, context: Any, results: list[Message]) -> dict:
+    def join(self, context: Any, results: list[Message], **_: Any) -> dict:
         from cvserve.tasks.ocr import join_lines
 
         cfg = _ocr_config(StageOptions())

@@ -1,0 +1,110 @@
+"""Every error the server itself answers a request with, in one place.
+
+The hierarchy (each class's ``status`` is its HTTP status, ``kind`` the machine-readable
+name in the JSON body)::
+
+    cvserve.errors.RequestError                      any error that answers one request
+    ├── cvserve.images.decode.ImageError ...         400/413/415, raised while decoding
+    ├── cvserve.tasks.params.ParamError        400   a task parameter out of its bounds
+    └── ServingError                                 raised by the serving core
+        ├── BadRequest             400  bad_request             a header or body it cannot use
+        ├── NotServed              404  model_not_found         no model or pipeline by that name
+        ├── BodyTooLarge           413  body_too_large
+        ├── UnsupportedMediaType   415  unsupported_media_type
+        ├── Overloaded             429  overloaded              with ``retry_after_s``
+        ├── Draining               503  draining                shutting down
+        ├── BrokerDown             503  broker_unavailable
+        ├── DeadlineExceeded       504  deadline_exceeded
+        ├── InferenceFailed        500  inference_failed        the runtime failed on a batch
+        └── StageFailed            500  stage_failed            a pipeline stage failed
+
+Errors of other packages stay beside the code that raises them (images, tasks); what a
+front door answers for any of them is decided once per door: the HTTP doors use
+``status`` (:func:`http_status`), a gRPC door maps ``status`` to its own codes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cvserve.errors import RequestError
+
+__all__ = [
+    "BadRequest",
+    "BodyTooLarge",
+    "BrokerDown",
+    "DeadlineExceeded",
+    "Draining",
+    "InferenceFailed",
+    "NotServed",
+    "Overloaded",
+    "ServingError",
+    "StageFailed",
+    "UnsupportedMediaType",
+    "http_status",
+]
+
+
+class ServingError(RequestError):
+    """Base of the errors the serving core raises."""
+
+
+class BadRequest(ServingError):
+    status = 400
+    kind = "bad_request"
+
+
+class NotServed(ServingError):
+    status = 404
+    kind = "model_not_found"
+
+
+class BodyTooLarge(ServingError):
+    status = 413
+    kind = "body_too_large"
+
+
+class UnsupportedMediaType(ServingError):
+    status = 415
+    kind = "unsupported_media_type"
+
+
+class Overloaded(ServingError):
+    status = 429
+    kind = "overloaded"
+
+    def __init__(self, message: str, retry_after_s: int, **detail: Any) -> None:
+        super().__init__(message, retry_after_s=retry_after_s, **detail)
+        self.retry_after_s = retry_after_s
+
+
+class Draining(ServingError):
+    status = 503
+    kind = "draining"
+
+
+class BrokerDown(ServingError):
+    status = 503
+    kind = "broker_unavailable"
+
+
+class DeadlineExceeded(ServingError):
+    status = 504
+    kind = "deadline_exceeded"
+
+
+class InferenceFailed(ServingError):
+    """The runtime failed on a batch: a server fault, not the client's."""
+
+    status = 500
+    kind = "inference_failed"
+
+
+class StageFailed(ServingError):
+    status = 500
+    kind = "stage_failed"
+
+
+def http_status(error: BaseException) -> int:
+    """The HTTP status an error answers with (500 for anything not a request error)."""
+    return error.status if isinstance(error, RequestError) else 500
