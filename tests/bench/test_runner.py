@@ -16,10 +16,10 @@ import cvserve.bench as bench
 from cvserve.bench import (
     BenchConfig,
     BenchError,
-    ModelNotFound,
     ProgressReporter,
     ResultError,
     ServerUnreachable,
+    TargetNotServed,
     breakdown_table,
     load_result,
     report,
@@ -50,7 +50,7 @@ def test_public_names():
     assert sorted(bench.__all__) == sorted(
         [
             "SCHEMA_VERSION", "BenchConfig", "BenchError", "BenchImage", "BenchResult",
-            "ImageSourceError", "ModelNotFound", "PointSummary", "ProgressReporter",
+            "ImageSourceError", "TargetNotServed", "PointSummary", "ProgressReporter",
             "ResultError", "ServerUnreachable", "breakdown_table", "load_images", "load_result",
             "report", "run_bench", "save_result", "summary_table", "validate",
         ]
@@ -247,7 +247,7 @@ def test_unreachable_server_raises_before_the_sweep(tiny_images):
 
 
 def test_unknown_model_raises(fake_url, tiny_images):
-    with pytest.raises(ModelNotFound, match="'nope' not served"):
+    with pytest.raises(TargetNotServed, match="'nope' not served"):
         run_bench(BenchConfig(url=fake_url, model="nope", images=tiny_images))
 
 

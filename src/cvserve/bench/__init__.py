@@ -21,8 +21,8 @@ from cvserve.bench.results import (
 from cvserve.bench.runner import (
     BenchConfig,
     BenchError,
-    ModelNotFound,
     ServerUnreachable,
+    TargetNotServed,
     run_bench,
 )
 
@@ -33,7 +33,7 @@ __all__ = [
     "BenchImage",
     "BenchResult",
     "ImageSourceError",
-    "ModelNotFound",
+    "TargetNotServed",
     "PointSummary",
     "ProgressReporter",
     "ResultError",

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "BenchConfig",
     "BenchError",
-    "ModelNotFound",
+    "TargetNotServed",
     "ServerUnreachable",
     "run_bench",
     "summarize_point",
@@ -48,7 +48,7 @@ class ServerUnreachable(BenchError):
     """The server did not answer ``GET /readyz`` with 200 before the sweep."""
 
 
-class ModelNotFound(BenchError):
+class TargetNotServed(BenchError):
     """The server answered 404 to the first predict request."""
 
 
@@ -334,7 +334,7 @@ async def _probe(config: BenchConfig, target: _http.Target, images: list[BenchIm
         ) from e
     if status == 404:
         text = body[:300].decode("utf-8", "replace")
-        raise ModelNotFound(f"{config.kind} {config.model!r} not served at {config.url}: {text}")
+        raise TargetNotServed(f"{config.kind} {config.model!r} not served at {config.url}: {text}")
     return {"url": config.url, "models": models}
 
 
@@ -384,7 +384,7 @@ def run_bench(
 
     ``progress`` receives dicts (``event``: start/tick/window/end, ``point``, ``points``,
     ``elapsed``, ``expected_seconds``, ``completed``, ``errors`` ...) from the bench's
-    thread. Raises :class:`ServerUnreachable` / :class:`ModelNotFound` before the sweep;
+    thread. Raises :class:`ServerUnreachable` / :class:`TargetNotServed` before the sweep;
     errors during the sweep are counted in the result, not raised.
     """
     try:

@@ -1,0 +1,270 @@
+"""The serving core with a runtime that takes the time we say and burns no CPU (the
+simulated accelerator): admission, a deadline while queued, a client that hangs up, a bad
+image beside good ones, and the pool's one submit call."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from cvserve.config import BatchConfig, ModelConfig
+from cvserve.errors import RequestError
+from cvserve.models import store
+from cvserve.serving.core import Admission, PreprocessPool
+from cvserve.serving.errors import DeadlineExceeded, Overloaded
+from cvserve.serving.model import ModelServer
+from cvserve.trace import Trace
+
+BAD = b"\xff\xd8\xff\xe0 not a jpeg at all"
+
+
+@pytest.fixture(scope="module")
+def photo(data_dir) -> bytes:
+    return (data_dir / "images" / "small" / "dog.jpg").read_bytes()
+
+
+def _server(cache, pool, profile="1:300,8:300", **batching) -> ModelServer:
+    meta = store.load_meta("tiny-resnet", cache)
+    cfg = ModelConfig(
+        name="m",
+        model="tiny-resnet",
+        batching=BatchConfig(**{"max_batch_size": 4, "max_delay_ms": 5, **batching}),
+        runtime="simulated",
+        sim_profile=profile,
+    )
+    return ModelServer(meta, str(store.model_path(meta, cache)), cfg, pool, max_pixels=10**8)
+
+
+async def _started(ms: ModelServer) -> ModelServer:
+    await ms.start()
+    return ms
+
+
+def _predict(ms: ModelServer, data: bytes, timeout_s: float = 10.0, **params):
+    trace = Trace()
+    return trace, ms.predict(data, trace, trace.start + timeout_s, params)
+
+
+def _idle(ms: ModelServer, pool: PreprocessPool) -> None:
+    """Nothing is left behind: no admitted request, no thread held, no batch slot pending."""
+    assert ms.inflight == 0
+    assert pool.semaphore._value == pool.threads
+    assert ms.batcher._upstream == 0
+    assert ms.batcher._open is None or ms.batcher._open.pending == 0
+
+
+def test_admission_refuses_past_max_queue_at_once(model_cache, photo):
+    async def main():
+        pool = PreprocessPool(2)
+        ms = await _started(_server(model_cache, pool, max_queue=2))
+        first = [asyncio.ensure_future(_predict(ms, photo)[1]) for _ in range(2)]
+        await asyncio.sleep(0)  # both admitted
+        t0 = time.perf_counter()
+        with pytest.raises(Overloaded) as e:
+            await _predict(ms, photo)[1]
+        refused_in = time.perf_counter() - t0
+        done = await asyncio.gather(*first)
+        await ms.stop()
+        _idle(ms, pool)
+        return e.value, refused_in, done
+
+    err, refused_in, done = asyncio.run(main())
+    assert err.status == 429 and err.retry_after_s >= 1 and err.detail["max_queue"] == 2
+    assert refused_in < 0.25  # refused before anything ran (inference takes 300 ms)
+    assert [p.batch_size for p in done] == [2, 2]
+
+
+def test_deadline_while_queued_for_a_thread(model_cache, photo):
+    async def main():
+        pool = PreprocessPool(1)
+        ms = await _started(_server(model_cache, pool))
+        gate = threading.Event()
+        blocker = asyncio.ensure_future(
+            pool.submit(Trace(), gate.wait, 10, deadline=time.perf_counter() + 10, stage="decode")
+        )
+        await asyncio.sleep(0.05)  # the only thread is busy
+        trace, fut = _predict(ms, photo, timeout_s=0.1)
+        with pytest.raises(DeadlineExceeded, match="waiting for a worker thread"):
+            await fut
+        gate.set()
+        await blocker
+        # the server is whole again: the next request goes through
+        ok = await _predict(ms, photo)[1]
+        await ms.stop()
+        _idle(ms, pool)
+        return trace, ok
+
+    trace, ok = asyncio.run(main())
+    assert set(trace.stages) == {"queue"} and trace.stages["queue"] >= 0.09
+    assert ok.result["top_k"]
+
+
+def test_client_that_hangs_up_during_preprocessing_frees_its_slot(model_cache, data_dir):
+    large = (data_dir / "images" / "large" / "42_IndexError.jpg").read_bytes()
+
+    async def main():
+        pool = PreprocessPool(2)
+        ms = await _started(_server(model_cache, pool, profile="1:20,8:20"))
+        _, fut = _predict(ms, large)
+        task = asyncio.ensure_future(fut)
+        await asyncio.sleep(0.01)  # decoding a 12 MP photo: still in the thread
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # the thread finishes its work, then gives the slot and itself back
+        for _ in range(200):
+            if pool.semaphore._value == pool.threads:
+                break
+            await asyncio.sleep(0.01)
+        after = await _predict(ms, large)[1]
+        await ms.stop()
+        _idle(ms, pool)
+        return after
+
+    after = asyncio.run(main())
+    assert after.batch_size == 1  # the abandoned slot was squeezed out, not batched
+
+
+def test_client_that_hangs_up_during_inference_costs_its_batch_mate_nothing(model_cache, photo):
+    async def main():
+        pool = PreprocessPool(2)
+        ms = await _started(_server(model_cache, pool, max_delay_ms=100))
+        a = asyncio.ensure_future(_predict(ms, photo)[1])
+        b = asyncio.ensure_future(_predict(ms, photo)[1])
+        await asyncio.sleep(0.15)  # both in one batch, inference running (300 ms)
+        a.cancel()
+        got = await b
+        with pytest.raises(asyncio.CancelledError):
+            await a
+        await ms.stop()
+        _idle(ms, pool)
+        return got
+
+    got = asyncio.run(main())
+    assert got.batch_size == 2 and got.result["top_k"]
+
+
+def test_bad_image_beside_good_ones(model_cache, photo):
+    async def main():
+        pool = PreprocessPool(2)
+        ms = await _started(_server(model_cache, pool, max_delay_ms=200))
+        futs = [_predict(ms, d)[1] for d in (photo, BAD, photo, photo)]
+        out = await asyncio.gather(*futs, return_exceptions=True)
+        await ms.stop()
+        _idle(ms, pool)
+        return out
+
+    out = asyncio.run(main())
+    good = [r for r in out if not isinstance(r, BaseException)]
+    bad = [r for r in out if isinstance(r, BaseException)]
+    assert len(good) == 3 and len(bad) == 1
+    assert isinstance(bad[0], RequestError) and bad[0].status == 400
+    assert {p.batch_size for p in good} == {3}  # the bad one left no hole in the batch
+
+
+def test_a_bad_parameter_is_a_400_before_any_work(model_cache):
+    pool = PreprocessPool(1)
+    ms = _server(model_cache, pool)
+    assert ms.parse_params({"top_k": "3"}) == {"top_k": 3}
+    for given, needle in (
+        ({"top_k": "0"}, "top_k must be in [1, 1000]"),
+        ({"top_k": "x"}, "top_k must be an integer"),
+        ({"nope": "1"}, "unknown parameter 'nope'; known: top_k"),
+    ):
+        with pytest.raises(RequestError, match=needle.replace("[", r"\[")) as e:
+            ms.parse_params(given)
+        assert e.value.status == 400
+    described = ms.describe()["parameters"]
+    assert described == [
+        {"name": "top_k", "type": "int", "default": 5, "lo": 1, "hi": 1000,
+         "help": "labels to return"}
+    ]  # fmt: skip
+
+
+# --- the pool's one submit call ---------------------------------------------------------------
+class _Timed:
+    def __init__(self, stages):
+        self.stages = stages
+
+
+def test_submit_charges_queue_then_the_stage_or_the_results_stages():
+    async def main():
+        pool = PreprocessPool(1)
+        t = Trace()
+        await pool.submit(t, time.sleep, 0.05, deadline=time.perf_counter() + 5, stage="encode")
+        t2 = Trace()
+        out = await pool.submit(
+            t2, lambda: _Timed({"decode": 0.01, "resize": 0.02}), deadline=time.perf_counter() + 5
+        )
+        return t, t2, out
+
+    t, t2, out = asyncio.run(main())
+    assert set(t.stages) == {"queue", "encode"} and t.stages["encode"] >= 0.05
+    assert t2.stages == {"queue": t2.stages["queue"], "decode": 0.01, "resize": 0.02}
+
+
+def test_submit_gives_back_what_it_claimed_when_the_work_fails():
+    released = []
+
+    def boom(claimed):
+        raise ValueError(f"bad {claimed}")
+
+    async def main():
+        pool = PreprocessPool(1)
+        t = Trace()
+        with pytest.raises(ValueError, match="bad slot-1"):
+            await pool.submit(
+                t, boom, deadline=time.perf_counter() + 5,
+                claim=lambda: "slot-1", release=released.append, fail_stage="decode",
+            )  # fmt: skip
+        await asyncio.sleep(0)
+        return pool, t
+
+    pool, t = asyncio.run(main())
+    assert released == ["slot-1"] and "decode" in t.stages
+    assert pool.semaphore._value == 1
+
+
+def test_submit_cancelled_releases_only_after_the_thread_is_done():
+    released: list[str] = []
+    gate = threading.Event()
+
+    async def main():
+        pool = PreprocessPool(1)
+        task = asyncio.ensure_future(
+            pool.submit(
+                Trace(),
+                lambda c: gate.wait(5),
+                deadline=time.perf_counter() + 5,
+                claim=lambda: "slot",
+                release=released.append,
+            )  # fmt: skip
+        )
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        during = (list(released), pool.semaphore._value)  # the thread still writes
+        gate.set()
+        for _ in range(100):
+            if released:
+                break
+            await asyncio.sleep(0.01)
+        return during, pool.semaphore._value
+
+    (during_released, during_free), after_free = asyncio.run(main())
+    assert during_released == [] and during_free == 0
+    assert released == ["slot"] and after_free == 1
+
+
+def test_admission_counts_and_computes_retry_after():
+    adm = Admission("model m", max_queue=1, parallel=1)
+    with adm.admit():
+        assert adm.inflight == 1
+        with pytest.raises(Overloaded, match=r"model m has 1 requests in flight \(max_queue=1\)"):
+            with adm.admit():
+                pass
+    assert adm.inflight == 0
