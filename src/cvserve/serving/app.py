@@ -69,6 +69,12 @@ class ServerState:
     def servables(self) -> dict[str, Servable]:
         return {**self.models, **self.pipelines}
 
+    def observe(self, label: str, target: Servable | None, status: int, trace: Trace) -> None:
+        """One answered request, whichever door it came through: metrics and statistics."""
+        self.metrics.observe_request(label, status, trace.stages)
+        if target is not None:
+            target.stats.record(trace.stages, ok=200 <= status < 300)
+
     def enter(self) -> None:
         self.inflight += 1
         self._idle.clear()
@@ -205,7 +211,7 @@ async def _predict(request: Request, targets: Mapping[str, Servable], what: str)
         return Response(body, status_code=status, media_type=media, headers=headers)
     finally:
         state.leave()
-        state.metrics.observe_request(label, status, trace.stages)
+        state.observe(label, target, status, trace)
 
 
 def _timed(handler):

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from cvserve.serving.errors import DeadlineExceeded, Overloaded
+from cvserve.serving.stats import ModelStats
 from cvserve.trace import Trace
 
 __all__ = ["Admission", "Prediction", "PreprocessPool", "Servable", "remaining"]
@@ -35,11 +36,13 @@ def remaining(deadline: float) -> float:
 
 @dataclass
 class Prediction:
-    """A finished request: the answer and how it was batched."""
+    """A finished request: the answer, how it was batched, and (for a model) the rows of
+    the model's raw outputs this request got (its output names in ``output_names``)."""
 
     result: dict
     batch_size: int
     image_size: tuple[int, int]
+    outputs: list[Any] | None = None
 
 
 class Servable(Protocol):
@@ -50,6 +53,8 @@ class Servable(Protocol):
     ready: bool
     #: Its post-processing and the encoding of its answer take real CPU (pool thread).
     heavy: bool
+    #: Request and batch statistics (the v2 statistics extension reads them).
+    stats: ModelStats
 
     @property
     def timeout_ms(self) -> float: ...
@@ -63,7 +68,10 @@ class Servable(Protocol):
 
     async def predict(
         self, data: bytes, trace: Trace, deadline: float, params: dict[str, Any]
-    ) -> Prediction: ...
+    ) -> Prediction:
+        """``data``: encoded image bytes (a model also takes one already-preprocessed
+        input row as an ndarray: preprocessing is skipped)."""
+        ...
 
     def describe(self) -> dict[str, Any]: ...
 

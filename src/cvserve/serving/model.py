@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -23,7 +24,8 @@ from cvserve.runtime.onnx import OrtOptions, OrtRuntime
 from cvserve.runtime.simulated import SimDevice, SimModel, SimulatedRuntime
 from cvserve.serving.batcher import Batcher, BatchInfo, Slot
 from cvserve.serving.core import Admission, Prediction, PreprocessPool, remaining
-from cvserve.serving.errors import DeadlineExceeded
+from cvserve.serving.errors import BadRequest, DeadlineExceeded
+from cvserve.serving.stats import ModelStats
 from cvserve.tasks.base import get_head
 from cvserve.tasks.params import describe_params, parse_params
 from cvserve.trace import Trace
@@ -80,8 +82,15 @@ class ModelServer:
                 f"model {self.name}: preprocessing makes {list(spec.input_shape)}, "
                 f"the ONNX input is {shape}"
             )
+        self.stats = ModelStats(self.name)
+
+        def observe(info: BatchInfo) -> None:
+            self.stats.observe_batch(info.size, info.infer_end - info.infer_start)
+            if on_batch is not None:
+                on_batch(info)
+
         self.batcher = Batcher(
-            runtimes, spec.input_shape, spec.dtype, b, name=self.name, on_batch=on_batch
+            runtimes, spec.input_shape, spec.dtype, b, name=self.name, on_batch=observe
         )
         self._runtimes = runtimes
         self.admission = Admission(f"model {self.name}", b.max_queue, b.instances)
@@ -113,14 +122,21 @@ class ModelServer:
         return parse_params(self.head.params, given)
 
     async def predict(
-        self, data: bytes, trace: Trace, deadline: float, params: dict[str, Any]
+        self, data: bytes | np.ndarray, trace: Trace, deadline: float, params: dict[str, Any]
     ) -> Prediction:
-        """Run one image through the model. ``deadline`` is a perf_counter time."""
+        """Run one image through the model. ``deadline`` is a perf_counter time.
+
+        ``data`` is the encoded image, or one row of the model's own input (an ndarray of
+        ``input_shape`` and ``input_dtype``), which skips preprocessing."""
+        fill = self._fill
+        if isinstance(data, np.ndarray):
+            self.check_tensor(data)
+            fill = self._fill_tensor
         with self.admission.admit():
             with self.batcher.incoming():
                 filled = await self.pool.submit(
                     trace,
-                    self._fill,
+                    fill,
                     data,
                     deadline=deadline,
                     claim=self.batcher.reserve,
@@ -140,10 +156,47 @@ class ModelServer:
             else:
                 result = post()
                 trace.mark("postprocess")
-            return Prediction(result=result, batch_size=info.size, image_size=filled.meta.orig_size)
+            return Prediction(
+                result=result,
+                batch_size=info.size,
+                image_size=filled.meta.orig_size,
+                outputs=rows,
+            )
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One row of the model's input (no batch axis), as preprocessing makes it."""
+        return tuple(self.spec.input_shape)
+
+    @property
+    def input_dtype(self) -> str:
+        return self.spec.dtype
+
+    @property
+    def output_names(self) -> list[str]:
+        return list(self._runtimes[0].output_names)
+
+    def check_tensor(self, row: np.ndarray) -> None:
+        """A preprocessed input row must be exactly what the model takes (400 otherwise)."""
+        if str(row.dtype) != self.input_dtype or tuple(row.shape) != self.input_shape:
+            raise BadRequest(
+                f"model {self.name} takes one input row of shape {list(self.input_shape)} "
+                f"and dtype {self.input_dtype}; got shape {list(row.shape)}, dtype {row.dtype}",
+                expected_shape=list(self.input_shape),
+                expected_dtype=self.input_dtype,
+            )
 
     def _fill(self, slot: Slot, data: bytes) -> _Filled:
         return _Filled(slot, self.preprocessor.run(data, slot.view))
+
+    def _fill_tensor(self, slot: Slot, row: np.ndarray) -> _Filled:
+        t0 = time.perf_counter()
+        slot.view[...] = row
+        t1 = time.perf_counter()
+        h, w = (self.spec.height, self.spec.width)
+        meta = ImageMeta(orig_size=(w, h), format="tensor", reduced=1,
+                         stages={"normalize": t1 - t0}, started=t0, finished=t1)  # fmt: skip
+        return _Filled(slot, meta)
 
     @property
     def task(self) -> str:

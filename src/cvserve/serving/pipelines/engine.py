@@ -33,6 +33,7 @@ from cvserve.serving.core import Admission, Prediction, PreprocessPool
 from cvserve.serving.errors import BrokerDown, DeadlineExceeded, Overloaded, StageFailed
 from cvserve.serving.pipelines import get_kind
 from cvserve.serving.pipelines.base import BATCH, INFER_S, POST_S, StageOptions
+from cvserve.serving.stats import ModelStats
 from cvserve.tasks.params import describe_params, parse_params
 from cvserve.trace import Trace
 
@@ -133,6 +134,7 @@ class PipelineServer:
             else None
         )
         self.admission = Admission(f"pipeline {self.name}", config.max_queue)
+        self.stats = ModelStats(self.name)
         self.params = tuple(self.kind.params)
         self.ready = False
 

@@ -1,31 +1,70 @@
 """The OCR pipeline: text detection in the serving process, recognition behind a broker.
 
-Stage ``det``: decode -> DB detector -> boxes -> one crop per text region (fan-out).
-Stage ``rec``: angle classifier + recognizer over crops from any requests, batched by
-aspect ratio; CTC greedy decoding. Join: lines in reading order.
+Stage ``det``: decode -> ``tasks.ocr.detect`` (DB detector, boxes, one crop per text
+region: the fan-out). Stage ``rec``: ``tasks.ocr.recognize`` over crops from any
+requests (angle classifier, recognizer batched by aspect ratio, CTC). Join:
+``tasks.ocr.join_lines``. The steps live in ``cvserve.tasks.ocr``; this module is their
+runtime wiring: it opens the onnxruntime sessions and charges the steps' stage times.
+
+``cvserve.tasks.ocr`` needs the ``ocr`` extra (opencv, pyclipper), so it is imported
+where it is used: this module itself imports without the extra.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cvserve.brokers import Message
 from cvserve.images.decode import decode
+from cvserve.runtime import OrtOptions, OrtRuntime
 from cvserve.serving.pipelines.base import BATCH, INFER_S, POST_S, FanOut, StageOptions
+
+if TYPE_CHECKING:
+    from cvserve.models.ocr_files import OcrModelFiles
+    from cvserve.tasks.ocr import Infer, OcrConfig, OcrModels
 
 KIND = "ocr"
 
 
-def _options(options: StageOptions):
-    from cvserve.runtime import OrtOptions
+def open_session(path: str | Path, options: OrtOptions | None = None) -> Infer:
+    """An onnxruntime session on ``path`` as the steps' ``Infer``: batch -> first output."""
+    runtime = OrtRuntime(path, options)
+    return lambda batch: runtime.run(batch)[0]
 
+
+def load_ocr_models(cfg: OcrConfig | None = None, options: OrtOptions | None = None) -> OcrModels:
+    """Sessions on the packaged PP-OCR models for ``tasks.ocr.OcrPipeline``, the
+    reference that runs both stages in one process."""
+    from cvserve.models.ocr_files import ocr_model_files
+    from cvserve.tasks.ocr import OcrConfig, OcrModels
+
+    files = ocr_model_files()
+    rec, labels, cls = _open_recognizer(files, cfg or OcrConfig(), options)
+    return OcrModels(det=open_session(files.det, options), rec=rec, labels=labels, cls=cls)
+
+
+def _open_recognizer(
+    files: OcrModelFiles, cfg: OcrConfig, options: OrtOptions | None
+) -> tuple[Infer, list[str], Infer | None]:
+    """Stage B's models: recognizer, its CTC classes, and the angle classifier when
+    ``cfg.rec.use_cls`` (None otherwise)."""
+    from cvserve.models.ocr_files import read_dictionary
+    from cvserve.tasks.ocr import ctc_labels
+
+    rec = open_session(files.rec, options)
+    cls = open_session(files.cls, options) if cfg.rec.use_cls else None
+    return rec, ctc_labels(read_dictionary(files.rec)), cls
+
+
+def _ort_options(options: StageOptions) -> OrtOptions:
     return OrtOptions(intra_op_threads=options.intra_op_threads)
 
 
-def _ocr_config(options: StageOptions):
+def _ocr_config(options: StageOptions) -> OcrConfig:
     from dataclasses import replace
 
     from cvserve.tasks.ocr import OcrConfig
@@ -41,33 +80,27 @@ class OcrDetStage:
 
     def __init__(self, options: StageOptions) -> None:
         from cvserve.models.ocr_files import ocr_model_files
-        from cvserve.runtime import OrtRuntime
 
         self.cfg = _ocr_config(options)
         self.max_pixels = options.max_pixels
-        self.det = OrtRuntime(ocr_model_files().det, _options(options))
+        self.det = open_session(ocr_model_files().det, _ort_options(options))
 
     def run(self, data: bytes) -> FanOut:
-        from cvserve.tasks.ocr import crop_text_regions, db_postprocess, det_preprocess
+        from cvserve.tasks.ocr import detect
 
         t0 = time.perf_counter()
         rgb = np.asarray(decode(data, max_pixels=self.max_pixels, backend="pil").image)
         t1 = time.perf_counter()
-        det_in = det_preprocess(rgb, self.cfg.det)
+        found = detect(rgb, self.det, self.cfg.det)
         t2 = time.perf_counter()
-        prob = self.det.run(det_in.tensor[None])[0]
-        t3 = time.perf_counter()
-        boxes = db_postprocess(prob, det_in.meta, self.cfg.det)
-        crops = crop_text_regions(det_in.image, boxes.work_boxes) if len(boxes) else []
-        t4 = time.perf_counter()
         h, w = rgb.shape[:2]
         return FanOut(
-            items=[{"crop": np.ascontiguousarray(c)} for c in crops],
-            context=boxes,
+            items=[{"crop": np.ascontiguousarray(c)} for c in found.crops],
+            context=found.boxes,
             image_size=(w, h),
-            stages={"decode": t1 - t0, "resize": t2 - t1, "infer": t3 - t2, "postprocess": t4 - t3},
+            stages={"decode": t1 - t0, **found.stages},
             started=t0,
-            finished=t4,
+            finished=t2,
         )
 
 
@@ -75,49 +108,21 @@ class OcrRecStage:
     """Stage B: crops from any requests in, (text, score) per crop out."""
 
     def __init__(self, options: StageOptions) -> None:
-        from cvserve.models.ocr_files import ocr_model_files, read_dictionary
-        from cvserve.runtime import OrtRuntime
-        from cvserve.tasks.ocr import ctc_labels
+        from cvserve.models.ocr_files import ocr_model_files
 
-        files = ocr_model_files()
         self.cfg = _ocr_config(options)
-        self.rec = OrtRuntime(files.rec, _options(options))
-        self.cls = OrtRuntime(files.cls, _options(options)) if self.cfg.rec.use_cls else None
-        self.labels = ctc_labels(read_dictionary(files.rec))
-
-    def run(self, messages: list[Message]) -> list[Message]:
-        from cvserve.tasks.ocr import (
-            cls_postprocess,
-            cls_preprocess,
-            ctc_decode,
-            plan_batches,
-            rec_preprocess,
+        self.rec, self.labels, self.cls = _open_recognizer(
+            ocr_model_files(), self.cfg, _ort_options(options)
         )
 
-        rc = self.cfg.rec
+    def run(self, messages: list[Message]) -> list[Message]:
+        from cvserve.tasks.ocr import recognize
+
         crops = [m.arrays["crop"] for m in messages]
-        infer = post = 0.0
-        t = time.perf_counter()
-        if self.cls is not None:
-            for idx in plan_batches(crops, rc.cls_batch_size):
-                batch = [crops[i] for i in idx]
-                x = cls_preprocess(batch, rc)
-                t1 = time.perf_counter()
-                probs = self.cls.run(x)[0]
-                t2 = time.perf_counter()
-                for i, crop in zip(idx, cls_postprocess(probs, batch, rc)[0], strict=True):
-                    crops[i] = crop
-                infer += t2 - t1
-        texts: list[tuple[str, float]] = [("", 0.0)] * len(crops)
-        for idx in plan_batches(crops, rc.batch_size):
-            x = rec_preprocess([crops[i] for i in idx], rc)
-            t1 = time.perf_counter()
-            out = self.rec.run(x)[0]
-            t2 = time.perf_counter()
-            infer += t2 - t1
-            for i, res in zip(idx, ctc_decode(out, self.labels), strict=True):
-                texts[i] = res
-        post = time.perf_counter() - t - infer
+        read = recognize(crops, self.rec, self.labels, self.cfg.rec, self.cls)
+        # The result headers carry two numbers: inference, and all the rest of the step.
+        infer = read.stages.get("infer", 0.0)
+        post = sum(read.stages.values()) - infer
         n = len(messages)
         return [
             m.reply(
@@ -129,11 +134,13 @@ class OcrRecStage:
                     BATCH: n,
                 }
             )  # fmt: skip
-            for m, (text, score) in zip(messages, texts, strict=True)
+            for m, (text, score) in zip(messages, read.texts, strict=True)
         ]
 
 
 class OcrPipeline:
+    """The ``ocr`` pipeline kind: PP-OCRv4 detection as stage A, recognition as stage B."""
+
     kind = KIND
     task = "ocr"
     stage_a = "det"
@@ -157,9 +164,10 @@ class OcrPipeline:
         return {"lines": [ln.to_dict() for ln in lines], "regions": len(results)}
 
     def describe(self, options: StageOptions) -> dict:
+        from cvserve.models.ocr_files import ocr_model_files
         from cvserve.tasks.ocr import describe_stages
 
-        stages = describe_stages(cfg=_ocr_config(options))
+        stages = describe_stages(ocr_model_files(), _ocr_config(options))
         return {
             name: {"onnx_file": str(s.onnx_file), "input_shape": s.input_shape, "unit": s.unit}
             for name, s in stages.items()
