@@ -178,6 +178,8 @@ def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
     try:
         batching = BatchConfig(**{k: v for k, v in d.items() if k in _BATCH_KEYS})
         return ModelConfig(batching=batching, **{k: v for k, v in d.items() if k in _MODEL_KEYS})
+    except ConfigError:
+        raise  # ModelConfig's own errors name the model already
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model {d['name']!r}: {e}") from None
 
@@ -198,10 +200,18 @@ def pipeline_config_from_dict(d: dict[str, Any]) -> PipelineConfig:
 
 
 def server_config_from_dict(d: dict[str, Any]) -> ServerConfig:
+    if d is not None and not isinstance(d, dict):
+        raise ConfigError(
+            f"a config is a mapping with 'server', 'models' and 'pipelines'; got {type(d).__name__}"
+        )
     d = dict(d or {})
     models = d.pop("models", None) or []
     pipelines = d.pop("pipelines", None) or []
     server = d.pop("server", None) or {}
+    for key, value, kind in (("models", models, list), ("pipelines", pipelines, list),
+                             ("server", server, dict)):  # fmt: skip
+        if not isinstance(value, kind):
+            raise ConfigError(f"{key!r} must be a {kind.__name__}, got {type(value).__name__}")
     if d:
         raise ConfigError(
             f"unknown top-level keys {sorted(d)}; expected 'server', 'models' and 'pipelines'"
@@ -216,6 +226,9 @@ def server_config_from_dict(d: dict[str, Any]) -> ServerConfig:
     for what, names in (("model", [m.name for m in mcs]), ("pipeline", [p.name for p in pcs])):
         if len(set(names)) != len(names):
             raise ConfigError(f"{what} names must be unique: {names}")
+    both = sorted({m.name for m in mcs} & {p.name for p in pcs})
+    if both:  # one name, one thing served: the front doors look names up in one table
+        raise ConfigError(f"a model and a pipeline may not share a name: {both}")
     try:
         return ServerConfig(models=mcs, pipelines=pcs, **server)
     except (TypeError, ValueError) as e:

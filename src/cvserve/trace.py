@@ -7,6 +7,7 @@ for it, with nothing double-counted and nothing hidden.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 
@@ -131,7 +132,7 @@ def parse_server_timing(value: str | None) -> tuple[dict[str, float], int]:
                     dur = float(val.strip().strip('"'))
                 except ValueError:
                     dur = None
-        if name not in _KNOWN or dur is None or dur != dur or dur < 0:
+        if name not in _KNOWN or dur is None or not math.isfinite(dur) or dur < 0:
             bad += 1
             continue
         stages[name] = stages.get(name, 0.0) + dur / 1000.0

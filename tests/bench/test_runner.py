@@ -126,7 +126,7 @@ def test_bad_result_files(sweep, tmp_path):
     assert any("ok" in p and "minimum" in p for p in problems)
     assert any("surprise" in p for p in problems)
     (tmp_path / "bad.json").write_text(json.dumps(doc))
-    with pytest.raises(ResultError, match="not a valid result"):
+    with pytest.raises(ResultError, match="not a valid bench result"):
         load_result(tmp_path / "bad.json")
 
 

@@ -7,6 +7,7 @@ import resource
 
 import numpy as np
 import pytest
+from bad_files import KIND, OPENCV_LENIENT, STATUS
 from PIL import Image, ImageFilter
 
 from cvserve.images.decode import (
@@ -60,11 +61,31 @@ EXPECTED = {
 }
 
 
-LENIENT_IN_OPENCV = {"79f5fc6bca756e1f067c6fc83e18b32e.jpg", "f006e96f3b27fdfaa075322d759ea2e8.jpg"}
+LENIENT_IN_OPENCV = OPENCV_LENIENT
 
 
 def test_expectations_cover_every_bad_file(data_dir):
     assert sorted(p.name for p in (data_dir / "bad").iterdir()) == sorted(EXPECTED)
+    assert sorted(STATUS) == sorted(EXPECTED)
+
+
+def test_the_status_table_agrees_with_the_manifest_and_the_decoder(data_dir):
+    """tests/bad_files.py: 200 exactly where MANIFEST.tsv says Pillow decodes the file, and
+    each error status is the one of the error the decoder documents for that file."""
+    rows = (data_dir / "MANIFEST.tsv").read_text().splitlines()
+    header = rows[0].split("\t")
+    notes = {
+        r["file"].removeprefix("bad/"): r["notes"]
+        for r in (dict(zip(header, line.split("\t"), strict=False)) for line in rows[1:])
+        if r["file"].startswith("bad/")
+    }
+    assert sorted(notes) == sorted(STATUS)
+    for name, status in STATUS.items():
+        assert ("Pillow 13.0.0: decodes OK" in notes[name]) == (status == 200), name
+        want = EXPECTED[name]
+        assert status == (200 if isinstance(want, tuple) else want.status), name
+        if "DecompressionBombError" in notes[name]:
+            assert status == 413, name
 
 
 def _backends() -> list[str]:
@@ -106,7 +127,8 @@ def test_bad_file(data_dir, name, backend):
     else:
         with pytest.raises(want) as info:
             decode(data, backend=backend, min_size=_quarter)
-        assert info.value.status in (400, 413, 415)
+        assert info.value.status == STATUS[name]
+        assert info.value.kind == KIND[STATUS[name]]
         assert str(info.value)
 
 

@@ -7,6 +7,7 @@ import asyncio
 import httpx
 import numpy as np
 import pytest
+from bad_files import KIND, STATUS
 
 pytest.importorskip("cv2", reason="the OCR pipeline needs the ocr extra")
 pytest.importorskip("pyclipper", reason="the OCR pipeline needs the ocr extra")
@@ -33,9 +34,10 @@ def ocr_server():
 
 @pytest.fixture(scope="module")
 def reference():
+    from cvserve.serving.pipelines.ocr import load_ocr_models
     from cvserve.tasks.ocr import OcrPipeline
 
-    pipe = OcrPipeline()
+    pipe = OcrPipeline(load_ocr_models())
     return lambda data: [ln.to_dict() for ln in pipe(np.asarray(decode(data, backend="pil").image))]
 
 
@@ -94,8 +96,11 @@ def test_no_text_many_regions_and_bad_files(ocr_server, data_dir):
         assert many.json()["regions"] >= 0.9 * words
         for path in sorted((data_dir / "bad").iterdir()):
             r = c.post(PREDICT, content=path.read_bytes())
-            assert r.status_code in (200, 400, 413, 415), path.name
-            if r.status_code != 200:
+            assert r.status_code == STATUS[path.name], (path.name, r.status_code, r.text)
+            if r.status_code == 200:
+                assert isinstance(r.json()["lines"], list)
+            else:
+                assert r.json()["error"]["kind"] == KIND[r.status_code]
                 assert r.json()["error"]["message"]
         assert c.get("/readyz").status_code == 200
         assert c.get("/v1/pipelines").json()["pipelines"][0]["stages"] == ["det", "rec"]

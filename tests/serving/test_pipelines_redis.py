@@ -4,20 +4,25 @@ killed worker's items are reclaimed, and a Redis outage gives fast 503s, then re
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 
 from cvserve.config import PipelineConfig, ServerConfig
 from cvserve.serving.server import ServerThread, free_port
 
 PREDICT = "/v1/pipelines/dc:predict"
 PARAMS = {"detector": "tiny-yolos", "classifier": "tiny-resnet", "objects": 6}
+TOPIC, GROUP = "dc.classify", "classify"  # stage B's work topic and consumer group
 
 
 def _worker(url: str, cache, reclaim_ms: int = 1500) -> subprocess.Popen:
@@ -66,6 +71,10 @@ async def _burst(url: str, bodies: list[bytes], timeout: float = 60) -> list:
         )
 
 
+def _objects(r: httpx.Response) -> list[dict]:
+    return r.json()["objects"]
+
+
 @pytest.fixture
 def photos(data_dir) -> list[bytes]:
     return [p.read_bytes() for p in sorted((data_dir / "images" / "small").glob("*.jpg"))]
@@ -79,10 +88,48 @@ def built(model_cache):
     return model_cache
 
 
+async def _pending_of(r, key: str, consumer: bytes) -> list[bytes]:
+    """Entry ids that ``consumer`` holds: delivered to it and not yet acknowledged."""
+    rows = await r.xpending_range(key, GROUP, "-", "+", 10_000, consumername=consumer)
+    return [row["message_id"] for row in rows]
+
+
+async def _catch_holding(r, key: str, proc: subprocess.Popen, body: Callable[[], Awaitable]):
+    """Run ``body`` (a burst) and, once worker ``proc`` holds pending items, stop it
+    (SIGSTOP: it can no longer acknowledge anything) and SIGKILL it. Returns the
+    consumer name, the ids it held when stopped and once dead, and the burst's result. A burst that ends before the worker held anything is run again."""
+    mine = f"{socket.gethostname()}-{proc.pid}-".encode()
+    for _ in range(3):
+        task = asyncio.create_task(body())
+        deadline = time.monotonic() + 60
+        while not task.done() and time.monotonic() < deadline:
+            summary = await r.xpending(key, GROUP)
+            name = next(
+                (c["name"] for c in summary["consumers"]
+                 if c["name"].startswith(mine) and c["pending"] > 0),
+                None,
+            )  # fmt: skip
+            if name is not None:
+                proc.send_signal(signal.SIGSTOP)
+                await asyncio.sleep(0.05)  # an ack already on the wire lands first
+                held = await _pending_of(r, key, name)
+                if held:
+                    proc.send_signal(signal.SIGKILL)
+                    await asyncio.to_thread(proc.wait, 10)
+                    held_dead = await _pending_of(r, key, name)
+                    return name, held, held_dead, await task
+                proc.send_signal(signal.SIGCONT)
+            await asyncio.sleep(0.002)
+        await task
+    raise AssertionError("the worker never held an item during three bursts")
+
+
 def test_two_external_workers_share_the_stage_and_a_killed_one_loses_nothing(
     redis_server, built, photos
 ):
-    url = f"{redis_server.url}?prefix=p{os.getpid()}a:"
+    prefix = f"p{os.getpid()}a:"
+    url = f"{redis_server.url}?prefix={prefix}"
+    key = prefix + TOPIC
     a, b = _worker(url, built), _worker(url, built)
     try:
         _wait_line(a, "worker:")
@@ -91,19 +138,22 @@ def test_two_external_workers_share_the_stage_and_a_killed_one_loses_nothing(
         try:
             first = asyncio.run(_burst(srv.url, photos * 2))
             assert all(r.status_code == 200 for r in first), first
-            assert all(len(r.json()["objects"]) == 6 for r in first)
+            want = {i: _objects(r) for i, r in enumerate(first[: len(photos)])}
+            assert all(len(objs) == 6 for objs in want.values())
+            router = srv.state.pipelines["dc"].router
+            before = dataclasses.replace(router.stats)
+            bodies = photos * 3
 
-            # Kill one worker while a burst is in flight: its pending items are reclaimed
-            # by the other after --reclaim-idle-ms, and every request is answered once.
             async def kill_during():
-                task = asyncio.create_task(_burst(srv.url, photos * 3))
-                await asyncio.sleep(0.3)
-                a.send_signal(signal.SIGKILL)
-                return await task
+                r = aioredis.Redis.from_url(redis_server.url)
+                try:
+                    caught = await _catch_holding(r, key, a, lambda: _burst(srv.url, bodies))
+                    consumers = {c["name"]: c for c in await r.xinfo_consumers(key, GROUP)}
+                    return (*caught, consumers, await r.xpending(key, GROUP), await r.xlen(key))
+                finally:
+                    await r.aclose()
 
-            second = asyncio.run(kill_during())
-            assert [getattr(r, "status_code", r) for r in second] == [200] * len(second)
-            assert all(len(r.json()["objects"]) == 6 for r in second)
+            dead, held, held_dead, second, consumers, pending, left = asyncio.run(kill_during())
         finally:
             srv.stop()
     finally:
@@ -111,6 +161,30 @@ def test_two_external_workers_share_the_stage_and_a_killed_one_loses_nothing(
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
                 p.wait(30)
+    assert a.returncode == -signal.SIGKILL
+    # The dead worker held work it never acknowledged (and a blocked read may have handed
+    # it more before Redis noticed it was gone).
+    held = set(held) | set(held_dead)
+    assert held
+    # Afterwards nothing is left: every item the dead worker held was acknowledged. The
+    # group has no other member than the two workers, so the survivor reclaimed them.
+    survivor = f"{socket.gethostname()}-{b.pid}-".encode()
+    assert len(consumers) == 2 and dead in consumers
+    assert all(n == dead or n.startswith(survivor) for n in consumers)
+    assert consumers[dead]["pending"] == 0
+    assert pending["pending"] == 0 and left == 0
+    # Every request answered once, with its own objects (the same as without the kill).
+    assert [getattr(r, "status_code", r) for r in second] == [200] * len(bodies)
+    for i, r in enumerate(second):
+        got, ref = _objects(r), want[i % len(photos)]
+        assert [o["box"] for o in got] == [o["box"] for o in ref]
+        assert [o["label"] for o in got] == [o["label"] for o in ref]
+        assert [o["score"] for o in got] == pytest.approx([o["score"] for o in ref], abs=1e-4)
+    stats = router.stats
+    assert stats.routed - before.routed == 6 * len(bodies)  # each item answered once
+    # a second result comes only from reclaimed work that the dead worker had finished
+    assert stats.duplicates - before.duplicates <= len(held)
+    assert stats.late == before.late and stats.unknown == before.unknown
 
 
 def test_redis_outage_gives_fast_503s_and_the_server_recovers_by_itself(

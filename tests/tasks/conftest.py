@@ -19,9 +19,10 @@ pytest.importorskip("rapidocr_onnxruntime", reason="OCR models come with the ocr
 
 @pytest.fixture(scope="session")
 def ocr_pipeline():
+    from cvserve.serving.pipelines.ocr import load_ocr_models
     from cvserve.tasks.ocr import OcrPipeline
 
-    return OcrPipeline()
+    return OcrPipeline(load_ocr_models())
 
 
 @pytest.fixture(scope="session")

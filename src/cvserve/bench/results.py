@@ -388,21 +388,32 @@ def save_result(result: BenchResult, path: str | os.PathLike[str]) -> Path:
     return path
 
 
+def read_document(
+    path: str | os.PathLike[str],
+    version: str,
+    schema: dict[str, Any],
+    error: type[ValueError],
+    what: str,
+) -> dict[str, Any]:
+    """A JSON result file of schema ``version``, validated against ``schema``; anything
+    else raises ``error`` saying what was wrong with which file."""
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"cannot read {what} {str(path)!r}: {e}") from e
+    found = doc.get("schema") if isinstance(doc, dict) else None
+    if found != version:
+        raise error(f"{str(path)!r} has schema {found!r}; this cvserve reads {version!r} only")
+    problems = validate(doc, schema)
+    if problems:
+        raise error(f"{str(path)!r} is not a valid {what}: " + "; ".join(problems[:5]))
+    return doc
+
+
 def load_result(path: str | os.PathLike[str], rows: bool = True) -> BenchResult:
     """Read a result written by :func:`save_result` (and its rows, unless ``rows=False``)."""
     path = Path(path)
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ResultError(f"cannot read bench result {str(path)!r}: {e}") from e
-    found = doc.get("schema") if isinstance(doc, dict) else None
-    if found != SCHEMA_VERSION:
-        raise ResultError(
-            f"{str(path)!r} has schema {found!r}; this cvserve reads {SCHEMA_VERSION!r} only"
-        )
-    problems = validate(doc)
-    if problems:
-        raise ResultError(f"{str(path)!r} is not a valid result: " + "; ".join(problems[:5]))
+    doc = read_document(path, SCHEMA_VERSION, RESULT_SCHEMA, ResultError, "bench result")
     columns: dict[str, np.ndarray] = {}
     rows_file = doc["rows"]["file"]
     if rows and rows_file:

@@ -12,7 +12,8 @@ from PIL import Image
 
 from cvserve.images.spec import PreprocessSpec
 
-_RESAMPLE = {
+#: PreprocessSpec interpolation names -> Pillow's resampling filters.
+RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
@@ -73,11 +74,11 @@ def resize_crop(im: Image.Image, orig: tuple[int, int], spec: PreprocessSpec) ->
     x0, y0, x1, y1 = box
     if x0 >= 0 and y0 >= 0 and x1 <= im.size[0] + 1e-6 and y1 <= im.size[1] + 1e-6:
         box = (x0, y0, min(x1, im.size[0]), min(y1, im.size[1]))
-        return im.resize((spec.width, spec.height), _RESAMPLE[spec.interpolation], box=box)
+        return im.resize((spec.width, spec.height), RESAMPLE[spec.interpolation], box=box)
     # The crop reaches outside the resized image (crop larger than the resize): resize the
     # whole image, then paste it centred on a black canvas, as HF's center_crop pads.
     rw, rh = resized_size(*orig, spec)
-    full = im.resize((rw, rh), _RESAMPLE[spec.interpolation])
+    full = im.resize((rw, rh), RESAMPLE[spec.interpolation])
     left, top, _, _ = crop_box(*orig, spec)
     canvas = Image.new("RGB", (spec.width, spec.height), _pad_fill(spec))
     canvas.paste(full, (-left, -top))

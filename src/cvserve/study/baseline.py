@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from cvserve.images.spec import PreprocessSpec
+from cvserve.images.transforms import RESAMPLE
 from cvserve.models.metadata import ModelMeta
 from cvserve.models.store import SIDECAR_FILE
 from cvserve.serving.server import ServerProcess
@@ -50,14 +51,6 @@ DEFAULT_SPEC = PreprocessSpec(
     height=224, width=224, resize_shortest=256, interpolation="bicubic"
 )  # fmt: skip
 
-_RESAMPLE = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-    "box": Image.Resampling.BOX,
-    "hamming": Image.Resampling.HAMMING,
-}
 DEFAULT_TOP_K = 5
 
 
@@ -75,7 +68,7 @@ def _preprocess_timed(
         raise BadImage(f"cannot decode image: {e}") from None
     t1 = time.perf_counter()
     w, h = im.size
-    resample = _RESAMPLE[spec.interpolation]
+    resample = RESAMPLE[spec.interpolation]
     if spec.resize_mode == "shortest_edge_crop":
         s = spec.resize_shortest or max(spec.height, spec.width)
         # HF's get_resize_output_image_size: the long side is truncated, not rounded.

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cvserve.bench.results import machine_info, validate
+from cvserve.bench.results import machine_info, read_document, validate
 
 SCHEMA_VERSION = "cvserve.study/1"
 
@@ -221,19 +221,5 @@ def save_experiment(result: ExperimentResult, out_dir: str | os.PathLike[str]) -
 
 def load_experiment(path: str | os.PathLike[str]) -> ExperimentResult:
     """Read and validate one experiment's JSON."""
-    path = Path(path)
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise StudyResultError(f"cannot read study result {str(path)!r}: {e}") from e
-    found = doc.get("schema") if isinstance(doc, dict) else None
-    if found != SCHEMA_VERSION:
-        raise StudyResultError(
-            f"{str(path)!r} has schema {found!r}; this cvserve reads {SCHEMA_VERSION!r} only"
-        )
-    problems = validate(doc, STUDY_SCHEMA)
-    if problems:
-        raise StudyResultError(
-            f"{str(path)!r} is not a valid study result: " + "; ".join(problems[:5])
-        )
+    doc = read_document(path, SCHEMA_VERSION, STUDY_SCHEMA, StudyResultError, "study result")
     return ExperimentResult.from_dict(doc)

@@ -1,28 +1,32 @@
 """OCR as a two-DNN pipeline (PP-OCRv4: DB text detector, then a CTC recognizer),
-written as pure steps on numpy arrays so a server can put a broker between the stages.
+written as steps on numpy arrays so a server can put a broker between the stages.
 
-Stage A, per image (``det``): ``det_preprocess`` -> detector -> ``db_postprocess`` ->
-``crop_text_regions`` (fan-out: one image -> N crops, N = len(boxes)).
-Stage B, per crop (``rec``): optionally ``cls_preprocess`` -> angle classifier ->
-``cls_postprocess``; then ``plan_batches``/``rec_preprocess`` -> recognizer ->
-``ctc_decode``. Join, per request: ``join_lines``.
+Each step is written once, here, and both the reference pipeline below and the server's
+stages (``cvserve.serving.pipelines.ocr``) call it:
 
-``OcrPipeline`` wires the steps in one process; it is the reference wiring and what the
-tests compare against RapidOCR 1.4.4, whose models (and defaults) these are.
+- ``detect``, stage A, per image: ``det_preprocess`` -> detector -> ``db_postprocess``
+  -> ``crop_text_regions`` (fan-out: one image -> N crops, N = len(boxes)).
+- ``recognize``, stage B, per batch of crops: optionally ``cls_preprocess`` -> angle
+  classifier -> ``cls_postprocess``; then ``plan_batches``/``rec_preprocess`` ->
+  recognizer -> ``ctc_decode``.
+- ``join_lines``, per request.
+
+The steps get their DNN calls as plain callables (``Infer``) and never open a model file:
+sessions, threads and devices are the caller's wiring. Each step reports the seconds its
+sub-steps took under the trace's stage names, so a server charges them without timing
+the step again. ``OcrPipeline`` runs the steps in one process; it is what the tests
+compare against RapidOCR 1.4.4, whose models (and defaults) these are.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cvserve.models.ocr_files import OcrModelFiles, ocr_model_files, read_dictionary
-from cvserve.runtime.onnx import OrtOptions, OrtRuntime
 from cvserve.tasks.ocr_det import (
     DetBoxes,
     DetConfig,
@@ -47,16 +51,25 @@ from cvserve.tasks.ocr_rec import (
     rec_preprocess,
     rec_width,
 )
+from cvserve.trace import Trace
+
+if TYPE_CHECKING:
+    from cvserve.models.ocr_files import OcrModelFiles
 
 __all__ = [
     "DetBoxes",
     "DetConfig",
     "DetInput",
     "DetMeta",
+    "Detected",
+    "Infer",
     "Line",
     "OcrConfig",
+    "OcrModels",
     "OcrPipeline",
+    "OcrResult",
     "RecConfig",
+    "Recognized",
     "StageSpec",
     "cls_postprocess",
     "cls_preprocess",
@@ -65,18 +78,23 @@ __all__ = [
     "ctc_labels",
     "db_postprocess",
     "describe_stages",
+    "detect",
     "det_input_size",
     "det_preprocess",
     "join_lines",
-    "ocr_image",
     "order_points_clockwise",
     "padding_fraction",
     "plan_batches",
     "reading_order",
     "rec_preprocess",
     "rec_width",
+    "recognize",
     "unclip",
 ]
+
+#: One DNN call: an input batch -> the model's output (PP-OCR models have one). Made
+#: outside ``tasks/`` (an onnxruntime session, a simulated device, a test double).
+Infer = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -105,6 +123,87 @@ class Line:
         }
 
 
+# --- the steps ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Detected:
+    """Stage A's result for one image: its text boxes in reading order, one crop per box
+    (same order), and the seconds spent per trace stage (resize, infer, postprocess)."""
+
+    boxes: DetBoxes
+    crops: list[np.ndarray]
+    stages: dict[str, float]
+
+
+def detect(rgb: np.ndarray, det: Infer, cfg: DetConfig) -> Detected:
+    """Text regions of one upright RGB image (H, W, 3) uint8, cut out for recognition.
+
+    ``det_preprocess`` resizes and normalizes in one pass and is charged to ``resize``;
+    box finding and cutting the crops are ``postprocess``.
+    """
+    trace = Trace()
+    det_in = det_preprocess(rgb, cfg)
+    trace.mark("resize")
+    prob = det(det_in.tensor[None])
+    trace.mark("infer")
+    boxes = db_postprocess(prob, det_in.meta, cfg)
+    crops = crop_text_regions(det_in.image, boxes.work_boxes)
+    trace.mark("postprocess")
+    return Detected(boxes=boxes, crops=crops, stages=trace.stages)
+
+
+@dataclass(frozen=True)
+class Recognized:
+    """Stage B's result for a batch of crops: (text, score) per crop in the given order,
+    the number of recognizer calls, and the seconds spent per trace stage (resize:
+    building the classifier and recognizer inputs; infer; postprocess: turning crops
+    upright and CTC decoding)."""
+
+    texts: list[tuple[str, float]]
+    batches: int
+    stages: dict[str, float]
+
+
+def recognize(
+    crops: Sequence[np.ndarray],
+    rec: Infer,
+    labels: Sequence[str],
+    cfg: RecConfig,
+    cls: Infer | None = None,
+) -> Recognized:
+    """Read each crop: with ``cfg.use_cls`` the angle classifier ``cls`` first turns
+    upside-down crops upright, then the recognizer ``rec`` reads crops of similar aspect
+    ratio together (``plan_batches``: little padding) and ``ctc_decode`` maps its output
+    to text with ``labels`` (``ctc_labels`` of the dictionary). ``crops`` may come from
+    many images; the input list is not changed."""
+    trace = Trace()
+    crops = list(crops)
+    if cfg.use_cls:
+        if cls is None:
+            raise ValueError("cfg.use_cls is set but no angle classifier was given")
+        for idx in plan_batches(crops, cfg.cls_batch_size):
+            batch = [crops[i] for i in idx]
+            x = cls_preprocess(batch, cfg)
+            trace.mark("resize")
+            probs = cls(x)
+            trace.mark("infer")
+            for i, crop in zip(idx, cls_postprocess(probs, batch, cfg)[0], strict=True):
+                crops[i] = crop
+            trace.mark("postprocess")
+    texts: list[tuple[str, float]] = [("", 0.0)] * len(crops)
+    batches = plan_batches(crops, cfg.batch_size)
+    for idx in batches:
+        x = rec_preprocess([crops[i] for i in idx], cfg)
+        trace.mark("resize")
+        out = rec(x)
+        trace.mark("infer")
+        for i, res in zip(idx, ctc_decode(out, labels), strict=True):
+            texts[i] = res
+        trace.mark("postprocess")
+    return Recognized(texts=texts, batches=len(batches), stages=trace.stages)
+
+
 def join_lines(
     boxes: DetBoxes, texts: Sequence[tuple[str, float]], text_score: float = 0.5
 ) -> list[Line]:
@@ -119,7 +218,54 @@ def join_lines(
     ]
 
 
-# --- what a server needs to know about the two stages ------------------------------------
+# --- the reference wiring: both stages in one process ------------------------------------
+
+
+@dataclass(frozen=True)
+class OcrModels:
+    """The DNN calls the reference pipeline needs, made by whoever owns the runtime
+    (``cvserve.serving.pipelines.ocr.load_ocr_models`` for the packaged models)."""
+
+    det: Infer
+    rec: Infer
+    labels: Sequence[str]  # the recognizer's classes: ``ctc_labels(dictionary)``
+    cls: Infer | None = None  # needed when ``RecConfig.use_cls``
+
+
+@dataclass(frozen=True)
+class OcrResult:
+    """One image's lines and what each stage did (``recognized`` is None when nothing
+    was detected: stage B never ran, as on a server)."""
+
+    lines: list[Line]
+    detected: Detected
+    recognized: Recognized | None
+
+
+class OcrPipeline:
+    """Stage A then stage B on one image in one process, no broker: the reference that
+    the tests hold against RapidOCR, and the server against."""
+
+    def __init__(self, models: OcrModels, cfg: OcrConfig = OcrConfig()) -> None:
+        self.models = models
+        self.cfg = cfg
+
+    def run(self, rgb: np.ndarray) -> OcrResult:
+        """OCR one upright RGB image (H, W, 3) uint8, with each stage's record."""
+        m = self.models
+        found = detect(np.asarray(rgb), m.det, self.cfg.det)
+        if not found.crops:
+            return OcrResult(lines=[], detected=found, recognized=None)
+        read = recognize(found.crops, m.rec, m.labels, self.cfg.rec, m.cls)
+        lines = join_lines(found.boxes, read.texts, self.cfg.rec.text_score)
+        return OcrResult(lines=lines, detected=found, recognized=read)
+
+    def __call__(self, rgb: np.ndarray) -> list[Line]:
+        """The lines of one upright RGB image, in reading order."""
+        return self.run(rgb).lines
+
+
+# --- what a server needs to know about the stages ----------------------------------------
 
 
 @dataclass(frozen=True)
@@ -139,13 +285,11 @@ class StageSpec:
     notes: str
 
 
-def describe_stages(
-    files: OcrModelFiles | None = None, cfg: OcrConfig = OcrConfig()
-) -> dict[str, StageSpec]:
+def describe_stages(files: OcrModelFiles, cfg: OcrConfig = OcrConfig()) -> dict[str, StageSpec]:
     """The stages in pipeline order: det (per image), cls (per crop, when enabled) and
     rec (per crop). One image yields one crop per detected box (``len(DetBoxes)``: 0 for
-    a photo without text, hundreds for a dense page; at most ``det.max_candidates``)."""
-    files = files or ocr_model_files()
+    a photo without text, hundreds for a dense page; at most ``det.max_candidates``).
+    ``files`` says where the models are (``ocr_model_files()`` for the packaged ones)."""
     half = (0.5, 0.5, 0.5)
     stages = {
         "det": StageSpec(
@@ -208,75 +352,3 @@ def describe_stages(
             "rec": stages["rec"],
         }
     return stages
-
-
-# --- the reference wiring --------------------------------------------------------------
-
-
-class OcrPipeline:
-    """The steps run in one process with one onnxruntime session per model."""
-
-    def __init__(
-        self,
-        files: OcrModelFiles | None = None,
-        cfg: OcrConfig = OcrConfig(),
-        options: OrtOptions | None = None,
-    ) -> None:
-        self.files = files or ocr_model_files()
-        self.cfg = cfg
-        self.det = OrtRuntime(self.files.det, options)
-        self.rec = OrtRuntime(self.files.rec, options)
-        self.cls = OrtRuntime(self.files.cls, options) if cfg.rec.use_cls else None
-        self.labels = ctc_labels(read_dictionary(self.files.rec))
-
-    def __call__(
-        self, rgb: np.ndarray, timings: dict[str, list[float]] | None = None
-    ) -> list[Line]:
-        """OCR one upright RGB image (H, W, 3) uint8. ``timings``, if given, collects the
-        seconds each step took, by step name (rec steps once per batch)."""
-        times: dict[str, list[float]] = timings if timings is not None else {}
-        t = time.perf_counter()
-
-        def lap(name: str) -> None:
-            nonlocal t
-            now = time.perf_counter()
-            times.setdefault(name, []).append(now - t)
-            t = now
-
-        cfg = self.cfg
-        det_in = det_preprocess(rgb, cfg.det)
-        lap("det_preprocess")
-        prob = self.det.run(det_in.tensor[None])[0]
-        lap("det_infer")
-        boxes = db_postprocess(prob, det_in.meta, cfg.det)
-        lap("db_postprocess")
-        if len(boxes) == 0:
-            return []
-        crops = crop_text_regions(det_in.image, boxes.work_boxes)
-        lap("crop")
-        if self.cls is not None:
-            crops = list(crops)
-            for idx in plan_batches(crops, cfg.rec.cls_batch_size):
-                batch = [crops[i] for i in idx]
-                probs = self.cls.run(cls_preprocess(batch, cfg.rec))[0]
-                for i, crop in zip(idx, cls_postprocess(probs, batch, cfg.rec)[0], strict=True):
-                    crops[i] = crop
-            lap("cls")
-        texts: list[tuple[str, float]] = [("", 0.0)] * len(crops)
-        for idx in plan_batches(crops, cfg.rec.batch_size):
-            tensor = rec_preprocess([crops[i] for i in idx], cfg.rec)
-            lap("rec_preprocess")
-            out = self.rec.run(tensor)[0]
-            lap("rec_infer")
-            for i, res in zip(idx, ctc_decode(out, self.labels), strict=True):
-                texts[i] = res
-            lap("ctc_decode")
-        lines = join_lines(boxes, texts, cfg.rec.text_score)
-        lap("join")
-        return lines
-
-
-def ocr_image(rgb: np.ndarray, pipeline: OcrPipeline | None = None) -> list[Line]:
-    """OCR one upright RGB image. Without ``pipeline`` the sessions are created for this
-    call alone (about 0.2 s); keep an ``OcrPipeline`` to OCR many images."""
-    return (pipeline or OcrPipeline())(np.asarray(rgb))

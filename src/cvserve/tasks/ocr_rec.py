@@ -30,7 +30,7 @@ class RecConfig:
 
     height: int = 48  # PP-OCRv4 rec input height
     min_width: int = 320  # a batch is never narrower than this
-    batch_size: int = 6  # crops per recognizer call in ``ocr_image``
+    batch_size: int = 6  # crops per recognizer call in ``recognize``
     use_cls: bool = True  # RapidOCR's default runs the angle classifier
     cls_height: int = 48
     cls_width: int = 192

@@ -1,0 +1,329 @@
+"""Configuration: the typed settings refuse what cannot work, saying what and why; a config
+file's unknown keys, duplicate names and unreadable YAML are ConfigErrors."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from cvserve.config import (
+    DEFAULT_MAX_BODY_BYTES,
+    BatchConfig,
+    ConfigError,
+    ModelConfig,
+    PipelineConfig,
+    ServerConfig,
+    load_config,
+    model_config_from_dict,
+    pipeline_config_from_dict,
+    server_config_from_dict,
+)
+from cvserve.images.decode import DEFAULT_MAX_PIXELS
+
+# --- BatchConfig ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("max_batch_size", 0, "max_batch_size must be >= 1"),
+        ("max_delay_ms", -0.5, "max_delay_ms must be >= 0"),
+        ("instances", 0, "instances must be >= 1"),
+        ("max_queue", 0, "max_queue must be >= 1"),
+        ("timeout_ms", 0, "timeout_ms must be > 0"),
+        ("timeout_ms", -1, "timeout_ms must be > 0"),
+    ],
+)
+def test_batch_config_refuses(field, value, message):
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        BatchConfig(**{field: value})
+
+
+def test_batch_config_boundaries_are_allowed():
+    b = BatchConfig(max_batch_size=1, max_delay_ms=0, instances=1, max_queue=1, timeout_ms=0.1)
+    assert (b.max_batch_size, b.max_delay_ms, b.max_queue) == (1, 0, 1)
+    d = BatchConfig()
+    assert (d.max_batch_size, d.max_delay_ms, d.instances, d.max_queue, d.timeout_ms) == (
+        8, 5.0, 1, 64, 30_000.0,
+    )  # fmt: skip
+
+
+# --- ModelConfig ------------------------------------------------------------------------
+
+
+def test_model_config_defaults_and_store_name():
+    m = ModelConfig("a")
+    assert m.runtime == "onnxruntime" and m.decoder == "pil-reduced"
+    assert m.batching == BatchConfig() and m.store_name == "a"
+    assert ModelConfig("alias", model="resnet50").store_name == "resnet50"
+
+
+def test_model_config_refuses_an_unknown_runtime():
+    with pytest.raises(
+        ConfigError, match=r"^model 'a': runtime 'tensorrt'; choose one of onnxruntime, simulated$"
+    ):
+        ModelConfig("a", runtime="tensorrt")
+
+
+def test_the_simulated_runtime_needs_a_profile():
+    with pytest.raises(ConfigError, match=r"^model 'a': the simulated runtime needs a latency"):
+        ModelConfig("a", runtime="simulated")
+    with pytest.raises(ConfigError, match=r"^model 'a': the simulated runtime needs a latency"):
+        ModelConfig("a", runtime="simulated", sim_profile="")
+
+
+@pytest.mark.parametrize(
+    ("profile", "message"),
+    [
+        ("1:", r"profile entry '1:': expected BATCH:MS"),
+        ("no-such-profile", r"cannot read profile 'no-such-profile': no such file"),
+        ("/nowhere/p.json", r"cannot read profile '/nowhere/p.json'"),
+    ],
+)
+def test_a_bad_profile_is_a_config_error_naming_the_model(profile, message):
+    with pytest.raises(ConfigError, match=f"^model 'a': {message}"):
+        ModelConfig("a", runtime="simulated", sim_profile=profile)
+
+
+def test_simulated_models_accept_inline_and_packaged_profiles():
+    inline = ModelConfig("a", runtime="simulated", sim_profile="1:0.9,8:2.4", sim_devices=2)
+    assert inline.sim_devices == 2
+    packaged = ModelConfig("b", runtime="simulated", sim_profile="resnet50-trt-a100",
+                           sim_h2d_gbps=12.5)  # fmt: skip
+    assert packaged.sim_h2d_gbps == 12.5
+
+
+@pytest.mark.parametrize("extra", [{"sim_profile": "1:0.9"}, {"sim_h2d_gbps": 10.0}])
+def test_simulator_settings_need_the_simulated_runtime(extra):
+    with pytest.raises(
+        ConfigError, match=r"^model 'a': sim_profile/sim_h2d_gbps need the simulated runtime"
+    ):
+        ModelConfig("a", **extra)
+
+
+@pytest.mark.parametrize("devices", [0, -1, 1.5, "2"])
+def test_sim_devices_must_be_a_positive_integer(devices):
+    with pytest.raises(ConfigError, match=r"^model 'a': sim_devices must be an integer >= 1$"):
+        ModelConfig("a", runtime="simulated", sim_profile="1:1", sim_devices=devices)
+
+
+@pytest.mark.parametrize("gbps", [0.0, -3.0])
+def test_sim_h2d_gbps_must_be_positive(gbps):
+    with pytest.raises(ConfigError, match=r"^model 'a': sim_h2d_gbps must be > 0$"):
+        ModelConfig("a", runtime="simulated", sim_profile="1:1", sim_h2d_gbps=gbps)
+
+
+# --- PipelineConfig ---------------------------------------------------------------------
+
+
+def test_pipeline_kind_defaults_to_its_name():
+    assert PipelineConfig("ocr").kind == "ocr"
+    assert PipelineConfig("dc", kind="detect-classify").kind == "detect-classify"
+
+
+@pytest.mark.parametrize(
+    "field", ["max_batch_size", "max_queue", "instances", "block_ms", "reclaim_idle_ms"]
+)
+def test_pipeline_config_counts_must_be_positive(field):
+    with pytest.raises(ValueError, match=f"^{field} must be >= 1$"):
+        PipelineConfig("ocr", **{field: 0})
+
+
+def test_pipeline_config_workers_and_timeout():
+    assert PipelineConfig("ocr", workers=0).workers == 0  # only external workers
+    with pytest.raises(ValueError, match="^workers must be >= 0$"):
+        PipelineConfig("ocr", workers=-1)
+    with pytest.raises(ValueError, match="^timeout_ms must be > 0$"):
+        PipelineConfig("ocr", timeout_ms=0)
+
+
+def test_with_instances_changes_only_the_instances():
+    p = PipelineConfig("dc", kind="detect-classify", workers=2, params={"objects": 3})
+    q = p.with_instances(4)
+    assert q.instances == 4 and p.instances == 1
+    assert (q.name, q.kind, q.workers, q.params) == ("dc", "detect-classify", 2, {"objects": 3})
+    with pytest.raises(ValueError, match="^instances must be >= 1$"):
+        p.with_instances(0)
+
+
+# --- from a dict (a parsed config file) -------------------------------------------------
+
+
+def test_a_full_config():
+    cfg = server_config_from_dict(
+        {
+            "server": {"port": 9000, "max_pixels": 1000, "broker": "redis://h:6379"},
+            "models": [
+                {"name": "a", "max_batch_size": 4, "max_delay_ms": 2, "decoder": "pil"},
+                {"name": "b", "model": "a", "runtime": "simulated", "sim_profile": "1:1,8:4",
+                 "sim_devices": 2, "sim_h2d_gbps": 20, "instances": 3},
+            ],
+            "pipelines": [{"name": "ocr", "workers": 0, "params": {"k": 1}}],
+        }
+    )  # fmt: skip
+    assert (cfg.port, cfg.max_pixels, cfg.broker) == (9000, 1000, "redis://h:6379")
+    assert cfg.host == "127.0.0.1" and cfg.max_body_bytes == DEFAULT_MAX_BODY_BYTES
+    a, b = cfg.models
+    # batching keys sit flat in a model entry and land in its BatchConfig
+    assert a.batching == BatchConfig(max_batch_size=4, max_delay_ms=2)
+    assert a.decoder == "pil"
+    assert b.store_name == "a" and b.batching.instances == 3
+    assert (b.runtime, b.sim_profile, b.sim_devices, b.sim_h2d_gbps) == (
+        "simulated",
+        "1:1,8:4",
+        2,
+        20,
+    )
+    (p,) = cfg.pipelines
+    assert (p.name, p.kind, p.workers, p.params) == ("ocr", "ocr", 0, {"k": 1})
+
+
+def test_pipelines_alone_are_enough():
+    cfg = server_config_from_dict({"pipelines": [{"name": "ocr"}]})
+    assert cfg.models == () and cfg.pipelines[0].name == "ocr"
+    assert cfg.max_pixels == DEFAULT_MAX_PIXELS
+
+
+@pytest.mark.parametrize(
+    "doc", [None, {}, {"models": [], "pipelines": []}, {"server": {"port": 1}, "models": None}]
+)
+def test_an_empty_config_serves_nothing(doc):
+    with pytest.raises(ConfigError, match="^the config serves nothing: add a 'models' or"):
+        server_config_from_dict(doc)
+
+
+def test_unknown_top_level_keys():
+    with pytest.raises(
+        ConfigError, match=r"^unknown top-level keys \['model', 'zzz'\]; expected 'server', "
+    ):
+        server_config_from_dict({"model": [{"name": "a"}], "zzz": 1, "models": [{"name": "a"}]})
+
+
+def test_unknown_server_keys():
+    with pytest.raises(ConfigError, match=r"^server: unknown keys \['prot'\]; known: \[") as e:
+        server_config_from_dict({"server": {"prot": 80}, "models": [{"name": "a"}]})
+    assert "'port'" in str(e.value)
+    # the lists are not server settings
+    with pytest.raises(ConfigError, match=r"unknown keys \['models'\]"):
+        server_config_from_dict({"server": {"models": []}, "models": [{"name": "a"}]})
+
+
+def test_unknown_model_keys_name_the_model_and_the_known_keys():
+    with pytest.raises(ConfigError, match=r"^model 'a': unknown keys \['batch', 'batching'\]") as e:
+        server_config_from_dict({"models": [{"name": "a", "batch": 8, "batching": {}}]})
+    known = str(e.value).split("known: ")[1]
+    for key in ("max_batch_size", "timeout_ms", "runtime", "sim_profile", "decoder"):
+        assert f"'{key}'" in known
+    assert "'batching'" not in known  # nested form is not the file format
+
+
+def test_unknown_pipeline_keys():
+    with pytest.raises(ConfigError, match=r"^pipeline 'ocr': unknown keys \['max_delay_ms'\]"):
+        server_config_from_dict({"pipelines": [{"name": "ocr", "max_delay_ms": 5}]})
+
+
+@pytest.mark.parametrize("entry", [{}, {"model": "resnet50"}, "resnet50", None])
+def test_an_entry_needs_a_name(entry):
+    with pytest.raises(ConfigError, match="^a model entry needs at least a name"):
+        model_config_from_dict(entry)
+    with pytest.raises(ConfigError, match="^a pipeline entry needs at least a name"):
+        pipeline_config_from_dict(entry)
+
+
+def test_invalid_values_are_config_errors_naming_their_entry():
+    with pytest.raises(ConfigError, match="^model 'a': max_batch_size must be >= 1$"):
+        server_config_from_dict({"models": [{"name": "a", "max_batch_size": 0}]})
+    with pytest.raises(ConfigError, match="^model 'a': "):  # a string where a number goes
+        server_config_from_dict({"models": [{"name": "a", "max_queue": "64"}]})
+    with pytest.raises(ConfigError, match="^pipeline 'ocr': workers must be >= 0$"):
+        server_config_from_dict({"pipelines": [{"name": "ocr", "workers": -1}]})
+
+
+def test_a_model_config_error_names_its_model_once(tmp_path):
+    with pytest.raises(ConfigError, match="^model 'a': runtime 'trt'"):
+        server_config_from_dict({"models": [{"name": "a", "runtime": "trt"}]})
+    f = tmp_path / "sim.yaml"
+    f.write_text("models:\n  - name: fast\n    runtime: simulated\n")
+    with pytest.raises(ConfigError, match="^model 'fast': the simulated runtime needs"):
+        load_config(f)
+
+
+def test_duplicate_names():
+    with pytest.raises(ConfigError, match=r"^model names must be unique: \['a', 'b', 'a'\]$"):
+        server_config_from_dict({"models": [{"name": "a"}, {"name": "b"}, {"name": "a"}]})
+    with pytest.raises(ConfigError, match=r"^pipeline names must be unique: \['ocr', 'ocr'\]$"):
+        server_config_from_dict({"pipelines": [{"name": "ocr"}, {"name": "ocr"}]})
+    # one store model served under two names is fine
+    cfg = server_config_from_dict({"models": [{"name": "a"}, {"name": "b", "model": "a"}]})
+    assert [m.store_name for m in cfg.models] == ["a", "a"]
+
+
+def test_a_model_and_a_pipeline_may_not_share_a_name():
+    with pytest.raises(ConfigError):
+        server_config_from_dict({"models": [{"name": "ocr"}], "pipelines": [{"name": "ocr"}]})
+
+
+# --- files --------------------------------------------------------------------------------
+
+
+def test_load_config_reads_yaml(tmp_path):
+    f = tmp_path / "serve.yaml"
+    f.write_text(
+        "server:\n  port: 8123\n  preprocess_threads: 3\n"
+        "models:\n  - name: sim\n    model: tiny-resnet\n    runtime: simulated\n"
+        "    sim_profile: '1:0.9,8:2.4'\n    sim_devices: 2\n    sim_h2d_gbps: 25.0\n"
+        "    max_batch_size: 8\n"
+        "pipelines:\n  - name: dc\n    kind: detect-classify\n    workers: 0\n"
+    )
+    cfg = load_config(f)
+    assert isinstance(cfg, ServerConfig)
+    assert cfg.port == 8123 and cfg.resolved_preprocess_threads() == 3
+    (m,) = cfg.models
+    assert (m.name, m.store_name, m.runtime, m.sim_profile) == (
+        "sim", "tiny-resnet", "simulated", "1:0.9,8:2.4",
+    )  # fmt: skip
+    assert (m.sim_devices, m.sim_h2d_gbps, m.batching.max_batch_size) == (2, 25.0, 8)
+    assert cfg.pipelines[0].kind == "detect-classify" and cfg.pipelines[0].workers == 0
+
+
+def test_load_config_missing_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match=f"^cannot read config {re.escape(str(missing))}: "):
+        load_config(missing)
+    with pytest.raises(ConfigError, match="^cannot read config "):
+        load_config(tmp_path)  # a directory
+
+
+def test_load_config_bad_yaml(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("models:\n  - name: a\n   max_batch_size: [8\n")
+    with pytest.raises(ConfigError, match=f"^config {re.escape(str(f))} is not valid YAML: "):
+        load_config(f)
+
+
+def test_load_config_empty_file(tmp_path):
+    f = tmp_path / "empty.yaml"
+    f.write_text("# nothing here\n")
+    with pytest.raises(ConfigError, match="^the config serves nothing"):
+        load_config(f)
+
+
+def test_load_config_simulated_profile_error_names_the_model(tmp_path):
+    f = tmp_path / "sim.yaml"
+    f.write_text("models:\n  - name: fast\n    runtime: simulated\n")
+    with pytest.raises(ConfigError, match="model 'fast': the simulated runtime needs"):
+        load_config(f)
+    f.write_text("models:\n  - name: fast\n    runtime: simulated\n    sim_profile: '8:'\n")
+    with pytest.raises(ConfigError, match="model 'fast': profile entry '8:'"):
+        load_config(f)
+
+
+@pytest.mark.parametrize(
+    "text", ["- name: a\n", "just a string\n", "server: 5\nmodels: [{name: a}]\n"]
+)
+def test_load_config_a_document_that_is_not_a_mapping(tmp_path, text):
+    f = tmp_path / "odd.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError):
+        load_config(f)
