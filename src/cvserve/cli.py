@@ -259,6 +259,10 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--grpc-port", type=int, default=None,
+        help="also serve KServe v2 gRPC (tritonclient.grpc) on this port (default: off)",
+    )  # fmt: skip
     _add_batching_args(p)
     p.add_argument(
         "--max-body-mb", type=float, default=32.0, help="largest request body (413 above it)"
@@ -284,6 +288,8 @@ def server_config_from_args(args: argparse.Namespace):
     )
 
     overrides = {"cache_dir": args.cache_dir} if args.cache_dir else {}
+    if getattr(args, "grpc_port", None) is not None:
+        overrides["grpc_port"] = args.grpc_port
     if getattr(args, "broker", None):
         overrides["broker"] = args.broker
     if getattr(args, "config", None):
@@ -629,14 +635,13 @@ def _cmd_study(args: argparse.Namespace) -> int:
             _say(f"error: {e}")
             return 2
     elapsed = time.monotonic() - t0
-    html = write_report(
-        out,
-        run_info={
-            "command": " ".join(command),
-            "elapsed_s": elapsed,
-            "profile": "quick" if args.quick else "default",
-        },
-    )
+    # The header reproduces the whole study; a partial or resumed run's time is not the
+    # study's (the report then sums the experiments' own times).
+    whole = not (args.only or args.resume or args.report_only)
+    run_info = {"command": " ".join(_whole_study(command))}
+    if whole:
+        run_info["elapsed_s"] = elapsed
+    html = write_report(out, run_info=run_info)
     for r in results or []:
         print(f"\n{r.title}" + (" [simulated]" if r.simulated else ""))
         for f in r.findings:
@@ -647,6 +652,20 @@ def _cmd_study(args: argparse.Namespace) -> int:
                                 subsequent_indent="    "))  # fmt: skip
     print(f"\nreport: {html} ({elapsed:.0f} s)")
     return 0
+
+
+def _whole_study(command: list[str]) -> list[str]:
+    """``command`` without the flags that make it a partial run."""
+    out: list[str] = []
+    skip = False
+    for arg in command:
+        if skip:
+            skip = False
+        elif arg == "--only":
+            skip = True
+        elif arg not in ("--resume", "--report-only") and not arg.startswith("--only="):
+            out.append(arg)
+    return out
 
 
 class StudyProgress:
