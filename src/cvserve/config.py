@@ -143,6 +143,9 @@ class ServerConfig:
 
     host: str = "127.0.0.1"
     port: int = 8000
+    #: KServe v2 gRPC (``tritonclient.grpc``) on this port too, in the same process; None:
+    #: off, 0: any free port.
+    grpc_port: int | None = None
     #: Threads that decode, resize and normalize (shared by all models); 0 = cores.
     preprocess_threads: int = 0
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
@@ -154,6 +157,15 @@ class ServerConfig:
     broker: str = "inprocess://"
     models: tuple[ModelConfig, ...] = ()
     pipelines: tuple[PipelineConfig, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.grpc_port is not None:
+            if isinstance(self.grpc_port, bool) or not isinstance(self.grpc_port, int):
+                raise ConfigError(f"grpc_port must be an integer port, not {self.grpc_port!r}")
+            if not 0 <= self.grpc_port <= 65535:
+                raise ConfigError(f"grpc_port {self.grpc_port} is not a port (0-65535)")
+            if self.grpc_port and self.grpc_port == self.port:
+                raise ConfigError(f"grpc_port and port are both {self.port}: use two ports")
 
     def resolved_preprocess_threads(self) -> int:
         return self.preprocess_threads or (os.cpu_count() or 1)

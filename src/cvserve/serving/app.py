@@ -108,7 +108,8 @@ def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None
     )
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, 413 past ``limit`` bytes (declared or streamed); every HTTP door."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(
@@ -126,7 +127,8 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _timeout_s(request: Request, default_ms: float) -> float:
+def timeout_s(request: Request, default_ms: float) -> float:
+    """The request's deadline in seconds: the ``X-Timeout-Ms`` header, else ``default_ms``."""
     raw = request.headers.get(TIMEOUT_HEADER)
     if raw is None:
         return default_ms / 1000.0
@@ -175,9 +177,9 @@ async def _predict(request: Request, targets: Mapping[str, Servable], what: str)
                     f"content-type {ctype!r}: send the image bytes as image/* or "
                     "application/octet-stream"
                 )
-            data = await _read_body(request, state.config.max_body_bytes)
+            data = await read_body(request, state.config.max_body_bytes)
             trace.mark("recv")
-            deadline = trace.start + _timeout_s(request, target.timeout_ms)
+            deadline = trace.start + timeout_s(request, target.timeout_ms)
             params = target.parse_params(request.query_params)
             pred = await target.predict(data, trace, deadline, params)
             payload = {
@@ -268,7 +270,10 @@ async def metrics_endpoint(request: Request) -> Response:
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
     kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    resp = _json({"error": {"kind": kind, "message": exc.detail}}, exc.status_code)
+    payload: dict[str, Any] = {"error": {"kind": kind, "message": exc.detail}}
+    if request.url.path.startswith("/v2/") or request.url.path == "/v2":
+        payload = {"error": str(exc.detail)}  # KServe v2's error shape
+    resp = _json(payload, exc.status_code)
     resp.headers["Server-Timing"] = format_server_timing({"encode": 0.0})
     return resp
 
@@ -311,6 +316,9 @@ def create_app(
         Route("/readyz", _timed(readyz), methods=["GET"]),
         Route("/metrics", _timed(metrics_endpoint), methods=["GET"]),
     ]
+    from cvserve.serving.v2.http import routes as v2_routes  # it imports this module
+
+    routes += v2_routes()
     app = Starlette(
         routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _http_error}
     )

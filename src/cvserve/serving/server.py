@@ -1,7 +1,9 @@
 """Running the app: load models, serve with uvicorn, drain on SIGTERM.
 
 The first SIGTERM/SIGINT starts a drain: new work gets 503 and ``/readyz`` fails while
-in-flight requests finish; then the server exits. A second signal exits at once.
+in-flight requests finish; then the server exits. A second signal exits at once. With
+``grpc_port`` set, the KServe v2 gRPC door runs on the same event loop over the same state:
+the drain covers it (new inferences get UNAVAILABLE), and it stops before the models do.
 """
 
 from __future__ import annotations
@@ -85,6 +87,8 @@ class _DrainingServer(uvicorn.Server):
         self._drain_timeout = drain_timeout
         self._drain_task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: The KServe v2 gRPC door while it runs (``config.grpc_port`` set).
+        self.grpc = None
 
     async def serve(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -92,8 +96,37 @@ class _DrainingServer(uvicorn.Server):
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
+        grpc_port = self._state.config.grpc_port
+        if self.started and grpc_port is not None:
+            # KServe v2 gRPC on this event loop, over the same state (models, draining)
+            from cvserve.serving.v2.grpc import GrpcServer
+
+            self.started = False  # not until gRPC listens too (ServerThread waits on it)
+            self.grpc = GrpcServer(self._state, self._state.config.host, grpc_port)
+            try:
+                await self.grpc.start()
+            except OSError as e:
+                log.error("%s", e)
+                self.grpc = None
+                await super().shutdown(sockets)  # what uvicorn does when it cannot bind
+                sys.exit(1)
+            self.started = True
         if self._on_ready is not None and self.started:
             self._on_ready(f"http://{self.config.host}:{self.config.port}")
+            if self.grpc is not None:
+                self._on_ready(f"grpc://{self.grpc.address}")
+
+    async def shutdown(self, sockets=None) -> None:
+        # After the drain: inferences are done and new ones got UNAVAILABLE; stop gRPC
+        # before the models stop (the app's lifespan, in uvicorn's shutdown). Inferences
+        # still running (a second signal, a drain that timed out) are cancelled.
+        if self.grpc is not None:
+            from cvserve.serving.v2.grpc import STOP_GRACE_S
+
+            busy = self.force_exit or self._state.inflight > 0
+            await self.grpc.stop(0 if busy else STOP_GRACE_S)
+            self.grpc = None
+        await super().shutdown(sockets)
 
     def handle_exit(self, sig, frame) -> None:
         if self._state.draining or self._loop is None:
@@ -172,6 +205,13 @@ class ServerThread:
     @property
     def url(self) -> str:
         return f"http://{self.config.host}:{self.config.port}"
+
+    @property
+    def grpc_target(self) -> str:
+        """``host:port`` of the gRPC door (the bound port when ``grpc_port`` was 0)."""
+        if self.server.grpc is None:
+            raise RuntimeError("no gRPC door: set ServerConfig.grpc_port and start()")
+        return self.server.grpc.address
 
     def start(self, timeout: float = 120.0) -> ServerThread:
         self._thread.start()
