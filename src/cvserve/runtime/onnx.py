@@ -33,6 +33,11 @@ class Runtime(Protocol):
 
     def run(self, batch: np.ndarray) -> list[np.ndarray]: ...
 
+    def output_signature(self, item_shape: tuple[int, ...]) -> list[tuple[str, str, tuple]]:
+        """(name, numpy dtype, row shape; -1 where the graph leaves a dimension open) of
+        each output, for input rows of ``item_shape``."""
+        ...
+
 
 @dataclass(frozen=True)
 class OrtOptions:
@@ -80,6 +85,16 @@ class OrtRuntime:
         self.input_dtype = _ORT_DTYPES.get(inputs[0].type, inputs[0].type)
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.providers = self.session.get_providers()
+
+    def output_signature(self, item_shape: tuple[int, ...]) -> list[tuple[str, str, tuple]]:
+        return [
+            (
+                o.name,
+                _ORT_DTYPES.get(o.type, "float32"),
+                tuple(d if isinstance(d, int) and d >= 0 else -1 for d in o.shape[1:]),
+            )
+            for o in self.session.get_outputs()
+        ]
 
     def run(self, batch: np.ndarray) -> list[np.ndarray]:
         if str(batch.dtype) != self.input_dtype:

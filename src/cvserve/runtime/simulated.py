@@ -525,5 +525,13 @@ class SimulatedRuntime:
         self.last_stages = stages
         return list(outputs)
 
+    def output_signature(self, item_shape: tuple[int, ...]) -> list[tuple[str, str, tuple]]:
+        m = self.model
+        rows = m.row_shapes(tuple(item_shape))
+        return [
+            (n, str(dt), tuple(r))
+            for n, dt, r in zip(m.output_names, m.output_dtypes, rows, strict=True)
+        ]
+
     def describe(self) -> dict[str, Any]:
         return self.device.describe()

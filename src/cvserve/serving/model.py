@@ -176,6 +176,10 @@ class ModelServer:
     def output_names(self) -> list[str]:
         return list(self._runtimes[0].output_names)
 
+    def output_signature(self) -> list[tuple[str, str, tuple]]:
+        """(name, numpy dtype, row shape with -1 for open dimensions) of each raw output."""
+        return self._runtimes[0].output_signature(self.input_shape)
+
     def check_tensor(self, row: np.ndarray) -> None:
         """A preprocessed input row must be exactly what the model takes (400 otherwise)."""
         if str(row.dtype) != self.input_dtype or tuple(row.shape) != self.input_shape:

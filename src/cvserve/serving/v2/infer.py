@@ -180,27 +180,11 @@ _ORT_TYPES = {
 
 
 def _raw_output_specs(servable: Any) -> list[OutputSpec]:
-    """The runtime's outputs as its graph declares them (symbolic dimensions as -1)."""
-    names = list(servable.output_names)
-    rt = servable._runtimes[0]
-    session = getattr(rt, "session", None)
-    if session is not None:  # onnxruntime
-        outs = {o.name: o for o in session.get_outputs()}
-        specs = []
-        for n in names:
-            o = outs[n]
-            dtype = _ORT_TYPES.get(o.type.removeprefix("tensor(").removesuffix(")"), "FP32")
-            dims = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in o.shape[1:])
-            specs.append(OutputSpec(n, dtype, (-1, *dims), True))
-        return specs
-    model = getattr(rt, "model", None)
-    if model is not None:  # the simulated accelerator: shapes from the ONNX file
-        rows = model.row_shapes(tuple(servable.input_shape))
-        return [
-            OutputSpec(n, datatype_of(dt), (-1, *row), True)
-            for n, dt, row in zip(names, model.output_dtypes, rows, strict=True)
-        ]
-    return [OutputSpec(n, "FP32", (-1,), True) for n in names]
+    """The model's raw outputs as its runtime declares them (open dimensions as -1)."""
+    return [
+        OutputSpec(name, datatype_of(dtype), (-1, *row), True)
+        for name, dtype, row in servable.output_signature()
+    ]
 
 
 def _task_output_specs(servable: Any, raw: list[OutputSpec]) -> list[OutputSpec]:
