@@ -13,10 +13,11 @@ log = logging.getLogger(__name__)
 
 _ORT_DTYPES = {
     "tensor(float)": "float32",
-    "tensor(uint8)": "uint8",
+    "tensor(double)": "float64",
     "tensor(float16)": "float16",
-    "tensor(int64)": "int64",
-    "tensor(int32)": "int32",
+    "tensor(bool)": "bool",
+    **{f"tensor({t})": t for t in ("int8", "int16", "int32", "int64")},
+    **{f"tensor({t})": t for t in ("uint8", "uint16", "uint32", "uint64")},
 }
 
 

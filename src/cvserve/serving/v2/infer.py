@@ -169,16 +169,6 @@ def _tensor_input(servable: Any) -> tuple[str, str, tuple[int, ...]]:
     )
 
 
-_ORT_TYPES = {
-    "float": "FP32",
-    "double": "FP64",
-    "float16": "FP16",
-    "bool": "BOOL",
-    **{t: t.upper() for t in ("int8", "int16", "int32", "int64")},
-    **{t: t.upper() for t in ("uint8", "uint16", "uint32", "uint64")},
-}
-
-
 def _raw_output_specs(servable: Any) -> list[OutputSpec]:
     """The model's raw outputs as its runtime declares them (open dimensions as -1)."""
     return [
