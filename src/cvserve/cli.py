@@ -427,11 +427,32 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
         description="Closed-loop sweeps (--concurrency) and open-loop Poisson arrivals (--rate) "
         "against a running server, or one started for the run (--inprocess).",
     )
-    p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
+    p.add_argument(
+        "--url", default="http://127.0.0.1:8000",
+        help="server base URL (grpc://host:port for --protocol v2-grpc)",
+    )  # fmt: skip
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--model", help="model name on the server")
     target.add_argument("--pipeline", help="pipeline name on the server (e.g. ocr)")
     p.add_argument("--images", nargs="+", required=True, help="image files or folders")
+    p.add_argument(
+        "--protocol", choices=["v1", "v2-http", "v2-grpc"], default=d.protocol,
+        help="v1: cvserve's /v1 predict route; v2-http, v2-grpc: KServe v2 (any v2 server, "
+        "e.g. Triton), the image as a BYTES input (default v1)",
+    )  # fmt: skip
+    p.add_argument(
+        "--input-tensor", action="store_true",
+        help="v2: send the model's own input tensor (each image preprocessed once, up front, "
+        "by cvserve's preprocessing), not the encoded image",
+    )  # fmt: skip
+    p.add_argument("--input-name", help="v2: the input to fill (default: from the metadata)")
+    p.add_argument(
+        "--json-tensors", action="store_true",
+        help="v2-http with --input-tensor: tensors as JSON data, not binary",
+    )  # fmt: skip
+    p.add_argument(
+        "--grpc-target", help="v2-grpc: host:port, when --url is the server's HTTP URL"
+    )  # fmt: skip
     p.add_argument("--concurrency", type=_csv_ints, help="closed loop: e.g. 1,2,4,8,16,32")
     p.add_argument("--rate", type=_csv_floats, help="open loop, requests/s: e.g. 20,40,80")
     stop = p.add_mutually_exclusive_group()
@@ -489,15 +510,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     server = contextlib.nullcontext()
     url = args.url
     if args.inprocess:
-        from cvserve.serving.server import ServerProcess
+        from cvserve.serving.server import ServerProcess, free_port
 
         what = ["--pipeline", args.pipeline] if args.pipeline else ["--model", args.model]
         serve = [*what, *shlex.split(args.serve_args)]
         if args.cache_dir:
             serve += ["--cache-dir", args.cache_dir]
+        if args.protocol == "v2-grpc" and "--grpc-port" not in serve:
+            serve += ["--grpc-port", str(free_port())]
         _say(f"starting cvserve serve {' '.join(serve)}")
         server = ServerProcess(serve)
         url = server.url
+        if args.protocol == "v2-grpc":
+            args.grpc_target = f"127.0.0.1:{serve[serve.index('--grpc-port') + 1]}"
     try:
         with server:
             config = BenchConfig(
@@ -519,6 +544,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 honor_retry_after=not args.no_retry_after,
                 ready_timeout=args.ready_timeout,
                 label=args.label,
+                protocol=args.protocol,
+                input_name=args.input_name,
+                input_tensor=args.input_tensor,
+                json_tensors=args.json_tensors,
+                grpc_target=args.grpc_target,
             )
             with ProgressReporter(Console(stderr=True)) as progress:
                 result = run_bench(config, progress=progress, command=sys.argv)

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, Protocol
 from urllib.parse import quote, urlsplit
 
 #: Error kinds for requests that got no HTTP status; code = index + 1 (0 means none).
@@ -56,12 +57,18 @@ class Target:
         return host if self.port == 80 else f"{host}:{self.port}"
 
     def request(
-        self, method: str, path: str, body: bytes = b"", content_type: str | None = None
+        self,
+        method: str,
+        path: str,
+        body: bytes = b"",
+        content_type: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> bytes:
         """Serialize one request (built once per image, then resent as is)."""
         lines = [f"{method} {self.prefix}{path} HTTP/1.1", f"Host: {self.authority}"]
         if content_type:
             lines.append(f"Content-Type: {content_type}")
+        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
         if body or method in ("POST", "PUT"):
             lines.append(f"Content-Length: {len(body)}")
         lines.append("User-Agent: cvserve-bench")
@@ -74,6 +81,12 @@ class Target:
         return self.request(
             "POST", f"/v1/{kind}s/{quote(model, safe='')}:predict", body, content_type
         )
+
+    async def connect(
+        self, loop: asyncio.AbstractEventLoop, on_done: DoneCallback, timeout: float
+    ) -> Connection:
+        """A new keep-alive connection (the :class:`Transport` interface)."""
+        return await connect(loop, self, on_done, timeout)
 
 
 def _header(low: bytes, head: bytes, key: bytes) -> bytes | None:
@@ -131,7 +144,33 @@ def dechunk(data: bytes | bytearray, pos: int) -> tuple[bytes, int] | None:
 
 
 # on_done(conn, status, error_kind, server_timing, batch_size, retry_after)
-DoneCallback = Callable[["Connection", int, int, "bytes | None", int, "float | None"], None]
+DoneCallback = Callable[[Any, int, int, "bytes | None", int, "float | None"], None]
+
+
+class Conn(Protocol):
+    """What the load generator needs of a connection, whatever carries it (an HTTP/1.1
+    :class:`Connection`, a call slot on a gRPC channel): ``send`` one prebuilt request,
+    then exactly one ``on_done`` call, unless ``abort`` comes first."""
+
+    open: bool
+    busy: bool
+    t0: float
+    tag: int
+    slot: int
+    body_len: int
+
+    def send(self, request: Any, t0: float) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class Transport(Protocol):
+    """Opens connections to one server (:class:`Target` for HTTP, ``_grpc.GrpcTarget``).
+    ``connect`` raises OSError or TimeoutError when the server cannot be reached."""
+
+    async def connect(
+        self, loop: asyncio.AbstractEventLoop, on_done: DoneCallback, timeout: float
+    ) -> Conn: ...
 
 
 class Connection(asyncio.Protocol):

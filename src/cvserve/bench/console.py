@@ -127,9 +127,14 @@ def summary_table(result: BenchResult | list[PointSummary], title: str | None = 
     points = _points(result)
     if title is None and isinstance(result, BenchResult):
         cfg = result.config
+        protocol = cfg.get("protocol") or "v1"
+        where = cfg.get("url")
+        if protocol == "v2-grpc" and cfg.get("grpc_target"):
+            where = f"grpc://{cfg['grpc_target']}"
+        if protocol != "v1":
+            where = f"{where} ({protocol}{', input tensor' if cfg.get('input_tensor') else ''})"
         title = escape(
-            f"{cfg.get('model')} @ {cfg.get('url')}"
-            + (f" [{result.label}]" if result.label else "")
+            f"{cfg.get('model')} @ {where}" + (f" [{result.label}]" if result.label else "")
         )
     show_stable = any(p.stable is not None for p in points)
     headers = ["load", "req/s", "mean", "p50", "p90", "p99", "max", "batch", "queue", "errors"]

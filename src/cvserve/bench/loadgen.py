@@ -4,7 +4,9 @@
 Everything runs as callbacks on one event loop: a response's arrival sends the next
 request from inside ``data_received`` (closed loop), and a timer releases the arrivals
 that are due (open loop). No task or future is created per request, which is what lets
-one core drive thousands of requests per second.
+one core drive thousands of requests per second. The transport is pluggable
+(``_http.Transport``): an HTTP/1.1 keep-alive connection or a call slot on a gRPC channel
+(grpc.aio brings its own task per call), each reporting through the same ``on_done``.
 
 Time is ``time.perf_counter()``. A request's latency runs from its *intended* send time:
 in the open loop that is its scheduled arrival, so a server (or a client) that falls
@@ -148,8 +150,8 @@ class _Point:
     def __init__(
         self,
         plan: PointPlan,
-        target: _http.Target,
-        requests: Sequence[bytes],
+        target: _http.Transport,
+        requests: Sequence[Any],
         progress: Progress | None,
     ) -> None:
         self.plan = plan
@@ -163,9 +165,9 @@ class _Point:
         self.stop_len = 0  # requests mode: stop once this many records exist
         self.stop_reason = ""
         self.tasks: set[asyncio.Task] = set()
-        self.conns: list[_http.Connection | None] = []  # closed loop: one per worker
-        self.pool: set[_http.Connection] = set()  # open loop: every open connection
-        self.idle: list[_http.Connection] = []
+        self.conns: list[_http.Conn | None] = []  # closed loop: one per worker
+        self.pool: set[_http.Conn] = set()  # open loop: every open connection
+        self.idle: list[_http.Conn] = []
         self.in_flight = 0
         self.drops: list[float] = []
         self.arrival_log: list[np.ndarray] = []
@@ -195,7 +197,7 @@ class _Point:
         else:
             self._connect_closed(conn.slot, 0.0 if kind != _http.ERR_CONNECT else _CONNECT_BACKOFF)
 
-    def _next_closed(self, conn: _http.Connection) -> None:
+    def _next_closed(self, conn: _http.Conn) -> None:
         if not self.running:
             return
         if conn.open and not conn.busy:
@@ -214,7 +216,7 @@ class _Point:
         if not self.running:
             return
         try:
-            conn = await _http.connect(self.loop, self.target, self._done_closed, self.plan.timeout)
+            conn = await self.target.connect(self.loop, self._done_closed, self.plan.timeout)
         except OSError:
             if self.running:
                 now = perf_counter()
@@ -287,7 +289,7 @@ class _Point:
 
     async def _open_send(self, t0: float, i: int) -> None:
         try:
-            conn = await _http.connect(self.loop, self.target, self._done_open, self.plan.timeout)
+            conn = await self.target.connect(self.loop, self._done_open, self.plan.timeout)
         except OSError:
             if self.running:
                 self.records.append((t0, perf_counter(), 0, _http.ERR_CONNECT, None, -1, i, -1))
@@ -523,11 +525,12 @@ class _Point:
 
 async def run_point(
     plan: PointPlan,
-    target: _http.Target,
-    requests: Sequence[bytes],
+    target: _http.Transport,
+    requests: Sequence[Any],
     progress: Progress | None = None,
 ) -> PointRecords:
-    """Load ``target`` as ``plan`` says, cycling through the prebuilt ``requests``."""
+    """Load ``target`` as ``plan`` says, cycling through the prebuilt ``requests`` (what
+    the target's connections send: HTTP request bytes, serialized gRPC messages)."""
     if (plan.concurrency is None) == (plan.rate is None):
         raise ValueError("a point has either a concurrency or a rate")
     if not requests:

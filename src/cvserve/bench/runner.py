@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from cvserve.bench import _http
+from cvserve.bench import _http, v2
+from cvserve.bench.errors import BenchError, ServerUnreachable, TargetNotServed
 from cvserve.bench.inputs import BenchImage, load_images
 from cvserve.bench.loadgen import PointPlan, PointRecords, run_point
 from cvserve.bench.results import BenchResult, PointSummary, machine_info
@@ -40,18 +41,6 @@ __all__ = [
 Progress = Callable[[dict[str, Any]], None]
 
 
-class BenchError(Exception):
-    """The bench could not run (as opposed to errors it measured, which are counted)."""
-
-
-class ServerUnreachable(BenchError):
-    """The server did not answer ``GET /readyz`` with 200 before the sweep."""
-
-
-class TargetNotServed(BenchError):
-    """The server answered 404 to the first predict request."""
-
-
 @dataclass(frozen=True)
 class BenchConfig:
     """What to measure. Points: one per ``concurrency`` (closed loop), then one per
@@ -61,6 +50,13 @@ class BenchConfig:
     ``duration`` s if set, else ``window``-second windows until three agree within
     ``tolerance`` on throughput and p50 latency, or ``max_duration`` s pass (unstable).
     ``images`` is a list of :class:`BenchImage` or a path (file or directory) or paths.
+
+    ``protocol``: ``"v1"`` (cvserve's predict route), ``"v2-http"`` or ``"v2-grpc"``
+    (KServe v2, any v2 server: see :mod:`cvserve.bench.v2`). For v2: ``input_name``
+    picks the input (default from the model metadata), ``input_tensor`` sends the model's
+    own input tensor preprocessed here instead of the encoded image, ``json_tensors``
+    (v2-http) sends it as JSON instead of binary. ``url`` is ``grpc://host:port`` for
+    v2-grpc, or an HTTP URL (for cvserve's ``/v1`` model description) with ``grpc_target``.
     """
 
     url: str
@@ -82,10 +78,17 @@ class BenchConfig:
     label: str | None = None
     #: What ``model`` names: a served ``"model"`` or a multi-DNN ``"pipeline"``.
     kind: str = "model"
+    protocol: str = "v1"
+    input_name: str | None = None
+    input_tensor: bool = False
+    json_tensors: bool = False
+    grpc_target: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("model", "pipeline"):
             raise ValueError(f"kind must be 'model' or 'pipeline', got {self.kind!r}")
+        if self.protocol not in v2.PROTOCOLS:
+            raise ValueError(f"protocol must be one of {', '.join(v2.PROTOCOLS)}")
 
         def check(ok: bool, what: str) -> None:
             if not ok:
@@ -104,7 +107,33 @@ class BenchConfig:
         check(self.max_duration > 0, "max_duration must be > 0")
         check(self.max_in_flight >= 1, "max_in_flight must be >= 1")
         check(self.ready_timeout >= 0, "ready_timeout must be >= 0")
-        _http.Target.from_url(self.url)  # raises ValueError on a bad URL
+        v1 = self.protocol == "v1"
+        check(not (v1 and (self.input_tensor or self.input_name or self.grpc_target)),
+              "input_tensor, input_name and grpc_target are for the v2 protocols")  # fmt: skip
+        check(not self.json_tensors or (self.protocol == "v2-http" and self.input_tensor),
+              "json_tensors needs protocol v2-http and input_tensor (images are BYTES)")  # fmt: skip
+        check(v1 or self.kind == "model" or not self.input_tensor,
+              "a pipeline takes images, not input tensors")  # fmt: skip
+        check(self.grpc_target is None or self.protocol == "v2-grpc",
+              "grpc_target is for protocol v2-grpc")  # fmt: skip
+        if self.protocol == "v2-grpc":
+            from cvserve.bench._grpc import parse_target
+
+            check(self.grpc_target is not None or self.url.startswith("grpc://"),
+                  "v2-grpc needs url grpc://host:port or a grpc_target")  # fmt: skip
+            parse_target(self.grpc_address)  # type: ignore[arg-type]  # ValueError if bad
+        if self.url.startswith("grpc://"):
+            check(self.protocol == "v2-grpc", "a grpc:// url needs protocol v2-grpc")
+        else:
+            _http.Target.from_url(self.url)  # raises ValueError on a bad URL
+
+    @property
+    def grpc_address(self) -> str | None:
+        """``host:port`` of the gRPC server (protocol v2-grpc), else None."""
+        if self.protocol != "v2-grpc":
+            return None
+        target = self.grpc_target or self.url
+        return target.removeprefix("grpc://").rstrip("/")
 
     def plans(self, max_in_flight: int) -> list[PointPlan]:
         common = dict(
@@ -344,11 +373,46 @@ async def _sweep(
     progress: Progress | None,
     max_in_flight: int,
 ) -> tuple[dict, list[PointSummary], dict[str, np.ndarray]]:
-    target = _http.Target.from_url(config.url)
-    server = await _probe(config, target, images)
-    requests = [
-        target.predict_request(config.model, im.data, im.content_type, config.kind) for im in images
-    ]
+    target: _http.Transport
+    if config.protocol == "v1":
+        target = _http.Target.from_url(config.url)
+        server = await _probe(config, target, images)
+        requests: list[Any] = [
+            target.predict_request(config.model, im.data, im.content_type, config.kind)
+            for im in images
+        ]
+    else:
+        setup = await v2.prepare(
+            protocol=config.protocol,
+            http=None if config.url.startswith("grpc://") else _http.Target.from_url(config.url),
+            grpc_target=config.grpc_address,
+            url=config.url,
+            model=config.model,
+            images=images,
+            input_name=config.input_name,
+            input_tensor=config.input_tensor,
+            json_tensors=config.json_tensors,
+            timeout=config.timeout,
+            probe_timeout=min(config.timeout, 5.0),
+            ready_timeout=config.ready_timeout,
+        )
+        target, server, requests = setup.target, setup.server, setup.requests
+    try:
+        return await _run_points(config, target, requests, server, progress, max_in_flight)
+    finally:
+        close = getattr(target, "close", None)  # a gRPC channel
+        if close is not None:
+            await close()
+
+
+async def _run_points(
+    config: BenchConfig,
+    target: _http.Transport,
+    requests: list[Any],
+    server: dict,
+    progress: Progress | None,
+    max_in_flight: int,
+) -> tuple[dict, list[PointSummary], dict[str, np.ndarray]]:
     plans = config.plans(max_in_flight)
 
     def report(event: dict[str, Any]) -> None:

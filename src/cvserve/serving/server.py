@@ -98,10 +98,10 @@ class _DrainingServer(uvicorn.Server):
         await super().startup(sockets)
         grpc_port = self._state.config.grpc_port
         if self.started and grpc_port is not None:
+            self.started = False  # not until gRPC listens too (ServerThread waits on it)
             # KServe v2 gRPC on this event loop, over the same state (models, draining)
             from cvserve.serving.v2.grpc import GrpcServer
 
-            self.started = False  # not until gRPC listens too (ServerThread waits on it)
             self.grpc = GrpcServer(self._state, self._state.config.host, grpc_port)
             try:
                 await self.grpc.start()
@@ -216,7 +216,8 @@ class ServerThread:
     def start(self, timeout: float = 120.0) -> ServerThread:
         self._thread.start()
         deadline = time.monotonic() + timeout
-        while not self.server.started:
+        wants_grpc = self.config.grpc_port is not None
+        while not self.server.started or (wants_grpc and self.server.grpc is None):
             if not self._thread.is_alive():
                 raise RuntimeError("server thread exited during start-up")
             if time.monotonic() > deadline:
