@@ -69,11 +69,14 @@ class ServerState:
     def servables(self) -> dict[str, Servable]:
         return {**self.models, **self.pipelines}
 
-    def observe(self, label: str, target: Servable | None, status: int, trace: Trace) -> None:
-        """One answered request, whichever door it came through: metrics and statistics."""
+    def observe(
+        self, label: str, target: Servable | None, status: int, trace: Trace, images: int = 1
+    ) -> None:
+        """One answered request, whichever door it came through: metrics and statistics
+        (``images``: how many the request carried)."""
         self.metrics.observe_request(label, status, trace.stages)
         if target is not None:
-            target.stats.record(trace.stages, ok=200 <= status < 300)
+            target.stats.record(trace.stages, ok=200 <= status < 300, inferences=images)
 
     def enter(self) -> None:
         self.inflight += 1

@@ -50,15 +50,16 @@ class ModelStats:
         b["count"] += 1
         b["ns"] += int(infer_s * 1e9)
 
-    def record(self, stages: Mapping[str, float], ok: bool) -> None:
-        """One answered request: its stage times (seconds) and whether it succeeded."""
+    def record(self, stages: Mapping[str, float], ok: bool, inferences: int = 1) -> None:
+        """One answered request: its stage times (seconds), whether it succeeded, and how
+        many images it carried (Triton counts ``inference_count`` per image)."""
         total_ns = int(sum(stages.values()) * 1e9)
         bucket = self.success if ok else self.fail
         bucket["count"] += 1
         bucket["ns"] += total_ns
         if not ok:
             return
-        self.inference_count += 1
+        self.inference_count += inferences
         self.last_inference_ms = int(time.time() * 1000)
         for field, parts in TRITON_DURATIONS.items():
             self.durations[field]["count"] += 1

@@ -335,6 +335,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         status = 200
         deadline = math.inf
         extra: tuple[tuple[str, str], ...] = ()
+        images = 1
         state.enter()
         try:
             try:
@@ -342,6 +343,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                     raise Draining("server is shutting down; retry on another replica")
                 target = self._find(name, request.model_version)
                 req = request_from_proto(request)
+                images = req.images
                 trace.mark("recv")
                 left = context.time_remaining()  # the client's deadline, if it set one
                 deadline = trace.start + (left if left is not None else target.timeout_ms / 1e3)
@@ -366,7 +368,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             return reply
         finally:
             state.leave()
-            state.observe(label, target, status, trace)
+            state.observe(label, target, status, trace, images)
 
 
 def _tensor_meta(t: Mapping[str, Any]) -> pb.ModelMetadataResponse.TensorMetadata:

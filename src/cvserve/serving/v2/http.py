@@ -471,6 +471,7 @@ async def _infer_route(request: Request) -> Response:
     headers: dict[str, str] = {}
     body = b""
     json_length: int | None = None
+    images = 1
     state.enter()
     try:
         try:
@@ -496,6 +497,7 @@ async def _infer_route(request: Request) -> Response:
             else:
                 req = parse()
                 trace.mark("recv")
+            images = req.images
             resp = await infer(target, req, trace, deadline)
             if target.heavy:  # masks and depth maps: real CPU to encode
                 body, json_length = await state.pool.submit(
@@ -518,7 +520,7 @@ async def _infer_route(request: Request) -> Response:
         return Response(body, status_code=status, media_type=media, headers=headers)
     finally:
         state.leave()
-        state.observe(label, target, status, trace)
+        state.observe(label, target, status, trace, images)
 
 
 def routes() -> list[Route]:

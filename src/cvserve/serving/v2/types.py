@@ -86,6 +86,12 @@ class InferRequest:
     outputs: list[RequestedOutput] | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def images(self) -> int:
+        """How many images (rows of the batch axis) the request carries."""
+        shape = self.inputs[0].shape if self.inputs else []
+        return int(shape[0]) if shape else 1
+
 
 @dataclass
 class InferResponse:
