@@ -359,7 +359,8 @@ def machine_info() -> dict[str, Any]:
 
 
 # --- files -----------------------------------------------------------------------------
-def _json_default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
+    """``json.dumps``'s ``default`` for result documents: numpy scalars, paths."""
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, os.PathLike):
@@ -377,7 +378,7 @@ def save_result(result: BenchResult, path: str | os.PathLike[str]) -> Path:
         path = path.with_name(path.name + ".json")
     rows_path = path.with_suffix(".npz")
     doc = result.to_dict(rows_path.name)
-    doc = json.loads(json.dumps(doc, default=_json_default, allow_nan=False))
+    doc = json.loads(json.dumps(doc, default=json_default, allow_nan=False))
     problems = validate(doc)
     if problems:
         raise ResultError("result does not match its schema: " + "; ".join(problems[:5]))

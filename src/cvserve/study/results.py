@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cvserve.bench.results import machine_info, read_document, validate
+from cvserve.bench.results import json_default, machine_info, read_document, validate
 
 SCHEMA_VERSION = "cvserve.study/1"
 
@@ -191,23 +191,13 @@ STUDY_SCHEMA: dict[str, Any] = {
 }
 
 
-def _json_default(value: Any) -> Any:
-    import numpy as np
-
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    raise TypeError(f"cannot store {type(value).__name__} in a study result")
-
-
 def experiment_path(out_dir: str | os.PathLike[str], experiment: str) -> Path:
     return Path(out_dir) / f"{experiment}.json"
 
 
 def save_experiment(result: ExperimentResult, out_dir: str | os.PathLike[str]) -> Path:
     """Write ``OUT/<experiment>.json`` atomically; raises if it does not validate."""
-    doc = json.loads(json.dumps(result.to_dict(), default=_json_default, allow_nan=False))
+    doc = json.loads(json.dumps(result.to_dict(), default=json_default, allow_nan=False))
     problems = validate(doc, STUDY_SCHEMA)
     if problems:
         raise StudyResultError("study result does not match its schema: " + "; ".join(problems[:5]))
