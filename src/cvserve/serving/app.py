@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import math
@@ -297,6 +298,12 @@ def create_app(
     async def lifespan(app: Starlette):
         for servable in state.servables.values():
             await servable.start()
+        # Everything loaded so far (modules, sessions, protobuf descriptors) lives as
+        # long as the server: out of the collector's way, a full collection scans only
+        # what requests allocate. Measured on the v2 HTTP door at c=16: full collections
+        # every ~0.3 s took 15-30 ms each (the p99 tail), 0.4 ms once frozen.
+        gc.collect()
+        gc.freeze()
         log.info("ready: %s", ", ".join(state.servables))
         try:
             yield
