@@ -656,7 +656,6 @@ def _cmd_study(args: argparse.Namespace) -> int:
             model=args.model,
             duration=args.duration,
             sim_profiles=args.sim_profile,
-            command=command,
         )
         try:
             with StudyProgress(Console(stderr=True)) as progress:

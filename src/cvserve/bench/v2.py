@@ -344,109 +344,91 @@ async def prepare(
 
         gtarget = GrpcTarget(grpc_target)
     try:
-        return await _prepare(
-            protocol, http, gtarget, url, model, images, input_name, input_tensor,
-            json_tensors, timeout, probe_timeout, ready_timeout,
-        )  # fmt: skip
+        grpc_target = None if gtarget is None else gtarget.target
+        if protocol == "v2-grpc":
+            assert gtarget is not None
+            meta = await _grpc_metadata(gtarget, model, probe_timeout, ready_timeout)
+            where = f"grpc://{grpc_target}"
+        else:
+            assert http is not None
+            meta = await _http_metadata(http, url, model, probe_timeout, ready_timeout)
+            where = url
+        inp, row = choose_input(meta, input_name, input_tensor)
+        outputs = [o["name"] for o in meta.get("outputs") or []]
+        server: dict[str, Any] = {
+            "url": url,
+            "protocol": protocol,
+            "grpc_target": grpc_target,
+            "models": await _v1_models(http, probe_timeout),
+            "v2_metadata": meta,
+            "input": {"name": inp.name, "datatype": inp.datatype, "shape": list(inp.shape)},
+            "outputs": outputs,
+        }
+        payloads: list[bytes | np.ndarray]
+        if input_tensor:
+            from cvserve.images.spec import PreprocessSpec
+
+            described = await _v1_describe(http, model, probe_timeout)
+            if described is not None:
+                spec = PreprocessSpec.from_dict(described["preprocess"])
+                decoder = described.get("decoder") or "pil-reduced"
+                source = "/v1/models"
+            else:
+                spec, decoder, source = _assumed_spec(row, inp.datatype), "pil-reduced", "assumed"
+                log.warning(
+                    "%s: no cvserve /v1 description; assuming ImageNet preprocessing to %s",
+                    model,
+                    list(spec.input_shape),
+                )
+            want = tuple(spec.input_shape)
+            if len(row) != len(want) or any(
+                d not in (-1, w) for d, w in zip(row, want, strict=True)
+            ):
+                raise BenchError(
+                    f"input {inp.name!r} takes {list(row)} per image; preprocessing for "
+                    f"{model} gives {list(want)}"
+                )
+            if inp.datatype != ("UINT8" if spec.dtype == "uint8" else "FP32"):
+                raise BenchError(
+                    f"input {inp.name!r} is {inp.datatype}; preprocessing gives {spec.dtype}"
+                )
+            inp = V2Input(inp.name, inp.datatype, (1, *want) if len(inp.shape) > len(row) else want)
+            server["input"]["shape"] = list(inp.shape)
+            server["preprocess"] = {"spec": spec.to_dict(), "decoder": decoder, "from": source}
+            payloads = list(preprocess_images(images, spec, decoder))
+        else:
+            payloads = [im.data for im in images]
+
+        target: _http.Transport
+        if gtarget is not None:
+            target = gtarget
+            requests: list[Any] = [grpc_request(model, inp, p, outputs) for p in payloads]
+        else:
+            assert http is not None
+            target = http
+            requests = [http_request(http, model, inp, p, outputs, json_tensors) for p in payloads]
+        del payloads
+
+        try:
+            if gtarget is not None:
+                status, kind, body, _ = await gtarget.call(requests[0], timeout)
+                if kind != _http.ERR_NONE:
+                    raise ServerUnreachable(f"first infer call to {where} failed: {_text(body)}")
+            else:
+                status, body = await _http.fetch(http, requests[0], timeout)  # type: ignore[arg-type]
+        except TimeoutError:  # a slow server is what a bench is for: measure it
+            log.warning("the first infer request took over %ss", timeout)
+            return V2Setup(target, requests, server)
+        except (OSError, ConnectionError) as e:
+            raise ServerUnreachable(
+                f"first infer request to {where} failed: {e or type(e).__name__}"
+            ) from e
+        if status == 404:
+            raise TargetNotServed(f"model {model!r} not served at {where}: {_text(body)}")
+        if status == 400:
+            raise BenchError(f"{where} refused the first infer request (400): {_text(body)}")
+        return V2Setup(target, requests, server)
     except BaseException:
         if gtarget is not None:
             await gtarget.close()
         raise
-
-
-async def _prepare(
-    protocol: str,
-    http: _http.Target | None,
-    gtarget: GrpcTarget | None,
-    url: str,
-    model: str,
-    images: Sequence[BenchImage],
-    input_name: str | None,
-    input_tensor: bool,
-    json_tensors: bool,
-    timeout: float,
-    probe_timeout: float,
-    ready_timeout: float,
-) -> V2Setup:
-    grpc_target = None if gtarget is None else gtarget.target
-    if protocol == "v2-grpc":
-        assert gtarget is not None
-        meta = await _grpc_metadata(gtarget, model, probe_timeout, ready_timeout)
-        where = f"grpc://{grpc_target}"
-    else:
-        assert http is not None
-        meta = await _http_metadata(http, url, model, probe_timeout, ready_timeout)
-        where = url
-    inp, row = choose_input(meta, input_name, input_tensor)
-    outputs = [o["name"] for o in meta.get("outputs") or []]
-    server: dict[str, Any] = {
-        "url": url,
-        "protocol": protocol,
-        "grpc_target": grpc_target,
-        "models": await _v1_models(http, probe_timeout),
-        "v2_metadata": meta,
-        "input": {"name": inp.name, "datatype": inp.datatype, "shape": list(inp.shape)},
-        "outputs": outputs,
-    }
-    payloads: list[bytes | np.ndarray]
-    if input_tensor:
-        from cvserve.images.spec import PreprocessSpec
-
-        described = await _v1_describe(http, model, probe_timeout)
-        if described is not None:
-            spec = PreprocessSpec.from_dict(described["preprocess"])
-            decoder = described.get("decoder") or "pil-reduced"
-            source = "/v1/models"
-        else:
-            spec, decoder, source = _assumed_spec(row, inp.datatype), "pil-reduced", "assumed"
-            log.warning(
-                "%s: no cvserve /v1 description; assuming ImageNet preprocessing to %s",
-                model,
-                list(spec.input_shape),
-            )
-        want = tuple(spec.input_shape)
-        if len(row) != len(want) or any(d not in (-1, w) for d, w in zip(row, want, strict=True)):
-            raise BenchError(
-                f"input {inp.name!r} takes {list(row)} per image; preprocessing for "
-                f"{model} gives {list(want)}"
-            )
-        if inp.datatype != ("UINT8" if spec.dtype == "uint8" else "FP32"):
-            raise BenchError(
-                f"input {inp.name!r} is {inp.datatype}; preprocessing gives {spec.dtype}"
-            )
-        inp = V2Input(inp.name, inp.datatype, (1, *want) if len(inp.shape) > len(row) else want)
-        server["input"]["shape"] = list(inp.shape)
-        server["preprocess"] = {"spec": spec.to_dict(), "decoder": decoder, "from": source}
-        payloads = list(preprocess_images(images, spec, decoder))
-    else:
-        payloads = [im.data for im in images]
-
-    target: _http.Transport
-    if gtarget is not None:
-        target = gtarget
-        requests: list[Any] = [grpc_request(model, inp, p, outputs) for p in payloads]
-    else:
-        assert http is not None
-        target = http
-        requests = [http_request(http, model, inp, p, outputs, json_tensors) for p in payloads]
-    del payloads
-
-    try:
-        if gtarget is not None:
-            status, kind, body, _ = await gtarget.call(requests[0], timeout)
-            if kind != _http.ERR_NONE:
-                raise ServerUnreachable(f"first infer call to {where} failed: {_text(body)}")
-        else:
-            status, body = await _http.fetch(http, requests[0], timeout)  # type: ignore[arg-type]
-    except TimeoutError:  # a slow server is what a bench is for: measure it
-        log.warning("the first infer request took over %ss", timeout)
-        return V2Setup(target, requests, server)
-    except (OSError, ConnectionError) as e:
-        raise ServerUnreachable(
-            f"first infer request to {where} failed: {e or type(e).__name__}"
-        ) from e
-    if status == 404:
-        raise TargetNotServed(f"model {model!r} not served at {where}: {_text(body)}")
-    if status == 400:
-        raise BenchError(f"{where} refused the first infer request (400): {_text(body)}")
-    return V2Setup(target, requests, server)

@@ -285,6 +285,9 @@ class BaselineProcess(ServerProcess):
     """The baseline server in a child process on a free port (``with`` starts it and
     waits for ``/readyz``; stopping sends SIGTERM)."""
 
+    #: ``python -m`` this, with these arguments first (the peers reuse the class)
+    command: tuple[str, ...] = ("cvserve.study.baseline",)
+
     def __init__(
         self,
         onnx: str | Path,
@@ -294,7 +297,7 @@ class BaselineProcess(ServerProcess):
         meta: str | Path | None = None,
     ) -> None:
         super().__init__([], port=port, host=host)
-        self.args = [sys.executable, "-m", "cvserve.study.baseline", "--onnx", str(onnx),
+        self.args = [sys.executable, "-m", *self.command, "--onnx", str(onnx),
                      "--name", name, "--host", host, "--port", str(self.port)]  # fmt: skip
         if meta is not None:
             self.args += ["--meta", str(meta)]

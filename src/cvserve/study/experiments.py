@@ -140,13 +140,6 @@ class ServerSpec:
     model: str | None = None
     needs_redis: bool = False
 
-    def describe(self) -> str:
-        if self.kind == "cvserve":
-            if self.config is not None:
-                return f"cvserve serve --config {self.key}.yaml"
-            return "cvserve serve " + " ".join(self.args)
-        return f"{self.kind} server for {self.model}"
-
 
 @dataclass
 class PointPlan:
@@ -159,10 +152,6 @@ class PointPlan:
     concurrency: int = 1
     skip: str | None = None  # run nothing, record this reason
     simulated: bool = False
-
-    @property
-    def expected_s(self) -> float:
-        return 0.0 if self.skip else 1.0  # scaled by the runner (warmup + duration)
 
 
 @dataclass
@@ -209,7 +198,7 @@ def share(metrics: dict[str, Any], stages: tuple[str, ...]) -> float:
     return 100.0 * _sum(metrics.get("breakdown_ms", {}), stages) / mean if mean else 0.0
 
 
-def _model_server(ctx: StudyContext, key: str, model: str, *extra: str) -> ServerSpec:
+def _model_server(key: str, model: str, *extra: str) -> ServerSpec:
     return ServerSpec(key=key, args=("--model", model, *extra))
 
 
@@ -240,7 +229,7 @@ def _setups_plans(ctx: StudyContext, result: ExperimentResult) -> list[PointPlan
             PointPlan(
                 id=sid,
                 labels={"setup": name, "model": s.model, "concurrency": c},
-                server=_model_server(ctx, f"setups-{sid}", s.model, *flags),
+                server=_model_server(f"setups-{sid}", s.model, *flags),
                 target=s.model,
                 concurrency=c,
             )
@@ -347,7 +336,7 @@ def _models_finish(ctx: StudyContext, result: ExperimentResult) -> None:
 # --- 3. concurrency (Fig. 5) ------------------------------------------------------------------
 def _concurrency_plans(ctx: StudyContext, result: ExperimentResult) -> list[PointPlan]:
     s = ctx.settings
-    server = _model_server(ctx, "concurrency", s.model)
+    server = _model_server("concurrency", s.model)
     return [
         PointPlan(
             id=f"c{c}",
@@ -405,7 +394,7 @@ def _sizes_plans(ctx: StudyContext, result: ExperimentResult) -> list[PointPlan]
     s = ctx.settings
     plans = []
     for server_name, spec in (
-        ("cvserve", _model_server(ctx, "sizes-cvserve", s.model)),
+        ("cvserve", _model_server("sizes-cvserve", s.model)),
         ("baseline", ServerSpec(key="sizes-baseline", kind="baseline", model=s.model)),
     ):
         for size in SIZES:

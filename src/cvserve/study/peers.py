@@ -39,13 +39,13 @@ import importlib.util
 import json
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from cvserve.serving.server import ServerProcess
+from cvserve.study.baseline import BaselineProcess
 
 __all__ = [
     "PEERS",
@@ -89,7 +89,7 @@ def available_peers() -> dict[str, str | None]:
     return out
 
 
-class _PeerProcess(ServerProcess):
+class _PeerProcess(BaselineProcess):
     """A peer server (``python -m cvserve.study.peers PEER ...``) in a child process.
 
     The child starts its own helper processes (LitServe's workers, Ray's daemons) and
@@ -108,11 +108,8 @@ class _PeerProcess(ServerProcess):
         reason = available_peers()[self.peer]
         if reason is not None:
             raise RuntimeError(f"{self.peer} cannot run: {reason}")
-        super().__init__([], port=port, host=host)
-        self.args = [sys.executable, "-m", "cvserve.study.peers", self.peer, "--onnx", str(onnx),
-                     "--name", name, "--host", host, "--port", str(self.port)]  # fmt: skip
-        if meta is not None:
-            self.args += ["--meta", str(meta)]
+        self.command = ("cvserve.study.peers", self.peer)
+        super().__init__(onnx, name, port=port, host=host, meta=meta)
 
     def stop(self, timeout: float = 60.0) -> int | None:
         rc = super().stop(timeout)

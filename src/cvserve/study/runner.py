@@ -14,7 +14,6 @@ import logging
 import os
 import shlex
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -65,7 +64,6 @@ class StudyConfig:
     model: str | None = None
     duration: float | None = None
     sim_profiles: Sequence[str] = ()
-    command: Sequence[str] = ()  # how the study was started (for the report)
 
 
 def default_images_root() -> Path | None:
@@ -179,9 +177,6 @@ class StudyContext:
             self._redis = None
 
     # -- measurements that need the CPU to themselves --------------------------------------
-    def _threads(self) -> int:
-        return os.cpu_count() or 1
-
     def dnn_alone(self, model: str) -> dict[str, Any]:
         """The DNN alone on this machine: latency per batch size and its best images/s at
         the server's default max batch (the CPU "device" of the 1x accelerator)."""
@@ -200,7 +195,7 @@ class StudyContext:
                 self.model_path(model),
                 batch_sizes=self.settings.profile_batches,
                 repeats=self.settings.profile_repeats,
-                threads=self._threads(),
+                threads=os.cpu_count() or 1,
             )
             path.parent.mkdir(parents=True, exist_ok=True)
             profile.save(path)
@@ -229,13 +224,11 @@ class StudyContext:
         return {str(b): float(ms) for b, ms in SimProfile.parse(str(spec)).latency_ms.items()}
 
     def inference_alone_rps(self, spec: str | os.PathLike[str], max_batch: int) -> float:
-        lat = {int(b): ms for b, ms in self.profile_latencies(spec).items()}
         from cvserve.runtime.simulated import SimProfile
 
         prof = SimProfile.parse(str(spec))
-        # the batch sizes the server can form, not only those the profile names
-        for b in range(1, max_batch + 1):
-            lat.setdefault(b, prof.latency_s(b) * 1000.0)
+        # every batch size the server can form, not only those the profile names
+        lat = {b: prof.latency_s(b) * 1000.0 for b in range(1, max_batch + 1)}
         return inference_alone(lat, max_batch)[0]
 
     def cpu_cost_per_image(self, model: str) -> dict[str, dict[str, float]]:
@@ -530,7 +523,3 @@ def _run_experiment(exp: Experiment, ctx: StudyContext, per_point: float) -> Exp
     result.elapsed_s = round(result.elapsed_s + time.monotonic() - t0, 1)
     save_experiment(result, ctx.out)
     return result
-
-
-def main_command() -> list[str]:
-    return ["cvserve", *sys.argv[1:]]
