@@ -179,6 +179,15 @@ def _cmd_models_add(args: argparse.Namespace) -> int:
 
 
 # --- serve ----------------------------------------------------------------------------
+def _queue_wait(text: str) -> float | None:
+    from cvserve.config import queue_wait_ms
+
+    try:
+        return queue_wait_ms(text if text == "auto" else float(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _add_batching_args(p: argparse.ArgumentParser) -> None:
     from cvserve.config import BatchConfig
 
@@ -192,6 +201,12 @@ def _add_batching_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-queue", type=int, default=d.max_queue,
         help="requests admitted per model before new ones get 429",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-queue-wait-ms", type=_queue_wait, default=d.max_queue_wait_ms, metavar="MS|auto",
+        help="429 at once for a request whose expected wait (requests ahead / measured "
+        "service rate + one batch) exceeds MS or its deadline; auto (default): the time to "
+        "serve 3 full rounds of batches; 0: off, only --max-queue counts",
     )  # fmt: skip
     p.add_argument(
         "--timeout-ms", type=float, default=d.timeout_ms,
@@ -251,18 +266,22 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="YAML file: models and pipelines with their own settings")
     p.add_argument(
         "--broker", default=None,
-        help="where pipeline stages meet: inprocess:// (default) or redis://host:port",
+        help="where pipeline stages meet: inprocess:// (default) or "
+        "redis://[[user]:password@]host:port (rediss:// for TLS)",
     )  # fmt: skip
     p.add_argument(
-        "--workers", type=int, default=1,
-        help="pipeline stage-B workers inside this server (0: only `cvserve worker`s)",
+        "--workers", type=int, default=None,
+        help="pipeline stage-B workers inside this server (0: only `cvserve worker`s; "
+        "default: one per core of the pipeline's CPU budget)",
     )  # fmt: skip
+    _add_cores_arg(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
         "--grpc-port", type=int, default=None,
         help="also serve KServe v2 gRPC (tritonclient.grpc) on this port (default: off)",
     )  # fmt: skip
+    _add_front_args(p)
     _add_batching_args(p)
     p.add_argument(
         "--max-body-mb", type=float, default=32.0, help="largest request body (413 above it)"
@@ -271,7 +290,48 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
         "--max-pixels", type=int, default=None,
         help="largest decoded image in pixels (413 above it; checked before decoding)",
     )  # fmt: skip
+    p.add_argument(
+        "--max-pixels-in-flight", type=int, default=0, metavar="PIXELS",
+        help="decoded pixels in flight at once, all requests together (counted from the "
+        "headers before decoding; an image that does not fit gets 429); default: half the "
+        "memory available at start-up, at 12 bytes a pixel",
+    )  # fmt: skip
     p.set_defaults(func=_cmd_serve)
+
+
+def _add_front_args(p: argparse.ArgumentParser) -> None:
+    """Shutdown, API keys, TLS and the metrics port of ``serve`` (a --config file's
+    ``server:`` keys of the same names, which these flags override)."""
+    g = p.add_argument_group("shutdown, security and metrics")
+    g.add_argument(
+        "--drain-delay", type=float, default=None, metavar="S", dest="drain_delay_s",
+        help="after SIGTERM: /readyz fails at once, new work is still served for S seconds "
+        "(a load balancer's time to stop sending), then refused with 503 (default 0)",
+    )  # fmt: skip
+    g.add_argument(
+        "--drain-timeout", type=float, default=None, metavar="S", dest="drain_timeout_s",
+        help="longest wait for in-flight requests after SIGTERM (default 30)",
+    )  # fmt: skip
+    g.add_argument(
+        "--reuse-port", action="store_true", default=None,
+        help="share --port with other servers (SO_REUSEPORT): start a replacement, then "
+        "SIGTERM the old one; a server joins the port once its models are loaded",
+    )  # fmt: skip
+    g.add_argument(
+        "--api-key-file", metavar="FILE",
+        help="require 'Authorization: Bearer KEY' (gRPC: authorization metadata), one key a "
+        "line in FILE; health and readiness stay open",
+    )  # fmt: skip
+    g.add_argument("--tls-cert", metavar="FILE", help="TLS certificate chain (PEM), HTTP and gRPC")
+    g.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
+    g.add_argument(
+        "--metrics-port", type=int, default=None, metavar="PORT",
+        help="/metrics (and /healthz, /readyz) on this port instead, plain HTTP, no API key",
+    )  # fmt: skip
+
+
+_FRONT_KEYS = ("drain_delay_s", "drain_timeout_s", "reuse_port", "api_key_file", "tls_cert",
+               "tls_key", "metrics_port")  # fmt: skip
 
 
 def server_config_from_args(args: argparse.Namespace):
@@ -292,6 +352,9 @@ def server_config_from_args(args: argparse.Namespace):
         overrides["grpc_port"] = args.grpc_port
     if getattr(args, "broker", None):
         overrides["broker"] = args.broker
+    for key in _FRONT_KEYS:
+        if getattr(args, key, None) is not None:
+            overrides[key] = getattr(args, key)
     if getattr(args, "config", None):
         if args.model or args.pipeline:
             raise ConfigError("--config names what to serve: drop --model/--pipeline")
@@ -305,6 +368,7 @@ def server_config_from_args(args: argparse.Namespace):
         instances=args.instances,
         max_queue=args.max_queue,
         timeout_ms=args.timeout_ms,
+        max_queue_wait_ms=args.max_queue_wait_ms,
     )
     models = tuple(
         ModelConfig(
@@ -324,14 +388,18 @@ def server_config_from_args(args: argparse.Namespace):
             name=p,
             workers=args.workers,
             intra_op_threads=args.intra_op_threads,
+            cores=args.pipeline_cores,
             timeout_ms=args.timeout_ms,
             max_queue=args.max_queue,
+            max_queue_wait_ms=args.max_queue_wait_ms,
         )  # fmt: skip
         for p in args.pipeline or []
     )
     extra = {}
     if getattr(args, "max_pixels", None):
         extra["max_pixels"] = args.max_pixels
+    if getattr(args, "max_pixels_in_flight", None):
+        extra["max_pixels_in_flight"] = args.max_pixels_in_flight
     if getattr(args, "max_body_mb", None):
         extra["max_body_bytes"] = int(args.max_body_mb * 1024 * 1024)
     return ServerConfig(
@@ -364,13 +432,22 @@ def _add_worker_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pipeline", required=True, help="pipeline name as served (e.g. ocr)")
     p.add_argument("--kind", help="pipeline kind (default: the pipeline's name)")
     p.add_argument("--stage", required=True, help="stage to serve (ocr: rec)")
-    p.add_argument("--broker", required=True, help="redis://host:port")
+    p.add_argument(
+        "--broker", required=True,
+        help="redis://[[user]:password@]host:port (rediss:// for TLS)",
+    )  # fmt: skip
     p.add_argument("--instances", type=int, default=1, help="model instances in this process")
     p.add_argument("--max-batch", type=int, default=16, help="items per batch")
     p.add_argument("--intra-op-threads", type=int, default=0)
+    _add_cores_arg(p)
     p.add_argument(
         "--reclaim-idle-ms", type=int, default=30_000,
         help="take over items another worker left unacknowledged this long",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-deliveries", type=int, default=3,
+        help="deliveries of one item before it goes to the dead letters and its request "
+        "gets an error (see `cvserve broker dead-letters`)",
     )  # fmt: skip
     p.add_argument(
         "--param", action="append", default=[], metavar="KEY=VALUE",
@@ -378,6 +455,15 @@ def _add_worker_parser(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     _add_cache_arg(p)
     p.set_defaults(func=_cmd_worker)
+
+
+def _add_cores_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--pipeline-cores", type=int, default=0, metavar="N",
+        help="cores a pipeline's DNN calls share in this process: each call runs on all "
+        "of them when they are free, else on one (0: all this process may use; -1: no "
+        "budget, every session takes onnxruntime's threads)",
+    )  # fmt: skip
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
@@ -390,10 +476,71 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         instances=args.instances,
         max_batch_size=args.max_batch,
         intra_op_threads=args.intra_op_threads,
+        cores=args.pipeline_cores,
         reclaim_idle_ms=args.reclaim_idle_ms,
+        max_deliveries=args.max_deliveries,
         params=_kv(args.param),
     )
     return run_worker(cfg, args.stage, args.broker, say=_say, cache_dir=args.cache_dir)
+
+
+# --- broker ---------------------------------------------------------------------------
+def _add_broker_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("broker", help="inspect a pipeline broker (dead letters)")
+    bsub = p.add_subparsers(dest="broker_command", required=True)
+    d = bsub.add_parser(
+        "dead-letters",
+        help="items moved aside after --max-deliveries: where, why, how often delivered",
+    )
+    d.add_argument(
+        "--broker", required=True,
+        help="redis://[[user]:password@]host:port/db (rediss:// for TLS; ?prefix= as served)",
+    )  # fmt: skip
+    d.add_argument("--pipeline", help="only this pipeline's topics (default: every topic)")
+    d.add_argument("--count", type=int, default=100, help="newest N per topic (default 100)")
+    d.add_argument("--json", action="store_true", help="one JSON object per dead letter")
+    d.set_defaults(func=_cmd_dead_letters)
+
+
+def _cmd_dead_letters(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+    import time
+
+    from cvserve.brokers import broker_from_url
+
+    if args.broker.startswith("inprocess:"):
+        raise ValueError(
+            "an in-process broker keeps its dead letters inside the serving process; "
+            "pass the redis:// URL the pipeline is served over"
+        )
+
+    async def fetch():
+        async with broker_from_url(args.broker) as broker:
+            return broker.safe_url, await broker.dead_letters(count=args.count)
+
+    where, letters = asyncio.run(fetch())
+    if args.pipeline:
+        letters = [d for d in letters if d.topic.startswith(f"{args.pipeline}.")]
+    for d in letters:
+        row = {
+            "id": d.id, "topic": d.topic, "entry": d.entry, "group": d.group,
+            "request_id": d.request_id, "index": None if d.message is None else d.message.index,
+            "deliveries": d.deliveries, "reason": d.reason, "consumer": d.consumer,
+            "dead_at": d.dead_at,
+        }  # fmt: skip
+        if args.json:
+            print(json.dumps(row))
+            continue
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d.dead_at))
+        index = "-" if row["index"] is None else row["index"]
+        print(
+            f"{when}  {d.topic}  {d.id}  request {d.request_id or '-'} item {index}  "
+            f"deliveries {d.deliveries}  {d.reason}"
+        )
+    scope = f"pipeline {args.pipeline}" if args.pipeline else "all topics"
+    _say(f"{len(letters)} dead letters ({scope}) on {where}")
+    return 0
 
 
 def _kv(pairs: list[str]) -> dict[str, object]:
@@ -855,6 +1002,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve_parser(sub)
     _add_worker_parser(sub)
+    _add_broker_parser(sub)
     _add_bench_parser(sub)
     _add_demo_parser(sub)
     _add_models_parser(sub)
@@ -883,10 +1031,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that deserve one line, not a traceback."""
+    from cvserve.brokers.errors import BrokerError
     from cvserve.config import ConfigError
     from cvserve.models.store import InvalidModel, ModelBuildError, ModelNotFound
 
     return (
+        BrokerError,
         ConfigError,
         InvalidModel,
         ModelBuildError,

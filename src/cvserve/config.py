@@ -20,6 +20,40 @@ class ConfigError(ValueError):
 RUNTIMES: tuple[str, ...] = ("onnxruntime", "simulated")
 
 
+def queue_wait_ms(value: Any) -> float | None:
+    """A ``max_queue_wait_ms`` setting: None or ``"auto"`` (automatic), or ms >= 0."""
+    if value is None or value == "auto":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise ValueError(f"max_queue_wait_ms must be 'auto' or a number >= 0, not {value!r}")
+    return float(value)
+
+
+def default_pixels_in_flight(max_pixels: int, bytes_per_pixel: int = 12) -> int:
+    """Half the memory available now (``MemAvailable``, or the cgroup's limit if lower) at
+    ``bytes_per_pixel`` (a decoded RGB pixel and its working copies), at least one
+    ``max_pixels`` image."""
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        raw = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if raw.isdigit():
+            avail = min(avail or int(raw), int(raw))
+    except OSError:
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            avail = 8 << 30
+    return max(max_pixels, avail // 2 // bytes_per_pixel)
+
+
 @dataclass(frozen=True)
 class BatchConfig:
     """Batching and admission settings of one model."""
@@ -31,8 +65,13 @@ class BatchConfig:
     max_queue: int = 64
     #: Default per-request deadline; a request past it gets a 504.
     timeout_ms: float = 30_000.0
+    #: A request whose expected wait (queue ahead / measured service rate + one batch)
+    #: exceeds this, or its deadline, gets a 429 at once. None ("auto"): the time to serve
+    #: a few full rounds of batches (``serving.core.AUTO_WAIT_ROUNDS``); 0: off.
+    max_queue_wait_ms: float | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "max_queue_wait_ms", queue_wait_ms(self.max_queue_wait_ms))
         if self.max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         if self.max_delay_ms < 0:
@@ -107,27 +146,49 @@ class PipelineConfig:
 
     name: str
     kind: str = ""  # "ocr" | "detect-classify"; defaults to ``name``
-    #: Stage B workers inside the serving process (0: only ``cvserve worker`` processes).
-    workers: int = 1
+    #: Stage B workers inside the serving process (0: only ``cvserve worker`` processes;
+    #: None: one per core of the CPU budget, so that under load every core runs a call).
+    workers: int | None = None
     #: Stage B model instances per worker process (``cvserve worker``).
     instances: int = 1
     max_batch_size: int = 16
     #: How long a stage B worker waits for a first item before looking again.
     block_ms: int = 50
     reclaim_idle_ms: int = 30_000
+    #: Deliveries of one item before a worker moves it to the dead letters (``<topic>.dead``)
+    #: and answers its request with an error, instead of taking it again.
+    max_deliveries: int = 3
+    #: A server's reply stream expires this long after the server stops refreshing it.
+    reply_ttl_ms: int = 60_000
+    #: Requests waiting for results fail with 503 once the broker stays unreachable this
+    #: long (a broker that comes back without their items gets them published again).
+    broker_outage_ms: int = 5_000
     max_queue: int = 64
     timeout_ms: float = 30_000.0
+    #: As a model's (``BatchConfig.max_queue_wait_ms``); its rate is measured while stage A
+    #: has a queue (the preprocessing pool), so a stage B bottleneck leaves the count limit.
+    max_queue_wait_ms: float | None = None
+    #: The widest one DNN call of a stage may run (0: all of ``cores``).
     intra_op_threads: int = 0
+    #: Cores the stages' DNN calls share in each process (``runtime.budget``): 0, all this
+    #: process may use; -1, no budget (every session takes onnxruntime's own threads).
+    cores: int = 0
     params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.kind:
             object.__setattr__(self, "kind", self.name)
-        for key in ("max_batch_size", "max_queue", "instances", "block_ms", "reclaim_idle_ms"):
+        object.__setattr__(self, "max_queue_wait_ms", queue_wait_ms(self.max_queue_wait_ms))
+        for key in (
+            "max_batch_size", "max_queue", "instances", "block_ms", "reclaim_idle_ms",
+            "max_deliveries", "reply_ttl_ms", "broker_outage_ms",
+        ):  # fmt: skip
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1")
-        if self.workers < 0:
+        if self.workers is not None and self.workers < 0:
             raise ValueError("workers must be >= 0")
+        if self.cores < -1:
+            raise ValueError("cores must be >= 0, or -1 for no CPU budget")
         if self.timeout_ms <= 0:
             raise ValueError("timeout_ms must be > 0")
 
@@ -150,8 +211,25 @@ class ServerConfig:
     preprocess_threads: int = 0
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS
+    #: Decoded pixels in flight at once, server-wide (counted from the headers before
+    #: decoding); an image that does not fit gets a 429. 0: ``default_pixels_in_flight``.
+    max_pixels_in_flight: int = 0
     #: How long SIGTERM waits for in-flight requests before exiting anyway.
     drain_timeout_s: float = 30.0
+    #: After SIGTERM, how long the server keeps serving new work (readiness already fails,
+    #: responses say ``Connection: close``) so a load balancer can stop sending to it.
+    drain_delay_s: float = 0.0
+    #: Join ``port`` with SO_REUSEPORT (several servers on one port, the kernel spreading
+    #: connections); the server joins once its models are loaded.
+    reuse_port: bool = False
+    #: A file of API keys, one a line: requests need ``Authorization: Bearer KEY``.
+    api_key_file: str | None = None
+    #: TLS certificate chain and private key (PEM files) for HTTP and gRPC.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    #: ``/metrics`` (and ``/healthz``, ``/readyz``) on this port of its own, plain HTTP and
+    #: without API keys; None: ``/metrics`` on the main port.
+    metrics_port: int | None = None
     cache_dir: str | None = None
     #: Where pipeline stages meet: ``inprocess://`` (default) or ``redis://host:port``.
     broker: str = "inprocess://"
@@ -166,9 +244,32 @@ class ServerConfig:
                 raise ConfigError(f"grpc_port {self.grpc_port} is not a port (0-65535)")
             if self.grpc_port and self.grpc_port == self.port:
                 raise ConfigError(f"grpc_port and port are both {self.port}: use two ports")
+        if self.metrics_port is not None:
+            if isinstance(self.metrics_port, bool) or not isinstance(self.metrics_port, int):
+                raise ConfigError(
+                    f"metrics_port must be an integer port, not {self.metrics_port!r}"
+                )
+            if not 0 <= self.metrics_port <= 65535:
+                raise ConfigError(f"metrics_port {self.metrics_port} is not a port (0-65535)")
+            if self.metrics_port and self.metrics_port in (self.port, self.grpc_port):
+                raise ConfigError(f"metrics_port {self.metrics_port} is taken by another door")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("TLS needs both a certificate (tls_cert) and its key (tls_key)")
+        for key in ("drain_timeout_s", "drain_delay_s"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise ConfigError(f"{key} must be a number of seconds >= 0, not {value!r}")
+        if self.max_pixels_in_flight and not self.max_pixels_in_flight >= self.max_pixels:
+            raise ConfigError(
+                f"max_pixels_in_flight ({self.max_pixels_in_flight}) must hold one image of "
+                f"max_pixels ({self.max_pixels}), or be 0 (from the memory available)"
+            )
 
     def resolved_preprocess_threads(self) -> int:
         return self.preprocess_threads or (os.cpu_count() or 1)
+
+    def resolved_pixels_in_flight(self) -> int:
+        return self.max_pixels_in_flight or default_pixels_in_flight(self.max_pixels)
 
 
 _BATCH_KEYS = {f.name for f in fields(BatchConfig)}

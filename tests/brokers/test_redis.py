@@ -118,12 +118,12 @@ def test_nothing_listening_is_unavailable():
     run(main())
 
 
-def test_foreign_entries_are_dropped_with_an_error_not_redelivered(redis_server, caplog):
+def test_foreign_entries_go_to_dead_letters_with_an_error_not_redelivered(redis_server, caplog):
     prefix = "foreign:"
 
     async def main():
         raw = aioredis.Redis.from_url(redis_server.url)
-        await raw.delete(prefix + "crops")
+        await raw.delete(prefix + "crops", prefix + "crops.dead")
         async with broker_from_url(redis_server.url, prefix=prefix) as b:
             await b.create_group("crops", "rec")
             await raw.xadd(prefix + "crops", {"m": b"\x80\x04 not a frame"})
@@ -133,14 +133,20 @@ def test_foreign_entries_are_dropped_with_an_error_not_redelivered(redis_server,
             pending, length = await b.pending("crops", "rec"), await b.length("crops")
             await b.ack("crops", "rec", [d.id for d in got])
             left = await b.length("crops")
+            dead = await b.dead_letters("crops")
+            kept = [await raw.xrange(prefix + "crops.dead", d.id, d.id) for d in dead]
         await raw.aclose()
-        return [d.message.request_id for d in got], pending, length, left
+        return [d.message.request_id for d in got], pending, length, left, dead, kept
 
     with caplog.at_level(logging.ERROR, logger="cvserve.brokers"):
-        got, pending, length, left = run(main())
+        got, pending, length, left, dead, kept = run(main())
     assert got == ["good"]
     assert (pending, length, left) == (1, 1, 0)
     assert sum("malformed entry" in r.getMessage() for r in caplog.records) == 2
+    # Kept for inspection, as they were, with the reason.
+    assert [d.message for d in dead] == [None, None]
+    assert all(d.reason.startswith("malformed") and d.deliveries == 1 for d in dead)
+    assert kept[0][0][1][b"m"] == b"\x80\x04 not a frame" and kept[1][0][1][b"other"] == b"x"
 
 
 def test_url_parameters_configure_the_broker(redis_server):

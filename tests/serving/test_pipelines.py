@@ -76,6 +76,20 @@ def test_every_ocr_image_concurrently_matches_the_in_process_steps(ocr_server, r
             shared += got["batch_size"] > got["regions"]
     assert shared > 0  # some recognition batches mixed crops of several requests
 
+    # the stages shared the machine's cores under one budget, and it says how
+    cpu = httpx.get(f"{ocr_server.url}/v1/pipelines").json()["pipelines"][0]["cpu"]
+    assert cpu["budget"]["cores"] >= 1 and cpu["budget"]["free"] == cpu["budget"]["cores"]
+    assert cpu["stages"]["det"] == {"runs_in": "preprocessing pool", "threads": 2}
+    assert cpu["stages"]["rec"]["workers"] == cpu["budget"]["cores"]  # one per core
+    use = cpu["use"]
+    assert use["det"]["calls"] >= len(paths) and use["rec"]["calls"] >= 1
+    assert use["cls"]["calls"] >= 1  # RapidOCR's default: the angle classifier on
+    for u in use.values():
+        assert 1.0 <= u["mean_width"] <= cpu["budget"]["cores"] and u["core_s"] >= u["busy_s"]
+    if cpu["budget"]["cores"] > 1:
+        # nine requests at once: the detector's calls ran beside each other, on one core each
+        assert use["det"]["wide_share"] < 1.0
+
 
 def test_no_text_many_regions_and_bad_files(ocr_server, data_dir):
     import cv2

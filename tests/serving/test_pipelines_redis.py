@@ -1,5 +1,8 @@
 """Pipelines across processes through Redis Streams: external workers share a stage, a
-killed worker's items are reclaimed, and a Redis outage gives fast 503s, then recovery."""
+killed worker's items are reclaimed, and a Redis outage gives fast 503s, then recovery.
+An item that outlives its deliveries is dead-lettered and its request answered at once; a
+Redis that restarts empty while a request waits gets its items again (200), one that stays
+away fails it with 503, both long before its deadline; AUTH in the broker URL."""
 
 from __future__ import annotations
 
@@ -12,27 +15,41 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import httpx
 import pytest
 import redis.asyncio as aioredis
 
+from cvserve.brokers.redis_server import RedisServer
 from cvserve.config import PipelineConfig, ServerConfig
 from cvserve.serving.server import ServerThread, free_port
 
 PREDICT = "/v1/pipelines/dc:predict"
 PARAMS = {"detector": "tiny-yolos", "classifier": "tiny-resnet", "objects": 6}
 TOPIC, GROUP = "dc.classify", "classify"  # stage B's work topic and consumer group
+DYING_WORKER = Path(__file__).parents[1] / "brokers" / "_dying_worker.py"
 
 
-def _worker(url: str, cache, reclaim_ms: int = 1500) -> subprocess.Popen:
+def _worker(url: str, cache, reclaim_ms: int = 1500, max_deliveries: int = 3) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "cvserve", "worker", "--pipeline", "dc", "--kind", "detect-classify",
          "--stage", "classify", "--broker", url, "--cache-dir", str(cache), "--max-batch", "4",
-         "--reclaim-idle-ms", str(reclaim_ms),
+         "--reclaim-idle-ms", str(reclaim_ms), "--max-deliveries", str(max_deliveries),
          *[a for k, v in PARAMS.items() for a in ("--param", f"{k}={v}")]],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
+
+
+def _stop(*procs: subprocess.Popen) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
 
 
 def _wait_line(proc: subprocess.Popen, prefix: str, timeout: float = 120) -> None:
@@ -45,7 +62,9 @@ def _wait_line(proc: subprocess.Popen, prefix: str, timeout: float = 120) -> Non
     raise TimeoutError(f"no {prefix!r} from the worker")
 
 
-def _server(url: str, cache, workers: int = 0, timeout_ms: float = 30_000) -> ServerThread:
+def _server(
+    url: str, cache, workers: int = 0, timeout_ms: float = 30_000, progress=None, **pipeline
+) -> ServerThread:
     cfg = ServerConfig(
         port=free_port(),
         cache_dir=str(cache),
@@ -58,10 +77,11 @@ def _server(url: str, cache, workers: int = 0, timeout_ms: float = 30_000) -> Se
                 block_ms=5,
                 timeout_ms=timeout_ms,
                 params=PARAMS,
+                **pipeline,
             ),  # fmt: skip
         ),
     )
-    return ServerThread(cfg).start()
+    return ServerThread(cfg, progress).start()
 
 
 async def _burst(url: str, bodies: list[bytes], timeout: float = 60) -> list:
@@ -215,3 +235,190 @@ def test_redis_outage_gives_fast_503s_and_the_server_recovers_by_itself(
     finally:
         srv.stop()
         redis.stop()
+
+
+async def _until(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, f"never: {what}"
+        await asyncio.sleep(0.02)
+
+
+def _while_waiting(srv: ServerThread, redis: RedisServer, key: str, during) -> tuple:
+    """Send one request; once its 6 items are in Redis (no worker has them), run
+    ``during()`` (may return a coroutine); returns (response, seconds from the items
+    being queued to the answer, what ``during`` returned)."""
+
+    async def main():
+        r = aioredis.Redis.from_url(redis.url)
+        async with httpx.AsyncClient(base_url=srv.url, timeout=60) as client:
+            task = asyncio.create_task(
+                client.post(PREDICT, content=_photo_with_objects(), params={})
+            )
+            await _until(lambda: _xlen(r, key, 6), "the request's 6 items in Redis")
+            await r.aclose()
+            t0 = time.monotonic()
+            got = during()
+            if asyncio.iscoroutine(got):
+                got = await got
+            resp = await task
+            return resp, time.monotonic() - t0, got
+
+    return asyncio.run(main())
+
+
+async def _xlen(r, key: str, n: int) -> bool:
+    return await r.xlen(key) >= n
+
+
+_PHOTO: list[bytes] = []
+
+
+def _photo_with_objects() -> bytes:
+    return _PHOTO[0]
+
+
+@pytest.fixture
+def one_photo(photos) -> bytes:
+    _PHOTO[:] = [photos[0]]
+    return photos[0]
+
+
+def test_a_request_waiting_when_redis_restarts_empty_is_answered(redis_factory, built, one_photo):
+    redis = redis_factory()
+    url = f"{redis.url}?prefix=restart:"
+    # No worker yet: the request's items wait in Redis when it dies with them.
+    srv = _server(url, built, workers=0, timeout_ms=30_000, broker_outage_ms=20_000)
+    worker = None
+    try:
+
+        def restart_then_serve():
+            nonlocal worker
+            redis.stop()  # SIGKILL, no persistence: the items are gone
+            redis.start()  # same port, empty
+            worker = _worker(url, built)  # only the items published again can be served
+
+        resp, waited, _ = _while_waiting(srv, redis, "restart:" + TOPIC, restart_then_serve)
+        stats = srv.state.pipelines["dc"].router.stats
+    finally:
+        srv.stop()
+        if worker is not None:
+            _stop(worker)
+    assert resp.status_code == 200, resp.text  # not a 504 after 30 s
+    assert len(_objects(resp)) == 6
+    assert stats.republished == 6 and stats.abandoned == 0
+    assert waited < 30
+
+
+def test_a_request_waiting_when_redis_goes_away_gets_503_not_its_deadline(
+    redis_factory, built, one_photo
+):
+    redis = redis_factory()
+    srv = _server(redis.url, built, workers=0, timeout_ms=30_000, broker_outage_ms=1_000)
+    try:
+        resp, waited, _ = _while_waiting(srv, redis, TOPIC, redis.stop)
+        stats = srv.state.pipelines["dc"].router.stats
+    finally:
+        redis.start()  # lets the server drop its reply stream on the way out
+        srv.stop()
+    assert resp.status_code == 503, resp.text
+    error = resp.json()["error"]
+    assert error["kind"] == "broker_unavailable" and "limit 1 s" in error["message"]
+    assert stats.abandoned == 1
+    assert waited < 15  # answered, not held until the 30 s deadline
+
+
+def test_an_item_that_outlives_its_deliveries_is_dead_lettered_and_answered(
+    redis_factory, built, one_photo
+):
+    redis = redis_factory()
+    url = f"{redis.url}?prefix=dead:"
+    key = "dead:" + TOPIC
+    srv = _server(url, built, workers=0, timeout_ms=30_000)
+    procs: list[subprocess.Popen] = []
+    try:
+        # A worker takes all 6 items and dies holding them (SIGKILL) ...
+        doomed = subprocess.Popen(
+            [sys.executable, str(DYING_WORKER), url, TOPIC, GROUP, "doomed", "6"],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        procs.append(doomed)
+
+        def kill_then_serve():
+            line = doomed.stdout.readline().split()
+            doomed.send_signal(signal.SIGKILL)
+            doomed.wait(10)
+            # ... and a worker that allows one delivery reclaims them: dead letters.
+            procs.append(_worker(url, built, reclaim_ms=300, max_deliveries=1))
+            return line
+
+        resp, waited, took = _while_waiting(srv, redis, key, kill_then_serve)
+
+        async def inspect():
+            r = aioredis.Redis.from_url(redis.url)
+            try:
+                return await r.xlen(key), await r.xpending(key, GROUP)
+            finally:
+                await r.aclose()
+
+        left, pending = asyncio.run(inspect())
+        listed = subprocess.run(
+            [sys.executable, "-m", "cvserve", "broker", "dead-letters", "--broker", url,
+             "--pipeline", "dc"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        srv.stop()
+        _stop(*procs)
+    assert took[:2] == ["took", "6"]
+    assert resp.status_code == 500, resp.text
+    error = resp.json()["error"]
+    assert error["kind"] == "stage_failed"
+    assert "was delivered 2 times" in error["message"] and "max_deliveries=1" in error["message"]
+    assert error["dead_letter"].startswith(f"{TOPIC}.dead ")
+    assert waited < 30
+    assert left == 0 and pending["pending"] == 0  # nothing keeps coming back
+    assert listed.returncode == 0, listed.stderr
+    rows = listed.stdout.splitlines()
+    assert len(rows) == 6 and all(f"{TOPIC}  " in r and "deliveries 2" in r for r in rows)
+    assert {r.split(" item ")[1].split()[0] for r in rows} == {str(i) for i in range(6)}
+    assert "6 dead letters (pipeline dc)" in listed.stderr
+
+
+PASSWORD = "pipe:l1ne@pass"
+
+
+def test_auth_in_the_broker_url_and_never_a_password_shown(
+    redis_exe, tmp_path, built, photos, caplog
+):
+    redis = RedisServer(redis_exe, tmp_path / "locked", password=PASSWORD).start()
+    wrong = f"redis://:wrong-{PASSWORD.replace('@', '%40')}@127.0.0.1:{redis.port}/0"
+    try:
+        # A wrong password: start-up fails at once, saying so, naming no password.
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError, match="exited during start-up"):
+            _server(wrong, built, workers=1)
+        refused_after = time.monotonic() - t0
+        worker = _worker(wrong, built)
+        out, _ = worker.communicate(timeout=120)
+        # The right one: served, and shown redacted everywhere.
+        said: list[str] = []
+        srv = _server(redis.url, built, workers=1, progress=said.append)
+        try:
+            ok = asyncio.run(_burst(srv.url, photos[:1]))
+            listing = httpx.get(f"{srv.url}/v1/pipelines", timeout=30)
+        finally:
+            srv.stop()
+    finally:
+        redis.stop()
+    assert "refused the credentials" in caplog.text
+    assert refused_after < 60  # (models load before; the broker call itself fails fast)
+    assert worker.returncode == 2 and "refused the credentials" in out
+    assert ok[0].status_code == 200, ok[0].text
+    [shown] = listing.json()["pipelines"]
+    assert shown["broker"] == f"redis://:***@127.0.0.1:{redis.port}/0"
+    assert shown["max_deliveries"] == 3
+    texts = [caplog.text, out, listing.text, *said]
+    for secret in (PASSWORD, "pipe:l1ne%40pass", "wrong-"):
+        assert not any(secret in t for t in texts), secret
+    assert any("redis://:***@" in line for line in said)

@@ -1,9 +1,11 @@
 """Message brokers between pipeline stages: in-process queues and Redis Streams.
 
 ``broker_from_url("inprocess://")`` (the default, no server) or
-``broker_from_url("redis://host:port/db?maxlen=10000")``; every broker has the same
-asyncio API (``Broker``) and passes the same test suite. ``StageWorker`` serves a stage
-from a topic; ``ResultRouter`` joins the results back to their requests.
+``broker_from_url("redis://[user:password@]host:port/db?maxlen=10000")`` (``rediss://``
+for TLS); every broker has the same asyncio API (``Broker``) and passes the same test
+suite. ``StageWorker`` serves a stage from a topic (and dead-letters what keeps killing
+its workers); ``ResultRouter`` joins the results back to their requests (and publishes
+them again if the broker loses them). ``redact_url`` is a URL fit for a log line.
 """
 
 from __future__ import annotations
@@ -11,12 +13,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
-from .base import DEFAULT_MAXLEN, DEFAULT_PUBLISH_TIMEOUT, Broker
+from .base import (
+    DEFAULT_MAX_DELIVERIES,
+    DEFAULT_MAXLEN,
+    DEFAULT_PUBLISH_TIMEOUT,
+    Broker,
+    dead_topic,
+)
 from .codec import decode, encode
 from .errors import BrokerError, BrokerFull, BrokerUnavailable, MalformedMessage, ResultTimeout
 from .inprocess import InProcessBroker
-from .message import Delivery, Message
+from .message import DeadLetter, Delivery, Message
 from .router import ResultRouter, RouterStats
+from .urls import redact_url
 from .worker import StageWorker, WorkerStats, consumer_name
 
 if TYPE_CHECKING:
@@ -24,11 +33,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_MAXLEN",
+    "DEFAULT_MAX_DELIVERIES",
     "DEFAULT_PUBLISH_TIMEOUT",
     "Broker",
     "BrokerError",
     "BrokerFull",
     "BrokerUnavailable",
+    "DeadLetter",
     "Delivery",
     "InProcessBroker",
     "MalformedMessage",
@@ -41,8 +52,10 @@ __all__ = [
     "WorkerStats",
     "broker_from_url",
     "consumer_name",
+    "dead_topic",
     "decode",
     "encode",
+    "redact_url",
 ]
 
 SCHEMES = ("inprocess", "redis", "rediss", "unix")
@@ -58,10 +71,12 @@ def __getattr__(name: str) -> Any:
 
 
 def broker_from_url(url: str, **options: Any) -> Broker:
-    """A broker for ``url``: ``inprocess://`` or ``redis://host:port/db``.
+    """A broker for ``url``: ``inprocess://`` or ``redis://[[user]:password@]host:port/db``
+    (``rediss://`` for TLS, with redis-py's ``ssl_*`` query parameters; ``unix://``).
 
     Query parameters ``maxlen`` (unfinished entries per topic) and ``publish_timeout``
     (seconds a publish waits for room) apply to both; ``options`` are passed to the class.
+    Raises ``ValueError`` naming the URL without its password.
     """
     scheme = urlsplit(url).scheme
     if scheme == "inprocess":
@@ -80,4 +95,6 @@ def broker_from_url(url: str, **options: Any) -> Broker:
         except ImportError as e:  # pragma: no cover - redis is a dependency
             raise ValueError(f"{url!r} needs the redis package (pip install redis)") from e
         return RedisStreamsBroker(url, **options)
-    raise ValueError(f"unknown broker URL {url!r}: expected one of {', '.join(SCHEMES)}://")
+    raise ValueError(
+        f"unknown broker URL {redact_url(url)!r}: expected one of {', '.join(SCHEMES)}://"
+    )

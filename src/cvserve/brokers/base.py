@@ -15,6 +15,16 @@ by every group. ``publish`` waits for room (backpressure) and raises ``BrokerFul
 its timeout; unfinished work is never trimmed. An entry is dropped once every group has
 acknowledged it (at once when the topic has one group; when it has several, once every
 older entry is finished too).
+
+An entry that keeps coming back (its consumers die or hang on it every time) is *dead
+lettered*: moved, with why and how often it was delivered, to ``<topic>.dead`` (bounded to
+its newest ``DEFAULT_DEAD_MAXLEN``) and acknowledged, so it stops taking workers down and
+stays there to be inspected (``dead_letters``; ``cvserve broker dead-letters``).
+
+A reply topic belongs to one serving process: it is kept alive by that process
+(``keep_alive``) and expires once the process is gone; ``publish_reply`` never makes it
+live forever again. ``epoch`` changes when the broker may have lost what it held (a restart without
+persistence, a failover), so a publisher can notice and publish again what it still holds.
 """
 
 from __future__ import annotations
@@ -23,10 +33,22 @@ import abc
 from collections.abc import Iterable
 from types import TracebackType
 
-from .message import Delivery, Message
+from .message import DeadLetter, Delivery, Message
 
 DEFAULT_MAXLEN = 10_000
 DEFAULT_PUBLISH_TIMEOUT = 5.0
+#: Deliveries of one entry before a worker moves it to the dead letters instead.
+DEFAULT_MAX_DELIVERIES = 3
+#: Dead letters kept per topic (the oldest go first).
+DEFAULT_DEAD_MAXLEN = 10_000
+DEAD_SUFFIX = ".dead"
+#: Seconds a reply topic that a result had to make lives on without its router.
+DEFAULT_REPLY_TTL = 60.0
+
+
+def dead_topic(topic: str) -> str:
+    """The dead-letter topic of ``topic``."""
+    return topic + DEAD_SUFFIX
 
 
 class Broker(abc.ABC):
@@ -34,6 +56,11 @@ class Broker(abc.ABC):
 
     maxlen: int
     publish_timeout: float
+
+    @property
+    @abc.abstractmethod
+    def safe_url(self) -> str:
+        """The broker's URL without its password: for logs, errors and status pages."""
 
     @abc.abstractmethod
     async def publish(self, topic: str, message: Message, *, timeout: float | None = None) -> str:
@@ -52,6 +79,18 @@ class Broker(abc.ABC):
         round trip (Redis does, when the topic has room for all of them).
         """
         return [await self.publish(topic, m, timeout=timeout) for m in messages]
+
+    @abc.abstractmethod
+    async def publish_reply(
+        self, topic: str, message: Message, *, timeout: float | None = None
+    ) -> str | None:
+        """Publish a result to a reply topic, never keeping a gone server's topic alive.
+
+        A topic that exists is its router's, kept alive by it. A missing one is made with
+        an expiry (Redis: the result may have raced a restart that its router recovers
+        from next) or, where nothing can race (in-process), the result is dropped and
+        None returned.
+        """
 
     @abc.abstractmethod
     async def consume(
@@ -77,6 +116,21 @@ class Broker(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def dead_letter(
+        self, delivery: Delivery, group: str, *, reason: str, consumer: str = ""
+    ) -> str | None:
+        """Move a pending entry to ``<topic>.dead`` and acknowledge it, in one step.
+
+        Returns its id among the dead letters, or None when ``group`` no longer holds it
+        pending (another consumer finished it meanwhile): then nothing is moved.
+        """
+
+    @abc.abstractmethod
+    async def dead_letters(self, topic: str | None = None, *, count: int = 100) -> list[DeadLetter]:
+        """The newest ``count`` dead letters of ``topic`` (of every topic when None), each
+        topic's oldest first."""
+
+    @abc.abstractmethod
     async def create_group(self, topic: str, group: str) -> None:
         """Create ``group`` (reading from the oldest held entry) if it does not exist."""
 
@@ -91,6 +145,16 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     async def delete_topic(self, topic: str) -> None:
         """Drop the topic, its entries and its groups."""
+
+    async def keep_alive(self, topic: str, ttl_s: float) -> None:
+        """Let ``topic`` expire ``ttl_s`` seconds after the latest call (a reply topic
+        whose process died). In-process: nothing to do, topics die with the process."""
+        return None
+
+    async def epoch(self) -> str:
+        """A token that changes when the broker may have lost entries it held (a server
+        restarted without persistence, a failover). In-process: never changes."""
+        return "in-process"
 
     async def ping(self) -> None:
         """Raise ``BrokerUnavailable`` unless the broker answers (in-process: always)."""

@@ -4,28 +4,34 @@ It models a Redis stream on purpose (entry ids, per-group last-delivered id and 
 list, the same trimming rule), so code that passes the shared suite here behaves the same
 against Redis. Messages are not encoded: arrays pass by reference as read-only views (do
 not write into an array after publishing it). Use one broker from one event loop.
+
+Dead letters are kept in memory beside their topic (listed by ``dead_letters``, not a
+topic to consume). Reply topics need no expiry and the epoch never changes: everything
+lives and dies with this one process.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Iterable
 
 import numpy as np
 
-from .base import DEFAULT_MAXLEN, DEFAULT_PUBLISH_TIMEOUT, Broker
+from .base import DEFAULT_DEAD_MAXLEN, DEFAULT_MAXLEN, DEFAULT_PUBLISH_TIMEOUT, Broker
 from .codec import validate
 from .errors import BrokerError, BrokerFull
-from .message import Delivery, Message
+from .message import DeadLetter, Delivery, Message
 
 
 class _Pending:
-    __slots__ = ("consumer", "delivered")
+    __slots__ = ("consumer", "delivered", "count")
 
     def __init__(self, consumer: str, delivered: float) -> None:
         self.consumer = consumer
         self.delivered = delivered  # time.monotonic() of the last delivery
+        self.count = 1  # deliveries so far
 
 
 class _Group:
@@ -98,7 +104,13 @@ class InProcessBroker(Broker):
         self.maxlen = maxlen
         self.publish_timeout = publish_timeout
         self._topics: dict[str, _Topic] = {}
+        self._dead: dict[str, deque[DeadLetter]] = {}
+        self._dead_ids = 0
         self._closed = False
+
+    @property
+    def safe_url(self) -> str:
+        return "inprocess://"
 
     def _topic(self, name: str) -> _Topic:
         if self._closed:
@@ -134,6 +146,13 @@ class InProcessBroker(Broker):
         t.entries[entry_id] = stored
         _wake(t.arrivals)
         return str(entry_id)
+
+    async def publish_reply(
+        self, topic: str, message: Message, *, timeout: float | None = None
+    ) -> str | None:
+        if self._closed or topic not in self._topics:
+            return None
+        return await self.publish(topic, message, timeout=timeout)
 
     def _group(self, t: _Topic, group: str) -> _Group:
         g = t.groups.get(group)
@@ -230,9 +249,54 @@ class InProcessBroker(Broker):
                 gone.append(entry_id)
                 continue
             p.consumer, p.delivered = consumer, now
-            out.append(Delivery(str(entry_id), topic, _copy(msg), wall, redelivered=True))
+            p.count += 1
+            out.append(
+                Delivery(
+                    str(entry_id), topic, _copy(msg), wall, redelivered=True, deliveries=p.count
+                )
+            )
         for entry_id in gone:
             del g.pending[entry_id]
+        return out
+
+    async def dead_letter(
+        self, delivery: Delivery, group: str, *, reason: str, consumer: str = ""
+    ) -> str | None:
+        t = self._topics.get(delivery.topic)
+        g = None if t is None else t.groups.get(group)
+        try:
+            entry_id = int(delivery.id)
+        except ValueError:
+            return None
+        if g is None or entry_id not in g.pending:
+            return None
+        count = g.pending[entry_id].count
+        msg = t.entries.get(entry_id) if t is not None else None
+        self._dead_ids += 1
+        dead_id = str(self._dead_ids)
+        kept = self._dead.setdefault(delivery.topic, deque(maxlen=DEFAULT_DEAD_MAXLEN))
+        kept.append(
+            DeadLetter(
+                id=dead_id,
+                topic=delivery.topic,
+                entry=delivery.id,
+                group=group,
+                deliveries=count,
+                reason=reason,
+                dead_at=time.time(),
+                consumer=consumer,
+                message=None if msg is None else _copy(msg),
+            )
+        )
+        await self.ack(delivery.topic, group, [delivery.id])
+        return dead_id
+
+    async def dead_letters(self, topic: str | None = None, *, count: int = 100) -> list[DeadLetter]:
+        topics = sorted(self._dead) if topic is None else [topic]
+        out: list[DeadLetter] = []
+        for name in topics:
+            kept = list(self._dead.get(name, ()))
+            out += kept[-count:] if count > 0 else []
         return out
 
     async def length(self, topic: str) -> int:

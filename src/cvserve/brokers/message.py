@@ -51,7 +51,9 @@ class Delivery:
     """A message handed to one consumer of a group; ``ack`` it by ``id`` once done.
 
     ``redelivered`` is true when it came from ``reclaim`` (its first consumer went quiet),
-    so the work may have been partly done before. ``consumed_at`` is ``time.time()``.
+    so the work may have been partly done before. ``deliveries`` counts this one and every
+    earlier delivery of the entry to its group (a worker dead-letters an entry that keeps
+    killing its consumers). ``consumed_at`` is ``time.time()``.
     """
 
     id: str
@@ -59,9 +61,33 @@ class Delivery:
     message: Message
     consumed_at: float
     redelivered: bool = False
+    deliveries: int = 1
 
     @property
     def broker_s(self) -> float:
         """Publish-to-consume time in seconds: the ``broker`` stage of this hop."""
         published = self.message.published_at
         return 0.0 if published is None else max(0.0, self.consumed_at - published)
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """An entry moved to its topic's dead-letter topic (``<topic>.dead``), kept to inspect.
+
+    ``message`` is None when the entry did not decode (a foreign or corrupt frame).
+    ``dead_at`` is ``time.time()`` of the move; ``consumer`` the one that moved it.
+    """
+
+    id: str  # its id in the dead-letter topic
+    topic: str  # the topic it was taken from
+    entry: str  # its id there
+    group: str
+    deliveries: int
+    reason: str
+    dead_at: float
+    consumer: str
+    message: Message | None
+
+    @property
+    def request_id(self) -> str:
+        return self.message.request_id if self.message is not None else ""

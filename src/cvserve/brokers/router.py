@@ -8,19 +8,29 @@ results that arrive before ``wait`` is called are kept for it. Reclaimed work ca
 results are deduplicated by ``(request_id, index)``, so every request is answered once.
 A request whose results do not all arrive in time fails with ``ResultTimeout``; results
 arriving later are acknowledged and counted as ``late``, never delivered.
+
+Nothing waits for work that no longer exists. ``publish`` sends a request's items and
+keeps them until the request is answered. A watch task asks the broker for its ``epoch``
+every ``check_s``: when it changed (the broker restarted without its data, or failed
+over), the reply topic is made again and every unanswered item published again (a result
+that still comes from the old copy is a duplicate, dropped); when the broker stays
+unreachable for ``outage_s``, every waiting request fails with ``BrokerUnavailable`` (a
+503 at the edge), not at its deadline. The watch also refreshes the reply topic's expiry
+(``ttl_s``), so the reply topic of a process that died disappears after ``ttl_s``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from .base import Broker
-from .errors import BrokerError, ResultTimeout
-from .message import Delivery
+from .errors import BrokerError, BrokerFull, BrokerUnavailable, ResultTimeout
+from .message import Delivery, Message
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +43,8 @@ class RouterStats:
     duplicates: int = 0  # a second result for an item (reclaimed work finished twice)
     late: int = 0  # the request had timed out or been forgotten
     unknown: int = 0  # no such request was expected, or an index out of range
+    republished: int = 0  # items published again after the broker lost them
+    abandoned: int = 0  # requests failed because the broker stayed unreachable
 
 
 @dataclass
@@ -40,6 +52,8 @@ class _Waiting:
     future: asyncio.Future[list[Delivery]]
     count: int
     results: dict[int, Delivery] = field(default_factory=dict)
+    topic: str = ""  # where ``items`` were published (by ``publish``)
+    items: list[Message] | None = None  # kept to publish again if the broker loses them
 
 
 class ResultRouter:
@@ -56,6 +70,9 @@ class ResultRouter:
         retry_s: float = 0.2,
         remember: int = 65536,
         delete_on_close: bool = True,
+        ttl_s: float | None = None,
+        check_s: float = 0.5,
+        outage_s: float | None = None,
     ) -> None:
         self.broker = broker
         self.topic = topic or f"replies.{uuid.uuid4().hex[:16]}"
@@ -65,6 +82,9 @@ class ResultRouter:
         self.block_ms = block_ms
         self.retry_s = retry_s
         self.delete_on_close = delete_on_close
+        self.ttl_s = ttl_s
+        self.check_s = check_s if ttl_s is None else min(check_s, ttl_s / 3)
+        self.outage_s = outage_s
         self.stats = RouterStats()
         self._waiting: dict[str, _Waiting] = {}
         # Request ids recently answered or given up on: tells duplicates and late results
@@ -76,10 +96,17 @@ class ResultRouter:
         self._remember = remember
         self._unacked: list[str] = []
         self._task: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._epoch: str | None = None
+        self._down_since: float | None = None
 
     async def start(self) -> ResultRouter:
         await self.broker.create_group(self.topic, self.group)
+        if self.ttl_s is not None:
+            await self.broker.keep_alive(self.topic, self.ttl_s)
+        self._epoch = await self.broker.epoch()
         self._task = asyncio.create_task(self._run(), name=f"result-router {self.topic}")
+        self._watcher = asyncio.create_task(self._watch(), name=f"result-watch {self.topic}")
         return self
 
     async def __aenter__(self) -> ResultRouter:
@@ -98,13 +125,43 @@ class ResultRouter:
         self._waiting[request_id] = _Waiting(fut, count)
         return fut
 
+    async def publish(
+        self, topic: str, messages: list[Message], *, timeout: float | None = None
+    ) -> asyncio.Future[list[Delivery]]:
+        """Publish one request's items to ``topic`` with replies to this router; returns
+        the future of their results, as ``expect`` does (then ``wait`` for them).
+
+        ``messages`` share one request id and have indices ``0..n-1``; their ``reply_to``
+        is set here. They are kept until the request is answered or forgotten, to be
+        published again if the broker loses them. A failed publish forgets the request.
+        """
+        if not messages:
+            raise ValueError("nothing to publish")
+        request_id = messages[0].request_id
+        if sorted(m.index for m in messages) != list(range(len(messages))) or any(
+            m.request_id != request_id for m in messages
+        ):
+            raise ValueError("publish takes one request's items, indices 0..n-1")
+        for m in messages:
+            m.reply_to = self.topic
+        fut = self.expect(request_id, len(messages))
+        try:
+            await self.broker.publish_many(topic, messages, timeout=timeout)
+        except BaseException:
+            self.forget(request_id)
+            raise
+        waiting = self._waiting.get(request_id)
+        if waiting is not None:  # not answered in the meantime
+            waiting.topic, waiting.items = topic, messages
+        return fut
+
     async def wait(
         self, request_id: str, count: int = 1, timeout: float | None = None
     ) -> list[Delivery]:
         """Await the results of a request (``expect`` it first unless already done)."""
         answered = self._unclaimed.pop(request_id, None)
         if answered is not None:
-            return answered.result()
+            return answered.result()  # or raises what failed it
         waiting = self._waiting.get(request_id)
         if waiting is None:
             self.expect(request_id, count)
@@ -124,7 +181,8 @@ class ResultRouter:
         except asyncio.CancelledError:
             self.forget(request_id)
             raise
-        self._unclaimed.pop(request_id, None)
+        finally:
+            self._unclaimed.pop(request_id, None)
         return results
 
     def forget(self, request_id: str) -> None:
@@ -179,9 +237,93 @@ class ResultRouter:
             self._finish(msg.request_id, answered=True)
             if not waiting.future.done():
                 waiting.future.set_result([waiting.results[i] for i in range(waiting.count)])
-                self._unclaimed[msg.request_id] = waiting.future
-                if len(self._unclaimed) > self._remember:
-                    self._unclaimed.popitem(last=False)
+                self._keep_unclaimed(msg.request_id, waiting.future)
+
+    def _keep_unclaimed(self, request_id: str, fut: asyncio.Future[list[Delivery]]) -> None:
+        self._unclaimed[request_id] = fut
+        if len(self._unclaimed) > self._remember:
+            self._unclaimed.popitem(last=False)
+
+    def _fail(self, request_id: str, error: BrokerError) -> None:
+        """Answer a waiting request with ``error``; its results, if they come, are late."""
+        waiting = self._waiting.pop(request_id, None)
+        if waiting is None:
+            return
+        self._finish(request_id, answered=False)
+        if not waiting.future.done():
+            waiting.future.set_exception(error)
+            self._keep_unclaimed(request_id, waiting.future)
+
+    async def _watch(self) -> None:
+        """Refresh the reply topic's expiry; notice a broker that lost its data (publish
+        again) or stays unreachable (fail the waiting requests)."""
+        next_keep_alive = time.monotonic() + (self.ttl_s or 0.0) / 3
+        while True:
+            await asyncio.sleep(self.check_s)
+            now = time.monotonic()
+            try:
+                epoch = await self.broker.epoch()
+                if self._down_since is not None:
+                    log.info("broker back for %r after %.1f s", self.topic, now - self._down_since)
+                    self._down_since = None
+                if epoch != self._epoch:
+                    await self._republish()
+                    self._epoch = epoch
+                    next_keep_alive = now + (self.ttl_s or 0.0) / 3
+                elif self.ttl_s is not None and now >= next_keep_alive:
+                    await self.broker.keep_alive(self.topic, self.ttl_s)
+                    next_keep_alive = now + self.ttl_s / 3
+            except asyncio.CancelledError:
+                raise
+            except BrokerError as e:
+                next_keep_alive = 0.0  # refresh as soon as it answers again
+                if self._down_since is None:
+                    self._down_since = now
+                down_s = now - self._down_since
+                if self.outage_s is not None and down_s >= self.outage_s and self._waiting:
+                    log.warning(
+                        "broker unreachable for %.1f s: failing %d waiting requests (%s)",
+                        down_s,
+                        len(self._waiting),
+                        e,
+                    )
+                    error = BrokerUnavailable(
+                        f"broker unreachable for {down_s:.1f} s while the request waited "
+                        f"for its results (limit {self.outage_s:g} s): {e}"
+                    )
+                    for request_id in list(self._waiting):
+                        self._fail(request_id, error)
+                        self.stats.abandoned += 1
+            except Exception:  # the watch outlives any one failure
+                log.exception("result watch on %r", self.topic)
+
+    async def _republish(self) -> None:
+        """The broker lost its data: make the reply topic again, then publish every item
+        that is still unanswered (only items ``publish`` sent: the router holds those)."""
+        await self.broker.create_group(self.topic, self.group)
+        if self.ttl_s is not None:
+            await self.broker.keep_alive(self.topic, self.ttl_s)
+        items = requests = 0
+        for request_id, waiting in list(self._waiting.items()):
+            if not waiting.items:
+                continue
+            missing = [m for m in waiting.items if m.index not in waiting.results]
+            if not missing:
+                continue
+            try:
+                await self.broker.publish_many(waiting.topic, missing)
+            except BrokerFull as e:
+                self._fail(request_id, e)
+                continue
+            items += len(missing)
+            requests += 1
+        self.stats.republished += items
+        log.warning(
+            "broker lost its data (epoch changed): published %d unanswered items of %d "
+            "requests again",
+            items,
+            requests,
+        )
 
     async def _run(self) -> None:
         while True:
@@ -207,13 +349,14 @@ class ResultRouter:
 
     async def close(self) -> None:
         """Stop the loop, fail every waiting request, and drop the reply topic."""
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        for task in (self._task, self._watcher):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+        self._task = self._watcher = None
         for request_id, waiting in list(self._waiting.items()):
             if not waiting.future.done():
                 waiting.future.set_exception(BrokerError("result router closed"))

@@ -4,6 +4,14 @@ Several workers (tasks, processes or hosts) on one topic and group share its loa
 worker also reclaims entries that another consumer left pending for ``reclaim_idle_ms``
 (it died before acknowledging), so no work is lost; that work may then have been done
 twice, and the results are deduplicated where they are joined (``ResultRouter``).
+
+Reclaimed entries are served one at a time, alone, so an entry that kills its worker
+takes no batch-mate down with it twice. An entry reclaimed for the
+``max_deliveries + 1``-th time (it killed or hung every worker that took it) is not run
+again: it is moved to the dead letters (``<topic>.dead``) and its
+request is answered at once with an ``error`` result that says so. Results go to reply
+topics through ``publish_reply``, which never keeps the reply topic of a server that is
+gone alive (a result it drops is counted as ``orphaned``; the work is acknowledged).
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from .base import Broker
+from .base import DEFAULT_MAX_DELIVERIES, Broker, dead_topic
 from .errors import BrokerError
 from .message import Delivery, Message
 
@@ -27,6 +35,8 @@ log = logging.getLogger(__name__)
 BROKER_S = "broker_s"
 #: Result header set when the stage failed for this item; the text says why.
 ERROR = "error"
+#: Result header beside ``error`` when the item was dead-lettered: ``<topic>.dead <id>``.
+DEAD_LETTER = "dead_letter"
 
 BatchHandler = Callable[[list[Message]], Awaitable[list[Message]]]
 
@@ -41,6 +51,8 @@ class WorkerStats:
     processed: int = 0
     reclaimed: int = 0
     failed: int = 0  # items answered with an error header
+    dead_lettered: int = 0  # moved to the dead letters after max_deliveries
+    orphaned: int = 0  # results dropped: their reply topic was gone (in-process)
 
 
 class StageWorker:
@@ -64,7 +76,10 @@ class StageWorker:
         block_ms: int = 200,
         reclaim_idle_ms: int = 30_000,
         retry_s: float = 0.2,
+        max_deliveries: int = DEFAULT_MAX_DELIVERIES,
     ) -> None:
+        if max_deliveries < 1:
+            raise ValueError(f"max_deliveries must be >= 1, got {max_deliveries}")
         self.broker = broker
         self.topic = topic
         self.group = group
@@ -74,6 +89,7 @@ class StageWorker:
         self.block_ms = block_ms
         self.reclaim_idle_ms = reclaim_idle_ms
         self.retry_s = retry_s
+        self.max_deliveries = max_deliveries
         self.stats = WorkerStats()
         self._stop = asyncio.Event()
         self._next_reclaim = 0.0
@@ -102,15 +118,15 @@ class StageWorker:
         deliveries: list[Delivery] = []
         now = time.monotonic()
         if now >= self._next_reclaim:
-            self._next_reclaim = now + self.reclaim_idle_ms / 2000
+            # One at a time, served alone: a reclaimed item may be what killed its last
+            # worker, so it takes no batch-mate down with it, and only its own delivery
+            # count grows. While there is more to take over, look again at once.
             deliveries = await self.broker.reclaim(
-                self.topic,
-                self.group,
-                self.consumer,
-                min_idle_ms=self.reclaim_idle_ms,
-                count=self.batch,
+                self.topic, self.group, self.consumer, min_idle_ms=self.reclaim_idle_ms, count=1
             )
+            self._next_reclaim = now + (0 if deliveries else self.reclaim_idle_ms / 2000)
             self.stats.reclaimed += len(deliveries)
+            deliveries = [d for d in deliveries if not await self._dead_letter_if_due(d)]
         if not deliveries:
             deliveries = await self.broker.consume(
                 self.topic, self.group, self.consumer, count=self.batch, block_ms=self.block_ms
@@ -134,9 +150,52 @@ class StageWorker:
             # The result answers this item, whatever the handler put in its fields.
             result.request_id, result.index = d.message.request_id, d.message.index
             result.headers.setdefault(BROKER_S, d.broker_s)
-            if d.message.reply_to:
-                await self.broker.publish(d.message.reply_to, result)
+            await self._reply(d, result)
         # Acknowledge only now that every result is stored: a crash before this point
         # leaves the work pending, to be reclaimed and redone.
         await self.broker.ack(self.topic, self.group, [d.id for d in deliveries])
         self.stats.processed += len(deliveries)
+
+    async def _reply(self, d: Delivery, result: Message) -> None:
+        if not d.message.reply_to:
+            return
+        if await self.broker.publish_reply(d.message.reply_to, result) is None:
+            self.stats.orphaned += 1
+            log.info(
+                "reply topic %r of request %r is gone (its server stopped): result dropped",
+                d.message.reply_to,
+                d.message.request_id,
+            )
+
+    async def _dead_letter_if_due(self, d: Delivery) -> bool:
+        """Dead-letter ``d`` if it has been delivered more than ``max_deliveries`` times,
+        and answer its request with an error; True when it is no longer this worker's."""
+        if d.deliveries <= self.max_deliveries:
+            return False
+        reason = (
+            f"was delivered {d.deliveries} times: the {d.deliveries - 1} times before, its "
+            f"worker died, hung or lost the broker before acknowledging it "
+            f"(max_deliveries={self.max_deliveries})"
+        )
+        dead_id = await self.broker.dead_letter(
+            d, self.group, reason=reason, consumer=self.consumer
+        )
+        if dead_id is None:  # finished by another consumer meanwhile
+            return True
+        where = f"{dead_topic(self.topic)} {dead_id}"
+        log.error(
+            "item %d of request %r on %r: %s; moved to dead letters as %s",
+            d.message.index,
+            d.message.request_id,
+            self.topic,
+            reason,
+            where,
+        )
+        self.stats.dead_lettered += 1
+        # Moved first, answered next: a crash in between leaves the request to its deadline
+        # (answered once, late), never an error for an item whose work was finished.
+        error = d.message.reply(
+            headers={ERROR: f"item {d.message.index} {reason}", DEAD_LETTER: where}
+        )
+        await self._reply(d, error)
+        return True

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from cvserve.errors import RequestError
+from cvserve.images.budget import claim
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +220,7 @@ def decode(
         if orientation in _SWAPS_AXES:
             mw, mh = mh, mw
         req = (max(1, min(w, mw)), max(1, min(h, mh)))  # in stored (raw) orientation
+    claim(_decoded_pixels((w, h), req if im.mode in ("RGB", "L", "CMYK") else None))
     try:
         out = None
         if req is not None and backend in ("simplejpeg", "opencv") and im.mode in ("RGB", "L"):
@@ -231,12 +233,25 @@ def decode(
             out = to_rgb(im)
     except ImageError:
         raise
-    except (OSError, ValueError, SyntaxError, IndexError) as e:
+    except (OSError, ValueError, SyntaxError, IndexError, TypeError) as e:
+        # TypeError: Pillow's decoder set-up on some corrupt PNG/TIFF headers (found by
+        # tests/images/test_fuzz.py)
         raise UndecodableImage(f"cannot decode {fmt} image: {e}") from None
     if orientation in _UPRIGHT:
         out = out.transpose(_UPRIGHT[orientation])
     reduced = max(1, round(max(orig) / max(out.size)))
     return Decoded(image=out, orig_size=orig, format=fmt, reduced=reduced)
+
+
+def _decoded_pixels(size: tuple[int, int], req: tuple[int, int] | None) -> int:
+    """Pixels a decode of ``size`` allocates: all of them, or at the DCT scale that keeps
+    at least ``req`` (as Pillow's ``draft``, simplejpeg and OpenCV pick it)."""
+    w, h = size
+    if req is None:
+        return w * h
+    scale = min(w // req[0], h // req[1])
+    s = 8 if scale >= 8 else 4 if scale >= 4 else 2 if scale >= 2 else 1
+    return -(-w // s) * -(-h // s)
 
 
 def _decode_jpeg_array(

@@ -1,7 +1,9 @@
 """The HTTP edge: routes, the one mapping from typed errors to status codes, Server-Timing.
 
 ``POST /v1/models/{name}:predict`` takes the image bytes as the body; ``GET /v1/models``,
-``/healthz``, ``/readyz`` and ``/metrics`` describe and watch the server.
+``/healthz``, ``/readyz`` and ``/metrics`` describe and watch the server. What every
+request passes first (request ids, API keys, the readiness gate, the failure log line) is
+:mod:`cvserve.serving.edge`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import logging
 import math
 import time
 from collections.abc import Mapping
-from contextlib import asynccontextmanager
 from typing import Any
 
 from starlette.applications import Starlette
@@ -24,7 +25,10 @@ from starlette.routing import Route
 
 from cvserve.config import ServerConfig
 from cvserve.errors import RequestError
+from cvserve.serving import logs
+from cvserve.serving.auth import ApiKeys
 from cvserve.serving.core import PreprocessPool, Servable
+from cvserve.serving.edge import Edge
 from cvserve.serving.errors import (
     BadRequest,
     BodyTooLarge,
@@ -46,21 +50,31 @@ _ACCEPTED_TYPES = ("image/", "application/octet-stream")
 
 
 class ServerState:
-    """What the routes share: the models, the metrics and the draining flag."""
+    """What the routes share: the models, the metrics and where the server is in its life.
+
+    ``loading`` until :meth:`start` has started every servable (work gets 503, readiness
+    fails); ``stopping`` from the first exit signal (readiness fails, every response says
+    ``Connection: close``, work is still served); ``draining`` once the server refuses new
+    work (503) and waits for the requests in flight.
+    """
 
     def __init__(
         self,
         config: ServerConfig,
-        models: Mapping[str, Servable],
-        pool: PreprocessPool,
+        models: Mapping[str, Servable] | None = None,
+        pool: PreprocessPool | None = None,
         pipelines: Mapping[str, Servable] | None = None,
         metrics: Metrics | None = None,
+        broker: Any = None,
     ) -> None:
         self.config = config
-        self.models = dict(models)
+        self.models = dict(models or {})
         self.pipelines = dict(pipelines or {})
-        self.pool = pool
+        self.pool = pool if pool is not None else PreprocessPool(1)
         self.metrics = metrics or Metrics()
+        self.broker = broker
+        self.loading = True
+        self.stopping = False
         self.draining = False
         self.inflight = 0
         self._idle = asyncio.Event()
@@ -69,6 +83,49 @@ class ServerState:
     @property
     def servables(self) -> dict[str, Servable]:
         return {**self.models, **self.pipelines}
+
+    @property
+    def ready(self) -> bool:
+        """Readiness: loaded, not shutting down, every servable ready."""
+        return self.not_ready_reason() is None
+
+    def not_ready_reason(self) -> str | None:
+        if self.loading:
+            return "loading"
+        if self.stopping or self.draining:
+            return "draining"
+        not_ready = [n for n, t in self.servables.items() if not t.ready]
+        return f"models not ready: {not_ready}" if not_ready else None
+
+    async def start(
+        self,
+        models: Mapping[str, Servable],
+        pipelines: Mapping[str, Servable] | None = None,
+        broker: Any = None,
+    ) -> None:
+        """Take the loaded servables, start (warm) each, and stop ``loading``."""
+        self.models, self.pipelines = dict(models), dict(pipelines or {})
+        self.broker = broker
+        for servable in self.servables.values():
+            await servable.start()
+        # Everything loaded so far (modules, sessions, protobuf descriptors) lives as
+        # long as the server: out of the collector's way, a full collection scans only
+        # what requests allocate. Measured on the v2 HTTP door at c=16: full collections
+        # every ~0.3 s took 15-30 ms each (the p99 tail), 0.4 ms once frozen.
+        gc.collect()
+        gc.freeze()
+        self.loading = False
+        log.info("ready: %s", ", ".join(self.servables))
+
+    async def close(self) -> None:
+        """Stop the pipelines, the broker and the models, then the pool."""
+        for p in self.pipelines.values():
+            await p.stop()
+        if self.broker is not None:
+            await self.broker.close()
+        for ms in self.models.values():
+            await ms.stop()
+        self.pool.shutdown()
 
     def observe(
         self, label: str, target: Servable | None, status: int, trace: Trace, images: int = 1
@@ -88,10 +145,16 @@ class ServerState:
         if self.inflight == 0:
             self._idle.set()
 
+    def begin_stop(self) -> None:
+        """Shutdown has begun: readiness fails and responses close their connections, while
+        new work is still served (a load balancer needs a moment to stop sending)."""
+        self.stopping = True
+
     def begin_drain(self) -> None:
         """Answer 503 to new work from now on; in-flight requests carry on."""
         if not self.draining:
             log.info("draining: %d requests in flight", self.inflight)
+        self.stopping = True
         self.draining = True
 
     async def drained(self, timeout: float) -> bool:
@@ -193,14 +256,17 @@ async def _predict(request: Request, targets: Mapping[str, Servable], what: str)
                 "batch_size": pred.batch_size,
                 **pred.result,
             }
-        except RequestError as e:
+        except RequestError as e:  # the edge logs the request's one line (serving.edge)
             status = http_status(e)
             payload = e.to_json()
             if status == 429:
                 headers["Retry-After"] = str(e.retry_after_s)
-            log.debug("%s: %d %s", name, status, e)
         except Exception as e:  # a server fault: answer it, keep serving
-            log.exception("%s: internal error", name)
+            rec = logs.current()
+            if rec is not None:
+                rec.exc = e  # its traceback goes with the request's log line
+            else:
+                log.exception("%s: internal error", name)
             status = 500
             payload = {"error": {"kind": "internal", "message": f"internal error: {e}"}}
         accept = request.headers.get("accept")
@@ -212,8 +278,6 @@ async def _predict(request: Request, targets: Mapping[str, Servable], what: str)
             body, media = encode_result(payload, accept if status == 200 else None)
         trace.mark("encode")
         headers["Server-Timing"] = trace.server_timing()
-        if state.draining:  # no keep-alive past a drain: clients reconnect elsewhere
-            headers["Connection"] = "close"
         return Response(body, status_code=status, media_type=media, headers=headers)
     finally:
         state.leave()
@@ -257,9 +321,8 @@ async def healthz(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     state: ServerState = request.app.state.cvserve
-    not_ready = [n for n, t in state.servables.items() if not t.ready]
-    if state.draining or not_ready:
-        why = "draining" if state.draining else f"models not ready: {not_ready}"
+    why = state.not_ready_reason()
+    if why is not None:
         return _json({"ready": False, "reason": why}, 503)
     return _json({"ready": True, "models": list(state.models), "pipelines": list(state.pipelines)})
 
@@ -282,40 +345,10 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
     return resp
 
 
-def create_app(
-    config: ServerConfig,
-    models: Mapping[str, Servable],
-    pool: PreprocessPool,
-    pipelines: Mapping[str, Servable] | None = None,
-    broker: Any = None,
-    metrics: Metrics | None = None,
-) -> Starlette:
-    """The ASGI app over already-loaded models and pipelines; startup starts (warms) every
-    servable, shutdown stops them, then closes ``broker``."""
-    state = ServerState(config, models, pool, pipelines, metrics)
-
-    @asynccontextmanager
-    async def lifespan(app: Starlette):
-        for servable in state.servables.values():
-            await servable.start()
-        # Everything loaded so far (modules, sessions, protobuf descriptors) lives as
-        # long as the server: out of the collector's way, a full collection scans only
-        # what requests allocate. Measured on the v2 HTTP door at c=16: full collections
-        # every ~0.3 s took 15-30 ms each (the p99 tail), 0.4 ms once frozen.
-        gc.collect()
-        gc.freeze()
-        log.info("ready: %s", ", ".join(state.servables))
-        try:
-            yield
-        finally:
-            for p in state.pipelines.values():
-                await p.stop()
-            if broker is not None:
-                await broker.close()
-            for ms in state.models.values():
-                await ms.stop()
-            pool.shutdown()
-
+def create_app(state: ServerState, keys: ApiKeys | None = None, *, metrics: bool = True) -> Edge:
+    """The ASGI app of the main port over ``state`` (whose servables may still be loading):
+    ``/v1``, KServe v2, health, readiness and, unless it has a port of its own
+    (``metrics=False``), ``/metrics``; behind the :class:`~cvserve.serving.edge.Edge`."""
     routes = [
         Route("/v1/models/{name}:predict", predict, methods=["POST"]),
         Route("/v1/pipelines/{name}:predict", predict_pipeline, methods=["POST"]),
@@ -324,13 +357,25 @@ def create_app(
         Route("/v1/models/{name}", _timed(show_model), methods=["GET"]),
         Route("/healthz", _timed(healthz), methods=["GET"]),
         Route("/readyz", _timed(readyz), methods=["GET"]),
-        Route("/metrics", _timed(metrics_endpoint), methods=["GET"]),
     ]
+    if metrics:
+        routes.append(Route("/metrics", _timed(metrics_endpoint), methods=["GET"]))
     from cvserve.serving.v2.http import routes as v2_routes  # it imports this module
 
     routes += v2_routes()
-    app = Starlette(
-        routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _http_error}
-    )
+    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
     app.state.cvserve = state
-    return app
+    return Edge(app, state, keys)
+
+
+def create_metrics_app(state: ServerState) -> Edge:
+    """The metrics port's app: ``/metrics``, ``/healthz`` and ``/readyz``, without API keys
+    (the port is for the operator's network: Prometheus and probes of this one replica)."""
+    routes = [
+        Route("/metrics", _timed(metrics_endpoint), methods=["GET"]),
+        Route("/healthz", _timed(healthz), methods=["GET"]),
+        Route("/readyz", _timed(readyz), methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+    app.state.cvserve = state
+    return Edge(app, state)

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+from cvserve.images.budget import PixelBudget
 from cvserve.serving.errors import DeadlineExceeded, Overloaded
 from cvserve.serving.stats import ModelStats
 from cvserve.trace import Trace
@@ -80,22 +81,127 @@ class Servable(Protocol):
     async def stop(self) -> None: ...
 
 
-class Admission:
-    """At most ``max_queue`` requests in flight; past it a fast 429 whose Retry-After comes
-    from the recent time per request."""
+#: Default admission by time (``max_wait_s=None``): refuse a request expected to wait
+#: longer than serving this many full rounds of batches (``round_rows``) at the measured
+#: rate takes. Measured with benchmarks/overload.py (resnet18, 3x capacity): see README.
+AUTO_WAIT_ROUNDS = 3.0
 
-    def __init__(self, what: str, max_queue: int, parallel: int = 1) -> None:
+
+class ServiceRate:
+    """Requests a servable finishes per second while it is saturated (work queued at one
+    of its resources, so it runs at capacity).
+
+    Fed with completion events (``completed(now, rows)``: a batch of ``rows``, or one
+    request); the gap since the previous completion counts only when the servable was
+    saturated at every event in it (``note``), so idle time never lowers the rate. An
+    exponentially weighted average over ``tau_s`` seconds of such time.
+    """
+
+    def __init__(self, tau_s: float = 2.0, min_s: float = 0.2, min_samples: int = 1) -> None:
+        self.tau_s = tau_s
+        self.min_s = min_s
+        self.min_samples = min_samples
+        self.samples = 0
+        self._rows = 0.0  # decayed completions
+        self._busy = 0.0  # decayed saturated seconds
+        self._last: float | None = None
+        self._clean = False  # saturated at every event since _last
+
+    def note(self, saturated: bool) -> None:
+        self._clean = self._clean and saturated
+
+    def completed(self, now: float, rows: float, saturated_before: bool, saturated_after: bool):
+        if self._last is not None and self._clean and saturated_before:
+            dt = max(0.0, now - self._last)
+            decay = math.exp(-dt / self.tau_s)
+            self._rows = self._rows * decay + rows
+            self._busy = self._busy * decay + dt
+            self.samples += 1
+        self._last = now
+        self._clean = saturated_after
+
+    @property
+    def per_s(self) -> float | None:
+        """The rate, or None until enough saturated time was seen."""
+        if self.samples < self.min_samples or self._busy < self.min_s or self._rows <= 0:
+            return None
+        return self._rows / self._busy
+
+
+class Admission:
+    """Who gets in. Always at most ``max_queue`` requests in flight; and once the service
+    rate is known (:class:`ServiceRate`), no request whose expected wait exceeds
+    ``max_wait_s`` or its own deadline. Both refusals are a fast 429 with a Retry-After.
+
+    Expected wait = requests in flight ahead (preprocessing, waiting or running) / service
+    rate + one batch (the mean batch time when the servable reports batches, else one
+    request's share, 1 / rate). ``max_wait_s``: None, automatic (``AUTO_WAIT_ROUNDS``
+    rounds of ``round_rows`` requests at the measured rate); 0, off (count limit only).
+
+    ``saturated()`` says whether work is queued at one of the servable's resources (its
+    rate is measured only then); by default, more requests in flight than ``parallel``.
+    A servable that reports its batches (:meth:`observe_batch`) is measured by them,
+    else by its requests' completions.
+    """
+
+    def __init__(
+        self,
+        what: str,
+        max_queue: int,
+        parallel: int = 1,
+        *,
+        max_wait_s: float | None = 0.0,
+        round_rows: int | None = None,
+        saturated: Callable[[], bool] | None = None,
+    ) -> None:
         self.what = what
         self.max_queue = max_queue
         self.parallel = max(1, parallel)
+        self.max_wait_s = max_wait_s
+        self.round_rows = round_rows or self.parallel
+        self.saturated = saturated or (lambda: self.inflight > self.parallel)
+        self.rate = ServiceRate()
         self.inflight = 0
-        self._ewma_s = 0.05  # seconds per request, for Retry-After
+        self._ewma_s = 0.05  # seconds per request, for Retry-After before any rate
+        self._batch_s: float | None = None  # mean batch time, when batches are reported
+        self._by_batches = False
+
+    # -- what the estimate says --------------------------------------------------------
+    def wait_limit_s(self) -> float | None:
+        """The longest expected wait admitted now (None: no limit by time yet, or off)."""
+        if self.max_wait_s is not None:
+            return self.max_wait_s or None
+        rate = self.rate.per_s
+        return None if rate is None else AUTO_WAIT_ROUNDS * self.round_rows / rate
+
+    def expected_wait_s(self) -> float | None:
+        """A new request's expected time to its answer; None until the rate is known."""
+        rate = self.rate.per_s
+        if rate is None:
+            return None
+        own = self._batch_s if self._batch_s is not None else 1.0 / rate
+        return self.inflight / rate + own
 
     def retry_after_s(self) -> int:
+        rate = self.rate.per_s
+        if rate is not None:
+            return max(1, math.ceil(self.inflight / rate))
         return max(1, math.ceil(self.inflight * self._ewma_s / self.parallel))
 
+    # -- events ------------------------------------------------------------------------
+    def observe_batch(self, rows: int, seconds: float, end: float) -> None:
+        """A batch of ``rows`` finished at ``end`` (perf_counter) after ``seconds``."""
+        self._by_batches = True
+        b = self._batch_s
+        self._batch_s = seconds if b is None else b + 0.2 * (seconds - b)
+        sat = self.saturated()
+        # the rows just finished are still counted in flight: saturated before and after
+        # are one reading (the batch's requests leave admission a moment later)
+        self.rate.completed(end, rows, sat, sat)
+
     @contextmanager
-    def admit(self) -> Iterator[None]:
+    def admit(self, deadline: float | None = None) -> Iterator[None]:
+        """Admit one request (``deadline``: its perf_counter deadline) or raise 429."""
         if self.inflight >= self.max_queue:
             raise Overloaded(
                 f"{self.what} has {self.inflight} requests in flight (max_queue="
@@ -103,13 +209,60 @@ class Admission:
                 retry_after_s=self.retry_after_s(),
                 max_queue=self.max_queue,
             )
+        if self.inflight:
+            self._refuse_by_time(deadline)
+        self.rate.note(self.saturated())
         self.inflight += 1
         t0 = time.perf_counter()
         try:
             yield
         finally:
-            self.inflight -= 1
-            self._ewma_s += 0.1 * ((time.perf_counter() - t0) - self._ewma_s)
+            t1 = time.perf_counter()
+            if self._by_batches:
+                self.inflight -= 1
+                self.rate.note(self.saturated())
+            else:
+                before = self.saturated()
+                self.inflight -= 1
+                self.rate.completed(t1, 1, before, self.saturated())
+            self._ewma_s += 0.1 * ((t1 - t0) - self._ewma_s)
+
+    def _refuse_by_time(self, deadline: float | None) -> None:
+        wait = self.expected_wait_s()
+        if wait is None:
+            return
+        limit = self.wait_limit_s()
+        left = None if deadline is None else remaining(deadline)
+        if limit is not None and wait > limit and (left is None or limit <= left):
+            why, bound = f"max_queue_wait_ms={limit * 1000:.0f}", limit
+        elif left is not None and wait > left:
+            why, bound = f"its deadline in {left * 1000:.0f} ms", left
+        else:
+            return
+        rate = self.rate.per_s or 0.0
+        raise Overloaded(
+            f"{self.what}: expected wait {wait * 1000:.0f} ms ({self.inflight} requests ahead "
+            f"at {rate:.1f}/s) exceeds {why}; retry later",
+            retry_after_s=max(1, math.ceil(wait - bound)),
+            expected_wait_ms=round(wait * 1000.0, 1),
+            limit_ms=round(bound * 1000.0, 1),
+            queue=self.inflight,
+            service_rate_per_s=round(rate, 2),
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """The admission settings and what the estimate says now (model descriptions)."""
+        rate = self.rate.per_s
+        limit = self.wait_limit_s()
+        wait = self.expected_wait_s()
+        return {
+            "max_queue": self.max_queue,
+            "max_queue_wait_ms": "auto" if self.max_wait_s is None else self.max_wait_s * 1000,
+            "wait_limit_ms": None if limit is None else round(limit * 1000.0, 1),
+            "service_rate_per_s": None if rate is None else round(rate, 2),
+            "expected_wait_ms": None if wait is None else round(wait * 1000.0, 1),
+            "inflight": self.inflight,
+        }
 
 
 class PreprocessPool:
@@ -117,13 +270,17 @@ class PreprocessPool:
     pipeline, heavy task heads, array encoding), shared by everything a server serves.
 
     Pillow and numpy release the GIL in the pixel loops, so these threads really run in
-    parallel. :meth:`submit` is the only way in.
+    parallel. :meth:`submit` is the only way in. With ``pixel_budget``, the pixels each
+    piece of work decodes are claimed from it (:mod:`cvserve.images.budget`).
     """
 
-    def __init__(self, threads: int | None = None) -> None:
+    def __init__(self, threads: int | None = None, pixel_budget: PixelBudget | None = None):
         self.threads = threads or os.cpu_count() or 1
+        self.pixel_budget = pixel_budget
         self.executor = ThreadPoolExecutor(self.threads, thread_name_prefix="preprocess")
         self._sem: asyncio.Semaphore | None = None
+        #: Requests waiting for a free thread now (the pool is a queue when > 0).
+        self.waiting = 0
 
     @property
     def semaphore(self) -> asyncio.Semaphore:
@@ -158,11 +315,15 @@ class PreprocessPool:
           ``fail_stage`` (or ``stage``).
         """
         sem = self.semaphore
+        waits = int(sem.locked())
+        self.waiting += waits
         try:
             await asyncio.wait_for(sem.acquire(), remaining(deadline))
         except TimeoutError:
             trace.mark("queue")
             raise DeadlineExceeded("deadline passed while waiting for a worker thread") from None
+        finally:
+            self.waiting -= waits
         claimed: Any = None
         try:
             if claim is not None:
@@ -172,9 +333,15 @@ class PreprocessPool:
             sem.release()
             raise
 
+        budget = self.pixel_budget
+
         def timed() -> tuple[T, float, float]:
             t0 = time.perf_counter()
-            out = fn(*args)
+            if budget is None:
+                out = fn(*args)
+            else:
+                with budget.scope():
+                    out = fn(*args)
             return out, t0, time.perf_counter()
 
         work = asyncio.get_running_loop().run_in_executor(self.executor, timed)

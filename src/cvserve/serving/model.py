@@ -86,6 +86,8 @@ class ModelServer:
 
         def observe(info: BatchInfo) -> None:
             self.stats.observe_batch(info.size, info.infer_end - info.infer_start)
+            self.admission.observe_batch(info.size, info.infer_end - info.infer_start,
+                                         info.infer_end)  # fmt: skip
             if on_batch is not None:
                 on_batch(info)
 
@@ -93,7 +95,13 @@ class ModelServer:
             runtimes, spec.input_shape, spec.dtype, b, name=self.name, on_batch=observe
         )
         self._runtimes = runtimes
-        self.admission = Admission(f"model {self.name}", b.max_queue, b.instances)
+        # Saturated: requests wait for a preprocessing thread or for an instance.
+        self.admission = Admission(
+            f"model {self.name}", b.max_queue, b.instances,
+            max_wait_s=None if b.max_queue_wait_ms is None else b.max_queue_wait_ms / 1000.0,
+            round_rows=b.max_batch_size * b.instances,
+            saturated=lambda: pool.waiting > 0 or self.batcher.backlogged,
+        )  # fmt: skip
         self.ready = False
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -132,7 +140,7 @@ class ModelServer:
         if isinstance(data, np.ndarray):
             self.check_tensor(data)
             fill = self._fill_tensor
-        with self.admission.admit():
+        with self.admission.admit(deadline):
             with self.batcher.incoming():
                 filled = await self.pool.submit(
                     trace,
@@ -233,6 +241,7 @@ class ModelServer:
                 "max_queue": b.max_queue,
                 "timeout_ms": b.timeout_ms,
             },
+            "admission": self.admission.describe(),
             "runtime": self.runtime_description(),
         }
 

@@ -1,17 +1,34 @@
-"""Running the app: load models, serve with uvicorn, drain on SIGTERM.
+"""Running the server: bind, load, serve with uvicorn, shut down without losing a request.
 
-The first SIGTERM/SIGINT starts a drain: new work gets 503 and ``/readyz`` fails while
-in-flight requests finish; then the server exits. A second signal exits at once. With
-``grpc_port`` set, the KServe v2 gRPC door runs on the same event loop over the same state:
-the drain covers it (new inferences get UNAVAILABLE), and it stops before the models do.
+Start-up binds the ports first, so a port in use is a one-line error within a second, then
+loads the models while ``/healthz`` answers and ``/readyz`` says 503 ``loading``. With
+``reuse_port`` the server joins the port (``listen``) only once loaded: the kernel spreads
+a shared port's connections over every listener, and a loading server would get its share.
+
+The first SIGTERM/SIGINT shuts down in three steps, so that no client sees a transport
+error (a reset, a connection closed under its request):
+
+1. ``/readyz`` fails at once; for ``drain_delay_s`` new work is still served (a load
+   balancer needs a moment to stop sending), every response saying ``Connection: close``;
+2. the listener closes; new work on connections still open gets 503 and
+   ``Connection: close``; in-flight requests finish (up to ``drain_timeout_s``);
+3. an idle keep-alive connection is closed only once it has been idle for
+   :data:`IDLE_GRACE_S`: a client that just connected, or just got an answer, may be
+   sending its next request right now, and closing under it would reset that request.
+
+A second signal exits at once. With ``grpc_port`` set, the KServe v2 gRPC door runs on the
+same event loop over the same state: the drain covers it (new inferences get UNAVAILABLE),
+and it stops before the models do.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -20,12 +37,17 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import uvicorn
 
 from cvserve.config import ServerConfig
+from cvserve.images.budget import PixelBudget
 from cvserve.models import store
-from cvserve.serving.app import ServerState, create_app
+from cvserve.serving import logs
+from cvserve.serving.app import ServerState, create_app, create_metrics_app
+from cvserve.serving.auth import ApiKeys, check_tls_files
 from cvserve.serving.core import PreprocessPool
 from cvserve.serving.metrics import Metrics
 from cvserve.serving.model import ModelServer
@@ -33,6 +55,12 @@ from cvserve.serving.model import ModelServer
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
+
+#: How long a keep-alive connection must have been idle before shutdown closes it.
+IDLE_GRACE_S = 1.0
+#: Connections still busy this long after the drain are left to uvicorn's shutdown.
+_IDLE_WAIT_S = 5.0
+_BACKLOG = 2048
 
 
 def load_models(
@@ -50,118 +78,315 @@ def load_models(
     return models
 
 
-def build_app(config: ServerConfig, progress: Progress | None = None):
-    """Everything ``config`` serves, loaded, in one ASGI app."""
-    pool = PreprocessPool(config.resolved_preprocess_threads())
-    metrics = Metrics()
+def load_servables(
+    config: ServerConfig, pool: PreprocessPool, metrics: Metrics, progress: Progress | None = None
+) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """Every model and pipeline ``config`` serves, loaded (not started), and the broker."""
     models = load_models(config, pool, metrics, progress)
-    pipelines: dict = {}
+    pipelines: dict[str, Any] = {}
     broker = None
     if config.pipelines:
-        from cvserve.brokers import broker_from_url
+        from cvserve.brokers import broker_from_url, redact_url
         from cvserve.serving.pipelines.engine import PipelineServer
 
         broker = broker_from_url(config.broker)
         for pc in config.pipelines:
             if progress is not None:
-                progress(f"loading pipeline {pc.name} ({pc.kind}) over {config.broker}")
+                progress(f"loading pipeline {pc.name} ({pc.kind}) over {redact_url(config.broker)}")
             pipelines[pc.name] = PipelineServer(
                 pc, pool, broker, max_pixels=config.max_pixels, cache_dir=config.cache_dir
             )
-    return create_app(config, models, pool, pipelines, broker, metrics)
+    return models, pipelines, broker
 
 
-class _DrainingServer(uvicorn.Server):
-    """uvicorn, but the first exit signal drains before shutting down."""
+def new_state(config: ServerConfig) -> ServerState:
+    """The state of a server that has loaded nothing yet."""
+    pool = PreprocessPool(
+        config.resolved_preprocess_threads(), PixelBudget(config.resolved_pixels_in_flight())
+    )
+    # the request's context follows its work onto the pool's threads (logs: warnings)
+    pool.executor = logs.ContextExecutor(pool.threads, thread_name_prefix="preprocess")
+    return ServerState(config, pool=pool, metrics=Metrics())
+
+
+def bind_socket(host: str, port: int, *, reuse_port: bool = False, listen: bool = True):
+    """A TCP socket bound to ``host:port`` (listening unless ``listen`` is False); OSError
+    with a one-line message when the port cannot be had."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as e:
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        # a restart must not wait for the old process's connections in TIME_WAIT
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(addr)
+        if listen:
+            sock.listen(_BACKLOG)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            hint = "another server (without --reuse-port) listens there; choose another port"
+            raise OSError(f"cannot listen on {host}:{port}: address in use ({hint})") from None
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def _tracked_protocol() -> type:
+    """uvicorn's HTTP/1.1 protocol, noting when each connection last did something."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    class TrackedHTTP(AutoHTTPProtocol):  # type: ignore[valid-type, misc]
+        last_active = 0.0
+
+        def connection_made(self, transport) -> None:
+            self.last_active = time.monotonic()
+            super().connection_made(transport)
+
+        def data_received(self, data: bytes) -> None:
+            self.last_active = time.monotonic()
+            super().data_received(data)
+
+        def on_response_complete(self) -> None:
+            self.last_active = time.monotonic()
+            super().on_response_complete()
+
+    return TrackedHTTP
+
+
+def _uvicorn_config(app, config: ServerConfig, tls: bool = True) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        loop="auto",
+        http=_tracked_protocol(),
+        lifespan="off",  # the server starts and stops the models itself (Server.serve)
+        access_log=False,
+        log_level="warning",
+        timeout_keep_alive=30,
+        timeout_graceful_shutdown=int(_IDLE_WAIT_S),
+        backlog=_BACKLOG,
+        ssl_certfile=config.tls_cert if tls else None,
+        ssl_keyfile=config.tls_key if tls else None,
+    )
+
+
+class _Server(uvicorn.Server):
+    """uvicorn over ports bound up front, loading the models while it answers health and
+    readiness, and shutting down in the steps of the module docstring."""
 
     def __init__(
         self,
-        config: uvicorn.Config,
-        state: ServerState,
-        drain_timeout: float,
+        config: ServerConfig,
+        progress: Progress | None = None,
         on_ready: Callable[[str], None] | None = None,
-    ):
-        super().__init__(config)
+    ) -> None:
+        # Everything that can be wrong with the settings or the ports fails here, before
+        # a model is built or loaded.
+        self.keys = ApiKeys.from_file(config.api_key_file) if config.api_key_file else None
+        if config.tls_cert:
+            check_tls_files(config.tls_cert, config.tls_key or "")
+        self.sock = bind_socket(
+            config.host, config.port, reuse_port=config.reuse_port, listen=not config.reuse_port
+        )
+        self.metrics_sock = None
+        if config.metrics_port is not None:
+            try:
+                self.metrics_sock = bind_socket(config.host, config.metrics_port)
+            except OSError:
+                self.sock.close()
+                raise
+        self.cfg = config
+        self.state = new_state(config)
+        app = create_app(self.state, self.keys, metrics=config.metrics_port is None)
+        super().__init__(_uvicorn_config(app, config))
+        self._progress = progress
         self._on_ready = on_ready
-        self._state = state
-        self._drain_timeout = drain_timeout
-        self._drain_task: asyncio.Task | None = None
+        self._signalled = False
+        self._stop_task: asyncio.Task | None = None
+        self._load_task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._metrics_server: uvicorn.Server | None = None
+        #: Why the server could not start (raised again by run_server), else None.
+        self.failure: BaseException | None = None
         #: The KServe v2 gRPC door while it runs (``config.grpc_port`` set).
         self.grpc = None
 
+    # -- addresses ------------------------------------------------------------------------
+    @property
+    def port(self) -> int:
+        return self.sock.getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.cfg.host}]" if ":" in self.cfg.host else self.cfg.host
+        return f"{'https' if self.cfg.tls_cert else 'http'}://{host}:{self.port}"
+
+    @property
+    def metrics_url(self) -> str | None:
+        if self.metrics_sock is None:
+            return None
+        host = f"[{self.cfg.host}]" if ":" in self.cfg.host else self.cfg.host
+        return f"http://{host}:{self.metrics_sock.getsockname()[1]}"
+
+    # -- start ----------------------------------------------------------------------------
+    def run(self, sockets=None) -> None:
+        super().run(sockets=[self.sock])
+
     async def serve(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
-        await super().serve(sockets)
+        logs.capture_warnings()
+        try:
+            await super().serve(sockets)
+        finally:
+            await self._close()
 
     async def startup(self, sockets=None) -> None:
-        await super().startup(sockets)
-        grpc_port = self._state.config.grpc_port
-        if self.started and grpc_port is not None:
-            self.started = False  # not until gRPC listens too (ServerThread waits on it)
-            # KServe v2 gRPC on this event loop, over the same state (models, draining)
-            from cvserve.serving.v2.grpc import GrpcServer
+        try:
+            await self._start_metrics()
+            if not self.cfg.reuse_port:
+                await self._start_grpc()
+                await super().startup(sockets)  # listening: health answers, readyz 503
+                self._load_task = asyncio.create_task(self._load())
+                return
+            await self._load()  # join the shared port only once ready
+            if self.should_exit or self.failure is not None:
+                return
+            await self._start_grpc()
+            await super().startup(sockets)
+            self._announce()
+        except OSError as e:  # a port of the gRPC door
+            self.failure = e
+            self.should_exit = True
 
-            self.grpc = GrpcServer(self._state, self._state.config.host, grpc_port)
-            try:
-                await self.grpc.start()
-            except OSError as e:
-                log.error("%s", e)
-                self.grpc = None
-                await super().shutdown(sockets)  # what uvicorn does when it cannot bind
-                sys.exit(1)
-            self.started = True
-        if self._on_ready is not None and self.started:
-            self._on_ready(f"http://{self.config.host}:{self.config.port}")
-            if self.grpc is not None:
-                self._on_ready(f"grpc://{self.grpc.address}")
+    async def _start_metrics(self) -> None:
+        if self.metrics_sock is None:
+            return
+        cfg = _uvicorn_config(create_metrics_app(self.state), self.cfg, tls=False)
+        cfg.load()
+        server = uvicorn.Server(cfg)
+        server.lifespan = cfg.lifespan_class(cfg)
+        await server.startup(sockets=[self.metrics_sock])
+        self._metrics_server = server
+
+    async def _start_grpc(self) -> None:
+        if self.cfg.grpc_port is None:
+            return
+        from cvserve.serving.v2.edge import GrpcEdge
+        from cvserve.serving.v2.grpc import GrpcServer
+
+        credentials = None
+        if self.cfg.tls_cert:
+            import grpc
+
+            pair = (Path(self.cfg.tls_key or "").read_bytes(), Path(self.cfg.tls_cert).read_bytes())
+            credentials = grpc.ssl_server_credentials([pair])
+        grpc_server = GrpcServer(
+            self.state, self.cfg.host, self.cfg.grpc_port,
+            credentials=credentials, interceptors=[GrpcEdge(self.state, self.keys)],
+        )  # fmt: skip
+        await grpc_server.start()
+        self.grpc = grpc_server
+
+    async def _load(self) -> None:
+        try:
+            loaded = await asyncio.to_thread(
+                load_servables, self.cfg, self.state.pool, self.state.metrics, self._progress
+            )
+            await self.state.start(*loaded)
+        except Exception as e:
+            self.failure = e
+            self.should_exit = True
+            return
+        if not self.cfg.reuse_port:
+            self._announce()
+
+    def _announce(self) -> None:
+        if self._on_ready is None:
+            return
+        self._on_ready(self.url)
+        if self.grpc is not None:
+            self._on_ready(f"grpc{'s' if self.cfg.tls_cert else ''}://{self.grpc.address}")
+        if self.metrics_url is not None:
+            self._on_ready(f"{self.metrics_url}/metrics")
+
+    # -- stop -----------------------------------------------------------------------------
+    def handle_exit(self, sig, frame) -> None:
+        if self._signalled or self._loop is None:  # a second signal: exit at once
+            self.force_exit = True
+            return super().handle_exit(sig, frame)
+        self._signalled = True
+        self._loop.call_soon_threadsafe(self.drain)
+
+    def drain(self) -> None:
+        """Start shutting down (idempotent); the server exits when it is done."""
+        if self._stop_task is None:
+            self._stop_task = asyncio.ensure_future(self._stop())
+
+    async def _stop(self) -> None:
+        state, cfg = self.state, self.cfg
+        state.begin_stop()
+        if cfg.drain_delay_s > 0:
+            log.info("stopping: not ready; serving new work for %g s more", cfg.drain_delay_s)
+            await asyncio.sleep(cfg.drain_delay_s)
+        for server in getattr(self, "servers", ()):
+            server.close()  # no new connections (with reuse_port: the others get them)
+        state.begin_drain()
+        if not await state.drained(cfg.drain_timeout_s):
+            log.warning("drain timed out with %d requests in flight", state.inflight)
+        else:
+            log.info("drained; shutting down")
+        await self._close_idle(IDLE_GRACE_S, _IDLE_WAIT_S)
+        self.should_exit = True
+
+    async def _close_idle(self, grace: float, limit: float) -> None:
+        """Close each connection once it has been idle ``grace`` seconds; return when none
+        is left, or after ``limit`` seconds (busy ones are then uvicorn's)."""
+        deadline = time.monotonic() + limit
+        while self.server_state.connections and not self.force_exit:
+            now = time.monotonic()
+            for conn in list(self.server_state.connections):
+                cycle = getattr(conn, "cycle", None)
+                busy = (cycle is not None and not cycle.response_complete) or bool(
+                    getattr(conn, "pipeline", None)
+                )
+                if not busy and now - getattr(conn, "last_active", 0.0) >= grace:
+                    conn.shutdown()  # idle: uvicorn closes it
+            if now >= deadline:
+                return
+            await asyncio.sleep(0.05)
 
     async def shutdown(self, sockets=None) -> None:
         # After the drain: inferences are done and new ones got UNAVAILABLE; stop gRPC
-        # before the models stop (the app's lifespan, in uvicorn's shutdown). Inferences
-        # still running (a second signal, a drain that timed out) are cancelled.
+        # before the models stop. Inferences still running (a second signal, a drain that
+        # timed out) are cancelled.
         if self.grpc is not None:
             from cvserve.serving.v2.grpc import STOP_GRACE_S
 
-            busy = self.force_exit or self._state.inflight > 0
+            busy = self.force_exit or self.state.inflight > 0
             await self.grpc.stop(0 if busy else STOP_GRACE_S)
             self.grpc = None
         await super().shutdown(sockets)
 
-    def handle_exit(self, sig, frame) -> None:
-        if self._state.draining or self._loop is None:
-            return super().handle_exit(sig, frame)
-        self._loop.call_soon_threadsafe(self.drain)
-
-    def drain(self) -> None:
-        """Start draining (idempotent); the server exits when it is done."""
-        if self._drain_task is None:
-            self._state.begin_drain()
-            self._drain_task = asyncio.ensure_future(self._drain_then_exit())
-
-    async def _drain_then_exit(self) -> None:
-        ok = await self._state.drained(self._drain_timeout)
-        if not ok:
-            log.warning("drain timed out with %d requests in flight", self._state.inflight)
-        else:
-            log.info("drained; shutting down")
-        self.should_exit = True
-
-
-def _uvicorn_config(app, host: str, port: int, fd: int | None = None) -> uvicorn.Config:
-    return uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        fd=fd,
-        loop="auto",
-        http="auto",
-        lifespan="on",
-        access_log=False,
-        log_level="warning",
-        timeout_keep_alive=30,
-        backlog=2048,
-    )
+    async def _close(self) -> None:
+        """Whatever started, stopped: gRPC, the metrics port, the models, the pool."""
+        if self._load_task is not None and not self._load_task.done():
+            self._load_task.cancel()  # the loading thread finishes on its own
+        if self.grpc is not None:
+            await self.grpc.stop(0)
+            self.grpc = None
+        if self._metrics_server is not None:
+            await self._metrics_server.shutdown(sockets=[self.metrics_sock])
+            self._metrics_server = None
+        self.sock.close()
+        if not self.force_exit:
+            await self.state.close()
 
 
 def run_server(
@@ -169,15 +394,13 @@ def run_server(
     progress: Progress | None = None,
     on_ready: Callable[[str], None] | None = None,
 ) -> None:
-    """Serve until a signal; blocks the calling (main) thread."""
-    app = build_app(config, progress)
-    server = _DrainingServer(
-        _uvicorn_config(app, config.host, config.port),
-        app.state.cvserve,
-        config.drain_timeout_s,
-        on_ready,
-    )
+    """Serve until a signal; blocks the calling (main) thread. OSError or ConfigError when
+    the server cannot start (a port in use, a bad key or certificate file), the loading
+    error when a model cannot be loaded."""
+    server = _Server(config, progress, on_ready)
     server.run()
+    if server.failure is not None:
+        raise server.failure
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -190,21 +413,18 @@ class ServerThread:
     """A server in a background thread of this process (``cvserve demo``, tests)."""
 
     def __init__(self, config: ServerConfig, progress: Progress | None = None) -> None:
-        if not config.port:
-            raise ValueError("ServerThread needs a concrete port (see free_port())")
         self.config = config
-        self.app = build_app(config, progress)
-        self.state: ServerState = self.app.state.cvserve
-        self.server = _DrainingServer(
-            _uvicorn_config(self.app, config.host, config.port),
-            self.state,
-            config.drain_timeout_s,
-        )
+        self.server = _Server(config, progress)
+        self.state: ServerState = self.server.state
         self._thread = threading.Thread(target=self.server.run, name="cvserve-http", daemon=True)
 
     @property
     def url(self) -> str:
-        return f"http://{self.config.host}:{self.config.port}"
+        return self.server.url
+
+    @property
+    def metrics_url(self) -> str | None:
+        return self.server.metrics_url
 
     @property
     def grpc_target(self) -> str:
@@ -214,10 +434,20 @@ class ServerThread:
         return self.server.grpc.address
 
     def start(self, timeout: float = 120.0) -> ServerThread:
+        """Start, and wait until the models are loaded and every door listens."""
         self._thread.start()
         deadline = time.monotonic() + timeout
         wants_grpc = self.config.grpc_port is not None
-        while not self.server.started or (wants_grpc and self.server.grpc is None):
+        while (
+            not self.server.started
+            or self.state.loading
+            or (wants_grpc and self.server.grpc is None)
+        ):
+            if self.server.failure is not None:
+                self._thread.join(30)
+                raise RuntimeError(f"server failed to start: {self.server.failure}") from (
+                    self.server.failure
+                )
             if not self._thread.is_alive():
                 raise RuntimeError("server thread exited during start-up")
             if time.monotonic() > deadline:
@@ -246,21 +476,24 @@ class ServerProcess:
         self.host = host
         self.args = [sys.executable, "-m", "cvserve", "serve", "--host", host,
                      "--port", str(self.port), *serve_args]  # fmt: skip
+        self.scheme = "https" if "--tls-cert" in serve_args else "http"
         self.proc: subprocess.Popen | None = None
         self._log = tempfile.TemporaryFile("w+b")
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     def start(self, timeout: float = 300.0) -> ServerProcess:
         self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT)
+        # readiness only: whoever wants the certificate checked checks it themselves
+        ctx = ssl._create_unverified_context() if self.scheme == "https" else None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
             try:
-                with urllib.request.urlopen(self.url + "/readyz", timeout=1) as r:
+                with urllib.request.urlopen(self.url + "/readyz", timeout=1, context=ctx) as r:
                     if r.status == 200:
                         return self
             except (OSError, urllib.error.URLError):

@@ -1,29 +1,38 @@
-"""Semantic segmentation head: logits (C, h, w) to a class map at the original image size.
+"""Semantic segmentation head: logits (C, h, w) to a class map at the original image size
+(``mask=full``, the default) or at the logits' own resolution (``mask=model``).
 
-Matches HuggingFace ``post_process_semantic_segmentation(outputs, target_sizes=[(H, W)])``
-(SegFormer and friends): bilinear upsampling with ``align_corners=False`` (torch's
-``F.interpolate`` source-index rule, negative source coordinates clamped to 0, the upper
-neighbour clamped to the last row/column), then argmax over the classes (first index wins
-ties).
+``full`` equals HuggingFace ``post_process_semantic_segmentation(outputs,
+target_sizes=[(H, W)])`` (SegFormer and friends) bit for bit: bilinear upsampling with
+``align_corners=False`` exactly as torch's CPU kernel does it (source index ``scale * (i +
+0.5) - 0.5`` in float32 with ``scale = in / out`` in float32, negative ones clamped to 0,
+the upper neighbour clamped to the last row/column; each ``a * wa + b * wb`` one fma, as
+torch's AVX2/AVX-512 build computes it), then argmax over the classes (first index wins
+ties). Outputs with ``H + W <= 128`` are the exception: there torch takes a separable path
+whose rounding differs, so near-ties may differ there.
 
 The full upsampled tensor (C x H x W; 150 x 4000 x 3000 floats is 7 GB) is never built.
 Bilinear interpolation is a convex combination of the four logit pixels around each output
 pixel, so in every low-resolution cell a class ``k`` can only win where
-``max_corners(logit_k) >= max_j min_corners(logit_j)``. Cells with a single such candidate
-(the interior of regions, typically > 90 % of them) are filled with it directly; only
-pixels in ambiguous cells are interpolated, and only for their candidate classes. The
-result is the exact argmax of the interpolated logits.
+``max_corners(logit_k) >= max_j min_corners(logit_j)``. One pass over the logits finds each
+cell's candidates; a fused kernel (:mod:`cvserve.tasks._segment_kernels`, numba, no GIL)
+then fills the runs of output pixels in single-candidate cells (the interior of regions)
+with that class, evaluates only the candidates elsewhere, writes the uint8/uint16 map and
+counts the pixels per class in the same pass.
 
 Geometry: for ``direct`` resize the logits cover the whole image, as in HF. For
 ``shortest_edge_crop`` and ``letterbox`` specs every original pixel is first mapped into the
 model-input frame (resized-image scale, minus the crop offset; letterbox padding is thus
 skipped); original pixels that fall outside the crop (never seen by the model) get the
 fill value ``ignore_index`` (default: 255 for uint8 maps, 65535 for uint16 maps) and are
-not counted in ``classes``.
+not counted in ``classes``. With ``mask=model`` the map is the argmax of the logits
+themselves, and the answer carries ``mask_frame``: the map's pixel edges are ``u = x *
+scale + offset`` for the photo's pixel edges ``x``; cells of a letterbox's padding get the
+fill value.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -34,16 +43,10 @@ from cvserve.images.transforms import crop_box, resized_size
 from cvserve.models.metadata import ModelMeta
 from cvserve.tasks.params import Param
 
-#: Ambiguous cells with at most this many candidate classes are evaluated with a fixed-size
-#: candidate list; busier cells fall back to a bigger one.
-SMALL_K = 4
-#: Pixels evaluated per vectorized chunk (bounds temporary memory to ~ chunk * K * 40 B).
-CHUNK = 1 << 18
-#: Relative cost of one candidate evaluation vs one element of the dense path (measured:
-#: a gathered 4-tap candidate costs about 3 dense elements).
-DENSE_COST = 3
-#: Bytes of float32 (C, rows, W) temporaries per row block of the dense path.
-BLOCK_BYTES = 32 << 20
+log = logging.getLogger(__name__)
+
+#: ``mask`` parameter: the photo's size (HF-equal) or the logits' own resolution.
+MASK_RESOLUTIONS = ("full", "model")
 
 
 def axis_map(n_out: int, n_in: int, scale: float, offset: float) -> tuple[np.ndarray, np.ndarray]:
@@ -75,158 +78,142 @@ def model_frame(
     return rw / w0 * fx, -left * fx, rh / h0 * fy, -top * fy
 
 
-def _bilinear_taps(src: np.ndarray, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """torch's bilinear (align_corners=False) neighbours and weight, in float32 like torch."""
-    s = np.maximum(src.astype(np.float32), np.float32(0))
-    i0 = np.minimum(np.floor(s).astype(np.int64), n_in - 1)
+def _taps(
+    n_out: int, n_in: int, scale: float | None = None, offset: float = 0.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+    """Bilinear neighbours ``i0``, ``i1`` (int64) and weight ``lam`` (float32) of ``n_out``
+    output pixels, and the range ``[lo, hi)`` of those inside the frame.
+
+    ``scale=None`` is a plain resize as torch computes it (float32 ``n_in / n_out``, the
+    source index rounded to float32 once); otherwise the frame of :func:`axis_map`."""
+    if scale is None:
+        s32 = np.float64(np.float32(n_in) / np.float32(n_out))
+        src = (s32 * (np.arange(n_out, dtype=np.float64) + 0.5) - 0.5).astype(np.float32)
+        lo, hi = 0, n_out
+    else:
+        src64, inside = axis_map(n_out, n_in, scale, offset)
+        src = src64.astype(np.float32)
+        where = np.flatnonzero(inside)  # contiguous: the map is monotonic
+        lo, hi = (int(where[0]), int(where[-1]) + 1) if where.size else (0, 0)
+    src = np.maximum(src, np.float32(0))
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
     i1 = np.minimum(i0 + 1, n_in - 1)
-    lam = (s - i0.astype(np.float32)).astype(np.float32)
-    return i0, i1, lam
+    lam = np.clip(src - i0.astype(np.float32), np.float32(0), np.float32(1)).astype(np.float32)
+    return i0, i1, lam, lo, hi
+
+
+def _runs(i0: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Boundaries of the runs of equal ``i0`` (non-decreasing) in ``[lo, hi)``: ``[lo, ...,
+    hi]``; ``[lo]`` when the range is empty."""
+    if hi <= lo:
+        return np.array([lo], np.int64)
+    cuts = np.flatnonzero(np.diff(i0[lo:hi])) + 1 + lo
+    return np.concatenate(([lo], cuts, [hi])).astype(np.int64)
+
+
+def map_dtype(classes: int, fill: int | None = None) -> np.dtype:
+    """uint8 class maps up to 255 classes (255 stays free for the fill) and fill values up
+    to 255, else uint16."""
+    small = classes <= 255 and (fill is None or fill <= 255)
+    return np.dtype(np.uint8 if small else np.uint16)
 
 
 def upsample_argmax(
     logits: np.ndarray,
     out_hw: tuple[int, int],
     frame: tuple[float, float, float, float] | None = None,
-    fill: int = -1,
-) -> np.ndarray:
+    fill: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """argmax over classes of the bilinear upsampling of ``logits`` (C, h, w) to ``out_hw``.
 
-    Returns int64 (H, W); pixels outside the logits' frame get ``fill``.
+    ``frame`` None is a plain resize (torch's, HF's); otherwise ``(scale_x, offset_x,
+    scale_y, offset_y)`` of :func:`model_frame`, and pixels outside it get ``fill``
+    (default: the map dtype's largest value). Returns the map (uint8, or uint16 past 255
+    classes) and the number of pixels of each class (int64, C; fill pixels not counted).
     """
+    from cvserve.tasks import _segment_kernels as kern
+
     logits = np.ascontiguousarray(logits, dtype=np.float32)
     c, h, w = logits.shape
     H, W = out_hw
+    dtype = map_dtype(c, fill)
+    fill = int(np.iinfo(dtype).max) if fill is None else int(fill)
     if frame is None:
-        frame = (w / W, 0.0, h / H, 0.0)
-    sx, ox, sy, oy = frame
-    srcx, inx = axis_map(W, w, sx, ox)
-    srcy, iny = axis_map(H, h, sy, oy)
-    x0, x1, lx = _bilinear_taps(srcx, w)
-    y0, y1, ly = _bilinear_taps(srcy, h)
-
-    # Per cell (y0, x0): its corners are rows {y0, min(y0+1, h-1)} x cols {x0, ...}.
-    yn = np.minimum(np.arange(h) + 1, h - 1)
-    xn = np.minimum(np.arange(w) + 1, w - 1)
-    a, b = logits, logits[:, yn]
-    cc, d = logits[:, :, xn], b[:, :, xn]
-    hi = np.maximum(np.maximum(a, b), np.maximum(cc, d))
-    lo = np.minimum(np.minimum(a, b), np.minimum(cc, d))
-    best_lo = lo.max(axis=0)
-    # A small slack keeps float rounding of the interpolation from dropping a winner.
-    slack = 1e-5 * (np.abs(best_lo) + 1.0)
-    cand = hi >= (best_lo - slack)[None]
-    count = cand.sum(axis=0)
-    cell_class = lo.argmax(axis=0)  # the only candidate where count == 1
-
-    out = cell_class[y0[:, None], x0[None, :]].astype(np.int64)
-    amb_cell = count > 1
-    if amb_cell.any():
-        amb = amb_cell[y0[:, None], x0[None, :]]
-        if not (inx.all() and iny.all()):
-            amb &= iny[:, None] & inx[None, :]
-        ys, xs = np.nonzero(amb)
-        cnt = count[y0[ys], x0[xs]]
-        big = cnt > SMALL_K
-        work = SMALL_K * int((~big).sum()) + (int(count.max()) * int(big.sum()) if big.any() else 0)
-        if work * DENSE_COST > c * H * W:
-            # Candidates don't prune much (noisy logits): plain row-blocked upsampling.
-            out = _dense_argmax(logits, y0, y1, ly, x0, x1, lx)
-        elif ys.size:
-            flat = logits.reshape(c, -1)
-            order_all = np.argsort(~cand, axis=0, kind="stable")  # candidates first, ascending
-            for sel, k in ((cnt <= SMALL_K, SMALL_K), (cnt > SMALL_K, int(count.max()))):
-                if not sel.any():
-                    continue
-                k = min(k, c)
-                order = order_all[:k]  # (k, h, w)
-                pys, pxs = ys[sel], xs[sel]
-                out[pys, pxs] = _eval_candidates(
-                    flat, w, order, cand, y0, y1, ly, x0, x1, lx, pys, pxs
-                )
-    if not (inx.all() and iny.all()):
-        out[~iny, :] = fill
-        out[:, ~inx] = fill
-    return out
+        x0, x1, lx, xa, xb = _taps(W, w)
+        y0, y1, ly, ya, yb = _taps(H, h)
+    else:
+        sx, ox, sy, oy = frame
+        x0, x1, lx, xa, xb = _taps(W, w, sx, ox)
+        y0, y1, ly, ya, yb = _taps(H, h, sy, oy)
+    start, cls = kern.candidates(logits)
+    out = np.empty((H, W), dtype)
+    counts = np.zeros(c, np.int64)
+    kern.upsample_argmax(
+        logits, start, cls, y0, y1, ly, x0, x1, lx,
+        _runs(y0, ya, yb), _runs(x0, xa, xb), fill, out, counts,
+    )  # fmt: skip
+    return out, counts
 
 
-def _dense_argmax(
+def argmax_model(
     logits: np.ndarray,
-    y0: np.ndarray,
-    y1: np.ndarray,
-    ly: np.ndarray,
-    x0: np.ndarray,
-    x1: np.ndarray,
-    lx: np.ndarray,
-) -> np.ndarray:
-    """Bilinear upsample + argmax in row blocks: memory C x rows x W per block."""
-    c = logits.shape[0]
-    H, W = y0.size, x0.size
-    out = np.empty((H, W), dtype=np.int64)
-    rows = max(1, BLOCK_BYTES // (4 * c * W))
-    one = np.float32(1)
-    wx = lx[None, None, :]
-    for r in range(0, H, rows):
-        sl = slice(r, min(H, r + rows))
-        wy = ly[sl][None, :, None]
-        v = (one - wy) * logits[:, y0[sl]] + wy * logits[:, y1[sl]]  # (C, n, w)
-        u = v[:, :, x0]
-        u *= one - wx
-        u += wx * v[:, :, x1]
-        out[sl] = u.argmax(axis=0)
-    return out
+    frame: tuple[float, float, float, float],
+    image_size: tuple[int, int],
+    fill: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The class map at the logits' own resolution (h, w): argmax over classes, with
+    ``fill`` in the cells whose centres fall outside the photo (a letterbox's padding).
+    Returns the map and the cells per class, as :func:`upsample_argmax`."""
+    from cvserve.tasks import _segment_kernels as kern
 
-
-def _eval_candidates(
-    flat: np.ndarray,
-    w: int,
-    order: np.ndarray,
-    cand: np.ndarray,
-    y0: np.ndarray,
-    y1: np.ndarray,
-    ly: np.ndarray,
-    x0: np.ndarray,
-    x1: np.ndarray,
-    lx: np.ndarray,
-    ys: np.ndarray,
-    xs: np.ndarray,
-) -> np.ndarray:
-    result = np.empty(ys.size, dtype=np.int64)
-    for s in range(0, ys.size, CHUNK):
-        py, px = ys[s : s + CHUNK], xs[s : s + CHUNK]
-        ry0, ry1, wy = y0[py], y1[py], ly[py][:, None]
-        rx0, rx1, wx = x0[px], x1[px], lx[px][:, None]
-        ks = order[:, ry0, rx0].T  # (n, k) class ids
-        valid = cand[ks, ry0[:, None], rx0[:, None]]
-        one = np.float32(1)
-        # Same association as torch: h0 * (w0 * v00 + w1 * v01) + h1 * (w0 * v10 + w1 * v11)
-        top = (one - wx) * flat[ks, (ry0 * w + rx0)[:, None]] + wx * flat[
-            ks, (ry0 * w + rx1)[:, None]
-        ]
-        bot = (one - wx) * flat[ks, (ry1 * w + rx0)[:, None]] + wx * flat[
-            ks, (ry1 * w + rx1)[:, None]
-        ]
-        val = (one - wy) * top + wy * bot
-        val[~valid] = -np.inf
-        result[s : s + CHUNK] = ks[np.arange(ks.shape[0]), val.argmax(axis=1)]
-    return result
+    logits = np.ascontiguousarray(logits, dtype=np.float32)
+    c, h, w = logits.shape
+    dtype = map_dtype(c, fill)
+    fill = int(np.iinfo(dtype).max) if fill is None else int(fill)
+    sx, ox, sy, oy = frame
+    W0, H0 = image_size
+    # cell centre j + 0.5 in map pixels -> (j + 0.5 - offset) / scale photo pixels
+    u = np.arange(w) + 0.5
+    v = np.arange(h) + 0.5
+    inx = (u >= ox) & (u <= W0 * sx + ox)
+    iny = (v >= oy) & (v <= H0 * sy + oy)
+    out = np.empty((h, w), dtype)
+    counts = np.zeros(c, np.int64)
+    kern.argmax_classes(logits, np.ascontiguousarray(iny[:, None] & inx[None]), fill, out, counts)
+    return out, counts
 
 
 class SegmentHead:
     task = "segment"
-    params = (Param("ignore_index", int, None, 0, 65535, help="class id outside the crop"),)
+    params = (
+        Param("ignore_index", int, None, 0, 65535, help="class id outside the crop"),
+        Param(
+            "mask",
+            str,
+            "full",
+            choices=MASK_RESOLUTIONS,
+            help="full: the photo's size (HF-equal); model: the logits' own resolution",
+        ),
+    )
     #: a class map at the photo's size: real CPU, off the event loop
     heavy = True
 
     def __init__(self, model: ModelMeta) -> None:
+        from cvserve.tasks import _segment_kernels as kern
+
         self.labels = list(model.labels)
         self.spec = model.preprocess
+        # Compile (or load from numba's disk cache) now, at model load, not on a request.
+        seconds = kern.warm_up(map_dtype(len(self.labels) or 1))
+        if seconds > 0.01:
+            log.info("segmentation kernels ready in %.2f s", seconds)
 
     def postprocess(
         self,
         outputs: list[np.ndarray],
         meta: ImageMeta,
         ignore_index: int | None = None,
+        mask: str = "full",
         **_: Any,
     ) -> dict:
         logits = np.asarray(outputs[0])
@@ -234,17 +221,24 @@ class SegmentHead:
             raise ValueError(f"segmentation logits must be (C, h, w), got {logits.shape}")
         c, h, w = logits.shape
         W, H = meta.orig_size
-        dtype = np.uint8 if c <= 255 else np.uint16
-        fill = int(np.iinfo(dtype).max) if ignore_index is None else int(ignore_index)
         frame = model_frame(self.spec, (W, H), (h, w))
-        cls = upsample_argmax(logits, (H, W), frame, fill=fill)
-        mask = cls.astype(dtype)
-        counts = np.bincount(mask.reshape(-1), minlength=c)
-        total = max(int(counts[:c].sum()), 1)
-        present = np.nonzero(counts[:c])[0]
+        extra: dict[str, Any] = {"mask_resolution": mask}
+        if mask == "model":
+            cls, counts = argmax_model(logits, frame, (W, H), ignore_index)
+            sx, ox, sy, oy = frame
+            extra["image_size"] = [W, H]
+            extra["mask_frame"] = {"scale": [sx, sy], "offset": [ox, oy]}
+        else:
+            direct = self.spec.resize_mode == "direct"
+            cls, counts = upsample_argmax(
+                logits, (H, W), None if direct else frame, ignore_index
+            )
+        total = max(int(counts.sum()), 1)
+        present = np.nonzero(counts)[0]
         present = present[np.argsort(-counts[present], kind="stable")]
+        fill = int(np.iinfo(cls.dtype).max) if ignore_index is None else int(ignore_index)
         return {
-            "mask": mask,
+            "mask": cls,
             "classes": [
                 {
                     "index": int(i),
@@ -254,6 +248,7 @@ class SegmentHead:
                 for i in present
             ],
             "ignore_index": fill,
+            **extra,
         }
 
     def _label(self, i: int) -> str:

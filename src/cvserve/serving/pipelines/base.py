@@ -6,12 +6,17 @@ each), and the join of a request's results.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from cvserve.brokers import Message
 from cvserve.tasks.params import Param
+
+if TYPE_CHECKING:
+    from cvserve.runtime import Runtime
+    from cvserve.runtime.budget import CpuBudget
 
 #: Result headers a stage B sets so the server can break down its time (seconds).
 INFER_S = "infer_s"
@@ -47,10 +52,29 @@ class StageB(Protocol):
 class StageOptions:
     """Knobs every stage understands."""
 
+    #: The widest a DNN call may run (0: the whole budget, or onnxruntime's choice).
     intra_op_threads: int = 0
     max_pixels: int = 64_000_000
     cache_dir: str | None = None  # the model store, for kinds built from zoo models
     params: dict[str, Any] = field(default_factory=dict)  # kind-specific settings
+    #: The cores this process's stages share (None: every session takes its own threads).
+    budget: CpuBudget | None = None
+
+
+def open_stage_model(path: str | Path, options: StageOptions, stage: str) -> Runtime:
+    """A DNN of stage ``stage``: under the options' CPU budget when there is one."""
+    from cvserve.runtime import OrtOptions, OrtRuntime
+
+    if options.budget is not None:
+        from cvserve.runtime.budget import BudgetedRuntime
+
+        return BudgetedRuntime(path, options.budget, stage, max_width=options.intra_op_threads)
+    return OrtRuntime(path, OrtOptions(intra_op_threads=options.intra_op_threads))
+
+
+def waited_for_cores(options: StageOptions) -> float:
+    """Seconds this thread's DNN calls waited for a core since it last asked."""
+    return options.budget.pop_waited() if options.budget is not None else 0.0
 
 
 class PipelineKind(Protocol):

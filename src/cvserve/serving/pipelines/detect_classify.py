@@ -19,7 +19,15 @@ from cvserve.brokers import Message
 from cvserve.images.decode import decode
 from cvserve.images.preprocess import ImageMeta
 from cvserve.images.transforms import normalize_into, resize_crop
-from cvserve.serving.pipelines.base import BATCH, INFER_S, POST_S, FanOut, StageOptions
+from cvserve.serving.pipelines.base import (
+    BATCH,
+    INFER_S,
+    POST_S,
+    FanOut,
+    StageOptions,
+    open_stage_model,
+    waited_for_cores,
+)
 from cvserve.tasks.base import softmax
 
 KIND = "detect-classify"
@@ -30,16 +38,11 @@ def _param(options: StageOptions, key: str) -> Any:
     return options.params.get(key, DEFAULTS[key])
 
 
-def _load(name: str, options: StageOptions):
+def _load(name: str, options: StageOptions, stage: str):
     from cvserve.models import store
-    from cvserve.runtime import OrtOptions, OrtRuntime
 
     meta = store.ensure_built(name, options.cache_dir)
-    rt = OrtRuntime(
-        store.model_path(meta, options.cache_dir),
-        OrtOptions(intra_op_threads=options.intra_op_threads),
-    )
-    return meta, rt
+    return meta, open_stage_model(store.model_path(meta, options.cache_dir), options, stage)
 
 
 class DetectStage:
@@ -52,7 +55,8 @@ class DetectStage:
         self.objects = int(_param(options, "objects"))
         if self.objects < 1:
             raise ValueError("objects must be >= 1")
-        self.meta, self.det = _load(_param(options, "detector"), options)
+        self.options = options
+        self.meta, self.det = _load(_param(options, "detector"), options, "det")
         if self.meta.task != "detect":
             raise ValueError(f"detector {self.meta.name!r} is a {self.meta.task} model")
         # The detector's own head: its family's scoring (softmax or sigmoid) and geometry.
@@ -89,6 +93,7 @@ class DetectStage:
             items.append({"pixels": np.asarray(crop)})
             boxes.append([round(v, 1) for v in d["box"]])
         t4 = time.perf_counter()
+        waited = waited_for_cores(self.options)  # for a core other stages held
         context = {
             "boxes": boxes,
             "det_scores": [d["score"] for d in found],
@@ -96,7 +101,10 @@ class DetectStage:
         }
         return FanOut(
             items=items, context=context, image_size=dec.orig_size,
-            stages={"decode": t1 - t0, "resize": t2 - t1, "infer": t3 - t2, "postprocess": t4 - t3},
+            stages={
+                "decode": t1 - t0, "resize": t2 - t1, "queue": waited,
+                "infer": t3 - t2 - waited, "postprocess": t4 - t3,
+            },
             started=t0, finished=t4,
         )  # fmt: skip
 
@@ -105,7 +113,8 @@ class ClassifyStage:
     """Stage B: crops from any requests -> one batched classifier run -> top-1 each."""
 
     def __init__(self, options: StageOptions) -> None:
-        self.meta, self.rt = _load(_param(options, "classifier"), options)
+        self.options = options
+        self.meta, self.rt = _load(_param(options, "classifier"), options, "cls")
         self.spec = self.meta.preprocess
         self.labels = self.meta.labels
 
@@ -120,6 +129,7 @@ class ClassifyStage:
         probs = softmax(logits)
         top = probs.argmax(axis=-1)
         post = (t1 - t0) + (time.perf_counter() - t2)
+        waited = waited_for_cores(self.options)  # counted in the broker hop by the server
         n = len(messages)
         return [
             m.reply(
@@ -127,7 +137,7 @@ class ClassifyStage:
                     "index": int(k),
                     "score": float(probs[i, k]),
                     "label": self.labels[k] if k < len(self.labels) else f"class_{k}",
-                    INFER_S: t2 - t1,
+                    INFER_S: t2 - t1 - waited,
                     POST_S: post,
                     BATCH: n,
                 }

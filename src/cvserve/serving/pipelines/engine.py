@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -27,8 +27,9 @@ from cvserve.brokers import (
     ResultTimeout,
     StageWorker,
 )
-from cvserve.brokers.worker import ERROR
+from cvserve.brokers.worker import DEAD_LETTER, ERROR
 from cvserve.config import PipelineConfig
+from cvserve.runtime.budget import CpuBudget
 from cvserve.serving.core import Admission, Prediction, PreprocessPool
 from cvserve.serving.errors import BrokerDown, DeadlineExceeded, Overloaded, StageFailed
 from cvserve.serving.pipelines import get_kind
@@ -42,6 +43,14 @@ log = logging.getLogger(__name__)
 
 def work_topic(pipeline: str, stage: str) -> str:
     return f"{pipeline}.{stage}"
+
+
+def cpu_budget(
+    config: PipelineConfig, pressure: Callable[[], int] | None = None
+) -> CpuBudget | None:
+    """The cores this process's stages of ``config`` share (None: no budget);
+    ``pressure``: requests in flight, where this process knows them."""
+    return None if config.cores < 0 else CpuBudget(config.cores, pressure)
 
 
 class StageBRunner:
@@ -68,6 +77,7 @@ class StageBRunner:
                 batch=config.max_batch_size,
                 block_ms=config.block_ms,
                 reclaim_idle_ms=config.reclaim_idle_ms,
+                max_deliveries=config.max_deliveries,
             )  # fmt: skip
             for i in range(config.instances)
         ]
@@ -124,16 +134,34 @@ class PipelineServer:
             max_pixels=max_pixels,
             cache_dir=cache_dir,
             params=dict(config.params),
+            # the admission counts this pipeline's requests in flight (made below)
+            budget=cpu_budget(config, pressure=lambda: self.admission.inflight),
         )
         self.stage_a = self.kind.make_stage_a(self.options)
+        budget = self.options.budget
+        #: stage B workers here: by default one per core of the budget, so that under load
+        #: every core runs a one-core call (with one, the costlier stage caps throughput)
+        self.local_workers = (
+            config.workers if config.workers is not None else (budget.cores if budget else 1)
+        )
         self.topic = work_topic(config.name, self.kind.stage_b)
-        self.router = ResultRouter(broker, topic=f"{config.name}.replies.{uuid.uuid4().hex[:12]}")
+        self.router = ResultRouter(
+            broker,
+            topic=f"{config.name}.replies.{uuid.uuid4().hex[:12]}",
+            ttl_s=config.reply_ttl_ms / 1000,
+            outage_s=config.broker_outage_ms / 1000,
+        )
         self.local = (
-            StageBRunner(config.with_instances(config.workers), broker, self.options)
-            if config.workers
+            StageBRunner(config.with_instances(self.local_workers), broker, self.options)
+            if self.local_workers
             else None
         )
-        self.admission = Admission(f"pipeline {self.name}", config.max_queue)
+        wait = config.max_queue_wait_ms
+        self.admission = Admission(
+            f"pipeline {self.name}", config.max_queue,
+            max_wait_s=None if wait is None else wait / 1000.0,
+            round_rows=pool.threads, saturated=lambda: pool.waiting > 0,
+        )  # fmt: skip
         self.stats = ModelStats(self.name)
         self.params = tuple(self.kind.params)
         self.ready = False
@@ -149,6 +177,7 @@ class PipelineServer:
         self.stage_a.run(buf.getvalue())
 
     async def start(self) -> None:
+        await self.broker.ping()  # a wrong password fails here, before any warm-up
         await asyncio.get_running_loop().run_in_executor(None, self.warm_up)
         await self.broker.create_group(self.topic, self.kind.stage_b)
         await self.router.start()
@@ -172,7 +201,7 @@ class PipelineServer:
     async def predict(
         self, data: bytes, trace: Trace, deadline: float, params: dict[str, Any]
     ) -> Prediction:
-        with self.admission.admit():
+        with self.admission.admit(deadline):
             fan = await self.pool.submit(
                 trace, self.stage_a.run, data, deadline=deadline, fail_stage="decode"
             )
@@ -188,16 +217,14 @@ class PipelineServer:
 
     async def _fan_out(self, items, trace: Trace, deadline: float) -> list[Message]:
         request_id = uuid.uuid4().hex
-        fut = self.router.expect(request_id, len(items))
+        fut = None
         sent = time.perf_counter()
         try:
-            # One round trip for the whole fan-out where the broker can (Redis).
-            await self.broker.publish_many(
+            # One round trip for the whole fan-out where the broker can (Redis); the router
+            # keeps the items until answered, to publish them again if the broker loses them.
+            fut = await self.router.publish(
                 self.topic,
-                [
-                    Message(request_id=request_id, index=i, arrays=a, reply_to=self.router.topic)
-                    for i, a in enumerate(items)
-                ],
+                [Message(request_id=request_id, index=i, arrays=a) for i, a in enumerate(items)],
                 timeout=max(0.001, deadline - time.perf_counter()),
             )
             deliveries = await self.router.wait(
@@ -219,13 +246,18 @@ class PipelineServer:
                 f"deadline passed waiting for {len(items)} {self.kind.stage_b} results"
             ) from None
         finally:
-            if not fut.done():
+            if fut is not None and not fut.done():
                 fut.cancel()
         done = time.perf_counter()
         results = [d.message for d in deliveries]
         failed = [r for r in results if ERROR in r.headers]
         if failed:
-            raise StageFailed(f"stage {self.kind.stage_b} failed: {failed[0].headers[ERROR]}")
+            detail = {}
+            if DEAD_LETTER in failed[0].headers:  # where to look: `cvserve broker dead-letters`
+                detail["dead_letter"] = str(failed[0].headers[DEAD_LETTER])
+            raise StageFailed(
+                f"stage {self.kind.stage_b} failed: {failed[0].headers[ERROR]}", **detail
+            )
         # The item that came back last bounds the request; charge its worker's own time.
         last = max(deliveries, key=lambda d: d.consumed_at).message.headers
         infer = float(last.get(INFER_S, 0.0))
@@ -253,10 +285,36 @@ class PipelineServer:
             "ready": self.ready,
             "stages": [self.kind.stage_a, self.kind.stage_b],
             "topic": self.topic,
-            "local_workers": c.workers,
+            "broker": self.broker.safe_url,  # never the password
+            "max_deliveries": c.max_deliveries,
+            "local_workers": self.local_workers,
             "max_batch_size": c.max_batch_size,
             "max_queue": c.max_queue,
             "timeout_ms": c.timeout_ms,
             "parameters": describe_params(self.params),
             "models": self.kind.describe(self.options),
+            "cpu": self.describe_cpu(),
+        }
+
+    def describe_cpu(self) -> dict[str, Any]:
+        """How the stages share the CPU here: who runs where with how many threads, and
+        (with a budget) what each stage has used since start."""
+        budget = self.options.budget
+        split: dict[str, Any] = {
+            self.kind.stage_a: {"runs_in": "preprocessing pool", "threads": self.pool.threads},
+            self.kind.stage_b: {"runs_in": "stage B workers", "workers": self.local_workers},
+        }
+        if budget is None:
+            return {
+                "budget": None,
+                "stages": split,
+                "intra_op_threads": self.config.intra_op_threads,
+            }
+        wide = min(self.config.intra_op_threads or budget.cores, budget.cores)
+        use = budget.snapshot()
+        return {
+            "budget": {"cores": budget.cores, "widths": sorted({1, wide}), "free": use["free"]},
+            "stages": split,
+            # per DNN: calls, core-seconds, seconds running/waiting for a core, mean width
+            "use": use["stages"],
         }

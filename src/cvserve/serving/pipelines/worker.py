@@ -9,11 +9,11 @@ import logging
 import signal
 from collections.abc import Callable
 
-from cvserve.brokers import broker_from_url
+from cvserve.brokers import BrokerUnavailable, broker_from_url, redact_url
 from cvserve.config import PipelineConfig
 from cvserve.serving.pipelines import get_kind
 from cvserve.serving.pipelines.base import StageOptions
-from cvserve.serving.pipelines.engine import StageBRunner
+from cvserve.serving.pipelines.engine import StageBRunner, cpu_budget
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,15 @@ def run_worker(
             intra_op_threads=config.intra_op_threads,
             cache_dir=cache_dir,
             params=dict(config.params),
+            budget=cpu_budget(config),
         )
+        try:
+            await broker.ping()  # refused credentials: one clear error now, no retry loop
+        except BrokerUnavailable as e:
+            say(f"worker: {e}; serving once it answers")  # down for now: keep retrying
+        except BaseException:
+            await broker.close()
+            raise
         runner = StageBRunner(config, broker, options)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -49,7 +57,7 @@ def run_worker(
         await runner.start()
         say(
             f"worker: {config.instances} x {stage} of {config.name} on {runner.topic} "
-            f"via {broker_url}"
+            f"via {redact_url(broker_url)}"
         )
         await stop.wait()
         say("worker: finishing the batch in hand")

@@ -16,7 +16,7 @@ import logging
 import math
 import struct
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -409,10 +409,22 @@ def _statistics(s: Mapping[str, Any]) -> pb.ModelStatistics:
 class GrpcServer:
     """The gRPC door's server: started and stopped on the HTTP server's event loop."""
 
-    def __init__(self, state: ServerState, host: str, port: int) -> None:
+    def __init__(
+        self,
+        state: ServerState,
+        host: str,
+        port: int,
+        *,
+        credentials: grpc.ServerCredentials | None = None,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    ) -> None:
         self.state = state
         self.host = host
         self.port = port
+        #: TLS (``grpc.ssl_server_credentials``); None: plaintext.
+        self.credentials = credentials
+        #: What every call passes first (``serving.v2.edge``: API keys, request ids).
+        self.interceptors = tuple(interceptors)
         self._server: grpc.aio.Server | None = None
 
     @property
@@ -425,17 +437,21 @@ class GrpcServer:
         OSError when the port cannot be bound."""
         limit = self.state.config.max_body_bytes
         server = grpc.aio.server(
+            interceptors=self.interceptors,
             options=[
                 # a message over the body limit is refused by gRPC itself
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", -1),
                 # never share a port with another server silently (gRPC's default does)
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(self.state), server)
         try:
-            port = server.add_insecure_port(self.address)
+            if self.credentials is not None:
+                port = server.add_secure_port(self.address, self.credentials)
+            else:
+                port = server.add_insecure_port(self.address)
         except RuntimeError as e:  # newer grpcio raises, older ones return 0
             raise OSError(f"gRPC cannot bind {self.address}: {e}") from None
         if port == 0:

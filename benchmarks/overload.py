@@ -1,0 +1,206 @@
+"""Admission under overload: what accepted requests, refused ones and the server's goodput
+look like when Poisson arrivals come at 3x what the server can do.
+
+For each repeat and server variant (in turn, interleaved across repeats): start
+``cvserve serve --model MODEL`` in its own process; measure its capacity with closed-loop
+load (the best throughput over ``--concurrency``, and the p99 latency at the smallest
+concurrency that reaches 95% of it); then offer Poisson arrivals at ``--factor`` x that
+capacity for ``--duration`` seconds. Reports accepted p99 / p99 at capacity, goodput
+(answers 200 per second) / capacity, and the latency of the 429 answers.
+
+    python benchmarks/overload.py                          # resnet18, 60 s at 3x, 3 repeats
+    python benchmarks/overload.py --quick                  # ~1 minute, for development
+    python benchmarks/overload.py --variant 'count-only=--max-queue-wait-ms 0' \\
+        --variant 'default='                               # before/after, interleaved
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from cvserve.bench import BenchConfig, run_bench
+from cvserve.bench.results import write_benchmark
+from cvserve.models import store
+from cvserve.serving.server import ServerProcess, free_port
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE.parent.parent / "shared" / "data"
+#: Goals of issue 12 (part 1), with default settings.
+GOALS = {"p99_ratio_max": 2.0, "goodput_ratio_min": 0.95, "refused_p99_ms_max": 10.0}
+
+
+def _pct(values: np.ndarray, q: float) -> float | None:
+    return float(np.percentile(values, q) * 1000.0) if values.size else None
+
+
+def capacity(url: str, model: str, images: str, conc: list[int], a) -> dict:
+    """Closed-loop sweep: the best throughput, and p99 where it is first (nearly) reached."""
+    res = run_bench(BenchConfig(
+        url=url, model=model, images=images, concurrency=conc,
+        duration=a.capacity_duration, warmup=a.warmup,
+    ))  # fmt: skip
+    points = [
+        {"concurrency": p.concurrency, "throughput_rps": p.throughput_rps,
+         "p50_ms": p.latency_ms["p50"], "p99_ms": p.latency_ms["p99"], "errors": p.errors["total"]}
+        for p in res.points
+    ]  # fmt: skip
+    best = max(p["throughput_rps"] for p in points)
+    at = min((p for p in points if p["throughput_rps"] >= 0.95 * best),
+             key=lambda p: p["concurrency"])  # fmt: skip
+    return {"capacity_rps": best, "p99_ms": at["p99_ms"], "p50_ms": at["p50_ms"],
+            "concurrency": at["concurrency"], "points": points}  # fmt: skip
+
+
+def overload(url: str, model: str, images: str, rate: float, a) -> dict:
+    """Poisson arrivals at ``rate`` per second: what each kind of answer looked like."""
+    res = run_bench(BenchConfig(
+        url=url, model=model, images=images, rates=[rate], duration=a.duration,
+        warmup=a.warmup, timeout=a.timeout,
+    ))  # fmt: skip
+    pt = res.points[0]
+    rows = res.rows
+    m = rows["measured"]
+    status, lat = rows["status"], rows["latency"]
+    ok, refused = m & (status == 200), m & (status == 429)
+    return {
+        "offered_rps": pt.offered_rps,
+        "goodput_rps": pt.throughput_rps,
+        "requests": int(m.sum()),
+        "accepted": int(ok.sum()),
+        "refused": int(refused.sum()),
+        "by_status": pt.errors["by_status"],
+        "by_kind": pt.errors["by_kind"],
+        "accepted_ms": {
+            "p50": _pct(lat[ok], 50),
+            "p99": _pct(lat[ok], 99),
+            "max": _pct(lat[ok], 100),
+        },  # fmt: skip
+        "refused_ms": {"p50": _pct(lat[refused], 50), "p99": _pct(lat[refused], 99)},
+        "dropped": pt.dropped,
+        "send_lag_ms": pt.send_lag_ms,
+        "mean_batch_size": pt.mean_batch_size,
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="resnet18")
+    p.add_argument("--images", default=str(DATA / "images" / "medium"))
+    p.add_argument("--concurrency", default="4,8,16", help="closed-loop sweep for capacity")
+    p.add_argument("--capacity-duration", type=float, default=15.0)
+    p.add_argument("--factor", type=float, default=3.0, help="offered load / capacity")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of overload")
+    p.add_argument("--warmup", type=float, default=3.0)
+    p.add_argument("--timeout", type=float, default=60.0, help="client timeout (s)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument(
+        "--variant", action="append", default=None,
+        help="NAME=SERVE_ARGS: extra `cvserve serve` flags of one server variant (repeatable; "
+        "default: one variant with cvserve's defaults)",
+    )  # fmt: skip
+    p.add_argument("--quick", action="store_true", help="one short repeat (development)")
+    p.add_argument("--out", default=str(HERE / "results" / "overload.json"))
+    a = p.parse_args()
+    if a.quick:
+        a.concurrency, a.capacity_duration, a.duration, a.warmup, a.repeats = "8", 6.0, 15.0, 2.0, 1
+
+    variants = dict(v.partition("=")[::2] for v in a.variant or ["default="])
+    conc = [int(c) for c in a.concurrency.split(",")]
+    store.ensure_built(a.model, a.cache_dir, progress=lambda s: print(s, file=sys.stderr))
+    runs = []
+    for rep in range(a.repeats):
+        order = list(variants) if rep % 2 == 0 else list(reversed(variants))
+        for name in order:
+            args = ["--model", a.model, *shlex.split(variants[name])]
+            if a.cache_dir:
+                args += ["--cache-dir", a.cache_dir]
+            with ServerProcess(args, port=free_port()) as srv:
+                cap = capacity(srv.url, a.model, a.images, conc, a)
+                over = overload(srv.url, a.model, a.images, a.factor * cap["capacity_rps"], a)
+            run = {"repeat": rep, "variant": name, "serve_args": variants[name],
+                   "capacity": cap, "overload": over}  # fmt: skip
+            acc = over["accepted_ms"]["p99"]
+            run["p99_ratio"] = acc / cap["p99_ms"] if acc and cap["p99_ms"] else None
+            run["goodput_ratio"] = over["goodput_rps"] / cap["capacity_rps"]
+            runs.append(run)
+            print(
+                f"rep {rep} {name}: capacity {cap['capacity_rps']:.1f}/s (p99 {cap['p99_ms']:.0f} "
+                f"ms at c={cap['concurrency']}); at {over['offered_rps']:.1f}/s offered: goodput "
+                f"{over['goodput_rps']:.1f}/s, accepted p99 {acc or float('nan'):.0f} ms, "
+                f"429 p99 {over['refused_ms']['p99'] or float('nan'):.1f} ms, "
+                f"statuses {over['by_status']}",
+                file=sys.stderr, flush=True,
+            )  # fmt: skip
+
+    table = Table(title=f"{a.model} at {a.factor:g}x capacity, Poisson (median over repeats "
+                  "[min-max])")  # fmt: skip
+    cols = (
+        "variant",
+        "capacity/s",
+        "p99 at cap ms",
+        "goodput/s",
+        "goodput/cap",
+        "accepted p99 ms",
+        "p99/p99 cap",
+        "429 p50 ms",
+        "429 p99 ms",
+        "refused",
+        "5xx+504",
+    )
+    for col in cols:
+        table.add_column(col, justify="left" if col == "variant" else "right")
+
+    def med(values: list) -> str:
+        vals = [v for v in values if v is not None]
+        if not vals:
+            return "-"
+        if len(vals) == 1:
+            return f"{vals[0]:.3g}"
+        return f"{statistics.median(vals):.3g} [{min(vals):.3g}-{max(vals):.3g}]"
+
+    summary = []
+    for name in variants:
+        sel = [r for r in runs if r["variant"] == name]
+        s = {
+            "variant": name,
+            "capacity_rps": [r["capacity"]["capacity_rps"] for r in sel],
+            "p99_at_capacity_ms": [r["capacity"]["p99_ms"] for r in sel],
+            "goodput_rps": [r["overload"]["goodput_rps"] for r in sel],
+            "goodput_ratio": [r["goodput_ratio"] for r in sel],
+            "accepted_p99_ms": [r["overload"]["accepted_ms"]["p99"] for r in sel],
+            "p99_ratio": [r["p99_ratio"] for r in sel],
+            "refused_p50_ms": [r["overload"]["refused_ms"]["p50"] for r in sel],
+            "refused_p99_ms": [r["overload"]["refused_ms"]["p99"] for r in sel],
+            "refused_share": [
+                r["overload"]["refused"] / max(1, r["overload"]["requests"]) for r in sel
+            ],  # fmt: skip
+            "server_errors": [
+                sum(c for s_, c in r["overload"]["by_status"].items() if s_.startswith("5"))
+                for r in sel
+            ],  # fmt: skip
+        }
+        summary.append(s)
+        table.add_row(name, *(med(s[k]) for k in (
+            "capacity_rps", "p99_at_capacity_ms", "goodput_rps", "goodput_ratio",
+            "accepted_p99_ms", "p99_ratio", "refused_p50_ms", "refused_p99_ms",
+            "refused_share", "server_errors")))  # fmt: skip
+    Console(width=200).print(table)
+    print(f"goals (issue 12): p99/p99 cap <= {GOALS['p99_ratio_max']}, goodput/cap >= "
+          f"{GOALS['goodput_ratio_min']}, 429 p99 < {GOALS['refused_p99_ms_max']} ms", file=sys.stderr)  # fmt: skip
+    out = write_benchmark(a.out, "overload", a, variants=variants, goals=GOALS, summary=summary,
+                          runs=runs)  # fmt: skip
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

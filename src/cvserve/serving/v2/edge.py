@@ -1,0 +1,92 @@
+"""What every gRPC call passes before the KServe v2 service (a server interceptor), as
+:mod:`cvserve.serving.edge` does for HTTP:
+
+- a request id: the ``x-request-id`` metadata or a new one, echoed in the initial metadata;
+- the API key check: ``authorization: Bearer KEY`` metadata; none: UNAUTHENTICATED, a
+  wrong one: PERMISSION_DENIED; ServerLive and ServerReady stay open;
+- the server-wide readiness gate: while loading or shutting down, ServerReady and
+  ModelReady answer not ready; while loading, other calls get UNAVAILABLE;
+- one log line per failed call (:func:`cvserve.serving.logs.log_failure`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import grpc
+
+from cvserve.serving import logs
+from cvserve.serving.auth import DENIED, ApiKeys
+from cvserve.serving.v2.proto import inference_pb2 as pb
+
+if TYPE_CHECKING:
+    from cvserve.serving.app import ServerState
+
+__all__ = ["GrpcEdge"]
+
+_SERVICE = "/inference.GRPCInferenceService/"
+_OPEN = frozenset({_SERVICE + "ServerLive", _SERVICE + "ServerReady"})
+_NOT_READY = {
+    _SERVICE + "ServerReady": pb.ServerReadyResponse(ready=False),
+    _SERVICE + "ModelReady": pb.ModelReadyResponse(ready=False),
+}
+_DENIED_CODE = {401: grpc.StatusCode.UNAUTHENTICATED, 403: grpc.StatusCode.PERMISSION_DENIED}
+
+
+class GrpcEdge(grpc.aio.ServerInterceptor):
+    """The interceptor over a :class:`ServerState`; ``keys`` None: no API keys."""
+
+    def __init__(self, state: ServerState, keys: ApiKeys | None = None) -> None:
+        self.state = state
+        self.keys = keys
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler  # not a method of ours (every one of ours is unary)
+        method: str = handler_call_details.method
+        rid = auth = None
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == "authorization":
+                auth = value
+            elif key == logs.REQUEST_ID:
+                rid = value
+        denied = None
+        if self.keys is not None and method not in _OPEN:
+            denied = self.keys.check(auth)
+        inner = handler.unary_unary
+        state = self.state
+
+        async def behavior(request, context: grpc.aio.ServicerContext):
+            rec, token = logs.start_request(rid)
+            model = getattr(request, "model_name", None) or getattr(request, "name", None)
+            try:
+                await context.send_initial_metadata(((logs.REQUEST_ID, rec.id),))
+                if denied is not None:
+                    kind, message = DENIED[denied]
+                    code = _DENIED_CODE[denied]
+                    logs.log_failure(rec, door="grpc", status=code.name, model=model,
+                                     kind=kind, message=message)  # fmt: skip
+                    await context.abort(code, message)
+                if (state.loading or state.stopping) and method in _NOT_READY:
+                    return _NOT_READY[method]
+                if state.loading and method not in _OPEN:
+                    message = "the server is loading its models; retry shortly"
+                    logs.log_failure(rec, door="grpc", status="UNAVAILABLE", model=model,
+                                     kind="loading", message=message)  # fmt: skip
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, message)
+                try:
+                    return await inner(request, context)
+                finally:
+                    code = context.code()
+                    if code is not None and code != grpc.StatusCode.OK:
+                        logs.log_failure(rec, door="grpc", status=code.name, model=model,
+                                         kind=code.name.lower(), message=context.details())  # fmt: skip
+            finally:
+                logs.end_request(token)
+
+        return grpc.unary_unary_rpc_method_handler(
+            behavior,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
