@@ -244,5 +244,3 @@ class NumpySegmentHead:
 
     def _label(self, i: int) -> str:
         return self.labels[i] if i < len(self.labels) else f"class_{i}"
-
-

@@ -179,9 +179,16 @@ def point_row(rep: int, w: Workload, server: str, pt: Any) -> dict[str, Any]:
 
 
 def measure(a: argparse.Namespace, wls: list[Workload], conc: list[int]) -> dict[str, Any]:
+    """Every repeat, workload and server in turn; a server that fails to start or to
+    answer is recorded in ``failures`` and the run goes on with the next one."""
+    import httpx
+
+    from cvserve.bench import BenchError
+
     rows: list[dict[str, Any]] = []
     checks: dict[str, Any] = {}
     commands: dict[str, dict[str, str]] = {}
+    failures: list[dict[str, Any]] = []
     for rep in range(a.repeats):
         order = list(SERVERS) if rep % 2 == 0 else list(reversed(SERVERS))
         for w in wls:
@@ -190,23 +197,29 @@ def measure(a: argparse.Namespace, wls: list[Workload], conc: list[int]) -> dict
                 srv = server_process(w, server)
                 commands.setdefault(w.name, {})[server] = command_line(srv)
                 say(f"rep {rep} {w.name}: starting {commands[w.name][server]}")
-                with srv:
-                    if rep == 0 and a.check:
-                        got[server] = answers(w, srv.url, server, a.timeout)
-                    res = run_bench(BenchConfig(
-                        url=srv.url, model=w.target, kind=w.kind, images=w.images,
-                        concurrency=conc, duration=a.duration, warmup=a.warmup,
-                        timeout=a.timeout,
-                    ))  # fmt: skip
+                try:
+                    with srv:
+                        if rep == 0 and a.check:
+                            got[server] = answers(w, srv.url, server, a.timeout)
+                        res = run_bench(BenchConfig(
+                            url=srv.url, model=w.target, kind=w.kind, images=w.images,
+                            concurrency=conc, duration=a.duration, warmup=a.warmup,
+                            timeout=a.timeout,
+                        ))  # fmt: skip
+                except (RuntimeError, TimeoutError, BenchError, httpx.HTTPError) as e:
+                    failures.append({"repeat": rep, "workload": w.name, "server": server,
+                                     "error": f"{type(e).__name__}: {e}"})  # fmt: skip
+                    say(f"rep {rep} {w.name} {server} FAILED: {type(e).__name__}: {e}")
+                    continue
                 for pt in res.points:
                     rows.append(point_row(rep, w, server, pt))
                     lat = pt.latency_ms
                     say(f"rep {rep} {w.name:7s} {server:8s} c={pt.concurrency:<2d} "
                         f"{pt.throughput_rps:6.2f} req/s  p50 {lat['p50'] or 0:8.1f} ms  "
                         f"p99 {lat['p99'] or 0:8.1f} ms  errors {pt.errors['total']}")  # fmt: skip
-            if got:
+            if len(got) == len(SERVERS):
                 checks[w.name] = compare(w, got)
-    return {"rows": rows, "checks": checks, "commands": commands}
+    return {"rows": rows, "checks": checks, "commands": commands, "failures": failures}
 
 
 def _median(values: list[float]) -> float | None:
@@ -226,6 +239,8 @@ def summarize(rows: list[dict[str, Any]], wls: list[str], conc: list[int]) -> li
             base = {r["repeat"]: r for r in sel(w, "baseline", c)}
             for s in SERVERS:
                 mine = sel(w, s, c)
+                if not mine:  # the server failed in every repeat
+                    continue
                 tput = [r["throughput_rps"] for r in mine]
                 ratio, p50x = [], []
                 for r in mine:
@@ -476,9 +491,12 @@ def main(argv: list[str] | None = None) -> int:
         load_average={"before": load_before, "after": os.getloadavg()},
         seconds=time.monotonic() - t0,
         goals=met, checks=run["checks"], summary=summary, runs=run["rows"],
+        failures=run["failures"],
     )  # fmt: skip
     say(f"wrote {out}")
-    return 0
+    for f in run["failures"]:
+        say(f"failed: rep {f['repeat']} {f['workload']} {f['server']}: {f['error']}")
+    return 1 if run["failures"] else 0
 
 
 if __name__ == "__main__":

@@ -17,9 +17,12 @@ capacity for ``--duration`` seconds. Reports accepted p99 / p99 at capacity, goo
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import statistics
 import sys
+import threading
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -59,12 +62,41 @@ def capacity(url: str, model: str, images: str, conc: list[int], a) -> dict:
             "concurrency": at["concurrency"], "points": points}  # fmt: skip
 
 
+class AdmissionPoller(threading.Thread):
+    """The model's admission state (``GET /v1/models/NAME``) once a second: what the
+    server estimated (service rate, wait limit, expected wait) and how much it held."""
+
+    def __init__(self, url: str, model: str) -> None:
+        super().__init__(daemon=True)
+        self.url = f"{url}/v1/models/{model}"
+        self.samples: list[dict] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(1.0):
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as r:
+                    self.samples.append(json.load(r).get("admission") or {})
+            except (OSError, ValueError):
+                pass
+
+    def medians(self) -> dict:
+        out = {}
+        for key in ("service_rate_per_s", "wait_limit_ms", "expected_wait_ms", "inflight"):
+            vals = [s[key] for s in self.samples if isinstance(s.get(key), int | float)]
+            out[key] = statistics.median(vals) if vals else None
+        return out
+
+
 def overload(url: str, model: str, images: str, rate: float, a) -> dict:
     """Poisson arrivals at ``rate`` per second: what each kind of answer looked like."""
+    poller = AdmissionPoller(url, model)
+    poller.start()
     res = run_bench(BenchConfig(
         url=url, model=model, images=images, rates=[rate], duration=a.duration,
         warmup=a.warmup, timeout=a.timeout,
     ))  # fmt: skip
+    poller.stop.set()
     pt = res.points[0]
     rows = res.rows
     m = rows["measured"]
@@ -87,6 +119,9 @@ def overload(url: str, model: str, images: str, rate: float, a) -> dict:
         "dropped": pt.dropped,
         "send_lag_ms": pt.send_lag_ms,
         "mean_batch_size": pt.mean_batch_size,
+        "admission_median": poller.medians(),
+        # where an accepted request's time went (mean ms; network: outside the server)
+        "breakdown_ms": pt.breakdown_ms,
     }
 
 
@@ -137,7 +172,7 @@ def main() -> int:
                 f"ms at c={cap['concurrency']}); at {over['offered_rps']:.1f}/s offered: goodput "
                 f"{over['goodput_rps']:.1f}/s, accepted p99 {acc or float('nan'):.0f} ms, "
                 f"429 p99 {over['refused_ms']['p99'] or float('nan'):.1f} ms, "
-                f"statuses {over['by_status']}",
+                f"statuses {over['by_status']}; server: {over['admission_median']}",
                 file=sys.stderr, flush=True,
             )  # fmt: skip
 

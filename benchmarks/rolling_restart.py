@@ -66,7 +66,9 @@ class Replica:
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.output()}")
+                raise RuntimeError(
+                    f"{self.name} exited with {self.proc.returncode}:\n{self.output()}"
+                )
             try:
                 if httpx.get(url, timeout=1).status_code == 200:
                     return time.monotonic() - t0
@@ -117,24 +119,24 @@ def load(url: str, model: str, images: list[bytes], k: int, stop: threading.Even
                 time.sleep(0.02)  # nobody listens: do not spin
 
 
-def serve_args(a: argparse.Namespace, port: int, metrics_port: int | None) -> list[str]:
+def serve_args(a: argparse.Namespace, mode: str, port: int, metrics_port: int) -> list[str]:
     args = ["--model", a.model, "--port", str(port), "--max-batch", "8", "--max-delay-ms", "5"]
     if a.cache_dir:
         args += ["--cache-dir", a.cache_dir]
     if a.drain_delay:
         args += ["--drain-delay", str(a.drain_delay)]
-    if a.mode == "reuseport":
+    if mode == "reuseport":
         args += ["--reuse-port", "--metrics-port", str(metrics_port)]
     return args
 
 
-def run_once(a: argparse.Namespace, images: list[bytes]) -> dict:
+def run_once(a: argparse.Namespace, mode: str, images: list[bytes]) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     ports = {"old": free_port(), "new": free_port()}
-    ready = {n: f"http://127.0.0.1:{p}/readyz" if a.mode == "reuseport" else f"{url}/readyz"
+    ready = {n: f"http://127.0.0.1:{p}/readyz" if mode == "reuseport" else f"{url}/readyz"
              for n, p in ports.items()}  # fmt: skip
-    old = Replica("old", serve_args(a, port, ports["old"]))
+    old = Replica("old", serve_args(a, mode, port, ports["old"]))
     old.wait_ready(ready["old"])
     outcomes: list[tuple[float, str]] = []
     lock, stop = threading.Lock(), threading.Event()
@@ -146,8 +148,8 @@ def run_once(a: argparse.Namespace, images: list[bytes]) -> dict:
     marks: dict[str, float] = {}
     new = None
     try:
-        if a.mode == "reuseport":
-            new = Replica("new", serve_args(a, port, ports["new"]))
+        if mode == "reuseport":
+            new = Replica("new", serve_args(a, mode, port, ports["new"]))
             new.wait_ready(ready["new"])
             marks["sigterm"] = time.monotonic()
             old.proc.send_signal(signal.SIGTERM)
@@ -158,7 +160,7 @@ def run_once(a: argparse.Namespace, images: list[bytes]) -> dict:
             old.proc.send_signal(signal.SIGTERM)
             code = old.proc.wait(120)
             marks["old_exit"] = time.monotonic()
-            new = Replica("new", serve_args(a, port, ports["new"]))
+            new = Replica("new", serve_args(a, mode, port, ports["new"]))
             new.wait_ready(ready["new"])
         marks["new_ready"] = time.monotonic()
         time.sleep(a.after)
@@ -174,11 +176,14 @@ def run_once(a: argparse.Namespace, images: list[bytes]) -> dict:
     errors = [(round(t - t0, 3), w) for t, w in outcomes if not w.isdigit()]
     lost = sum(counts[k] for k in LOST)
     row = {
+        "mode": mode,
         "requests": len(outcomes),
         "outcomes": dict(counts),
         "ok": counts["200"],
         "status_503": counts["503"],
-        "other_status": sum(v for k, v in counts.items() if k.isdigit() and k not in ("200", "503")),
+        "other_status": sum(
+            v for k, v in counts.items() if k.isdigit() and k not in ("200", "503")
+        ),
         "refused": counts["refused"],
         "lost": lost,
         "transport_errors": lost + counts["refused"],
@@ -188,7 +193,7 @@ def run_once(a: argparse.Namespace, images: list[bytes]) -> dict:
         "first_errors": errors[:20],
     }
     print(
-        f"{a.mode} delay {a.drain_delay:g}s: {row['requests']} requests, {row['ok']} ok, "
+        f"{mode} delay {a.drain_delay:g}s: {row['requests']} requests, {row['ok']} ok, "
         f"{row['status_503']} x 503, {row['refused']} refused, {row['lost']} lost; old server "
         f"exited {row['old_exit_after_sigterm_s']:.2f} s after SIGTERM with {code}",
         file=sys.stderr, flush=True,
@@ -198,7 +203,10 @@ def run_once(a: argparse.Namespace, images: list[bytes]) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--mode", choices=["reuseport", "after-exit"], default="reuseport")
+    p.add_argument(
+        "--mode", default="reuseport,after-exit",
+        help="comma-separated: reuseport, after-exit (interleaved across repeats)",
+    )  # fmt: skip
     p.add_argument("--model", default="tiny-resnet")
     p.add_argument("--images", default=str(HERE.parent.parent / "shared/data/images/medium"))
     p.add_argument("--concurrency", type=int, default=16)
@@ -211,29 +219,42 @@ def main() -> int:
     p.add_argument("--out", default=str(HERE / "results" / "rolling_restart.json"))
     a = p.parse_args()
 
+    modes = a.mode.split(",")
+    if set(modes) - {"reuseport", "after-exit"}:
+        p.error(f"--mode: reuseport and/or after-exit, not {a.mode!r}")
     store.ensure_built(a.model, a.cache_dir, progress=lambda s: print(s, file=sys.stderr))
     images = [f.read_bytes() for f in sorted(Path(a.images).glob("*.jpg"))]
-    rows = [run_once(a, images) for _ in range(a.repeats)]
+    rows = []
+    for rep in range(a.repeats):
+        for mode in modes if rep % 2 == 0 else modes[::-1]:
+            rows.append(run_once(a, mode, images))
 
-    table = Table(title=f"rolling restart, {a.model}, c={a.concurrency} ({a.label or a.mode})")
+    title = f"rolling restart, {a.model}, c={a.concurrency}" + (f" ({a.label})" if a.label else "")
+    table = Table(title=title)
     for col in ("mode", "drain delay s", "requests", "200", "503", "refused", "lost",
                 "old exit s"):  # fmt: skip
         table.add_column(col, justify="right" if col != "mode" else "left")
-    for r in rows:
+    for r in sorted(rows, key=lambda r: r["mode"]):
         table.add_row(
-            a.mode, f"{a.drain_delay:g}", str(r["requests"]), str(r["ok"]), str(r["status_503"]),
-            str(r["refused"]), str(r["lost"]), f"{r['old_exit_after_sigterm_s']:.2f}",
+            r["mode"], f"{a.drain_delay:g}", str(r["requests"]), str(r["ok"]),
+            str(r["status_503"]), str(r["refused"]), str(r["lost"]),
+            f"{r['old_exit_after_sigterm_s']:.2f}",
         )  # fmt: skip
     Console().print(table)
-    summary = {
-        "mode": a.mode,
-        "label": a.label,
-        "transport_errors_total": sum(r["transport_errors"] for r in rows),
-        "lost_total": sum(r["lost"] for r in rows),
-        "refused_total": sum(r["refused"] for r in rows),
-        "status_503_median": statistics.median(r["status_503"] for r in rows),
-        "requests_median": statistics.median(r["requests"] for r in rows),
-    }
+    summary = []
+    for mode in modes:
+        sel = [r for r in rows if r["mode"] == mode]
+        summary.append({
+            "mode": mode,
+            "runs": len(sel),
+            "lost_total": sum(r["lost"] for r in sel),
+            "refused_total": sum(r["refused"] for r in sel),
+            "status_503_total": sum(r["status_503"] for r in sel),
+            "requests_median": statistics.median(r["requests"] for r in sel),
+            "old_exit_after_sigterm_s_median": statistics.median(
+                r["old_exit_after_sigterm_s"] for r in sel
+            ),
+        })  # fmt: skip
     out = write_benchmark(a.out, "rolling_restart", a, summary=summary, runs=rows)
     print(f"wrote {out}", file=sys.stderr)
     return 0

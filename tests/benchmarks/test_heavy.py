@@ -133,7 +133,7 @@ def test_heavy_benchmark_runs_end_to_end(seg_cache, data_dir, tmp_path):
         "--model", SEG_MODEL, "--cache-dir", str(seg_cache),
         "--ocr-images", str(data_dir / "ocr" / "ger_1.jpg"),
         "--segment-images", str(data_dir / "images" / "small" / "dog.jpg"),
-        "--concurrency", "1", "--duration", "1", "--warmup", "0", "--repeats", "1",
+        "--concurrency", "1", "--duration", "2", "--warmup", "0", "--repeats", "1",
         "--cvserve-arg=--max-batch 2", "--out", str(out),
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)

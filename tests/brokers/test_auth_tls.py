@@ -65,14 +65,27 @@ def test_a_password_in_the_url_authenticates(locked_redis):
 
 
 def test_a_user_and_password_in_the_url_authenticate(locked_redis):
-    async def add_user():
+    async def add_users():
         raw = aioredis.Redis.from_url(locked_redis.url)
         await raw.execute_command("ACL", "SETUSER", "cv", "on", ">cv-pass", "~*", "+@all")
+        # INFO is in @dangerous, which a careful operator denies
+        await raw.execute_command(
+            "ACL", "SETUSER", "careful", "on", ">c-pass", "~*", "+@all", "-info"
+        )
         await raw.aclose()
 
-    run(add_user())
+    async def epochs(url: str) -> list[str]:
+        async with broker_from_url(url) as b:
+            return [await b.epoch() for _ in range(3)]
+
+    run(add_users())
     url = f"redis://cv:cv-pass@127.0.0.1:{locked_redis.port}/0?prefix=acl:"
     assert run(_round_trip(url)) == 2.5
+    careful = f"redis://careful:c-pass@127.0.0.1:{locked_redis.port}/0?prefix=acl:"
+    assert run(_round_trip(careful)) == 2.5
+    run_id, marker = run(epochs(url))[0].split("/")
+    # Without INFO the epoch is the marker key alone, and it stays put.
+    assert run(epochs(careful)) == [f"/{marker}"] * 3 and len(run_id) == 40
 
 
 WRONG = "not-the-password"

@@ -141,3 +141,14 @@ def test_arbitrary_bytes_decode_or_fail_with_a_documented_4xx(magic, tail, backe
 def test_every_seed_file_meets_the_same_properties(name):
     for backend in BACKENDS:
         _check(SEEDS[name], backend, 5_000_000)
+
+
+@needs_data
+def test_a_truncated_interlaced_png_is_a_400_not_a_500():
+    """Found by the fuzzing above: reading the EXIF of a truncated interlaced PNG loads it
+    and fails; loading it again raised TypeError from Pillow's decoder set-up."""
+    data = SEEDS["pil123rgba.png"][:153]
+    for backend in BACKENDS:
+        with pytest.raises(ImageError) as e:
+            decode(data, backend=backend)
+        assert e.value.status == 400

@@ -5,6 +5,7 @@ image beside good ones, and the pool's one submit call."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 
@@ -13,7 +14,7 @@ import pytest
 from cvserve.config import BatchConfig, ModelConfig
 from cvserve.errors import RequestError
 from cvserve.models import store
-from cvserve.serving.core import Admission, PreprocessPool
+from cvserve.serving.core import AUTO_WAIT_ROUNDS, Admission, PreprocessPool, ServiceRate
 from cvserve.serving.errors import DeadlineExceeded, Overloaded
 from cvserve.serving.model import ModelServer
 from cvserve.trace import Trace
@@ -268,3 +269,53 @@ def test_admission_counts_and_computes_retry_after():
             with adm.admit():
                 pass
     assert adm.inflight == 0
+
+
+# --- admission by expected wait ---------------------------------------------------------------
+def test_service_rate_counts_only_time_the_servable_was_saturated():
+    r = ServiceRate()
+    r.completed(0.0, 4, True, True)  # the first completion only starts the clock
+    assert r.per_s is None
+    r.completed(1.0, 4, True, True)
+    assert r.per_s == pytest.approx(4.0)
+    r.note(False)  # idle for a while: that gap says nothing about the rate
+    r.completed(11.0, 4, True, True)
+    assert r.per_s == pytest.approx(4.0)
+    r.completed(11.5, 4, True, False)  # 4 in 0.5 s: the average moves towards 8/s
+    assert 4.0 < r.per_s < 8.0
+    r.completed(20.0, 4, True, True)  # not saturated after the last one: not counted
+    assert r.samples == 2
+
+
+def test_admission_refuses_by_expected_wait_and_by_deadline():
+    now = [0.0]
+    adm = Admission("model m", max_queue=100, max_wait_s=None, round_rows=4,
+                    saturated=lambda: True, clock=lambda: now[0])  # fmt: skip
+    with contextlib.ExitStack() as held:
+        for _ in range(10):  # no rate yet: only the count limit
+            held.enter_context(adm.admit(deadline=0.01))
+        assert adm.expected_wait_s() is None and adm.wait_limit_s() is None
+        adm.observe_batch(4, 0.5, end=0.5)
+        adm.observe_batch(4, 0.5, end=1.0)  # 8 requests/s, 0.5 s a batch
+        now[0] = 1.0
+        assert adm.rate.per_s == pytest.approx(8.0)
+        assert adm.wait_limit_s() == pytest.approx(AUTO_WAIT_ROUNDS * 4 / 8.0)
+        assert adm.expected_wait_s() == pytest.approx(10 / 8.0 + 0.5)
+        with pytest.raises(Overloaded, match=r"expected wait 1750 ms .* max_queue_wait_ms=1500"):
+            with adm.admit():
+                pass
+        with pytest.raises(Overloaded, match="exceeds its deadline in 1000 ms") as e:
+            with adm.admit(deadline=2.0):
+                pass
+        assert e.value.detail["limit_ms"] == 1000.0 and e.value.retry_after_s == 1
+        adm.max_wait_s = 0.0  # off: only the deadline counts
+        with adm.admit(deadline=60.0):
+            assert adm.inflight == 11
+        adm.max_wait_s = 0.25  # 1.5 s past it: retry in 2 s
+        with pytest.raises(Overloaded) as e:
+            with adm.admit():
+                pass
+        assert e.value.retry_after_s == 2 and e.value.detail["queue"] == 10
+    assert adm.inflight == 0
+    with adm.admit():  # nobody ahead: never refused by time
+        pass

@@ -244,47 +244,32 @@ async def _until(check: Callable[[], Awaitable[bool]], what: str, timeout: float
         await asyncio.sleep(0.02)
 
 
-def _while_waiting(srv: ServerThread, redis: RedisServer, key: str, during) -> tuple:
-    """Send one request; once its 6 items are in Redis (no worker has them), run
-    ``during()`` (may return a coroutine); returns (response, seconds from the items
-    being queued to the answer, what ``during`` returned)."""
+def _while_waiting(
+    srv: ServerThread, redis: RedisServer, key: str, body: bytes, during: Callable
+) -> tuple:
+    """Send one request; once its 6 items are in Redis (``key``), run ``during()`` (in a
+    thread: it may block); returns the response, the seconds from the items being queued
+    to the answer, and what ``during`` returned."""
 
     async def main():
         r = aioredis.Redis.from_url(redis.url)
         async with httpx.AsyncClient(base_url=srv.url, timeout=60) as client:
-            task = asyncio.create_task(
-                client.post(PREDICT, content=_photo_with_objects(), params={})
-            )
-            await _until(lambda: _xlen(r, key, 6), "the request's 6 items in Redis")
+            task = asyncio.create_task(client.post(PREDICT, content=body))
+
+            async def queued() -> bool:
+                return await r.xlen(key) >= 6
+
+            await _until(queued, "the request's 6 items in Redis")
             await r.aclose()
             t0 = time.monotonic()
-            got = during()
-            if asyncio.iscoroutine(got):
-                got = await got
+            got = await asyncio.to_thread(during)
             resp = await task
             return resp, time.monotonic() - t0, got
 
     return asyncio.run(main())
 
 
-async def _xlen(r, key: str, n: int) -> bool:
-    return await r.xlen(key) >= n
-
-
-_PHOTO: list[bytes] = []
-
-
-def _photo_with_objects() -> bytes:
-    return _PHOTO[0]
-
-
-@pytest.fixture
-def one_photo(photos) -> bytes:
-    _PHOTO[:] = [photos[0]]
-    return photos[0]
-
-
-def test_a_request_waiting_when_redis_restarts_empty_is_answered(redis_factory, built, one_photo):
+def test_a_request_waiting_when_redis_restarts_empty_is_answered(redis_factory, built, photos):
     redis = redis_factory()
     url = f"{redis.url}?prefix=restart:"
     # No worker yet: the request's items wait in Redis when it dies with them.
@@ -298,7 +283,9 @@ def test_a_request_waiting_when_redis_restarts_empty_is_answered(redis_factory, 
             redis.start()  # same port, empty
             worker = _worker(url, built)  # only the items published again can be served
 
-        resp, waited, _ = _while_waiting(srv, redis, "restart:" + TOPIC, restart_then_serve)
+        resp, waited, _ = _while_waiting(
+            srv, redis, "restart:" + TOPIC, photos[0], restart_then_serve
+        )
         stats = srv.state.pipelines["dc"].router.stats
     finally:
         srv.stop()
@@ -311,12 +298,13 @@ def test_a_request_waiting_when_redis_restarts_empty_is_answered(redis_factory, 
 
 
 def test_a_request_waiting_when_redis_goes_away_gets_503_not_its_deadline(
-    redis_factory, built, one_photo
+    redis_factory, built, photos
 ):
     redis = redis_factory()
-    srv = _server(redis.url, built, workers=0, timeout_ms=30_000, broker_outage_ms=1_000)
+    url = f"{redis.url}?prefix=away:"
+    srv = _server(url, built, workers=0, timeout_ms=30_000, broker_outage_ms=1_000)
     try:
-        resp, waited, _ = _while_waiting(srv, redis, TOPIC, redis.stop)
+        resp, waited, _ = _while_waiting(srv, redis, "away:" + TOPIC, photos[0], redis.stop)
         stats = srv.state.pipelines["dc"].router.stats
     finally:
         redis.start()  # lets the server drop its reply stream on the way out
@@ -329,7 +317,7 @@ def test_a_request_waiting_when_redis_goes_away_gets_503_not_its_deadline(
 
 
 def test_an_item_that_outlives_its_deliveries_is_dead_lettered_and_answered(
-    redis_factory, built, one_photo
+    redis_factory, built, photos
 ):
     redis = redis_factory()
     url = f"{redis.url}?prefix=dead:"
@@ -352,7 +340,7 @@ def test_an_item_that_outlives_its_deliveries_is_dead_lettered_and_answered(
             procs.append(_worker(url, built, reclaim_ms=300, max_deliveries=1))
             return line
 
-        resp, waited, took = _while_waiting(srv, redis, key, kill_then_serve)
+        resp, waited, took = _while_waiting(srv, redis, key, photos[0], kill_then_serve)
 
         async def inspect():
             r = aioredis.Redis.from_url(redis.url)
@@ -394,11 +382,10 @@ def test_auth_in_the_broker_url_and_never_a_password_shown(
     redis = RedisServer(redis_exe, tmp_path / "locked", password=PASSWORD).start()
     wrong = f"redis://:wrong-{PASSWORD.replace('@', '%40')}@127.0.0.1:{redis.port}/0"
     try:
-        # A wrong password: start-up fails at once, saying so, naming no password.
-        t0 = time.monotonic()
-        with pytest.raises(RuntimeError, match="exited during start-up"):
+        # A wrong password: start-up fails (no hang, no retry loop), saying so, naming no
+        # password.
+        with pytest.raises(RuntimeError) as failed:
             _server(wrong, built, workers=1)
-        refused_after = time.monotonic() - t0
         worker = _worker(wrong, built)
         out, _ = worker.communicate(timeout=120)
         # The right one: served, and shown redacted everywhere.
@@ -411,14 +398,13 @@ def test_auth_in_the_broker_url_and_never_a_password_shown(
             srv.stop()
     finally:
         redis.stop()
-    assert "refused the credentials" in caplog.text
-    assert refused_after < 60  # (models load before; the broker call itself fails fast)
+    assert "refused the credentials" in f"{failed.value} {caplog.text}"
     assert worker.returncode == 2 and "refused the credentials" in out
     assert ok[0].status_code == 200, ok[0].text
     [shown] = listing.json()["pipelines"]
     assert shown["broker"] == f"redis://:***@127.0.0.1:{redis.port}/0"
     assert shown["max_deliveries"] == 3
-    texts = [caplog.text, out, listing.text, *said]
+    texts = [str(failed.value), caplog.text, out, listing.text, *said]
     for secret in (PASSWORD, "pipe:l1ne%40pass", "wrong-"):
         assert not any(secret in t for t in texts), secret
     assert any("redis://:***@" in line for line in said)

@@ -105,7 +105,10 @@ def test_segment_matches_hf(segformer, images, case):
     res = SegmentHead(_meta("segment", spec, 19)).postprocess(_rows(out.logits), meta)
     mask = res["mask"]
     assert mask.shape == (h, w) and mask.dtype == np.uint8
-    assert (mask != ref).mean() <= 1e-3
+    if h + w > 128:  # torch's generic bilinear kernel: equal bit for bit
+        assert int((mask != ref).sum()) == 0
+    else:  # torch's separable path for small outputs rounds differently
+        assert (mask != ref).mean() <= 1e-3
     fr = [c["fraction"] for c in res["classes"]]
     assert fr == sorted(fr, reverse=True) and abs(sum(fr) - 1) < 1e-9
     counts = np.bincount(mask.ravel(), minlength=19)
@@ -115,7 +118,8 @@ def test_segment_matches_hf(segformer, images, case):
 
 
 def test_upsample_argmax_exact_on_noise():
-    """Candidate pruning and the dense fallback both give torch's argmax."""
+    """Candidate pruning gives torch's argmax on smooth logits and on noise (little
+    pruning); more cases in test_segment.py."""
     import torch.nn.functional as F
 
     rng = np.random.default_rng(1)
@@ -125,7 +129,11 @@ def test_upsample_argmax_exact_on_noise():
         for size in ((97, 61), (13, 30), (24, 24)):
             ref = F.interpolate(torch.from_numpy(logits)[None], size=size, mode="bilinear")
             ref = ref[0].argmax(0).numpy()
-            assert (upsample_argmax(logits, size)[0] != ref).mean() <= 1e-3
+            mask = upsample_argmax(logits, size)[0]
+            if sum(size) > 128:  # torch's generic kernel, not its separable small path
+                assert int((mask != ref).sum()) == 0
+            else:
+                assert (mask != ref).mean() <= 1e-3
 
 
 @pytest.mark.parametrize("mode", ["shortest_edge_crop", "letterbox"])

@@ -185,7 +185,7 @@ return {r[1], r[2], counts}
 """
 
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
-_REFUSED = ("NOAUTH", "WRONGPASS", "NOPERM")
+_REFUSED = ("NOAUTH", "WRONGPASS")
 
 
 class _Guard:
@@ -533,9 +533,9 @@ class RedisStreamsBroker(Broker):
             if self._ask_run_id:
                 pipe.info("server")
             replies = await pipe.execute(raise_on_error=False)
-        for reply in replies[:2]:
-            if isinstance(reply, Exception):
-                raise BrokerError(f"redis at {self._where}: {reply}")
+            for reply in replies[:2]:
+                if isinstance(reply, Exception):
+                    raise reply  # translated by the guard, like any call's
         run_id = ""
         if self._ask_run_id:
             info = replies[2]

@@ -99,6 +99,7 @@ class ResultRouter:
         self._watcher: asyncio.Task[None] | None = None
         self._epoch: str | None = None
         self._down_since: float | None = None
+        self._refused = ""  # the last refusal the watch logged (logged once, not per check)
 
     async def start(self) -> ResultRouter:
         await self.broker.create_group(self.topic, self.group)
@@ -275,7 +276,7 @@ class ResultRouter:
                     next_keep_alive = now + self.ttl_s / 3
             except asyncio.CancelledError:
                 raise
-            except BrokerError as e:
+            except BrokerUnavailable as e:
                 next_keep_alive = 0.0  # refresh as soon as it answers again
                 if self._down_since is None:
                     self._down_since = now
@@ -294,6 +295,10 @@ class ResultRouter:
                     for request_id in list(self._waiting):
                         self._fail(request_id, error)
                         self.stats.abandoned += 1
+            except BrokerError as e:  # it answers, but refuses (an ACL without SET, ...)
+                if str(e) != self._refused:
+                    log.warning("result watch on %r: %s; retrying", self.topic, e)
+                    self._refused = str(e)
             except Exception:  # the watch outlives any one failure
                 log.exception("result watch on %r", self.topic)
 

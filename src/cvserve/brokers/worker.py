@@ -172,10 +172,16 @@ class StageWorker:
         and answer its request with an error; True when it is no longer this worker's."""
         if d.deliveries <= self.max_deliveries:
             return False
+        ran = d.deliveries - 1
+        ran_text = (
+            "it ran once and its worker"
+            if ran == 1
+            else f"it ran {ran} times and each time its worker"
+        )
         reason = (
-            f"was delivered {d.deliveries} times: the {d.deliveries - 1} times before, its "
-            f"worker died, hung or lost the broker before acknowledging it "
-            f"(max_deliveries={self.max_deliveries})"
+            f"was delivered {d.deliveries} times, more than max_deliveries="
+            f"{self.max_deliveries}: {ran_text} died, hung or lost the broker before "
+            "acknowledging it"
         )
         dead_id = await self.broker.dead_letter(
             d, self.group, reason=reason, consumer=self.consumer

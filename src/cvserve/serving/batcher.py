@@ -147,13 +147,6 @@ class Batcher:
     def busy_instances(self) -> int:
         return self.config.instances - len(self._idle)
 
-    @property
-    def backlogged(self) -> bool:
-        """Rows are ready to run but every instance is busy: inference is the queue."""
-        if self._idle:
-            return False
-        return bool(self._closed) or (self._open is not None and self._open.first_ready is not None)
-
     # -- slots ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def incoming(self) -> Iterator[None]:
@@ -280,6 +273,7 @@ class Batcher:
             )
 
     def _done(self, instance, buf, futures, outputs, info: BatchInfo, error) -> None:
+        self._idle.append(instance)
         self._free_buffers.append(buf)
         for row, fut in enumerate(futures):
             if fut is None or fut.done():
@@ -289,6 +283,5 @@ class Batcher:
             else:
                 fut.set_result(([o[row] for o in outputs], info))
         if self.on_batch is not None:
-            self.on_batch(info)  # before the instance is idle: ``backlogged`` as it ran
-        self._idle.append(instance)
+            self.on_batch(info)
         self._dispatch()

@@ -88,42 +88,42 @@ AUTO_WAIT_ROUNDS = 3.0
 
 
 class ServiceRate:
-    """Requests a servable finishes per second while it is saturated (work queued at one
-    of its resources, so it runs at capacity).
+    """Requests a servable finishes per second while it is busy (anything in flight).
 
     Fed with completion events (``completed(now, rows)``: a batch of ``rows``, or one
     request); the gap since the previous completion counts only when the servable was
-    saturated at every event in it (``note``), so idle time never lowers the rate. An
-    exponentially weighted average over ``tau_s`` seconds of such time.
+    busy at every event in it (``note``), so idle time never lowers the rate. An
+    exponentially weighted average over ``tau_s`` seconds of busy time. Under overload
+    it is the throughput; at light load it is lower than what the servable could do
+    (batches are smaller), which errs on the side of refusing.
     """
 
-    def __init__(self, tau_s: float = 2.0, min_s: float = 0.2, min_samples: int = 1) -> None:
+    def __init__(self, tau_s: float = 2.0, min_s: float = 0.2) -> None:
         self.tau_s = tau_s
         self.min_s = min_s
-        self.min_samples = min_samples
         self.samples = 0
         self._rows = 0.0  # decayed completions
-        self._busy = 0.0  # decayed saturated seconds
+        self._busy = 0.0  # decayed busy seconds
         self._last: float | None = None
-        self._clean = False  # saturated at every event since _last
+        self._clean = False  # busy at every event since _last
 
-    def note(self, saturated: bool) -> None:
-        self._clean = self._clean and saturated
+    def note(self, busy: bool) -> None:
+        self._clean = self._clean and busy
 
-    def completed(self, now: float, rows: float, saturated_before: bool, saturated_after: bool):
-        if self._last is not None and self._clean and saturated_before:
+    def completed(self, now: float, rows: float, busy_after: bool) -> None:
+        if self._last is not None and self._clean:
             dt = max(0.0, now - self._last)
             decay = math.exp(-dt / self.tau_s)
             self._rows = self._rows * decay + rows
             self._busy = self._busy * decay + dt
             self.samples += 1
         self._last = now
-        self._clean = saturated_after
+        self._clean = busy_after
 
     @property
     def per_s(self) -> float | None:
-        """The rate, or None until enough saturated time was seen."""
-        if self.samples < self.min_samples or self._busy < self.min_s or self._rows <= 0:
+        """The rate, or None until ``min_s`` seconds of busy time were seen."""
+        if self._busy < self.min_s or self._rows <= 0:
             return None
         return self._rows / self._busy
 
@@ -134,14 +134,11 @@ class Admission:
     ``max_wait_s`` or its own deadline. Both refusals are a fast 429 with a Retry-After.
 
     Expected wait = requests in flight ahead (preprocessing, waiting or running) / service
-    rate + one batch (the mean batch time when the servable reports batches, else one
-    request's share, 1 / rate). ``max_wait_s``: None, automatic (``AUTO_WAIT_ROUNDS``
-    rounds of ``round_rows`` requests at the measured rate); 0, off (count limit only).
-
-    ``saturated()`` says whether work is queued at one of the servable's resources (its
-    rate is measured only then); by default, more requests in flight than ``parallel``.
-    A servable that reports its batches (:meth:`observe_batch`) is measured by them,
-    else by its requests' completions.
+    rate + one batch (the mean batch time when the servable reports its batches through
+    :meth:`observe_batch`, which also measure the rate; else one request's share,
+    1 / rate, and the rate comes from requests leaving). ``max_wait_s``: None, automatic
+    (the time ``AUTO_WAIT_ROUNDS`` rounds of ``round_rows`` requests take at the measured
+    rate); 0, off (count limit only). ``clock``: perf_counter, or a test's own.
     """
 
     def __init__(
@@ -152,19 +149,18 @@ class Admission:
         *,
         max_wait_s: float | None = 0.0,
         round_rows: int | None = None,
-        saturated: Callable[[], bool] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.what = what
         self.max_queue = max_queue
         self.parallel = max(1, parallel)
         self.max_wait_s = max_wait_s
         self.round_rows = round_rows or self.parallel
-        self.saturated = saturated or (lambda: self.inflight > self.parallel)
         self.rate = ServiceRate()
+        self.clock = clock
         self.inflight = 0
         self._ewma_s = 0.05  # seconds per request, for Retry-After before any rate
         self._batch_s: float | None = None  # mean batch time, when batches are reported
-        self._by_batches = False
 
     # -- what the estimate says --------------------------------------------------------
     def wait_limit_s(self) -> float | None:
@@ -190,18 +186,15 @@ class Admission:
 
     # -- events ------------------------------------------------------------------------
     def observe_batch(self, rows: int, seconds: float, end: float) -> None:
-        """A batch of ``rows`` finished at ``end`` (perf_counter) after ``seconds``."""
-        self._by_batches = True
+        """A batch of ``rows`` finished at ``end`` (``clock`` time) after ``seconds``."""
         b = self._batch_s
         self._batch_s = seconds if b is None else b + 0.2 * (seconds - b)
-        sat = self.saturated()
-        # the rows just finished are still counted in flight: saturated before and after
-        # are one reading (the batch's requests leave admission a moment later)
-        self.rate.completed(end, rows, sat, sat)
+        # its requests leave admission right after; the last one out ends the busy time
+        self.rate.completed(end, rows, busy_after=True)
 
     @contextmanager
     def admit(self, deadline: float | None = None) -> Iterator[None]:
-        """Admit one request (``deadline``: its perf_counter deadline) or raise 429."""
+        """Admit one request (``deadline``: its ``clock`` deadline) or raise 429."""
         if self.inflight >= self.max_queue:
             raise Overloaded(
                 f"{self.what} has {self.inflight} requests in flight (max_queue="
@@ -211,20 +204,18 @@ class Admission:
             )
         if self.inflight:
             self._refuse_by_time(deadline)
-        self.rate.note(self.saturated())
+        self.rate.note(self.inflight > 0)  # arriving at an idle servable ends a gap
         self.inflight += 1
-        t0 = time.perf_counter()
+        t0 = self.clock()
         try:
             yield
         finally:
-            t1 = time.perf_counter()
-            if self._by_batches:
-                self.inflight -= 1
-                self.rate.note(self.saturated())
+            t1 = self.clock()
+            self.inflight -= 1
+            if self._batch_s is None:  # no batches reported: requests are the events
+                self.rate.completed(t1, 1, busy_after=self.inflight > 0)
             else:
-                before = self.saturated()
-                self.inflight -= 1
-                self.rate.completed(t1, 1, before, self.saturated())
+                self.rate.note(self.inflight > 0)
             self._ewma_s += 0.1 * ((t1 - t0) - self._ewma_s)
 
     def _refuse_by_time(self, deadline: float | None) -> None:
@@ -232,7 +223,7 @@ class Admission:
         if wait is None:
             return
         limit = self.wait_limit_s()
-        left = None if deadline is None else remaining(deadline)
+        left = None if deadline is None else max(0.0, deadline - self.clock())
         if limit is not None and wait > limit and (left is None or limit <= left):
             why, bound = f"max_queue_wait_ms={limit * 1000:.0f}", limit
         elif left is not None and wait > left:
@@ -279,8 +270,6 @@ class PreprocessPool:
         self.pixel_budget = pixel_budget
         self.executor = ThreadPoolExecutor(self.threads, thread_name_prefix="preprocess")
         self._sem: asyncio.Semaphore | None = None
-        #: Requests waiting for a free thread now (the pool is a queue when > 0).
-        self.waiting = 0
 
     @property
     def semaphore(self) -> asyncio.Semaphore:
@@ -315,15 +304,11 @@ class PreprocessPool:
           ``fail_stage`` (or ``stage``).
         """
         sem = self.semaphore
-        waits = int(sem.locked())
-        self.waiting += waits
         try:
             await asyncio.wait_for(sem.acquire(), remaining(deadline))
         except TimeoutError:
             trace.mark("queue")
             raise DeadlineExceeded("deadline passed while waiting for a worker thread") from None
-        finally:
-            self.waiting -= waits
         claimed: Any = None
         try:
             if claim is not None:

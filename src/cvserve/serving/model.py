@@ -95,12 +95,10 @@ class ModelServer:
             runtimes, spec.input_shape, spec.dtype, b, name=self.name, on_batch=observe
         )
         self._runtimes = runtimes
-        # Saturated: requests wait for a preprocessing thread or for an instance.
         self.admission = Admission(
             f"model {self.name}", b.max_queue, b.instances,
             max_wait_s=None if b.max_queue_wait_ms is None else b.max_queue_wait_ms / 1000.0,
             round_rows=b.max_batch_size * b.instances,
-            saturated=lambda: pool.waiting > 0 or self.batcher.backlogged,
         )  # fmt: skip
         self.ready = False
 

@@ -130,8 +130,8 @@ def bind_socket(host: str, port: int, *, reuse_port: bool = False, listen: bool 
     except OSError as e:
         sock.close()
         if e.errno == errno.EADDRINUSE:
-            hint = "another server (without --reuse-port) listens there; choose another port"
-            raise OSError(f"cannot listen on {host}:{port}: address in use ({hint})") from None
+            why = "the address is in use by another process; choose another port"
+            raise OSError(f"cannot listen on {host}:{port}: {why}") from None
         raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     sock.setblocking(False)
     return sock

@@ -230,9 +230,7 @@ class SegmentHead:
             extra["mask_frame"] = {"scale": [sx, sy], "offset": [ox, oy]}
         else:
             direct = self.spec.resize_mode == "direct"
-            cls, counts = upsample_argmax(
-                logits, (H, W), None if direct else frame, ignore_index
-            )
+            cls, counts = upsample_argmax(logits, (H, W), None if direct else frame, ignore_index)
         total = max(int(counts.sum()), 1)
         present = np.nonzero(counts)[0]
         present = present[np.argsort(-counts[present], kind="stable")]

@@ -160,7 +160,7 @@ class PipelineServer:
         self.admission = Admission(
             f"pipeline {self.name}", config.max_queue,
             max_wait_s=None if wait is None else wait / 1000.0,
-            round_rows=pool.threads, saturated=lambda: pool.waiting > 0,
+            round_rows=pool.threads,
         )  # fmt: skip
         self.stats = ModelStats(self.name)
         self.params = tuple(self.kind.params)

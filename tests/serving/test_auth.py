@@ -1,0 +1,102 @@
+"""API keys on a real server process, over HTTP and gRPC: 401 without a key, 403 with a
+wrong one, health and readiness open, and the keys never in the logs (even with -v)."""
+
+from __future__ import annotations
+
+import grpc
+import httpx
+import pytest
+from served import MODEL, PREDICT, Served
+
+from cvserve.serving.server import free_port
+from cvserve.serving.v2.grpc import encode_bytes
+from cvserve.serving.v2.proto import inference_pb2 as pb
+from cvserve.serving.v2.proto import inference_pb2_grpc as pb_grpc
+
+KEYS = ("k3y-0ne-5ecret-aaaaaaaaaaaa", "k3y-tw0-5ecret-bbbbbbbbbbbb")
+
+
+@pytest.fixture(scope="module")
+def secured(model_cache, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("auth")
+    key_file = tmp / "keys.txt"
+    key_file.write_text(f"# API keys of the test server\n{KEYS[0]}\n\n  {KEYS[1]}  \n")
+    gport = free_port()
+    srv = Served(tmp, model_cache, "--api-key-file", str(key_file), "--grpc-port", str(gport),
+                 verbose=True)  # fmt: skip
+    srv.grpc_target = f"127.0.0.1:{gport}"
+    yield srv.wait_ready()
+    srv.stop()
+    out = srv.output()
+    assert not any(k in out for k in KEYS), "an API key reached the log"
+    assert not any(k[:12] in out for k in KEYS)
+
+
+def _bearer(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+def test_http_needs_a_key_and_says_which_status(secured, data_dir):
+    jpg = (data_dir / "images" / "small" / "dog.jpg").read_bytes()
+    with httpx.Client(base_url=secured.url, timeout=30) as c:
+        r = c.post(PREDICT, content=jpg, headers={"x-request-id": "no-key-1"})
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        assert r.json()["error"]["kind"] == "unauthorized"
+        assert r.headers["x-request-id"] == "no-key-1"
+        for bad in ("Basic " + KEYS[0], "Bearer", KEYS[0]):  # not a bearer key: 401
+            assert c.post(PREDICT, content=jpg, headers={"authorization": bad}).status_code == 401
+        r = c.post(PREDICT, content=jpg, headers=_bearer(KEYS[0] + "x"))
+        assert r.status_code == 403 and r.json()["error"]["kind"] == "forbidden"
+        assert c.post(PREDICT, content=jpg, headers=_bearer(KEYS[0][:-1])).status_code == 403
+        for key in KEYS:
+            r = c.post(PREDICT, content=jpg, headers=_bearer(key))
+            assert r.status_code == 200 and r.json()["top_k"]
+        r = c.post(PREDICT, content=jpg, headers={"authorization": f"bearer   {KEYS[1]}"})
+        assert r.status_code == 200  # the scheme is case-insensitive
+        for path in ("/v1/models", "/metrics", f"/v2/models/{MODEL}", f"/v2/models/{MODEL}/ready",
+                     "/nowhere"):  # fmt: skip
+            assert c.get(path).status_code == 401, path
+            assert c.get(path, headers=_bearer(KEYS[1])).status_code in (200, 404), path
+        for path in ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"):
+            assert c.get(path).status_code == 200, path  # probes need no key
+    lines = secured.lines("id=no-key-1")
+    assert len(lines) == 1 and "status=401" in lines[0] and "kind=unauthorized" in lines[0]
+
+
+def test_grpc_needs_a_key_too(secured, data_dir):
+    jpg = (data_dir / "images" / "small" / "dog.jpg").read_bytes()
+    with grpc.insecure_channel(secured.grpc_target) as ch:
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+        assert stub.ServerLive(pb.ServerLiveRequest(), timeout=10).live  # open
+        assert stub.ServerReady(pb.ServerReadyRequest(), timeout=10).ready  # open
+        meta = pb.ModelMetadataRequest(name=MODEL)
+        for metadata, code in (
+            ((), grpc.StatusCode.UNAUTHENTICATED),
+            ((("authorization", f"Basic {KEYS[0]}"),), grpc.StatusCode.UNAUTHENTICATED),
+            ((("authorization", f"Bearer {KEYS[0]}0"),), grpc.StatusCode.PERMISSION_DENIED),
+        ):
+            with pytest.raises(grpc.RpcError) as e:
+                stub.ModelMetadata(meta, metadata=metadata, timeout=10)
+            assert e.value.code() == code
+        reply, call = stub.ModelMetadata.with_call(
+            meta, metadata=(("authorization", f"Bearer {KEYS[1]}"), ("x-request-id", "g-1")),
+            timeout=10,
+        )  # fmt: skip
+        assert reply.name == MODEL
+        assert ("x-request-id", "g-1") in tuple(call.initial_metadata())
+        infer = pb.ModelInferRequest(
+            model_name=MODEL,
+            inputs=[
+                pb.ModelInferRequest.InferInputTensor(name="IMAGE", datatype="BYTES", shape=[1])
+            ],
+            raw_input_contents=[encode_bytes([jpg])],
+        )
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ModelInfer(infer, timeout=30)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        out = stub.ModelInfer(infer, metadata=(("authorization", f"Bearer {KEYS[0]}"),), timeout=30)
+        assert out.model_name == MODEL and out.outputs
+    assert secured.lines("door=grpc") and all(
+        "status=UNAUTHENTICATED" in line or "status=PERMISSION_DENIED" in line
+        for line in secured.lines("request_failed id=") if "door=grpc" in line
+    )  # fmt: skip
