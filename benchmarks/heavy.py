@@ -19,8 +19,8 @@ first repeat each server also answers every image once, one request at a time: O
 are compared line list to line list (similarity: ``difflib`` ratio of the joined texts;
 1.0 = the same lines), segmentation class maps pixel by pixel.
 
-    python benchmarks/heavy.py                               # ~10 minutes
-    python benchmarks/heavy.py --duration 20 --repeats 1     # ~4 minutes
+    python benchmarks/heavy.py                               # ~15 minutes on 2 cores
+    python benchmarks/heavy.py --duration 20 --repeats 1     # ~7 minutes
     python benchmarks/heavy.py --workloads ocr --cvserve-arg=--workers=2
     python benchmarks/heavy.py --cvserve-arg='--max-batch 4' --segment-arg=--instances=2
 

@@ -12,6 +12,7 @@ capacity for ``--duration`` seconds. Reports accepted p99 / p99 at capacity, goo
     python benchmarks/overload.py --quick                  # ~1 minute, for development
     python benchmarks/overload.py --variant 'count-only=--max-queue-wait-ms 0' \\
         --variant 'default='                               # before/after, interleaved
+    python benchmarks/overload.py --serve-args '--runtime simulated --sim-profile 1:20,8:250'
 """
 
 from __future__ import annotations
@@ -142,6 +143,7 @@ def main() -> int:
         help="NAME=SERVE_ARGS: extra `cvserve serve` flags of one server variant (repeatable; "
         "default: one variant with cvserve's defaults)",
     )  # fmt: skip
+    p.add_argument("--serve-args", default="", help="`cvserve serve` flags of every variant")
     p.add_argument("--quick", action="store_true", help="one short repeat (development)")
     p.add_argument("--out", default=str(HERE / "results" / "overload.json"))
     a = p.parse_args()
@@ -155,7 +157,7 @@ def main() -> int:
     for rep in range(a.repeats):
         order = list(variants) if rep % 2 == 0 else list(reversed(variants))
         for name in order:
-            args = ["--model", a.model, *shlex.split(variants[name])]
+            args = ["--model", a.model, *shlex.split(a.serve_args), *shlex.split(variants[name])]
             if a.cache_dir:
                 args += ["--cache-dir", a.cache_dir]
             with ServerProcess(args, port=free_port()) as srv:

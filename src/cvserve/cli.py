@@ -206,7 +206,7 @@ def _add_batching_args(p: argparse.ArgumentParser) -> None:
         "--max-queue-wait-ms", type=_queue_wait, default=d.max_queue_wait_ms, metavar="MS|auto",
         help="429 at once for a request whose expected wait (requests ahead / measured "
         "service rate + one batch) exceeds MS or its deadline; auto (default): the time to "
-        "serve 3 full rounds of batches; 0: off, only --max-queue counts",
+        "serve 2 full rounds of batches; 0: off, only --max-queue counts",
     )  # fmt: skip
     p.add_argument(
         "--timeout-ms", type=float, default=d.timeout_ms,

@@ -165,8 +165,8 @@ class PipelineConfig:
     broker_outage_ms: int = 5_000
     max_queue: int = 64
     timeout_ms: float = 30_000.0
-    #: As a model's (``BatchConfig.max_queue_wait_ms``); its rate is measured while stage A
-    #: has a queue (the preprocessing pool), so a stage B bottleneck leaves the count limit.
+    #: As a model's (``BatchConfig.max_queue_wait_ms``); "auto" counts rounds of the
+    #: preprocessing pool's threads (stage A runs there).
     max_queue_wait_ms: float | None = None
     #: The widest one DNN call of a stage may run (0: all of ``cores``).
     intra_op_threads: int = 0

@@ -272,25 +272,25 @@ def test_admission_counts_and_computes_retry_after():
 
 
 # --- admission by expected wait ---------------------------------------------------------------
-def test_service_rate_counts_only_time_the_servable_was_saturated():
+def test_service_rate_counts_only_busy_time():
     r = ServiceRate()
-    r.completed(0.0, 4, True, True)  # the first completion only starts the clock
+    r.completed(0.0, 4, busy_after=True)  # the first completion only starts the clock
     assert r.per_s is None
-    r.completed(1.0, 4, True, True)
+    r.completed(1.0, 4, busy_after=True)
     assert r.per_s == pytest.approx(4.0)
     r.note(False)  # idle for a while: that gap says nothing about the rate
-    r.completed(11.0, 4, True, True)
+    r.completed(11.0, 4, busy_after=True)
     assert r.per_s == pytest.approx(4.0)
-    r.completed(11.5, 4, True, False)  # 4 in 0.5 s: the average moves towards 8/s
+    r.completed(11.5, 4, busy_after=False)  # 4 in 0.5 s: the average moves towards 8/s
     assert 4.0 < r.per_s < 8.0
-    r.completed(20.0, 4, True, True)  # not saturated after the last one: not counted
+    r.completed(20.0, 4, busy_after=True)  # idle since the last one: not counted
     assert r.samples == 2
 
 
 def test_admission_refuses_by_expected_wait_and_by_deadline():
     now = [0.0]
     adm = Admission("model m", max_queue=100, max_wait_s=None, round_rows=4,
-                    saturated=lambda: True, clock=lambda: now[0])  # fmt: skip
+                    clock=lambda: now[0])  # fmt: skip
     with contextlib.ExitStack() as held:
         for _ in range(10):  # no rate yet: only the count limit
             held.enter_context(adm.admit(deadline=0.01))
@@ -301,7 +301,8 @@ def test_admission_refuses_by_expected_wait_and_by_deadline():
         assert adm.rate.per_s == pytest.approx(8.0)
         assert adm.wait_limit_s() == pytest.approx(AUTO_WAIT_ROUNDS * 4 / 8.0)
         assert adm.expected_wait_s() == pytest.approx(10 / 8.0 + 0.5)
-        with pytest.raises(Overloaded, match=r"expected wait 1750 ms .* max_queue_wait_ms=1500"):
+        limit = round(AUTO_WAIT_ROUNDS * 4 / 8.0 * 1000)
+        with pytest.raises(Overloaded, match=f"expected wait 1750 ms .* max_queue_wait_ms={limit}"):
             with adm.admit():
                 pass
         with pytest.raises(Overloaded, match="exceeds its deadline in 1000 ms") as e:
@@ -319,3 +320,26 @@ def test_admission_refuses_by_expected_wait_and_by_deadline():
     assert adm.inflight == 0
     with adm.admit():  # nobody ahead: never refused by time
         pass
+
+
+def test_admission_without_batches_measures_requests_leaving():
+    now = [0.0]
+    adm = Admission("pipeline p", max_queue=100, max_wait_s=1.0, clock=lambda: now[0])
+    held = [adm.admit() for _ in range(8)]
+    for cm in held:
+        cm.__enter__()
+    for i, cm in enumerate(held[:4]):  # one leaves every 250 ms while others wait: 4/s
+        now[0] = 0.25 * (i + 1)
+        cm.__exit__(None, None, None)
+    assert adm.rate.per_s == pytest.approx(4.0)
+    # 4 ahead at 4/s, plus its own 1/4 s: 1.25 s > 1 s
+    with pytest.raises(Overloaded, match="expected wait 1250 ms"):
+        with adm.admit():
+            pass
+    for i, cm in enumerate(held[4:]):
+        now[0] = 1.25 + 0.25 * i
+        cm.__exit__(None, None, None)
+    now[0] = 100.0  # idle for 99 s, then busy again: the idle time is not counted
+    with adm.admit():
+        now[0] = 100.1
+    assert adm.rate.per_s == pytest.approx(4.0)

@@ -232,3 +232,42 @@ def test_folded_uint8_model_serves_the_same_answers(model_cache, data_dir):
             np.testing.assert_allclose(
                 [t["score"] for t in a["top_k"]], [t["score"] for t in b["top_k"]], rtol=1e-4
             )
+
+
+def test_yaml_config_sets_keys_metrics_port_and_drain(model_cache, tmp_path, data_dir):
+    from cvserve.config import ConfigError, load_config
+    from cvserve.serving.server import ServerThread, free_port
+
+    keys = tmp_path / "keys"
+    keys.write_text("s3cret-key\n")
+    metrics = free_port()
+    cfg_file = tmp_path / "serve.yaml"
+    cfg_file.write_text(
+        f"""
+server:
+  port: {free_port()}
+  cache_dir: {model_cache}
+  api_key_file: {keys}
+  metrics_port: {metrics}
+  drain_delay_s: 0.5
+  drain_timeout_s: 10
+models:
+  - name: tiny-resnet
+"""
+    )
+    cfg = load_config(cfg_file)
+    assert (cfg.drain_delay_s, cfg.drain_timeout_s, cfg.metrics_port) == (0.5, 10, metrics)
+    jpg = (data_dir / "images" / "small" / "dog.jpg").read_bytes()
+    with ServerThread(cfg) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        assert c.post(PREDICT, content=jpg).status_code == 401
+        auth = {"authorization": "Bearer s3cret-key"}
+        assert c.post(PREDICT, content=jpg, headers=auth).status_code == 200
+        assert c.get("/metrics", headers=auth).status_code == 404  # on its own port
+        text = httpx.get(f"http://127.0.0.1:{metrics}/metrics", timeout=10).text
+        assert 'cvserve_requests_total{model="tiny-resnet",status="401"}' not in text
+        assert 'cvserve_requests_total{model="tiny-resnet",status="200"}' in text
+    for bad, match in (("tls_cert: a.pem", "both a certificate"), ("drain_delay_s: -1", ">= 0"),
+                       (f"metrics_port: {metrics}\n  port: {metrics}", "taken")):  # fmt: skip
+        cfg_file.write_text(f"server:\n  {bad}\nmodels: [{{name: m}}]\n")
+        with pytest.raises(ConfigError, match=match):
+            load_config(cfg_file)

@@ -83,8 +83,11 @@ class Servable(Protocol):
 
 #: Default admission by time (``max_wait_s=None``): refuse a request expected to wait
 #: longer than serving this many full rounds of batches (``round_rows``) at the measured
-#: rate takes. Measured with benchmarks/overload.py (resnet18, 3x capacity): see README.
-AUTO_WAIT_ROUNDS = 3.0
+#: rate takes. With 2, a model at 3x capacity holds about one batch running and one
+#: filling, the least that keeps it busy: on benchmarks/overload.py (resnet18 on the
+#: simulated device, 2 cores) accepted p99 was 1.3x the p99 at capacity with goodput 98%
+#: of capacity; with 3 rounds, 2.9x.
+AUTO_WAIT_ROUNDS = 2.0
 
 
 class ServiceRate:

@@ -29,6 +29,7 @@ import logging
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import tempfile
@@ -135,6 +136,40 @@ def bind_socket(host: str, port: int, *, reuse_port: bool = False, listen: bool 
         raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     sock.setblocking(False)
     return sock
+
+
+#: Classic BPF socket filter: drop a TCP segment with SYN set (a new handshake), pass the
+#: rest. A socket filter sees the TCP header at offset 0; byte 13 holds the flags.
+_DROP_SYN = (
+    (0x30, 0, 0, 13),  # ldb [13]
+    (0x45, 0, 1, 0x02),  # jset #SYN, next, skip 1
+    (0x06, 0, 0, 0),  # ret #0: drop
+    (0x06, 0, 0, 0xFFFFFFFF),  # ret #-1: pass
+)
+#: How long handshakes already under way get to complete before the listener closes.
+_HANDSHAKE_WAIT_S = 0.25
+_SO_ATTACH_FILTER = 26  # linux/asm-generic/socket.h
+
+
+def _refuse_handshakes(sock: socket.socket) -> bool:
+    """Attach :data:`_DROP_SYN` to a listening socket (Linux's SO_ATTACH_FILTER, no
+    privilege needed); False where there are no socket filters."""
+    import ctypes
+
+    class Insn(ctypes.Structure):  # struct sock_filter
+        _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8),
+                    ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]  # fmt: skip
+
+    if not sys.platform.startswith("linux"):
+        return False
+    prog = (Insn * len(_DROP_SYN))(*(Insn(*insn) for insn in _DROP_SYN))
+    fprog = struct.pack("HL", len(_DROP_SYN), ctypes.addressof(prog))  # struct sock_fprog
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
+    except OSError as e:
+        log.debug("no socket filter (%s): the listener closes at once", e)
+        return False
+    return True
 
 
 def _tracked_protocol() -> type:
@@ -335,8 +370,7 @@ class _Server(uvicorn.Server):
         if cfg.drain_delay_s > 0:
             log.info("stopping: not ready; serving new work for %g s more", cfg.drain_delay_s)
             await asyncio.sleep(cfg.drain_delay_s)
-        for server in getattr(self, "servers", ()):
-            server.close()  # no new connections (with reuse_port: the others get them)
+        await self._stop_listening()
         state.begin_drain()
         if not await state.drained(cfg.drain_timeout_s):
             log.warning("drain timed out with %d requests in flight", state.inflight)
@@ -344,6 +378,19 @@ class _Server(uvicorn.Server):
             log.info("drained; shutting down")
         await self._close_idle(IDLE_GRACE_S, _IDLE_WAIT_S)
         self.should_exit = True
+
+    async def _stop_listening(self) -> None:
+        """Close the listener without resetting a connection in its accept queue: refuse
+        new handshakes first (the client's SYN is dropped and sent again a second later,
+        to the port's other listeners or to nobody: refused, never reset), accept the
+        handshakes under way, then close."""
+        servers = getattr(self, "servers", ())
+        if not servers:
+            return
+        if _refuse_handshakes(self.sock):
+            await asyncio.sleep(_HANDSHAKE_WAIT_S)
+        for server in servers:
+            server.close()  # no new connections (with reuse_port: the others get them)
 
     async def _close_idle(self, grace: float, limit: float) -> None:
         """Close each connection once it has been idle ``grace`` seconds; return when none

@@ -116,9 +116,7 @@ def candidates(logits):
 
 
 @njit(cache=True, nogil=True)
-def upsample_argmax(
-    logits, start, cls, y0, y1, ly, x0, x1, lx, bands, runs, fill, out, counts
-):
+def upsample_argmax(logits, start, cls, y0, y1, ly, x0, x1, lx, bands, runs, fill, out, counts):
     """Write the argmax of the bilinear upsampling of ``logits`` into ``out`` (H, W).
 
     Rows ``bands[0] <= Y < bands[-1]`` and columns ``runs[0] <= X < runs[-1]`` are inside
@@ -266,7 +264,7 @@ def argmax_classes(logits, inside, fill, out, counts):
 
 def warm_up(dtype: np.dtype) -> float:
     """Compile (or load from the disk cache) every kernel for ``dtype`` output maps;
-    returns the seconds it took (0 when this process already had them)."""
+    returns the seconds it took (~0 when this process already had them)."""
     t0 = time.perf_counter()
     logits = np.zeros((3, 2, 2), np.float32)
     logits[1, 0, 0] = 1
