@@ -254,6 +254,32 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
         "--sim-h2d-gbps", type=float, default=None,
         help="simulated host<->device copy rate in GB/s (default: copies take no time)",
     )  # fmt: skip
+    _add_device_args(p)
+
+
+def _add_device_args(p: argparse.ArgumentParser) -> None:
+    from cvserve.config import PREPROCESS_DEVICES
+    from cvserve.runtime.providers import PROVIDER_CHOICES
+
+    p.add_argument(
+        "--device", default="cpu", metavar="cpu|cuda[:N]",
+        help="run the model on the CPU (default) or a GPU: onnxruntime's TensorRT provider "
+        "when present, else CUDA; an error at start-up when neither is (never the CPU)",
+    )  # fmt: skip
+    p.add_argument(
+        "--gpu-provider", default="auto", choices=PROVIDER_CHOICES,
+        help="with --device cuda: TensorRT when present else CUDA (auto), or only one",
+    )  # fmt: skip
+    p.add_argument("--fp16", action="store_true", help="let TensorRT build FP16 kernels")
+    p.add_argument(
+        "--trt-cache", metavar="DIR",
+        help="TensorRT engine cache (default: trt/ in the model cache)",
+    )  # fmt: skip
+    p.add_argument(
+        "--preprocess", dest="preprocess_device", default="cpu", choices=PREPROCESS_DEVICES,
+        help="decode/resize on the cpu (default), the gpu (nvJPEG; other formats and "
+        "failures fall back to the CPU per image) or auto (per image, whichever is sooner)",
+    )  # fmt: skip
 
 
 def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -380,6 +406,11 @@ def server_config_from_args(args: argparse.Namespace):
             sim_profile=getattr(args, "sim_profile", None),
             sim_devices=getattr(args, "sim_devices", 1),
             sim_h2d_gbps=getattr(args, "sim_h2d_gbps", None),
+            device=getattr(args, "device", "cpu"),
+            gpu_provider=getattr(args, "gpu_provider", "auto"),
+            fp16=getattr(args, "fp16", False),
+            trt_cache=getattr(args, "trt_cache", None),
+            preprocess_device=getattr(args, "preprocess_device", "cpu"),
         )
         for m in args.model or []
     )

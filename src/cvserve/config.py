@@ -18,6 +18,8 @@ class ConfigError(ValueError):
 
 #: Runtimes a model can be served with.
 RUNTIMES: tuple[str, ...] = ("onnxruntime", "simulated")
+#: Where a model's images can be preprocessed (``--preprocess``).
+PREPROCESS_DEVICES: tuple[str, ...] = ("cpu", "gpu", "auto")
 
 
 def queue_wait_ms(value: Any) -> float | None:
@@ -107,8 +109,21 @@ class ModelConfig:
     sim_devices: int = 1
     #: Host<->device copy rate in GB/s (no copy time when None).
     sim_h2d_gbps: float | None = None
+    #: ``cpu``, or ``cuda[:N]``: onnxruntime's TensorRT provider when present, else CUDA,
+    #: else an error at start-up (see ``cvserve.runtime.providers``).
+    device: str = "cpu"
+    #: On a GPU: ``auto`` (TensorRT, else CUDA), ``tensorrt`` or ``cuda``.
+    gpu_provider: str = "auto"
+    #: Let TensorRT build FP16 kernels.
+    fp16: bool = False
+    #: TensorRT engine cache directory (default: ``trt/`` in the model cache).
+    trt_cache: str | None = None
+    #: Where images are decoded and resized: ``cpu``, ``gpu`` (nvJPEG; other formats and
+    #: failures fall back to the CPU per image) or ``auto`` (per image, whichever is sooner).
+    preprocess_device: str = "cpu"
 
     def __post_init__(self) -> None:
+        self._check_device()
         if self.runtime not in RUNTIMES:
             raise ConfigError(
                 f"model {self.name!r}: runtime {self.runtime!r}; choose one of {', '.join(RUNTIMES)}"
@@ -134,6 +149,45 @@ class ModelConfig:
             raise ConfigError(f"model {self.name!r}: sim_devices must be an integer >= 1")
         if self.sim_h2d_gbps is not None and not self.sim_h2d_gbps > 0:
             raise ConfigError(f"model {self.name!r}: sim_h2d_gbps must be > 0")
+
+    def _check_device(self) -> None:
+        from cvserve.runtime.providers import PROVIDER_CHOICES, parse_device
+
+        try:
+            dev = parse_device(self.device)
+        except ValueError as e:
+            raise ConfigError(f"model {self.name!r}: {e}") from None
+        if self.gpu_provider not in PROVIDER_CHOICES:
+            raise ConfigError(
+                f"model {self.name!r}: gpu_provider {self.gpu_provider!r}; "
+                f"choose one of {', '.join(PROVIDER_CHOICES)}"
+            )
+        if self.preprocess_device not in PREPROCESS_DEVICES:
+            raise ConfigError(
+                f"model {self.name!r}: preprocess {self.preprocess_device!r}; "
+                f"choose one of {', '.join(PREPROCESS_DEVICES)}"
+            )
+        if dev.is_gpu and self.runtime == "simulated":
+            raise ConfigError(
+                f"model {self.name!r}: --device {self.device} runs onnxruntime on a GPU; the "
+                "simulated runtime is its own device (drop one of them)"
+            )
+        if not dev.is_gpu:
+            gpu_only = [
+                flag
+                for flag, on in (
+                    (f"--preprocess {self.preprocess_device}", self.preprocess_device != "cpu"),
+                    ("--fp16", self.fp16),
+                    ("--trt-cache", self.trt_cache is not None),
+                    (f"--gpu-provider {self.gpu_provider}", self.gpu_provider != "auto"),
+                )
+                if on
+            ]
+            if gpu_only:
+                raise ConfigError(
+                    f"model {self.name!r}: {', '.join(gpu_only)} need(s) a GPU: add "
+                    "--device cuda[:N] (device: cuda in a config file)"
+                )
 
     @property
     def store_name(self) -> str:

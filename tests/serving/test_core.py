@@ -305,10 +305,10 @@ def test_admission_refuses_by_expected_wait_and_by_deadline():
         with pytest.raises(Overloaded, match=f"expected wait 1750 ms .* max_queue_wait_ms={limit}"):
             with adm.admit():
                 pass
-        with pytest.raises(Overloaded, match="exceeds its deadline in 1000 ms") as e:
-            with adm.admit(deadline=2.0):
+        with pytest.raises(Overloaded, match="exceeds its deadline in 800 ms") as e:
+            with adm.admit(deadline=1.8):  # sooner than the wait limit: the deadline binds
                 pass
-        assert e.value.detail["limit_ms"] == 1000.0 and e.value.retry_after_s == 1
+        assert e.value.detail["limit_ms"] == 800.0 and e.value.retry_after_s == 1
         adm.max_wait_s = 0.0  # off: only the deadline counts
         with adm.admit(deadline=60.0):
             assert adm.inflight == 11

@@ -101,38 +101,41 @@ def test_open_connections_get_503_with_connection_close_not_a_reset(
     jpg = (data_dir / "images" / "small" / "dog.jpg").read_bytes()
     with Served(tmp_path, model_cache, *SLOW) as srv:
         srv.wait_ready()
-        busy = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+        busy = [http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30) for _ in "ab"]
         kept = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
         idle = socket.create_connection(("127.0.0.1", srv.port))
-        for conn in (busy, kept):  # two keep-alive connections with an answer behind them
+        for conn in (*busy, kept):  # keep-alive connections with an answer behind them
             conn.request("GET", "/healthz")
             assert conn.getresponse().read() == b'{"status":"ok"}'
         idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         assert b"200 OK" in idle.recv(4096)
         answers: list[http.client.HTTPResponse] = []
 
-        def slow() -> None:
-            busy.request("POST", PREDICT, body=jpg, headers={"content-type": "image/jpeg"})
-            resp = busy.getresponse()
+        def slow(conn: http.client.HTTPConnection) -> None:
+            conn.request("POST", PREDICT, body=jpg, headers={"content-type": "image/jpeg"})
+            resp = conn.getresponse()
             resp.read()
             answers.append(resp)
 
-        inflight = threading.Thread(target=slow)
-        inflight.start()
-        queued = f'cvserve_queue_depth{{model="{MODEL}"}} 1.0'
-        wait_for(lambda: queued in httpx.get(srv.url + "/metrics").text, 30, "a request in flight")
+        # Two requests one after the other on the accelerator: 3 s in flight in all.
+        inflight = [threading.Thread(target=slow, args=(conn,)) for conn in busy]
+        for t in inflight:
+            t.start()
+        queued = f'cvserve_queue_depth{{model="{MODEL}"}} 2.0'
+        wait_for(lambda: queued in httpx.get(srv.url + "/metrics").text, 30, "requests in flight")
         srv.sigterm()
         # (no connection attempt here: the closing listener drops new handshakes)
-        wait_for(lambda: srv.lines("draining: 1 requests in flight"), 30, "the listener closed")
+        wait_for(lambda: srv.lines("draining: 2 requests in flight"), 30, "the drain")
         # New work on a connection that is still open: told to go, and the connection
         # closed after the answer, not reset under the request.
         kept.request("POST", PREDICT, body=jpg, headers={"content-type": "image/jpeg"})
         r = kept.getresponse()
         assert r.status == 503 and r.getheader("connection") == "close"
         assert b'"kind":"draining"' in r.read()
-        inflight.join(60)
-        assert answers and answers[0].status == 200  # in flight at SIGTERM: answered
-        assert answers[0].getheader("connection") == "close"
+        for t in inflight:
+            t.join(60)
+        assert [a.status for a in answers] == [200, 200]  # in flight at SIGTERM: answered
+        assert all(a.getheader("connection") == "close" for a in answers)
         assert srv.wait(60) == 0
         # The idle keep-alive connection was closed with a FIN, not a reset.
         idle.settimeout(10)

@@ -50,6 +50,15 @@ class OrtOptions:
     allow_spinning: bool = False
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     graph_optimization: str = "all"  # "disable" | "basic" | "extended" | "all"
+    #: ``cpu`` or ``cuda[:N]``; a GPU takes its providers from
+    #: :func:`cvserve.runtime.providers.select_providers` (``providers`` is then ignored).
+    device: str = "cpu"
+    #: On a GPU: ``auto`` (TensorRT when present, else CUDA), ``tensorrt`` or ``cuda``.
+    gpu_provider: str = "auto"
+    #: TensorRT builds FP16 kernels (where they are faster).
+    fp16: bool = False
+    #: TensorRT's engine and timing caches live here (no cache when None).
+    trt_cache: str | None = None
 
 
 class OrtRuntime:
@@ -75,9 +84,7 @@ class OrtRuntime:
             "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }[options.graph_optimization]
-        available = set(ort.get_available_providers())
-        providers = [p for p in options.providers if p in available] or ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(path), so, providers=providers)
+        self.session = _open_session(ort, str(path), so, options)
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
             raise ValueError(f"{path}: expected one image input, found {len(inputs)}")
@@ -106,3 +113,47 @@ class OrtRuntime:
         ):
             raise RuntimeInputError(f"input shape {list(batch.shape)}, model wants {want}")
         return self.session.run(self.output_names, {self.input_name: batch})
+
+
+def _open_session(ort, path: str, so, options: OrtOptions):
+    """An InferenceSession on ``options.device``: never a CPU session when a GPU was asked."""
+    from cvserve.runtime.providers import (
+        check_session_providers,
+        parse_device,
+        select_providers,
+    )
+
+    device = parse_device(options.device)
+    if not device.is_gpu:
+        available = set(ort.get_available_providers())
+        providers = [p for p in options.providers if p in available] or ["CPUExecutionProvider"]
+        return ort.InferenceSession(path, so, providers=providers)
+    chosen = select_providers(
+        device,
+        ort.get_available_providers(),
+        want=options.gpu_provider,
+        fp16=options.fp16,
+        trt_cache=options.trt_cache,
+    )
+    if options.trt_cache:
+        Path(options.trt_cache).expanduser().mkdir(parents=True, exist_ok=True)
+    _preload_cuda_libraries(ort)
+    session = ort.InferenceSession(
+        path, so, providers=[n for n, _ in chosen], provider_options=[o for _, o in chosen]
+    )
+    check_session_providers(device, chosen, session.get_providers())
+    log.info("%s on %s: providers %s", path, device, session.get_providers())
+    return session
+
+
+def _preload_cuda_libraries(ort) -> None:
+    """Load the CUDA/cuDNN libraries that pip installed (the nvidia-* wheels of the ``gpu``
+    extra) before the first GPU session, as onnxruntime-gpu asks when they are not on the
+    system's library path. Not yet run on a GPU."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    try:
+        preload()
+    except Exception as e:  # a system-wide CUDA install may need none of them
+        log.debug("onnxruntime.preload_dlls(): %s", e)

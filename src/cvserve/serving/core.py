@@ -84,9 +84,9 @@ class Servable(Protocol):
 #: Default admission by time (``max_wait_s=None``): refuse a request expected to wait
 #: longer than serving this many full rounds of batches (``round_rows``) at the measured
 #: rate takes. With 2, a model at 3x capacity holds about one batch running and one
-#: filling, the least that keeps it busy: on benchmarks/overload.py (resnet18 on the
-#: simulated device, 2 cores) accepted p99 was 1.3x the p99 at capacity with goodput 98%
-#: of capacity; with 3 rounds, 2.9x.
+#: filling, the least that keeps it busy. benchmarks/overload.py --quick on a shared,
+#: noisy 2-core machine: accepted p99 1.4-1.5x the p99 at capacity (resnet18), 1.3-2.5x
+#: (resnet18 on the simulated device); with 3 rounds 2.9x, with a count limit only 7-10x.
 AUTO_WAIT_ROUNDS = 2.0
 
 

@@ -370,8 +370,8 @@ class _Server(uvicorn.Server):
         if cfg.drain_delay_s > 0:
             log.info("stopping: not ready; serving new work for %g s more", cfg.drain_delay_s)
             await asyncio.sleep(cfg.drain_delay_s)
-        await self._stop_listening()
         state.begin_drain()
+        await self._stop_listening()
         if not await state.drained(cfg.drain_timeout_s):
             log.warning("drain timed out with %d requests in flight", state.inflight)
         else:
