@@ -151,11 +151,14 @@ class AutoPolicy:
             self._queued[where] += self.costs[where](pixels)
         return where
 
-    def done(self, where: str, pixels: int, seconds: float, estimated: bool = True) -> None:
-        """Record a measured time; releases the queued estimate that :meth:`decide` added."""
+    def done(self, where: str, pixels: int, seconds: float | None, estimated: bool = True) -> None:
+        """Release the queued estimate that :meth:`decide` added (``estimated``) and
+        record a measured time (None: the attempt failed, nothing learnt)."""
         with self._lock:
             if estimated:
                 self._queued[where] = max(0.0, self._queued[where] - self.costs[where](pixels))
+            if seconds is None:
+                return
             fit = self._fit[where]
             fit.add(pixels / 1e6, seconds, self.alpha)
             est = fit.line()
@@ -167,6 +170,7 @@ class AutoPolicy:
 class _EwFit:
     """Exponentially weighted least squares of ``y = a + b x``."""
 
+    count: int = 0
     n: float = 0.0
     sx: float = 0.0
     sy: float = 0.0
@@ -175,6 +179,7 @@ class _EwFit:
 
     def add(self, x: float, y: float, alpha: float) -> None:
         k = 1.0 - alpha
+        self.count += 1
         self.n = self.n * k + 1.0
         self.sx = self.sx * k + x
         self.sy = self.sy * k + y
@@ -182,7 +187,7 @@ class _EwFit:
         self.sxy = self.sxy * k + x * y
 
     def line(self) -> tuple[float, float] | None:
-        if self.n < 8:
+        if self.count < 8:
             return None
         var = self.n * self.sxx - self.sx * self.sx
         if var <= 1e-12 * max(1.0, self.n * self.sxx):  # one size only: keep the slope
@@ -433,7 +438,7 @@ class GpuPreprocessor:
             meta = self._run_device(data, host_buffer, index)
             if self.policy is not None:
                 took = time.perf_counter() - t0
-                self.policy.done("gpu", pixels, took if meta is not None else 0.0)
+                self.policy.done("gpu", pixels, took if meta is not None else None)
             if meta is not None:
                 self._count("gpu")
                 return meta
@@ -489,7 +494,6 @@ class GpuPreprocessor:
                 for k, v in self.policy.costs.items()
             }
         return out
-
 
 
 class NvImageCodecBackend:

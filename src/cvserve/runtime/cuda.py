@@ -111,7 +111,12 @@ class CudaRuntime(OrtRuntime):
     """One GPU session (one model instance) fed through IO binding. Not yet run on a GPU."""
 
     def __init__(
-        self, path: str | Path, options: OrtOptions, buffers: DeviceBuffers | None = None
+        self,
+        path: str | Path,
+        options: OrtOptions,
+        buffers: DeviceBuffers | None = None,
+        *,
+        max_batch: int = 1,
     ) -> None:
         device = parse_device(options.device)
         if not device.is_gpu:
@@ -121,8 +126,10 @@ class CudaRuntime(OrtRuntime):
         self.cp = import_cupy()
         shape = tuple(int(d) for d in self.input_shape[1:] if isinstance(d, int))
         if len(shape) != len(self.input_shape) - 1:
-            raise ValueError(f"{path}: the GPU path needs a fixed input row, got {self.input_shape}")
-        self.buffers = buffers or DeviceBuffers(device.index, 1, shape, self.input_dtype)
+            raise ValueError(
+                f"{path}: the GPU path needs a fixed input row, got {self.input_shape}"
+            )
+        self.buffers = buffers or DeviceBuffers(device.index, max_batch, shape, self.input_dtype)
         with self.cp.cuda.Device(device.index):
             self.stream = self.cp.cuda.Stream(non_blocking=True)
         self.last_stages: dict[str, float] | None = None
@@ -138,8 +145,6 @@ class CudaRuntime(OrtRuntime):
         host = batch.base if isinstance(batch.base, np.ndarray) else batch
         if host.__array_interface__["data"][0] != batch.__array_interface__["data"][0]:
             host = batch  # not the start of a batcher buffer: treat the view as its own
-        if n > self.buffers.rows and host is batch:
-            host = np.ascontiguousarray(batch)
         cp = self.cp
         with cp.cuda.Device(self.device.index):
             t0 = time.perf_counter()

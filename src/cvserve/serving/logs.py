@@ -21,10 +21,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "REQUEST_ID",
     "ContextExecutor",
     "RequestLog",
     "capture_warnings",
     "current",
+    "end_request",
+    "log_failure",
+    "log_warnings",
     "logfmt",
     "request_id",
     "start_request",

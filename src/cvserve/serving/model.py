@@ -74,6 +74,9 @@ class ModelServer:
         self.heavy = self.head.heavy
         b = config.batching
         runtimes = _make_runtimes(onnx_path, config)
+        #: ``--preprocess gpu|auto``: JPEGs decoded and resized on the device (per image).
+        self.gpu_preprocessor = _make_gpu_preprocessor(config, spec, self.preprocessor,
+                                                       runtimes, pool)  # fmt: skip
         shape = runtimes[0].input_shape
         if len(shape) != len(spec.input_shape) + 1 or any(
             isinstance(d, int) and d != s for d, s in zip(shape[1:], spec.input_shape, strict=True)
@@ -197,6 +200,8 @@ class ModelServer:
             )
 
     def _fill(self, slot: Slot, data: bytes) -> _Filled:
+        if self.gpu_preprocessor is not None:
+            return _Filled(slot, self.gpu_preprocessor.run(data, slot.batch.buf, slot.index))
         return _Filled(slot, self.preprocessor.run(data, slot.view))
 
     def _fill_tensor(self, slot: Slot, row: np.ndarray) -> _Filled:
@@ -245,9 +250,13 @@ class ModelServer:
 
     def runtime_description(self) -> dict[str, Any]:
         rt = self._runtimes[0]
-        if isinstance(rt, SimulatedRuntime):
-            return rt.describe()
-        return {"kind": "onnxruntime", "simulated": False, "providers": list(rt.providers)}
+        if isinstance(rt, SimulatedRuntime) or hasattr(rt, "describe"):
+            out = rt.describe()
+        else:
+            out = {"kind": "onnxruntime", "simulated": False, "providers": list(rt.providers)}
+        if self.gpu_preprocessor is not None:
+            out["preprocess"] = self.gpu_preprocessor.describe()
+        return out
 
 
 def _make_runtimes(onnx_path: str, config: ModelConfig) -> list:
@@ -264,8 +273,45 @@ def _make_runtimes(onnx_path: str, config: ModelConfig) -> list:
             device.profile.source,
         )
         return [SimulatedRuntime(onnx_path, device, model=model) for _ in range(n)]
+    if config.device != "cpu":
+        return _make_gpu_runtimes(onnx_path, config)
     threads = config.intra_op_threads or max(1, (os.cpu_count() or 1) // n)
     return [OrtRuntime(onnx_path, OrtOptions(intra_op_threads=threads)) for _ in range(n)]
+
+
+def _make_gpu_runtimes(onnx_path: str, config: ModelConfig) -> list:
+    """One GPU session per instance, sharing the device twins of the batch buffers. Fails
+    at start-up (DeviceUnavailable) when no GPU provider can run: never a CPU session."""
+    from pathlib import Path
+
+    from cvserve.runtime.cuda import CudaRuntime
+
+    trt_cache = config.trt_cache or str(Path(onnx_path).parent / "trt")
+    options = OrtOptions(intra_op_threads=config.intra_op_threads or 1, device=config.device,
+                         gpu_provider=config.gpu_provider, fp16=config.fp16,
+                         trt_cache=trt_cache)  # fmt: skip
+    runtimes: list = []
+    buffers = None
+    for _ in range(config.batching.instances):
+        rt = CudaRuntime(onnx_path, options, buffers,
+                         max_batch=config.batching.max_batch_size)  # fmt: skip
+        buffers = rt.buffers
+        runtimes.append(rt)
+    return runtimes
+
+
+def _make_gpu_preprocessor(config: ModelConfig, spec, cpu: Preprocessor, runtimes, pool):
+    """``--preprocess gpu|auto``: a GpuPreprocessor writing into the runtimes' device
+    buffers; None for ``cpu``."""
+    if config.preprocess_device == "cpu":
+        return None
+    from cvserve.images.gpu import AutoPolicy, GpuPreprocessor, NvImageCodecBackend
+
+    rt = runtimes[0]
+    backend = NvImageCodecBackend(rt.buffers, rt.device.index)
+    mode = config.preprocess_device
+    policy = AutoPolicy(cpu_workers=getattr(pool, "threads", 1)) if mode == "auto" else None
+    return GpuPreprocessor(spec, backend, cpu, mode=mode, policy=policy)
 
 
 def charge_batch(trace: Trace, info: BatchInfo) -> None:
