@@ -203,10 +203,11 @@ def _add_batching_args(p: argparse.ArgumentParser) -> None:
         help="requests admitted per model before new ones get 429",
     )  # fmt: skip
     p.add_argument(
-        "--max-queue-wait-ms", type=_queue_wait, default=d.max_queue_wait_ms, metavar="MS|auto",
+        "--max-queue-wait-ms", type=_queue_wait, default=argparse.SUPPRESS, metavar="MS|auto",
         help="429 at once for a request whose expected wait (requests ahead / measured "
-        "service rate + one batch) exceeds MS or its deadline; auto (default): the time to "
-        "serve 2 full rounds of batches; 0: off, only --max-queue counts",
+        "service rate + one batch) exceeds MS or its deadline; auto (models' default): the "
+        "time to serve 2 full rounds of batches; 0 (pipelines' default): off, only the "
+        "deadline and --max-queue count",
     )  # fmt: skip
     p.add_argument(
         "--timeout-ms", type=float, default=d.timeout_ms,
@@ -388,13 +389,17 @@ def server_config_from_args(args: argparse.Namespace):
         return replace(cfg, host=args.host, port=args.port, **overrides)
     if not args.model and not args.pipeline:
         raise ConfigError("nothing to serve: pass --model, --pipeline or --config")
+    # unset: each its own default (models: auto; pipelines: off)
+    queue_wait = (
+        {"max_queue_wait_ms": args.max_queue_wait_ms} if "max_queue_wait_ms" in args else {}
+    )
     batching = BatchConfig(
         max_batch_size=args.max_batch,
         max_delay_ms=args.max_delay_ms,
         instances=args.instances,
         max_queue=args.max_queue,
         timeout_ms=args.timeout_ms,
-        max_queue_wait_ms=args.max_queue_wait_ms,
+        **queue_wait,
     )
     models = tuple(
         ModelConfig(
@@ -422,7 +427,7 @@ def server_config_from_args(args: argparse.Namespace):
             cores=args.pipeline_cores,
             timeout_ms=args.timeout_ms,
             max_queue=args.max_queue,
-            max_queue_wait_ms=args.max_queue_wait_ms,
+            **queue_wait,
         )  # fmt: skip
         for p in args.pipeline or []
     )

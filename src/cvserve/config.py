@@ -219,9 +219,11 @@ class PipelineConfig:
     broker_outage_ms: int = 5_000
     max_queue: int = 64
     timeout_ms: float = 30_000.0
-    #: As a model's (``BatchConfig.max_queue_wait_ms``); "auto" counts rounds of the
-    #: preprocessing pool's threads (stage A runs there).
-    max_queue_wait_ms: float | None = None
+    #: As a model's (``BatchConfig.max_queue_wait_ms``), but off (0) by default: a
+    #: pipeline's requests fan out into a number of items that varies per image, so
+    #: requests per second predict its wait poorly; the deadline still refuses at once.
+    #: "auto" counts rounds of the preprocessing pool's threads (stage A runs there).
+    max_queue_wait_ms: float | None = 0.0
     #: The widest one DNN call of a stage may run (0: all of ``cores``).
     intra_op_threads: int = 0
     #: Cores the stages' DNN calls share in each process (``runtime.budget``): 0, all this

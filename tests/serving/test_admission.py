@@ -203,6 +203,12 @@ def test_flags_and_config_keys():
     assert cfg.resolved_pixels_in_flight() == 100_000_000
     off = server_config_from_args(_serve_args("--max-queue-wait-ms", "0"))
     assert off.models[0].batching.max_queue_wait_ms == 0.0
+    # a pipeline's wait is off unless asked for (its fan-out varies per image)
+    both = server_config_from_args(_serve_args("--pipeline", "ocr"))
+    assert both.models[0].batching.max_queue_wait_ms is None
+    assert both.pipelines[0].max_queue_wait_ms == 0.0
+    auto = server_config_from_args(_serve_args("--pipeline", "ocr", "--max-queue-wait-ms", "auto"))
+    assert auto.pipelines[0].max_queue_wait_ms is None
     with pytest.raises(SystemExit):
         _serve_args("--max-queue-wait-ms", "-5")
     with pytest.raises(ConfigError, match="max_pixels_in_flight"):

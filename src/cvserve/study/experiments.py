@@ -198,8 +198,13 @@ def share(metrics: dict[str, Any], stages: tuple[str, ...]) -> float:
     return 100.0 * _sum(metrics.get("breakdown_ms", {}), stages) / mean if mean else 0.0
 
 
+#: The study measures queueing as the paper did: requests wait instead of being refused
+#: for the time they are expected to wait (cvserve's default refuses those with a 429).
+QUEUE_ALL = ("--max-queue-wait-ms", "0")
+
+
 def _model_server(key: str, model: str, *extra: str) -> ServerSpec:
-    return ServerSpec(key=key, args=("--model", model, *extra))
+    return ServerSpec(key=key, args=("--model", model, *QUEUE_ALL, *extra))
 
 
 # --- 1. setups (paper Fig. 3) -----------------------------------------------------------------
@@ -292,7 +297,7 @@ def _models_plans(ctx: StudyContext, result: ExperimentResult) -> list[PointPlan
     args: list[str] = []
     for m in s.models:
         args += ["--model", m]
-    server = ServerSpec(key="models", args=tuple(args))
+    server = ServerSpec(key="models", args=(*args, *QUEUE_ALL))
     return [
         PointPlan(
             id=m,
@@ -610,7 +615,8 @@ def _accel_plans(ctx: StudyContext, result: ExperimentResult) -> list[PointPlan]
     profiles = result.derived.get("profiles", {})
     models = "\n".join(
         f"  - {{name: {s.model}-{name}, model: {s.model}, runtime: simulated, "
-        f'sim_profile: "{p["file"]}", max_batch_size: {s.accel_max_batch}, max_queue: 512}}'
+        f'sim_profile: "{p["file"]}", max_batch_size: {s.accel_max_batch}, max_queue: 512, '
+        f"max_queue_wait_ms: 0}}"
         for name, p in profiles.items()
     )
     server = ServerSpec(key="accelerator", config=f"models:\n{models}\n")
