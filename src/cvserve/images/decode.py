@@ -75,10 +75,25 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def _jpeg_precision(data: bytes) -> int | None:
-    """Sample precision from the first SOF marker of a JPEG, or None if none found."""
-    i = 2
-    n = len(data)
+#: JPEG frame headers (SOF markers): every coding process, Huffman and arithmetic.
+JPEG_SOF = (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)
+
+
+@dataclass(frozen=True)
+class JpegHeader:
+    """What a JPEG's frame header declares: size, precision and coding (SOF marker)."""
+
+    width: int
+    height: int
+    precision: int
+    sof: int
+
+
+def jpeg_header(data: bytes) -> JpegHeader | None:
+    """The first frame header of a JPEG, read without decoding; None when there is none."""
+    if not data.startswith(b"\xff\xd8\xff"):
+        return None
+    i, n = 2, len(data)
     while i + 9 < n:
         if data[i] != 0xFF:
             i += 1
@@ -88,8 +103,10 @@ def _jpeg_precision(data: bytes) -> int | None:
             i += 1 if marker == 0xFF else 2
             continue
         seg_len = int.from_bytes(data[i + 2 : i + 4], "big")
-        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
-            return data[i + 4]
+        if marker in JPEG_SOF:
+            h = int.from_bytes(data[i + 5 : i + 7], "big")
+            w = int.from_bytes(data[i + 7 : i + 9], "big")
+            return JpegHeader(w, h, data[i + 4], marker)
         i += 2 + seg_len
     return None
 
@@ -123,9 +140,10 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image
     except Image.DecompressionBombError as e:
         raise ImageTooLarge(f"image declares too many pixels: {e}", max_pixels=max_pixels) from None
     except UnidentifiedImageError:
-        if fmt == "JPEG" and _jpeg_precision(data) not in (None, 8):
+        head = jpeg_header(data) if fmt == "JPEG" else None
+        if head is not None and head.precision != 8:
             raise UnsupportedImageType(
-                f"{_jpeg_precision(data)}-bit JPEG is not supported (8-bit only)"
+                f"{head.precision}-bit JPEG is not supported (8-bit only)"
             ) from None
         raise UndecodableImage(f"cannot decode {fmt} image: corrupt or truncated header") from None
     except ValueError as e:

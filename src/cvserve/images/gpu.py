@@ -37,7 +37,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from cvserve.images.decode import sniff_format
+from cvserve.images.decode import jpeg_header, sniff_format
 from cvserve.images.preprocess import ImageMeta, Preprocessor
 from cvserve.images.spec import PreprocessSpec
 from cvserve.images.transforms import crop_box, resized_size
@@ -58,45 +58,12 @@ __all__ = [
     "route",
 ]
 
-_SOF = (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)
 #: SOF markers nvJPEG decodes: baseline, extended and progressive Huffman (not lossless,
 #: not arithmetic coding).
 _NVJPEG_SOF = (0xC0, 0xC1, 0xC2)
 
 
-# --- which images go to the device --------------------------------------------------------
-@dataclass(frozen=True)
-class JpegHeader:
-    """What a JPEG's frame header declares: size, precision and coding (SOF marker)."""
-
-    width: int
-    height: int
-    precision: int
-    sof: int
-
-
-def jpeg_header(data: bytes) -> JpegHeader | None:
-    """The first frame header of a JPEG, read without decoding; None when there is none."""
-    if not data.startswith(b"\xff\xd8\xff"):
-        return None
-    i, n = 2, len(data)
-    while i + 9 < n:
-        if data[i] != 0xFF:
-            i += 1
-            continue
-        marker = data[i + 1]
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
-            i += 1 if marker == 0xFF else 2
-            continue
-        seg_len = int.from_bytes(data[i + 2 : i + 4], "big")
-        if marker in _SOF:
-            h = int.from_bytes(data[i + 5 : i + 7], "big")
-            w = int.from_bytes(data[i + 7 : i + 9], "big")
-            return JpegHeader(w, h, data[i + 4], marker)
-        i += 2 + seg_len
-    return None
-
-
+# --- which images go to the device (jpeg_header: cvserve.images.decode) -----------------
 @dataclass(frozen=True)
 class LinearCost:
     """Seconds to preprocess one image on one path: ``fixed_s + per_mpix_s * megapixels``."""

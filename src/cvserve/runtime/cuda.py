@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from cvserve.images.gpu import read_mark
-from cvserve.runtime.onnx import OrtOptions, OrtRuntime, RuntimeInputError
+from cvserve.runtime.onnx import OrtOptions, OrtRuntime, check_input
 from cvserve.runtime.providers import DeviceUnavailable, parse_device
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ class CudaRuntime(OrtRuntime):
 
     def run(self, batch: np.ndarray) -> list[np.ndarray]:
         self.last_stages = None
-        self._check(batch)
+        check_input(batch, self.input_dtype, self.input_shape)
         n = int(batch.shape[0])
         host = batch.base if isinstance(batch.base, np.ndarray) else batch
         if host.__array_interface__["data"][0] != batch.__array_interface__["data"][0]:
@@ -191,12 +191,3 @@ class CudaRuntime(OrtRuntime):
                 if k < n and src != k:
                     dev[k][...] = dev[src]  # later rows never read an earlier k (src >= k)
         return dev[:n]
-
-    def _check(self, batch: np.ndarray) -> None:
-        if str(batch.dtype) != self.input_dtype:
-            raise RuntimeInputError(f"input dtype {batch.dtype}, model wants {self.input_dtype}")
-        want = self.input_shape
-        if batch.ndim != len(want) or any(
-            isinstance(w, int) and w != g for w, g in zip(want[1:], batch.shape[1:], strict=True)
-        ):
-            raise RuntimeInputError(f"input shape {list(batch.shape)}, model wants {want}")

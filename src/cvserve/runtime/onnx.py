@@ -105,14 +105,19 @@ class OrtRuntime:
         ]
 
     def run(self, batch: np.ndarray) -> list[np.ndarray]:
-        if str(batch.dtype) != self.input_dtype:
-            raise RuntimeInputError(f"input dtype {batch.dtype}, model wants {self.input_dtype}")
-        want = self.input_shape
-        if batch.ndim != len(want) or any(
-            isinstance(w, int) and w != g for w, g in zip(want[1:], batch.shape[1:], strict=True)
-        ):
-            raise RuntimeInputError(f"input shape {list(batch.shape)}, model wants {want}")
+        check_input(batch, self.input_dtype, self.input_shape)
         return self.session.run(self.output_names, {self.input_name: batch})
+
+
+def check_input(batch: np.ndarray, dtype: str, shape: list) -> None:
+    """Raise :class:`RuntimeInputError` unless ``batch`` has the model's input ``dtype``
+    and ``shape`` (batch axis free; None or a name where the graph leaves one open)."""
+    if str(batch.dtype) != dtype:
+        raise RuntimeInputError(f"input dtype {batch.dtype}, model wants {dtype}")
+    if batch.ndim != len(shape) or any(
+        isinstance(w, int) and w != g for w, g in zip(shape[1:], batch.shape[1:], strict=True)
+    ):
+        raise RuntimeInputError(f"input shape {list(batch.shape)}, model wants {shape}")
 
 
 def _open_session(ort, path: str, so, options: OrtOptions):

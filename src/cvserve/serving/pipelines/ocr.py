@@ -143,8 +143,9 @@ class OcrRecStage:
         # The result headers carry two numbers: inference, and all the rest of the step.
         # Time waiting for a core is neither: the server counts it in the broker hop, with
         # the rest of the time the items waited for this stage.
-        infer = read.stages.get("infer", 0.0) - waited_for_cores(self.options)
+        infer = read.stages.get("infer", 0.0)
         post = sum(read.stages.values()) - infer
+        infer -= waited_for_cores(self.options)
         n = len(messages)
         return [
             m.reply(
