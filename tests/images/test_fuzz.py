@@ -9,10 +9,10 @@ Deterministic in CI: a fixed number of examples, derandomized, no example databa
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import DATA  # the shared data: $CVSERVE_DATA or ../shared/data
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -20,7 +20,6 @@ from PIL import Image
 from cvserve.images.budget import PixelBudget
 from cvserve.images.decode import BACKENDS, ImageError, decode
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 FUZZ = settings(
     max_examples=250,
     deadline=None,
