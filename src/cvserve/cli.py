@@ -496,9 +496,9 @@ def _add_worker_parser(sub: argparse._SubParsersAction) -> None:
 def _add_cores_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--pipeline-cores", type=int, default=0, metavar="N",
-        help="cores a pipeline's DNN calls share in this process: each call runs on all "
-        "of them when they are free, else on one (0: all this process may use; -1: no "
-        "budget, every session takes onnxruntime's threads)",
+        help="cores a pipeline's DNN calls share in this process: a call that is alone "
+        "runs on all of them, the others on one each (0: all this process may use; -1: "
+        "no budget, every session takes onnxruntime's threads)",
     )  # fmt: skip
 
 
