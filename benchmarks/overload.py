@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import statistics
 import sys
@@ -144,12 +145,24 @@ def main() -> int:
         "default: one variant with cvserve's defaults)",
     )  # fmt: skip
     p.add_argument("--serve-args", default="", help="`cvserve serve` flags of every variant")
+    p.add_argument(
+        "--server-cpus", default=None, metavar="0,1",
+        help="pin the server to these CPUs and this script (the load generator) to the "
+        "others (Linux), so that the client's work does not take the server's cores",
+    )  # fmt: skip
     p.add_argument("--quick", action="store_true", help="one short repeat (development)")
     p.add_argument("--out", default=str(HERE / "results" / "overload.json"))
     a = p.parse_args()
     if a.quick:
         a.concurrency, a.capacity_duration, a.duration, a.warmup, a.repeats = "8", 6.0, 15.0, 2.0, 1
 
+    server_cpus = None
+    if a.server_cpus:
+        server_cpus = {int(c) for c in a.server_cpus.split(",")}
+        client_cpus = os.sched_getaffinity(0) - server_cpus
+        if not client_cpus:
+            p.error(f"--server-cpus {a.server_cpus} leaves no CPU for the load generator")
+        os.sched_setaffinity(0, client_cpus)  # before the bench starts its threads
     variants = dict(v.partition("=")[::2] for v in a.variant or ["default="])
     conc = [int(c) for c in a.concurrency.split(",")]
     store.ensure_built(a.model, a.cache_dir, progress=lambda s: print(s, file=sys.stderr))
@@ -160,7 +173,7 @@ def main() -> int:
             args = ["--model", a.model, *shlex.split(a.serve_args), *shlex.split(variants[name])]
             if a.cache_dir:
                 args += ["--cache-dir", a.cache_dir]
-            with ServerProcess(args, port=free_port()) as srv:
+            with ServerProcess(args, port=free_port(), cpus=server_cpus) as srv:
                 cap = capacity(srv.url, a.model, a.images, conc, a)
                 over = overload(srv.url, a.model, a.images, a.factor * cap["capacity_rps"], a)
             run = {"repeat": rep, "variant": name, "serve_args": variants[name],

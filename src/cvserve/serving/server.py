@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import signal
 import socket
 import ssl
@@ -518,8 +519,17 @@ class ServerProcess:
     """``cvserve serve`` in a child process (benchmarks and the demo: the load generator
     must not share a GIL with the server it measures)."""
 
-    def __init__(self, serve_args: list[str], port: int | None = None, host: str = "127.0.0.1"):
+    def __init__(
+        self,
+        serve_args: list[str],
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        cpus: set[int] | None = None,
+    ):
+        """``cpus``: the CPUs the server may run on (Linux; default: the caller's), so
+        that a load generator on the others does not take the server's cores."""
         self.port = port or free_port(host)
+        self.cpus = cpus
         self.host = host
         self.args = [sys.executable, "-m", "cvserve", "serve", "--host", host,
                      "--port", str(self.port), *serve_args]  # fmt: skip
@@ -532,7 +542,13 @@ class ServerProcess:
         return f"{self.scheme}://{self.host}:{self.port}"
 
     def start(self, timeout: float = 300.0) -> ServerProcess:
-        self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT)
+        cpus = self.cpus
+        self.proc = subprocess.Popen(
+            self.args,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus),
+        )
         # readiness only: whoever wants the certificate checked checks it themselves
         ctx = ssl._create_unverified_context() if self.scheme == "https" else None
         deadline = time.monotonic() + timeout
