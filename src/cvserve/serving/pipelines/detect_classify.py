@@ -68,6 +68,7 @@ class DetectStage:
     def run(self, data: bytes) -> FanOut:
         spec = self.meta.preprocess
         x = np.empty((1, *spec.input_shape), np.float32)
+        waited_for_cores(self.options)  # forget what a call that raised on this thread left
         t0 = time.perf_counter()
         # The crops need the picture too: decode once, preprocess from the decoded image.
         dec = decode(data, max_pixels=self.max_pixels, backend="pil")
@@ -119,6 +120,7 @@ class ClassifyStage:
         self.labels = self.meta.labels
 
     def run(self, messages: list[Message]) -> list[Message]:
+        waited_for_cores(self.options)  # forget what a call that raised on this thread left
         t0 = time.perf_counter()
         x = np.empty((len(messages), *self.spec.input_shape), self.spec.dtype)
         for i, m in enumerate(messages):

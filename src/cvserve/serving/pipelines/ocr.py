@@ -101,6 +101,7 @@ class OcrDetStage:
     def run(self, data: bytes) -> FanOut:
         from cvserve.tasks.ocr import detect
 
+        waited_for_cores(self.options)  # forget what a call that raised on this thread left
         t0 = time.perf_counter()
         rgb = np.asarray(decode(data, max_pixels=self.max_pixels, backend="pil").image)
         t1 = time.perf_counter()
@@ -138,6 +139,7 @@ class OcrRecStage:
     def run(self, messages: list[Message]) -> list[Message]:
         from cvserve.tasks.ocr import recognize
 
+        waited_for_cores(self.options)  # forget what a call that raised on this thread left
         crops = [m.arrays["crop"] for m in messages]
         read = recognize(crops, self.rec, self.labels, self.cfg.rec, self.cls)
         # The result headers carry two numbers: inference, and all the rest of the step.
