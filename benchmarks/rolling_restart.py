@@ -24,11 +24,8 @@ Writes benchmarks/results/rolling_restart.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -40,51 +37,10 @@ from rich.table import Table
 
 from cvserve.bench.results import write_benchmark
 from cvserve.models import store
-from cvserve.serving.server import free_port
+from cvserve.serving.server import ServerProcess, free_port
 
 HERE = Path(__file__).resolve().parent
 LOST = ("reset", "disconnected", "timeout", "other")
-
-
-class Replica:
-    """One ``cvserve serve`` process; its output goes to a temporary file."""
-
-    def __init__(self, name: str, args: list[str]) -> None:
-        self.name = name
-        self.log = tempfile.TemporaryFile("w+b")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cvserve", "serve", *args],
-            stdout=self.log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-
-    def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read().decode(errors="replace")
-
-    def wait_ready(self, url: str, timeout: float = 300) -> float:
-        """Poll ``url`` (a /readyz) until 200; seconds it took."""
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"{self.name} exited with {self.proc.returncode}:\n{self.output()}"
-                )
-            try:
-                if httpx.get(url, timeout=1).status_code == 200:
-                    return time.monotonic() - t0
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise TimeoutError(f"{self.name} not ready after {timeout} s:\n{self.output()[-3000:]}")
-
-    def stop(self, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
 
 
 def classify(e: Exception) -> str:
@@ -119,8 +75,8 @@ def load(url: str, model: str, images: list[bytes], k: int, stop: threading.Even
                 time.sleep(0.02)  # nobody listens: do not spin
 
 
-def serve_args(a: argparse.Namespace, mode: str, port: int, metrics_port: int) -> list[str]:
-    args = ["--model", a.model, "--port", str(port), "--max-batch", "8", "--max-delay-ms", "5"]
+def serve_args(a: argparse.Namespace, mode: str, metrics_port: int) -> list[str]:
+    args = ["--model", a.model, "--max-batch", "8", "--max-delay-ms", "5"]
     if a.cache_dir:
         args += ["--cache-dir", a.cache_dir]
     if a.drain_delay:
@@ -136,8 +92,7 @@ def run_once(a: argparse.Namespace, mode: str, images: list[bytes]) -> dict:
     ports = {"old": free_port(), "new": free_port()}
     ready = {n: f"http://127.0.0.1:{p}/readyz" if mode == "reuseport" else f"{url}/readyz"
              for n, p in ports.items()}  # fmt: skip
-    old = Replica("old", serve_args(a, mode, port, ports["old"]))
-    old.wait_ready(ready["old"])
+    old = ServerProcess(serve_args(a, mode, ports["old"]), port=port).start(ready_url=ready["old"])
     outcomes: list[tuple[float, str]] = []
     lock, stop = threading.Lock(), threading.Event()
     clients = [threading.Thread(target=load, args=(url, a.model, images, k, stop, outcomes, lock))
@@ -149,19 +104,17 @@ def run_once(a: argparse.Namespace, mode: str, images: list[bytes]) -> dict:
     new = None
     try:
         if mode == "reuseport":
-            new = Replica("new", serve_args(a, mode, port, ports["new"]))
-            new.wait_ready(ready["new"])
+            new = ServerProcess(serve_args(a, mode, ports["new"]), port=port)
+            new.start(ready_url=ready["new"])
             marks["sigterm"] = time.monotonic()
-            old.proc.send_signal(signal.SIGTERM)
-            code = old.proc.wait(120)
+            code = old.stop(120)
             marks["old_exit"] = time.monotonic()
         else:
             marks["sigterm"] = time.monotonic()
-            old.proc.send_signal(signal.SIGTERM)
-            code = old.proc.wait(120)
+            code = old.stop(120)
             marks["old_exit"] = time.monotonic()
-            new = Replica("new", serve_args(a, mode, port, ports["new"]))
-            new.wait_ready(ready["new"])
+            new = ServerProcess(serve_args(a, mode, ports["new"]), port=port)
+            new.start(ready_url=ready["new"])
         marks["new_ready"] = time.monotonic()
         time.sleep(a.after)
     finally:

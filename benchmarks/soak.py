@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from fuzz import rss_mb  # a sibling script: benchmarks/ is sys.path[0]
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
@@ -86,16 +87,6 @@ def image_mix(a, rng: random.Random) -> tuple[list[BenchImage], dict[str, int]]:
     mix += [bad[i % len(bad)] for i in range(counts["malformed"])]
     rng.shuffle(mix)
     return mix, counts
-
-
-def rss_mb(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    except (OSError, ValueError):
-        return None
-    return None
 
 
 class Sampler(threading.Thread):

@@ -541,7 +541,10 @@ class ServerProcess:
     def url(self) -> str:
         return f"{self.scheme}://{self.host}:{self.port}"
 
-    def start(self, timeout: float = 300.0) -> ServerProcess:
+    def start(self, timeout: float = 300.0, ready_url: str | None = None) -> ServerProcess:
+        """Start it and wait for ``ready_url`` (default: its own ``/readyz``; another
+        when the port is shared with a server that is leaving) to answer 200."""
+        ready_url = ready_url or self.url + "/readyz"
         cpus = self.cpus
         self.proc = subprocess.Popen(
             self.args,
@@ -556,7 +559,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
             try:
-                with urllib.request.urlopen(self.url + "/readyz", timeout=1, context=ctx) as r:
+                with urllib.request.urlopen(ready_url, timeout=1, context=ctx) as r:
                     if r.status == 200:
                         return self
             except (OSError, urllib.error.URLError):
