@@ -67,6 +67,10 @@ class CpuBudget:
         self._use: dict[str, _StageUse] = {}
         self._local = threading.local()
 
+    def widest(self, max_width: int = 0) -> int:
+        """The widest a call may run: ``max_width`` cores (0: all), within the budget."""
+        return max(1, min(int(max_width) or self.cores, self.cores))
+
     @contextmanager
     def take(self, stage: str, want: int) -> Iterator[int]:
         """Hold ``want`` cores for the body if this call is alone when its turn comes
@@ -146,7 +150,7 @@ class BudgetedRuntime:
         self.budget = budget
         self.stage = stage
         options = options or OrtOptions()
-        self.max_width = max(1, min(int(max_width) or budget.cores, budget.cores))
+        self.max_width = budget.widest(max_width)
         self.sessions = {
             w: OrtRuntime(path, replace(options, intra_op_threads=w))
             for w in sorted({1, self.max_width})

@@ -310,7 +310,7 @@ class PipelineServer:
                 "stages": split,
                 "intra_op_threads": self.config.intra_op_threads,
             }
-        wide = min(self.config.intra_op_threads or budget.cores, budget.cores)
+        wide = budget.widest(self.config.intra_op_threads)
         use = budget.snapshot()
         return {
             "budget": {"cores": budget.cores, "widths": sorted({1, wide}), "free": use["free"]},
