@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from pathlib import Path
 
 from cvserve import __version__
 
@@ -636,6 +638,21 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--grpc-target", help="v2-grpc: host:port, when --url is the server's HTTP URL"
     )  # fmt: skip
+    sec = p.add_argument_group("API key and TLS (a server started with --api-key-file/--tls-cert)")
+    sec.add_argument(
+        "--api-key-file", metavar="FILE",
+        help="send the key on FILE's first line as 'Authorization: Bearer KEY' (gRPC: "
+        "metadata); default: $CVSERVE_API_KEY if set",
+    )  # fmt: skip
+    sec.add_argument(
+        "--tls-ca", metavar="FILE",
+        help="trust this PEM certificate (a self-signed server's) for https:// and grpcs:// "
+        "URLs, instead of the system's roots",
+    )  # fmt: skip
+    sec.add_argument(
+        "--tls-insecure", action="store_true",
+        help="https:// without checking the server's certificate (testing only)",
+    )  # fmt: skip
     p.add_argument("--concurrency", type=_csv_ints, help="closed loop: e.g. 1,2,4,8,16,32")
     p.add_argument("--rate", type=_csv_floats, help="open loop, requests/s: e.g. 20,40,80")
     stop = p.add_mutually_exclusive_group()
@@ -690,6 +707,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         summary_table,
     )
 
+    api_key = _bench_api_key(args.api_key_file)
     server = contextlib.nullcontext()
     url = args.url
     if args.inprocess:
@@ -732,6 +750,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 input_tensor=args.input_tensor,
                 json_tensors=args.json_tensors,
                 grpc_target=args.grpc_target,
+                api_key=api_key,
+                tls_ca=args.tls_ca,
+                tls_insecure=args.tls_insecure,
             )
             with ProgressReporter(Console(stderr=True)) as progress:
                 result = run_bench(config, progress=progress, command=sys.argv)
@@ -744,6 +765,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.out:
         _say(f"wrote {save_result(result, args.out)}")
     return 0
+
+
+def _bench_api_key(path: str | None) -> str | None:
+    """The bench's API key: ``path``'s first non-empty line, else $CVSERVE_API_KEY."""
+    if path is None:
+        return os.environ.get("CVSERVE_API_KEY") or None
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            return line.strip()
+    raise OSError(f"{path} has no key")
 
 
 def _add_report_parser(sub: argparse._SubParsersAction) -> None:

@@ -148,5 +148,13 @@ def test_target_from_url():
     assert req.startswith(b"POST /base/v1/models/resnet%2050:predict HTTP/1.1\r\n")
     assert b"\r\nHost: example.org:8080\r\n" in req
     assert b"\r\nContent-Length: 3\r\n" in req and req.endswith(b"\r\n\r\nabc")
-    with pytest.raises(ValueError, match="only http"):
-        _http.Target.from_url("https://example.org")
+    with pytest.raises(ValueError, match="http:// or https://"):
+        _http.Target.from_url("ftp://example.org")
+    s = _http.Target.from_url("https://example.org", api_key="k", insecure=True)
+    assert s.port == 443 and s.tls is not None and s.authority == "example.org"
+    assert b"\r\nAuthorization: Bearer k\r\n" in s.request("GET", "/v1/models")
+    assert _http.Target.from_url("http://example.org").tls is None
+    with pytest.raises(ValueError, match="one non-empty line"):
+        _http.Target.from_url("http://example.org", api_key="a\r\nX-Evil: 1")
+    with pytest.raises(ValueError, match="needs an https"):
+        _http.Target.from_url("http://example.org", insecure=True)

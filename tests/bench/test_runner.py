@@ -267,7 +267,7 @@ def test_refuses_to_run_inside_an_event_loop(fake_url, tiny_images):
         (dict(duration=1.0, requests=5), "not both"),
         (dict(concurrency=[0]), "concurrency"),
         (dict(rates=[-1.0]), "rates"),
-        (dict(url="https://x"), "only http"),
+        (dict(url="ftp://x"), "http:// or https://"),
     ],
 )
 def test_config_validation(kwargs, match, tiny_images):

@@ -100,3 +100,49 @@ def test_grpc_needs_a_key_too(secured, data_dir):
         "status=UNAUTHENTICATED" in line or "status=PERMISSION_DENIED" in line
         for line in secured.lines("request_failed id=") if "door=grpc" in line
     )  # fmt: skip
+
+
+def _bench(url: str, data_dir, **kw):
+    from cvserve.bench import BenchConfig, run_bench
+
+    return run_bench(BenchConfig(
+        url=url, model=MODEL, images=str(data_dir / "images" / "small" / "dog.jpg"),
+        concurrency=[2], requests=6, warmup=0.0, **kw,
+    ))  # fmt: skip
+
+
+def test_bench_sends_the_key_and_never_records_it(secured, data_dir, tmp_path):
+    from cvserve.bench import save_result
+
+    for protocol, extra in (("v1", {}), ("v2-http", {}),
+                            ("v2-grpc", {"grpc_target": secured.grpc_target})):  # fmt: skip
+        res = _bench(secured.url, data_dir, api_key=KEYS[1], protocol=protocol, **extra)
+        assert res.points[0].errors["by_status"] == {}, protocol  # every answer a 200
+        assert res.points[0].ok == 6, protocol
+    without = _bench(secured.url, data_dir)
+    assert without.points[0].errors["by_status"] == {"401": 6}
+    out = save_result(res, tmp_path / "bench.json")
+    assert res.config["api_key"] == "(set)"
+    assert not any(k.encode() in p.read_bytes() for k in KEYS for p in tmp_path.iterdir())
+    assert out.exists()
+
+
+def test_bench_cli_reads_the_key_from_a_file(secured, data_dir, tmp_path, monkeypatch):
+    from cvserve.cli import main
+
+    key_file = tmp_path / "key"
+    key_file.write_text(f"\n{KEYS[0]}\n")
+    img = str(data_dir / "images" / "small" / "dog.jpg")
+    out = tmp_path / "r.json"
+    args = ["bench", "--url", secured.url, "--model", MODEL, "--images", img,
+            "--requests", "3", "--warmup", "0", "--out", str(out)]  # fmt: skip
+    assert main([*args, "--api-key-file", str(key_file)]) == 0
+    import json
+
+    doc = json.loads(out.read_text())
+    assert doc["points"][0]["errors"]["total"] == 0
+    monkeypatch.setenv("CVSERVE_API_KEY", KEYS[1])
+    assert main(args) == 0
+    assert json.loads(out.read_text())["points"][0]["errors"]["total"] == 0
+    (tmp_path / "empty").write_text("\n")
+    assert main([*args, "--api-key-file", str(tmp_path / "empty")]) == 2

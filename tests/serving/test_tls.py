@@ -10,8 +10,9 @@ import ssl
 import grpc
 import httpx
 import pytest
-from served import PREDICT, Served
+from served import MODEL, PREDICT, Served
 
+from cvserve.bench import ServerUnreachable
 from cvserve.serving.server import free_port
 from cvserve.serving.v2.proto import inference_pb2 as pb
 from cvserve.serving.v2.proto import inference_pb2_grpc as pb_grpc
@@ -121,3 +122,23 @@ def test_a_bad_certificate_is_a_one_line_error(tmp_path, model_cache):
     assert r.returncode == 2
     assert [line for line in r.stderr.splitlines() if line.startswith("error: TLS")], r.stderr
     assert "Traceback" not in r.stderr and "ready on" not in r.stderr
+
+
+def test_bench_over_https_and_grpcs(tls_server, data_dir):
+    from cvserve.bench import BenchConfig, run_bench
+
+    img = str(data_dir / "images" / "small" / "dog.jpg")
+    common = dict(model=MODEL, images=img, concurrency=[2], requests=4, warmup=0.0)
+    for kw in (
+        {"url": tls_server.url, "tls_ca": tls_server.cert},
+        {"url": tls_server.url, "tls_insecure": True},
+        {"url": tls_server.url, "tls_ca": tls_server.cert, "protocol": "v2-http"},
+        {"url": f"grpcs://{tls_server.grpc_target}", "tls_ca": tls_server.cert,
+         "protocol": "v2-grpc"},
+    ):  # fmt: skip
+        res = run_bench(BenchConfig(**common, **kw))
+        assert res.points[0].ok == 4 and res.points[0].errors["total"] == 0, kw
+    with pytest.raises(ServerUnreachable, match="CERTIFICATE_VERIFY_FAILED"):
+        run_bench(BenchConfig(url=tls_server.url, **common))  # the system's roots: no trust
+    with pytest.raises(ValueError, match="https://"):
+        BenchConfig(url="http://127.0.0.1:1", tls_insecure=True, **common)

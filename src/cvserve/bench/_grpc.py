@@ -13,6 +13,7 @@ trailing metadata is the Server-Timing value the HTTP doors send.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -49,12 +50,24 @@ CHANNEL_OPTIONS = (
 
 
 def parse_target(url: str) -> str:
-    """``host:port`` from ``grpc://host:port`` (or a bare ``host:port``)."""
-    target = url.removeprefix("grpc://").rstrip("/")
+    """``host:port`` from ``grpc://host:port``, ``grpcs://host:port`` (TLS) or a bare
+    ``host:port``."""
+    target = url.removeprefix("grpcs://").removeprefix("grpc://").rstrip("/")
     host, sep, port = target.rpartition(":")
     if not sep or not host or not port.isdigit() or "/" in target:
         raise ValueError(f"gRPC target {url!r} is not grpc://host:port")
     return target
+
+
+class _Metadata(grpc.aio.UnaryUnaryClientInterceptor):
+    """Adds fixed metadata (the API key) to every call on a channel, probes included."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self.metadata = metadata
+
+    async def intercept_unary_unary(self, continuation, details, request):  # noqa: ANN001
+        md = grpc.aio.Metadata(*(details.metadata or ()), *self.metadata)
+        return await continuation(details._replace(metadata=md), request)
 
 
 def status_of(code: grpc.StatusCode, details: str | None, has_metadata: bool) -> tuple[int, int]:
@@ -83,14 +96,36 @@ class GrpcTarget:
     :meth:`open` (probes use :attr:`channel` with the generated stubs) and closed by
     :meth:`close`."""
 
-    def __init__(self, target: str) -> None:
-        self.target = target
+    def __init__(
+        self,
+        target: str,
+        *,
+        tls: bool = False,
+        ca_file: str | None = None,
+        api_key: str | None = None,
+    ) -> None:
+        """``tls``: a TLS channel trusting ``ca_file`` (else the system's roots);
+        ``api_key``: sent as ``authorization: Bearer KEY`` metadata on every call."""
+        self.target = parse_target(target)
+        self.tls = tls or ca_file is not None
+        self._roots = Path(ca_file).read_bytes() if ca_file else None
+        self._interceptors = (
+            [_Metadata((("authorization", f"Bearer {api_key}"),))] if api_key else None
+        )
         self.channel: grpc.aio.Channel | None = None
         self._infer: Any = None
 
     async def open(self) -> GrpcTarget:
         if self.channel is None:
-            self.channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+            if self.tls:
+                creds = grpc.ssl_channel_credentials(root_certificates=self._roots)
+                self.channel = grpc.aio.secure_channel(
+                    self.target, creds, options=CHANNEL_OPTIONS, interceptors=self._interceptors
+                )
+            else:
+                self.channel = grpc.aio.insecure_channel(
+                    self.target, options=CHANNEL_OPTIONS, interceptors=self._interceptors
+                )
             self._infer = self.channel.unary_unary(INFER_METHOD)  # bytes in, bytes out
         return self
 

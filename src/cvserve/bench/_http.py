@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import re
+import ssl
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import quote, urlsplit
 
@@ -34,27 +35,62 @@ _CHUNKED = -1
 _UNTIL_CLOSE = -2
 
 
+def client_tls(ca_file: str | None = None, insecure: bool = False) -> ssl.SSLContext:
+    """The client's TLS context: the system's trust store, or ``ca_file`` alone (a
+    self-signed server's certificate); ``insecure`` checks no certificate at all."""
+    ctx = ssl.create_default_context(cafile=ca_file)
+    if insecure:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
 @dataclass(frozen=True)
 class Target:
-    """Where requests go: host, port and the path prefix of the server's base URL."""
+    """Where requests go: host, port and the path prefix of the server's base URL;
+    ``tls`` for ``https://``, and ``headers`` that every request carries (an API key)."""
 
     host: str
     port: int
     prefix: str = ""
+    tls: ssl.SSLContext | None = field(default=None, compare=False)
+    headers: tuple[tuple[str, str], ...] = ()
 
     @classmethod
-    def from_url(cls, url: str) -> Target:
+    def from_url(
+        cls,
+        url: str,
+        *,
+        api_key: str | None = None,
+        ca_file: str | None = None,
+        insecure: bool = False,
+    ) -> Target:
+        """``http://`` or ``https://`` (``ca_file``/``insecure``: see :func:`client_tls`);
+        ``api_key`` is sent as ``Authorization: Bearer KEY``."""
         parts = urlsplit(url if "://" in url else f"http://{url}")
-        if parts.scheme != "http":
-            raise ValueError(f"unsupported URL scheme {parts.scheme!r} in {url!r}: only http://")
+        if parts.scheme not in ("http", "https"):
+            raise ValueError(
+                f"unsupported URL scheme {parts.scheme!r} in {url!r}: http:// or https://"
+            )
         if not parts.hostname:
             raise ValueError(f"no host in URL {url!r}")
-        return cls(parts.hostname, parts.port or 80, parts.path.rstrip("/"))
+        https = parts.scheme == "https"
+        if (ca_file or insecure) and not https:
+            raise ValueError(f"a CA file or insecure TLS needs an https:// URL, not {url!r}")
+        if api_key is not None and (not api_key or any(c in api_key for c in "\r\n")):
+            raise ValueError("an API key must be one non-empty line")
+        return cls(
+            parts.hostname,
+            parts.port or (443 if https else 80),
+            parts.path.rstrip("/"),
+            client_tls(ca_file, insecure) if https else None,
+            (("Authorization", f"Bearer {api_key}"),) if api_key else (),
+        )
 
     @property
     def authority(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return host if self.port == 80 else f"{host}:{self.port}"
+        return host if self.port == (443 if self.tls else 80) else f"{host}:{self.port}"
 
     def request(
         self,
@@ -68,6 +104,7 @@ class Target:
         lines = [f"{method} {self.prefix}{path} HTTP/1.1", f"Host: {self.authority}"]
         if content_type:
             lines.append(f"Content-Type: {content_type}")
+        lines += [f"{k}: {v}" for k, v in self.headers]
         lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
         if body or method in ("POST", "PUT"):
             lines.append(f"Content-Length: {len(body)}")
@@ -353,7 +390,7 @@ async def connect(
     """Open one connection; raises OSError or TimeoutError."""
     async with asyncio.timeout(timeout):
         _, conn = await loop.create_connection(
-            lambda: Connection(on_done), target.host, target.port
+            lambda: Connection(on_done), target.host, target.port, ssl=target.tls
         )
     return conn
 

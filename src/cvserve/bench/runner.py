@@ -57,6 +57,11 @@ class BenchConfig:
     own input tensor preprocessed here instead of the encoded image, ``json_tensors``
     (v2-http) sends it as JSON instead of binary. ``url`` is ``grpc://host:port`` for
     v2-grpc, or an HTTP URL (for cvserve's ``/v1`` model description) with ``grpc_target``.
+
+    Security: ``api_key`` goes out as ``Authorization: Bearer KEY`` (gRPC: metadata);
+    ``https://`` and ``grpcs://`` use TLS, trusting ``tls_ca`` (a PEM file: a self-signed
+    server's certificate) or else the system's roots; ``tls_insecure`` (HTTPS only) checks
+    no certificate.
     """
 
     url: str
@@ -83,6 +88,9 @@ class BenchConfig:
     input_tensor: bool = False
     json_tensors: bool = False
     grpc_target: str | None = None
+    api_key: str | None = None
+    tls_ca: str | None = None
+    tls_insecure: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in ("model", "pipeline"):
@@ -119,13 +127,29 @@ class BenchConfig:
         if self.protocol == "v2-grpc":
             from cvserve.bench._grpc import parse_target
 
-            check(self.grpc_target is not None or self.url.startswith("grpc://"),
+            check(self.grpc_target is not None or self.url.startswith(("grpc://", "grpcs://")),
                   "v2-grpc needs url grpc://host:port or a grpc_target")  # fmt: skip
             parse_target(self.grpc_address)  # type: ignore[arg-type]  # ValueError if bad
-        if self.url.startswith("grpc://"):
+            check(not self.tls_insecure, "tls_insecure is for https:// (gRPC: give tls_ca)")
+        if self.url.startswith(("grpc://", "grpcs://")):
             check(self.protocol == "v2-grpc", "a grpc:// url needs protocol v2-grpc")
         else:
-            _http.Target.from_url(self.url)  # raises ValueError on a bad URL
+            self.http_target()  # raises ValueError on a bad URL
+
+    def http_target(self) -> _http.Target:
+        """The HTTP target of ``url``, with the API key and TLS settings."""
+        return _http.Target.from_url(
+            self.url, api_key=self.api_key, ca_file=self.tls_ca, insecure=self.tls_insecure
+        )
+
+    def grpc_transport(self) -> Any:
+        """The gRPC target (protocol v2-grpc), with the API key and TLS settings."""
+        from cvserve.bench._grpc import GrpcTarget  # grpcio only when it is used
+
+        where = self.grpc_target or self.url
+        return GrpcTarget(
+            where, tls=where.startswith("grpcs://"), ca_file=self.tls_ca, api_key=self.api_key
+        )
 
     @property
     def grpc_address(self) -> str | None:
@@ -133,7 +157,7 @@ class BenchConfig:
         if self.protocol != "v2-grpc":
             return None
         target = self.grpc_target or self.url
-        return target.removeprefix("grpc://").rstrip("/")
+        return target.removeprefix("grpcs://").removeprefix("grpc://").rstrip("/")
 
     def plans(self, max_in_flight: int) -> list[PointPlan]:
         common = dict(
@@ -182,6 +206,8 @@ def _config_dict(config: BenchConfig, images: list[BenchImage], max_in_flight: i
             ]
         elif isinstance(value, tuple | list):
             value = list(value)
+        elif f.name == "api_key" and value:
+            value = "(set)"  # never written to a result
         doc[f.name] = value
     doc["max_in_flight_effective"] = max_in_flight
     return doc
@@ -375,7 +401,7 @@ async def _sweep(
 ) -> tuple[dict, list[PointSummary], dict[str, np.ndarray]]:
     target: _http.Transport
     if config.protocol == "v1":
-        target = _http.Target.from_url(config.url)
+        target = config.http_target()
         server = await _probe(config, target, images)
         requests: list[Any] = [
             target.predict_request(config.model, im.data, im.content_type, config.kind)
@@ -384,8 +410,8 @@ async def _sweep(
     else:
         setup = await v2.prepare(
             protocol=config.protocol,
-            http=None if config.url.startswith("grpc://") else _http.Target.from_url(config.url),
-            grpc_target=config.grpc_address,
+            http=None if config.url.startswith(("grpc://", "grpcs://")) else config.http_target(),
+            gtarget=config.grpc_transport() if config.protocol == "v2-grpc" else None,
             url=config.url,
             model=config.model,
             images=images,

@@ -324,7 +324,7 @@ async def prepare(
     *,
     protocol: str,
     http: _http.Target | None,
-    grpc_target: str | None,
+    gtarget: GrpcTarget | None,
     url: str,
     model: str,
     images: Sequence[BenchImage],
@@ -338,11 +338,6 @@ async def prepare(
     """Wait for the server, read the model's metadata, build the requests and send the
     first one. Raises :class:`ServerUnreachable`, :class:`TargetNotServed` (404 /
     NOT_FOUND) or :class:`BenchError` (the server refused the request: its message)."""
-    gtarget = None
-    if grpc_target is not None:
-        from cvserve.bench._grpc import GrpcTarget  # grpcio only when it is used
-
-        gtarget = GrpcTarget(grpc_target)
     try:
         grpc_target = None if gtarget is None else gtarget.target
         if protocol == "v2-grpc":
