@@ -132,3 +132,30 @@ def test_grpc_failures_have_their_line_too(server):
     f = _fields(_line(server, "g-nf"))
     assert (f["door"], f["status"], f["model"]) == ("grpc", "NOT_FOUND", "nope")
     assert "nope" in f["message"]
+
+
+def test_a_flood_of_refusals_is_throttled_per_kind(server):
+    async def flood():
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+            return await asyncio.gather(*(
+                c.post("/v1/models/no-such-model:predict", content=b"x",
+                       headers={**JPEG, "x-request-id": f"flood-{i}"})
+                for i in range(80)
+            ))  # fmt: skip
+
+    assert {r.status_code for r in asyncio.run(flood())} == {404}
+    wait_for(lambda: len(server.lines("model=no-such-model")) >= 50, 10, "50 lines")
+    assert len(server.lines("model=no-such-model")) == 50  # the rest left out, and counted
+
+
+def test_throttle_counts_what_it_left_out():
+    from cvserve.serving.logs import _Throttle
+
+    t = _Throttle(burst=2, window_s=10.0)
+    key = ("http", "m", 429)
+    assert [t.admit(key, 0.0), t.admit(key, 1.0), t.admit(key, 2.0), t.admit(key, 3.0)] == [
+        0, 0, None, None,
+    ]  # fmt: skip
+    assert t.admit(("http", "m", 400), 3.0) == 0  # another kind has its own budget
+    assert t.admit(key, 10.5) == 2  # a new window: the first line says 2 were left out
+    assert t.admit(key, 10.6) == 0

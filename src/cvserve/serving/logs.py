@@ -14,6 +14,7 @@ import logging
 import re
 import secrets
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -101,6 +102,36 @@ def logfmt(**fields: Any) -> str:
     return " ".join(parts)
 
 
+class _Throttle:
+    """At most ``burst`` INFO lines per key (door, model, status) in each ``window_s``: a
+    flood of 429s or of bad requests must not flood the log. The next line that gets out
+    says how many of its kind were left out (``suppressed=N``)."""
+
+    def __init__(self, burst: int = 50, window_s: float = 10.0) -> None:
+        self.burst = burst
+        self.window_s = window_s
+        self._lock = threading.Lock()
+        self._keys: dict[tuple, list] = {}  # key -> [window start, lines, suppressed]
+
+    def admit(self, key: tuple, now: float) -> int | None:
+        """None: leave this line out; else how many were left out before it."""
+        with self._lock:
+            st = self._keys.get(key)
+            if st is None or now - st[0] >= self.window_s:
+                if len(self._keys) > 10_000:  # many models x statuses: start afresh
+                    self._keys.clear()
+                st = self._keys[key] = [now, 0, st[2] if st else 0]
+            if st[1] >= self.burst:
+                st[2] += 1
+                return None
+            st[1] += 1
+            left_out, st[2] = st[2], 0
+            return left_out
+
+
+_throttle = _Throttle()
+
+
 def log_failure(
     rec: RequestLog | None,
     *,
@@ -112,16 +143,27 @@ def log_failure(
 ) -> None:
     """The one line of a failed request: ``request_failed id=... door=... model=... status=...
     kind=... message=... [warnings=...]``; 5xx at WARNING (server faults at ERROR, with the
-    traceback), the rest at INFO."""
+    traceback), the rest at INFO, at most ``_throttle.burst`` lines per door, model and
+    status every ``_throttle.window_s`` seconds (the next one out carries ``suppressed=N``)."""
+    exc = rec.exc if rec is not None else None
+    fault = exc is not None or (
+        isinstance(status, int) and status >= 500 or status in ("INTERNAL", "UNAVAILABLE")
+    )
+    left_out = None
+    if not fault:  # client-side refusals: throttled per door, model and status
+        if not log.isEnabledFor(logging.INFO):
+            return
+        left_out = _throttle.admit((door, model, status), time.monotonic())
+        if left_out is None:
+            return
     warned = "; ".join(rec.warnings) if rec is not None and rec.warnings else None
     line = "request_failed " + logfmt(
         id=rec.id if rec is not None else None, door=door, model=model, status=status,
-        kind=kind, message=message, warnings=warned,
+        kind=kind, message=message, warnings=warned, suppressed=left_out or None,
     )  # fmt: skip
-    exc = rec.exc if rec is not None else None
     if exc is not None:
         log.error(line, exc_info=exc)
-    elif isinstance(status, int) and status >= 500 or status in ("INTERNAL", "UNAVAILABLE"):
+    elif fault:
         log.warning(line)
     else:
         log.info(line)
