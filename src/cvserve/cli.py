@@ -479,8 +479,9 @@ def _add_worker_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--intra-op-threads", type=int, default=0)
     _add_cores_arg(p)
     p.add_argument(
-        "--reclaim-idle-ms", type=int, default=30_000,
-        help="take over items another worker left unacknowledged this long",
+        "--reclaim-idle-ms", type=int, default=5_000,
+        help="take over items another worker left unacknowledged this long (live workers "
+        "touch theirs every third of it while they run; default 5000)",
     )  # fmt: skip
     p.add_argument(
         "--max-deliveries", type=int, default=3,

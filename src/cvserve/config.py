@@ -208,7 +208,9 @@ class PipelineConfig:
     max_batch_size: int = 16
     #: How long a stage B worker waits for a first item before looking again.
     block_ms: int = 50
-    reclaim_idle_ms: int = 30_000
+    #: Items a worker left unacknowledged and untouched this long are taken over by another
+    #: (live workers touch theirs while they run: ``brokers.worker.DEFAULT_RECLAIM_IDLE_MS``).
+    reclaim_idle_ms: int = 5_000
     #: Deliveries of one item before a worker moves it to the dead letters (``<topic>.dead``)
     #: and answers its request with an error, instead of taking it again.
     max_deliveries: int = 3

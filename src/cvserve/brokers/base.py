@@ -116,6 +116,12 @@ class Broker(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def touch(self, topic: str, group: str, consumer: str, ids: Iterable[str]) -> int:
+        """``consumer`` still works on ``ids``: restart their idle clocks (their delivery
+        counts stay), so that a live worker's slow batch is not reclaimed. Entries another
+        consumer has taken over meanwhile are left alone. Returns how many were touched."""
+
+    @abc.abstractmethod
     async def dead_letter(
         self, delivery: Delivery, group: str, *, reason: str, consumer: str = ""
     ) -> str | None:

@@ -259,6 +259,19 @@ class InProcessBroker(Broker):
             del g.pending[entry_id]
         return out
 
+    async def touch(self, topic: str, group: str, consumer: str, ids: Iterable[str]) -> int:
+        t = self._topics.get(topic)
+        g = None if t is None else t.groups.get(group)
+        if g is None:
+            return 0
+        now, n = time.monotonic(), 0
+        for entry_id in ids:
+            p = g.pending.get(int(entry_id))
+            if p is not None and p.consumer == consumer:
+                p.delivered = now
+                n += 1
+        return n
+
     async def dead_letter(
         self, delivery: Delivery, group: str, *, reason: str, consumer: str = ""
     ) -> str | None:

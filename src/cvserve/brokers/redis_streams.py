@@ -184,6 +184,21 @@ end
 return {r[1], r[2], counts}
 """
 
+# Restart the idle clocks of the entries ARGV[2] still holds (JUSTID: the delivery count
+# stays); one that another consumer reclaimed meanwhile stays theirs.
+_TOUCH = """
+local key, group, consumer = KEYS[1], ARGV[1], ARGV[2]
+local n = 0
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', key, group, ARGV[i], ARGV[i], 1)
+  if #p > 0 and p[1][2] == consumer then
+    redis.call('XCLAIM', key, group, consumer, 0, ARGV[i], 'JUSTID')
+    n = n + 1
+  end
+end
+return n
+"""
+
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
 _REFUSED = ("NOAUTH", "WRONGPASS")
 
@@ -282,6 +297,7 @@ class RedisStreamsBroker(Broker):
         self._ack_script = self._redis.register_script(_ACK)
         self._dead_script = self._redis.register_script(_DEAD)
         self._reclaim_script = self._redis.register_script(_RECLAIM)
+        self._touch_script = self._redis.register_script(_TOUCH)
         self._groups: set[tuple[str, str]] = set()
         self._epoch_key = self.prefix + "epoch"
         self._ask_run_id = True  # INFO may be forbidden to this user (ACL): then not
@@ -449,6 +465,18 @@ class RedisStreamsBroker(Broker):
                 if _text(start) == "0-0":
                     break
         return await self._deliveries(topic, group, entries, redelivered=True, counts=counts)
+
+    async def touch(self, topic: str, group: str, consumer: str, ids: Iterable[str]) -> int:
+        args = [group, consumer, *ids]
+        if len(args) == 2:
+            return 0
+        async with self._guard():
+            try:
+                return int(await self._touch_script(keys=[self._key(topic)], args=args))
+            except ResponseError as e:
+                if _no_group(e):
+                    return 0
+                raise
 
     async def dead_letter(
         self, delivery: Delivery, group: str, *, reason: str, consumer: str = ""

@@ -3,7 +3,10 @@
 Several workers (tasks, processes or hosts) on one topic and group share its load. A
 worker also reclaims entries that another consumer left pending for ``reclaim_idle_ms``
 (it died before acknowledging), so no work is lost; that work may then have been done
-twice, and the results are deduplicated where they are joined (``ResultRouter``).
+twice, and the results are deduplicated where they are joined (``ResultRouter``). While a
+batch runs, its worker touches its entries every ``reclaim_idle_ms / 3`` (``Broker.touch``),
+so a slow batch of a live worker is not taken over, for at most ``hang_ms``: a batch that
+runs longer counts as hung, and its entries become reclaimable.
 
 Reclaimed entries are served one at a time, alone, so an entry that kills its worker
 takes no batch-mate down with it twice. An entry reclaimed for the
@@ -37,6 +40,14 @@ BROKER_S = "broker_s"
 ERROR = "error"
 #: Result header beside ``error`` when the item was dead-lettered: ``<topic>.dead <id>``.
 DEAD_LETTER = "dead_letter"
+
+#: Default ``reclaim_idle_ms``: how long an entry is left with a silent consumer before
+#: another takes it over. Live workers touch their entries (heartbeat), so this only has
+#: to outlast a missed touch, and a crashed worker's items (or a poison item's
+#: ``max_deliveries`` runs) are settled well within a request's 30 s default deadline.
+DEFAULT_RECLAIM_IDLE_MS = 5_000
+#: Default ``hang_ms``: a batch running longer stops being touched (counts as hung).
+DEFAULT_HANG_MS = 120_000
 
 BatchHandler = Callable[[list[Message]], Awaitable[list[Message]]]
 
@@ -74,9 +85,10 @@ class StageWorker:
         consumer: str | None = None,
         batch: int = 16,
         block_ms: int = 200,
-        reclaim_idle_ms: int = 30_000,
+        reclaim_idle_ms: int = DEFAULT_RECLAIM_IDLE_MS,
         retry_s: float = 0.2,
         max_deliveries: int = DEFAULT_MAX_DELIVERIES,
+        hang_ms: int = DEFAULT_HANG_MS,
     ) -> None:
         if max_deliveries < 1:
             raise ValueError(f"max_deliveries must be >= 1, got {max_deliveries}")
@@ -90,6 +102,7 @@ class StageWorker:
         self.reclaim_idle_ms = reclaim_idle_ms
         self.retry_s = retry_s
         self.max_deliveries = max_deliveries
+        self.hang_ms = hang_ms
         self.stats = WorkerStats()
         self._stop = asyncio.Event()
         self._next_reclaim = 0.0
@@ -138,23 +151,46 @@ class StageWorker:
     async def serve(self, deliveries: list[Delivery]) -> None:
         """Run the handler on ``deliveries``, publish the results, then acknowledge."""
         messages = [d.message for d in deliveries]
+        heartbeat = asyncio.create_task(self._heartbeat([d.id for d in deliveries]))
         try:
-            results = await self.handler(messages)
-            if len(results) != len(messages):
-                raise RuntimeError(f"handler returned {len(results)} results for {len(messages)}")
-        except Exception as e:
-            log.exception("stage %r failed on a batch of %d", self.topic, len(messages))
-            results = [m.reply(headers={ERROR: f"{type(e).__name__}: {e}"}) for m in messages]
-            self.stats.failed += len(messages)
-        for d, result in zip(deliveries, results, strict=True):
-            # The result answers this item, whatever the handler put in its fields.
-            result.request_id, result.index = d.message.request_id, d.message.index
-            result.headers.setdefault(BROKER_S, d.broker_s)
-            await self._reply(d, result)
+            try:
+                results = await self.handler(messages)
+                if len(results) != len(messages):
+                    raise RuntimeError(
+                        f"handler returned {len(results)} results for {len(messages)}"
+                    )
+            except Exception as e:
+                log.exception("stage %r failed on a batch of %d", self.topic, len(messages))
+                results = [m.reply(headers={ERROR: f"{type(e).__name__}: {e}"}) for m in messages]
+                self.stats.failed += len(messages)
+            for d, result in zip(deliveries, results, strict=True):
+                # The result answers this item, whatever the handler put in its fields.
+                result.request_id, result.index = d.message.request_id, d.message.index
+                result.headers.setdefault(BROKER_S, d.broker_s)
+                await self._reply(d, result)
+        finally:
+            heartbeat.cancel()
         # Acknowledge only now that every result is stored: a crash before this point
         # leaves the work pending, to be reclaimed and redone.
         await self.broker.ack(self.topic, self.group, [d.id for d in deliveries])
         self.stats.processed += len(deliveries)
+
+    async def _heartbeat(self, ids: list[str]) -> None:
+        """Touch ``ids`` every ``reclaim_idle_ms / 3`` until cancelled or ``hang_ms``."""
+        every = self.reclaim_idle_ms / 3000.0
+        give_up = time.monotonic() + self.hang_ms / 1000.0
+        while True:
+            await asyncio.sleep(every)
+            if time.monotonic() >= give_up:
+                log.warning(
+                    "worker %s: a batch of %d on %r has run over hang_ms=%d; its items may "
+                    "now be taken over", self.consumer, len(ids), self.topic, self.hang_ms,
+                )  # fmt: skip
+                return
+            try:
+                await self.broker.touch(self.topic, self.group, self.consumer, ids)
+            except BrokerError as e:  # the broker is away: reclaim may follow, as before
+                log.debug("worker %s: touch failed: %s", self.consumer, e)
 
     async def _reply(self, d: Delivery, result: Message) -> None:
         if not d.message.reply_to:
