@@ -18,6 +18,11 @@ name in the JSON body)::
         ├── InferenceFailed        500  inference_failed        the runtime failed on a batch
         └── StageFailed            500  stage_failed            a pipeline stage failed
 
+The edge (``serving/edge.py``, in front of both HTTP doors and of the app) answers three
+more before a request reaches the core, as plain answers, not exceptions: 401
+``unauthorized`` and 403 ``forbidden`` (API keys, ``serving/auth.py``), and 503
+``loading`` (the port is bound, the models are not loaded yet).
+
 Errors of other packages stay beside the code that raises them (images, tasks); what a
 front door answers for any of them is decided once per door: the HTTP doors use
 ``status`` (:func:`http_status`), a gRPC door maps ``status`` to its own codes.
