@@ -50,7 +50,7 @@ def serve_config(path: Path, name: str, kind: str, broker: str, params: dict, ca
             {
                 "name": name,
                 "kind": kind,
-                "workers": 1,
+                "stage_workers": 1,
                 "block_ms": 5,
                 "max_batch_size": 16,
                 "params": params,

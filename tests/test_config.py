@@ -131,18 +131,20 @@ def test_pipeline_config_counts_must_be_positive(field):
 
 
 def test_pipeline_config_workers_and_timeout():
-    assert PipelineConfig("ocr", workers=0).workers == 0  # only external workers
-    with pytest.raises(ValueError, match="^workers must be >= 0$"):
-        PipelineConfig("ocr", workers=-1)
+    assert PipelineConfig("ocr", stage_workers=0).stage_workers == 0  # only external workers
+    with pytest.raises(ValueError, match="^stage_workers must be >= 0$"):
+        PipelineConfig("ocr", stage_workers=-1)
     with pytest.raises(ValueError, match="^timeout_ms must be > 0$"):
         PipelineConfig("ocr", timeout_ms=0)
 
 
 def test_with_instances_changes_only_the_instances():
-    p = PipelineConfig("dc", kind="detect-classify", workers=2, params={"objects": 3})
+    p = PipelineConfig("dc", kind="detect-classify", stage_workers=2, params={"objects": 3})
     q = p.with_instances(4)
     assert q.instances == 4 and p.instances == 1
-    assert (q.name, q.kind, q.workers, q.params) == ("dc", "detect-classify", 2, {"objects": 3})
+    assert (q.name, q.kind, q.stage_workers, q.params) == (
+        "dc", "detect-classify", 2, {"objects": 3},
+    )  # fmt: skip
     with pytest.raises(ValueError, match="^instances must be >= 1$"):
         p.with_instances(0)
 
@@ -159,7 +161,7 @@ def test_a_full_config():
                 {"name": "b", "model": "a", "runtime": "simulated", "sim_profile": "1:1,8:4",
                  "sim_devices": 2, "sim_h2d_gbps": 20, "instances": 3},
             ],
-            "pipelines": [{"name": "ocr", "workers": 0, "params": {"k": 1}}],
+            "pipelines": [{"name": "ocr", "stage_workers": 0, "params": {"k": 1}}],
         }
     )  # fmt: skip
     assert (cfg.port, cfg.max_pixels, cfg.broker) == (9000, 1000, "redis://h:6379")
@@ -176,7 +178,7 @@ def test_a_full_config():
         20,
     )
     (p,) = cfg.pipelines
-    assert (p.name, p.kind, p.workers, p.params) == ("ocr", "ocr", 0, {"k": 1})
+    assert (p.name, p.kind, p.stage_workers, p.params) == ("ocr", "ocr", 0, {"k": 1})
 
 
 def test_pipelines_alone_are_enough():
@@ -236,8 +238,8 @@ def test_invalid_values_are_config_errors_naming_their_entry():
         server_config_from_dict({"models": [{"name": "a", "max_batch_size": 0}]})
     with pytest.raises(ConfigError, match="^model 'a': "):  # a string where a number goes
         server_config_from_dict({"models": [{"name": "a", "max_queue": "64"}]})
-    with pytest.raises(ConfigError, match="^pipeline 'ocr': workers must be >= 0$"):
-        server_config_from_dict({"pipelines": [{"name": "ocr", "workers": -1}]})
+    with pytest.raises(ConfigError, match="^pipeline 'ocr': stage_workers must be >= 0$"):
+        server_config_from_dict({"pipelines": [{"name": "ocr", "stage_workers": -1}]})
 
 
 def test_a_model_config_error_names_its_model_once(tmp_path):
@@ -274,7 +276,7 @@ def test_load_config_reads_yaml(tmp_path):
         "models:\n  - name: sim\n    model: tiny-resnet\n    runtime: simulated\n"
         "    sim_profile: '1:0.9,8:2.4'\n    sim_devices: 2\n    sim_h2d_gbps: 25.0\n"
         "    max_batch_size: 8\n"
-        "pipelines:\n  - name: dc\n    kind: detect-classify\n    workers: 0\n"
+        "pipelines:\n  - name: dc\n    kind: detect-classify\n    stage_workers: 0\n"
     )
     cfg = load_config(f)
     assert isinstance(cfg, ServerConfig)
@@ -284,7 +286,7 @@ def test_load_config_reads_yaml(tmp_path):
         "sim", "tiny-resnet", "simulated", "1:0.9,8:2.4",
     )  # fmt: skip
     assert (m.sim_devices, m.sim_h2d_gbps, m.batching.max_batch_size) == (2, 25.0, 8)
-    assert cfg.pipelines[0].kind == "detect-classify" and cfg.pipelines[0].workers == 0
+    assert cfg.pipelines[0].kind == "detect-classify" and cfg.pipelines[0].stage_workers == 0
 
 
 def test_load_config_missing_file(tmp_path):
@@ -327,3 +329,21 @@ def test_load_config_a_document_that_is_not_a_mapping(tmp_path, text):
     f.write_text(text)
     with pytest.raises(ConfigError):
         load_config(f)
+
+
+def test_a_config_files_host_and_port_hold_unless_flags_are_given(tmp_path):
+    from cvserve.cli import build_parser, server_config_from_args
+
+    path = tmp_path / "serve.yaml"
+    path.write_text("server: {host: 0.0.0.0, port: 9123}\nmodels:\n  - {name: resnet18}\n")
+
+    def cfg(*flags):
+        return server_config_from_args(
+            build_parser().parse_args(["serve", "--config", str(path), *flags])
+        )
+
+    assert (cfg().host, cfg().port) == ("0.0.0.0", 9123)
+    assert (cfg("--port", "9000").host, cfg("--port", "9000").port) == ("0.0.0.0", 9000)
+    assert cfg("--host", "127.0.0.2").host == "127.0.0.2"
+    plain = server_config_from_args(build_parser().parse_args(["serve", "--model", "m"]))
+    assert (plain.host, plain.port) == ("127.0.0.1", 8000)

@@ -13,10 +13,13 @@ from pathlib import Path
 
 from cvserve import __version__
 
-
 # --- shared ---------------------------------------------------------------------------
+#: ``[worker N] `` in a process of ``serve --workers``: its lines share the parent's stderr.
+_SAY_PREFIX = ""
+
+
 def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    print(_SAY_PREFIX + message, file=sys.stderr, flush=True)
 
 
 def _csv_floats(text: str) -> list[float]:
@@ -299,13 +302,13 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
         "redis://[[user]:password@]host:port (rediss:// for TLS)",
     )  # fmt: skip
     p.add_argument(
-        "--workers", type=int, default=None,
-        help="pipeline stage-B workers inside this server (0: only `cvserve worker`s; "
-        "default: one per core of the pipeline's CPU budget)",
+        "--stage-workers", type=int, default=None,
+        help="pipeline stage-B workers inside each server process (0: only `cvserve "
+        "worker`s; default: one per core of the pipeline's CPU budget)",
     )  # fmt: skip
     _add_cores_arg(p)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
     p.add_argument(
         "--grpc-port", type=int, default=None,
         help="also serve KServe v2 gRPC (tritonclient.grpc) on this port (default: off)",
@@ -342,6 +345,16 @@ def _add_front_args(p: argparse.ArgumentParser) -> None:
         help="longest wait for in-flight requests after SIGTERM (default 30)",
     )  # fmt: skip
     g.add_argument(
+        "--workers", type=int, default=None, metavar="N",
+        help="N server processes sharing --port (SO_REUSEPORT; the kernel spreads the "
+        "connections), each with every model, under a parent that restarts one that dies "
+        "and drains them all on SIGTERM; threads default to cores / N each (default 1: "
+        "this process)",
+    )  # fmt: skip
+    # a process of --workers: its index and the pipe it says "ready" on (not for users)
+    g.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    g.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    g.add_argument(
         "--reuse-port", action="store_true", default=None,
         help="share --port with other servers (SO_REUSEPORT): start a replacement, then "
         "SIGTERM the old one; a server joins the port once its models are loaded",
@@ -359,8 +372,8 @@ def _add_front_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-_FRONT_KEYS = ("drain_delay_s", "drain_timeout_s", "reuse_port", "api_key_file", "tls_cert",
-               "tls_key", "metrics_port")  # fmt: skip
+_FRONT_KEYS = ("drain_delay_s", "drain_timeout_s", "reuse_port", "workers", "api_key_file",
+               "tls_cert", "tls_key", "metrics_port")  # fmt: skip
 
 
 def server_config_from_args(args: argparse.Namespace):
@@ -377,6 +390,9 @@ def server_config_from_args(args: argparse.Namespace):
     )
 
     overrides = {"cache_dir": args.cache_dir} if args.cache_dir else {}
+    for key in ("host", "port"):  # a --config file's server: host/port, unless given here
+        if getattr(args, key, None) is not None:
+            overrides[key] = getattr(args, key)
     if getattr(args, "grpc_port", None) is not None:
         overrides["grpc_port"] = args.grpc_port
     if getattr(args, "broker", None):
@@ -388,7 +404,7 @@ def server_config_from_args(args: argparse.Namespace):
         if args.model or args.pipeline:
             raise ConfigError("--config names what to serve: drop --model/--pipeline")
         cfg = load_config(args.config)
-        return replace(cfg, host=args.host, port=args.port, **overrides)
+        return replace(cfg, **overrides)
     if not args.model and not args.pipeline:
         raise ConfigError("nothing to serve: pass --model, --pipeline or --config")
     # unset: each its own default (models: auto; pipelines: off)
@@ -424,12 +440,13 @@ def server_config_from_args(args: argparse.Namespace):
     pipelines = tuple(
         PipelineConfig(
             name=p,
-            workers=args.workers,
+            stage_workers=args.stage_workers,
             intra_op_threads=args.intra_op_threads,
             cores=args.pipeline_cores,
             timeout_ms=args.timeout_ms,
             max_queue=args.max_queue,
             **queue_wait,
+            **_pipeline_runtime(args),
         )  # fmt: skip
         for p in args.pipeline or []
     )
@@ -441,8 +458,6 @@ def server_config_from_args(args: argparse.Namespace):
     if getattr(args, "max_body_mb", None):
         extra["max_body_bytes"] = int(args.max_body_mb * 1024 * 1024)
     return ServerConfig(
-        host=args.host,
-        port=args.port,
         preprocess_threads=args.preprocess_threads,
         models=models,
         pipelines=pipelines,
@@ -451,13 +466,53 @@ def server_config_from_args(args: argparse.Namespace):
     )
 
 
+def _pipeline_runtime(args: argparse.Namespace) -> dict:
+    """--runtime/--sim-profile/--sim-devices for a pipeline: one profile for every DNN
+    of the stages this process runs (per-DNN profiles: a --config file)."""
+    from cvserve.config import ConfigError
+
+    if getattr(args, "sim_h2d_gbps", None) is not None:
+        raise ConfigError("--sim-h2d-gbps applies to models only: a pipeline's simulated "
+                          "DNNs take no copy time (drop it, or serve the model alone)")  # fmt: skip
+    return {
+        "runtime": getattr(args, "runtime", "onnxruntime"),
+        "sim_profile": getattr(args, "sim_profile", None),
+        "sim_devices": getattr(args, "sim_devices", 1),
+    }
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from cvserve.serving.server import run_server
 
     cfg = server_config_from_args(args)
+    if args.worker_index is not None:
+        return _serve_as_worker(args, cfg)
     names = [m.name for m in cfg.models] + [p.name for p in cfg.pipelines]
-    _say(f"cvserve {__version__}: serving {', '.join(names)}")
+    procs = f" in {cfg.workers} processes" if cfg.workers > 1 else ""
+    _say(f"cvserve {__version__}: serving {', '.join(names)}{procs}")
+    if cfg.workers > 1:
+        from cvserve.serving.workers import run_workers
+
+        return run_workers(cfg, on_ready=lambda url: _say(f"ready on {url}"), verbose=args.verbose)
     run_server(cfg, progress=_say, on_ready=lambda url: _say(f"ready on {url}"))
+    return 0
+
+
+def _serve_as_worker(args: argparse.Namespace, cfg) -> int:
+    """One process of ``serve --workers N`` (its parent made ``cfg``): say "ready" on the
+    parent's pipe, count metrics in the parent's multiprocess directory."""
+    from cvserve.serving.server import run_server
+    from cvserve.serving.workers import die_with_parent, metrics_dir
+
+    die_with_parent()
+    ready = os.fdopen(args.ready_fd, "w", buffering=1) if args.ready_fd is not None else None
+
+    def on_ready(url: str) -> None:
+        if ready is not None:
+            ready.write(url + "\n")  # the parent says "ready on" once every process is
+
+    run_server(cfg, progress=_say, on_ready=on_ready, metrics_dir=metrics_dir(),
+               own_metrics_port=False)  # fmt: skip
     return 0
 
 
@@ -492,8 +547,27 @@ def _add_worker_parser(sub: argparse._SubParsersAction) -> None:
         "--param", action="append", default=[], metavar="KEY=VALUE",
         help="a pipeline-kind setting (detect-classify: classifier=resnet18)",
     )  # fmt: skip
+    _add_worker_runtime_args(p)
     _add_cache_arg(p)
     p.set_defaults(func=_cmd_worker)
+
+
+def _add_worker_runtime_args(p: argparse.ArgumentParser) -> None:
+    from cvserve.config import RUNTIMES
+
+    p.add_argument(
+        "--runtime", default="onnxruntime", choices=RUNTIMES,
+        help="onnxruntime (default), or simulated: the stage's DNNs take --sim-profile's "
+        "time per batch and burn no host CPU (its results make the server answer sim=1)",
+    )  # fmt: skip
+    p.add_argument(
+        "--sim-profile", metavar="FILE|NAME|1:0.9,8:2.4",
+        help="latency per batch size of every DNN of the stage, for --runtime simulated",
+    )  # fmt: skip
+    p.add_argument(
+        "--sim-devices", type=int, default=1,
+        help="simulated devices per DNN in this process, one batch at a time each (default 1)",
+    )  # fmt: skip
 
 
 def _add_cores_arg(p: argparse.ArgumentParser) -> None:
@@ -519,6 +593,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         reclaim_idle_ms=args.reclaim_idle_ms,
         max_deliveries=args.max_deliveries,
         params=_kv(args.param),
+        **_pipeline_runtime(args),
     )
     return run_worker(cfg, args.stage, args.broker, say=_say, cache_dir=args.cache_dir)
 
@@ -1063,6 +1138,100 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- tune -----------------------------------------------------------------------------
+def _add_tune_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "tune",
+        help="find the settings with the highest throughput whose p99 meets an SLO",
+        description="Searches max batch, max delay, instances, intra-op threads, "
+        "preprocessing threads and the JPEG decoder for MODEL, measuring every candidate "
+        "with a real `cvserve serve` and a closed-loop concurrency sweep of --images. The "
+        "search starts from the defaults (always measured first) and changes one knob at a "
+        "time while it helps, within --budget seconds. Writes the winner to --out as a "
+        "config for `cvserve serve --config`, keeps every measured candidate in "
+        "OUT.tune.json (a rerun reuses them; --fresh starts over) and prints a table of "
+        "them all. Exits 1 when no candidate meets the SLO.",
+    )
+    p.add_argument("model", help="a zoo or stored model name")
+    p.add_argument("--images", required=True, help="folder (or file) of the images to send")
+    p.add_argument(
+        "--slo-p99-ms", type=float, required=True, metavar="MS",
+        help="the p99 latency every measured point must stay within",
+    )  # fmt: skip
+    p.add_argument(
+        "--budget", type=float, default=1800.0, metavar="SECONDS",
+        help="wall time for the search (default 1800); a candidate is not started unless "
+        "the longest measurement so far fits in what is left",
+    )  # fmt: skip
+    p.add_argument("--out", required=True, metavar="FILE.yaml", help="the winning config")
+    p.add_argument(
+        "--fresh", action="store_true",
+        help="measure everything again (ignore the state file OUT.tune.json)",
+    )  # fmt: skip
+    p.add_argument(
+        "--point-duration", type=float, default=5.0, metavar="S",
+        help="seconds measured per concurrency point (default 5; more for slow models: a "
+        "p99 wants a few hundred requests)",
+    )  # fmt: skip
+    p.add_argument("--warmup", type=float, default=1.0, metavar="S",
+                   help="seconds of load before each point is measured (default 1)")  # fmt: skip
+    p.add_argument(
+        "--max-concurrency", type=int, default=64,
+        help="highest closed-loop concurrency tried (default 64, the default --max-queue)",
+    )  # fmt: skip
+    p.add_argument(
+        "--min-gain", type=float, default=0.03, metavar="FRACTION",
+        help="a step must beat the best so far by more than this to count (default 0.03)",
+    )  # fmt: skip
+    _add_cache_arg(p)
+    p.set_defaults(func=_cmd_tune)
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from cvserve.tune import TuneConfig, TuneError, TuneStateError, run_tune
+    from cvserve.tune.console import TuneProgress, candidates_table
+
+    # each point's warnings are in its numbers; the terminal shows progress
+    logging.getLogger("cvserve.bench").setLevel(logging.ERROR)
+    config = TuneConfig(
+        model=args.model,
+        images=args.images,
+        slo_p99_ms=args.slo_p99_ms,
+        out=args.out,
+        budget_s=args.budget,
+        fresh=args.fresh,
+        cache_dir=args.cache_dir,
+        point_s=args.point_duration,
+        warmup_s=args.warmup,
+        max_concurrency=args.max_concurrency,
+        min_gain=args.min_gain,
+        command=["cvserve", *sys.argv[1:]] if sys.argv[1:2] == ["tune"] else ["cvserve", "tune"],
+    )
+    try:
+        with TuneProgress(Console(stderr=True)) as progress:
+            report = run_tune(config, progress=progress)
+    except (TuneError, TuneStateError) as e:
+        _say(f"error: {e}")
+        return 2
+    res = report.result
+    title = (f"cvserve tune {args.model}: {len(res.candidates)} candidates in "
+             f"{report.elapsed_s:.0f} s ({res.stop_reason}), SLO p99 <= {args.slo_p99_ms:g} ms")  # fmt: skip
+    Console(width=100).print(candidates_table(report.rows, args.slo_p99_ms, title))
+    _say(f"state (every candidate): {report.state_path}")
+    if res.winner is None:
+        _say(f"no candidate met the SLO (p99 <= {args.slo_p99_ms:g} ms); {args.out} not written")
+        return 1
+    w, d = res.winner.measurement, res.default.measurement
+    gain = (f"{w.throughput_rps / d.throughput_rps:.2f}x the defaults' {d.throughput_rps:.1f}"
+            if d.meets_slo else "the defaults met no SLO point")  # fmt: skip
+    print(f"winner: {res.winner.settings.label()}: {w.throughput_rps:.1f} req/s, p99 "
+          f"{w.p99_ms:.0f} ms at c={w.concurrency} ({gain})")  # fmt: skip
+    _say(f"wrote {report.config_path} (cvserve serve --config {report.config_path})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cvserve", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"cvserve {__version__}")
@@ -1077,14 +1246,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report_parser(sub)
     _add_study_parser(sub)
     _add_profile_parser(sub)
+    _add_tune_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _SAY_PREFIX
     args = build_parser().parse_args(argv)
+    index = getattr(args, "worker_index", None)
+    _SAY_PREFIX = f"[worker {index}] " if index is not None else ""
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s {_SAY_PREFIX}%(levelname)s %(name)s: %(message)s",
     )
     try:
         return int(args.func(args) or 0)

@@ -202,7 +202,8 @@ class PipelineConfig:
     kind: str = ""  # "ocr" | "detect-classify"; defaults to ``name``
     #: Stage B workers inside the serving process (0: only ``cvserve worker`` processes;
     #: None: one per core of the CPU budget, so that under load every core runs a call).
-    workers: int | None = None
+    #: YAML ``stage_workers`` (it was ``workers``, now the server's process count).
+    stage_workers: int | None = None
     #: Stage B model instances per worker process (``cvserve worker``).
     instances: int = 1
     max_batch_size: int = 16
@@ -232,8 +233,18 @@ class PipelineConfig:
     #: process may use; -1, no budget (every session takes onnxruntime's own threads).
     cores: int = 0
     params: dict[str, Any] = field(default_factory=dict)
+    #: As a model's: ``"onnxruntime"``, or ``"simulated"`` for every DNN of the stages this
+    #: process runs (stage A in the server, stage B in its workers or ``cvserve worker``).
+    runtime: str = "onnxruntime"
+    #: The simulated runtime's latency per batch size: one profile for every DNN, or one
+    #: per DNN name (``{"det": "1:5", "cls": "1:20,16:100"}``; ocr: det, cls, rec;
+    #: detect-classify: det, cls).
+    sim_profile: str | dict[str, str] | None = None
+    #: Simulated devices per DNN in each process; each runs one batch at a time.
+    sim_devices: int = 1
 
     def __post_init__(self) -> None:
+        self._check_runtime()
         if not self.kind:
             object.__setattr__(self, "kind", self.name)
         object.__setattr__(self, "max_queue_wait_ms", queue_wait_ms(self.max_queue_wait_ms))
@@ -243,12 +254,54 @@ class PipelineConfig:
         ):  # fmt: skip
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1")
-        if self.workers is not None and self.workers < 0:
-            raise ValueError("workers must be >= 0")
+        if self.stage_workers is not None and self.stage_workers < 0:
+            raise ValueError("stage_workers must be >= 0")
         if self.cores < -1:
             raise ValueError("cores must be >= 0, or -1 for no CPU budget")
         if self.timeout_ms <= 0:
             raise ValueError("timeout_ms must be > 0")
+
+    def _check_runtime(self) -> None:
+        where = f"pipeline {self.name!r}"
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(
+                f"{where}: runtime {self.runtime!r}; choose one of {', '.join(RUNTIMES)}"
+            )
+        if self.runtime != "simulated":
+            if self.sim_profile:
+                raise ConfigError(f"{where}: sim_profile needs the simulated runtime "
+                                  "(runtime: simulated / --runtime simulated)")  # fmt: skip
+            return
+        if not isinstance(self.sim_devices, int) or self.sim_devices < 1:
+            raise ConfigError(f"{where}: sim_devices must be an integer >= 1")
+        profiles = self.sim_profile
+        if not profiles:
+            raise ConfigError(
+                f"{where}: the simulated runtime needs a latency profile (sim_profile / "
+                "--sim-profile: '1:0.9,8:2.4', a JSON file, a packaged name, or one per DNN)"
+            )
+        from cvserve.runtime.simulated import SimProfile
+
+        if isinstance(profiles, dict):
+            from cvserve.serving.pipelines import get_kind
+
+            try:
+                stages = get_kind(self.kind or self.name).dnns.values()
+            except ValueError as e:
+                raise ConfigError(f"{where}: {e}") from None
+            dnns = {d for names in stages for d in names}
+            unknown = sorted(set(profiles) - dnns)
+            if unknown:
+                raise ConfigError(f"{where}: sim_profile names no DNN of this pipeline: "
+                                  f"{unknown}; its DNNs: {', '.join(sorted(dnns))}")  # fmt: skip
+        else:
+            profiles = {"*": profiles}
+        for dnn, spec in profiles.items():
+            try:
+                SimProfile.parse(spec)
+            except (TypeError, ValueError) as e:
+                of = "" if dnn == "*" else f" of {dnn}"
+                raise ConfigError(f"{where}: sim_profile{of}: {e}") from None
 
     def with_instances(self, n: int) -> PipelineConfig:
         from dataclasses import replace
@@ -280,6 +333,9 @@ class ServerConfig:
     #: Join ``port`` with SO_REUSEPORT (several servers on one port, the kernel spreading
     #: connections); the server joins once its models are loaded.
     reuse_port: bool = False
+    #: Server processes sharing ``port`` (SO_REUSEPORT; ``cvserve.serving.workers``): each
+    #: loads every model, and a parent starts, watches and stops them. 1: this process.
+    workers: int = 1
     #: A file of API keys, one a line: requests need ``Authorization: Bearer KEY``.
     api_key_file: str | None = None
     #: TLS certificate chain and private key (PEM files) for HTTP and gRPC.
@@ -311,6 +367,13 @@ class ServerConfig:
                 raise ConfigError(f"metrics_port {self.metrics_port} is not a port (0-65535)")
             if self.metrics_port and self.metrics_port in (self.port, self.grpc_port):
                 raise ConfigError(f"metrics_port {self.metrics_port} is taken by another door")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise ConfigError(f"workers must be an integer >= 1, not {self.workers!r}")
+        if self.workers > 1 and self.grpc_port is not None:
+            raise ConfigError(
+                f"grpc_port with workers {self.workers}: the gRPC port is not shared between "
+                "server processes; serve gRPC with workers 1 (or one server per gRPC port)"
+            )
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("TLS needs both a certificate (tls_cert) and its key (tls_key)")
         for key in ("drain_timeout_s", "drain_delay_s"):
@@ -359,6 +422,11 @@ def pipeline_config_from_dict(d: dict[str, Any]) -> PipelineConfig:
     """A pipeline entry of a config file: PipelineConfig keys."""
     if not isinstance(d, dict) or "name" not in d:
         raise ConfigError(f"a pipeline entry needs at least a name: {d!r}")
+    if "workers" in d:  # renamed: ``workers`` is now the server's process count
+        raise ConfigError(
+            f"pipeline {d['name']!r}: 'workers' is now 'stage_workers' (stage B workers in "
+            "the server process; server: workers is the number of server processes)"
+        )
     unknown = set(d) - _PIPELINE_KEYS
     if unknown:
         raise ConfigError(
@@ -366,6 +434,8 @@ def pipeline_config_from_dict(d: dict[str, Any]) -> PipelineConfig:
         )
     try:
         return PipelineConfig(**d)
+    except ConfigError:
+        raise  # PipelineConfig's own errors name the pipeline already
     except (TypeError, ValueError) as e:
         raise ConfigError(f"pipeline {d['name']!r}: {e}") from None
 
@@ -404,6 +474,24 @@ def server_config_from_dict(d: dict[str, Any]) -> ServerConfig:
         return ServerConfig(models=mcs, pipelines=pcs, **server)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"server: {e}") from None
+
+
+def config_to_dict(config: ServerConfig) -> dict[str, Any]:
+    """``config`` as a config file says it (``server_config_from_dict`` reads it back):
+    how ``--workers`` hands its processes their settings, as JSON, never pickle."""
+    from dataclasses import asdict
+
+    def model(mc: ModelConfig) -> dict[str, Any]:
+        d = asdict(mc)
+        return {**d.pop("batching"), **d}
+
+    server = asdict(config)
+    del server["models"], server["pipelines"]
+    return {
+        "server": server,
+        "models": [model(mc) for mc in config.models],
+        "pipelines": [asdict(pc) for pc in config.pipelines],
+    }
 
 
 def load_config(path: str | Path) -> ServerConfig:

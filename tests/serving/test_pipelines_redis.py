@@ -73,7 +73,7 @@ def _server(
             PipelineConfig(
                 "dc",
                 kind="detect-classify",
-                workers=workers,
+                stage_workers=workers,
                 block_ms=5,
                 timeout_ms=timeout_ms,
                 params=PARAMS,

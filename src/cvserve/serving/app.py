@@ -327,11 +327,16 @@ async def readyz(request: Request) -> Response:
     return _json({"ready": True, "models": list(state.models), "pipelines": list(state.pipelines)})
 
 
-async def metrics_endpoint(request: Request) -> Response:
-    state: ServerState = request.app.state.cvserve
+def refresh_gauges(state: ServerState) -> None:
+    """Set the gauges from the models' state now (queue depth, busy instances)."""
     for name, ms in state.models.items():
         state.metrics.queue_depth.labels(name).set(ms.inflight)
         state.metrics.busy_instances.labels(name).set(ms.batcher.busy_instances)
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    state: ServerState = request.app.state.cvserve
+    refresh_gauges(state)
     return Response(state.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
 

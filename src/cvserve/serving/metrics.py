@@ -1,9 +1,18 @@
-"""Prometheus metrics of one server, named after the DESIGN.md stages."""
+"""Prometheus metrics of one server, named after the DESIGN.md stages.
+
+One process (the default): a registry per app, rendered as it is. Several processes
+(``serve --workers N``): each counts into prometheus-client's multiprocess directory (its
+parent sets ``PROMETHEUS_MULTIPROC_DIR`` before the process starts), and rendering merges
+every process's files, so any process's ``/metrics`` counts every process's requests:
+counters and histograms summed, gauges summed over the live processes (``livesum``).
+"""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import values as _values
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
 
 _LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -16,10 +25,25 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
-class Metrics:
-    """Counters and histograms in a registry of their own (one per app, not global)."""
+def render_multiprocess(path: str) -> bytes:
+    """Every process's metrics in the multiprocess directory ``path``, merged."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=path)
+    return generate_latest(registry)
 
-    def __init__(self) -> None:
+
+class Metrics:
+    """Counters and histograms in a registry of their own (one per app, not global);
+    ``multiprocess_dir``: one process of several (see the module docstring)."""
+
+    def __init__(self, multiprocess_dir: str | None = None) -> None:
+        if multiprocess_dir is not None and not getattr(_values.ValueClass, "_multiprocess", 0):
+            raise RuntimeError(
+                "multiprocess metrics need PROMETHEUS_MULTIPROC_DIR set before "
+                "prometheus_client is imported (the parent of --workers sets it)"
+            )
+        #: The multiprocess directory rendered from, or None (this process only).
+        self.multiprocess_dir = multiprocess_dir
         r = self.registry = CollectorRegistry()
         self.requests = Counter(
             "cvserve_requests", "Requests answered, by model and HTTP status", ["model", "status"],
@@ -37,12 +61,19 @@ class Metrics:
             "cvserve_batch_size", "Images per inference batch", ["model"],
             buckets=_BATCH_BUCKETS, registry=r,
         )  # fmt: skip
+        # several processes: the sum over the live ones (one process: ignored)
         self.queue_depth = Gauge(
-            "cvserve_queue_depth", "Requests admitted and not yet answered", ["model"], registry=r
-        )
+            "cvserve_queue_depth", "Requests admitted and not yet answered", ["model"],
+            registry=r, multiprocess_mode="livesum",
+        )  # fmt: skip
         self.busy_instances = Gauge(
-            "cvserve_busy_instances", "Model instances running a batch", ["model"], registry=r
-        )
+            "cvserve_busy_instances", "Model instances running a batch", ["model"],
+            registry=r, multiprocess_mode="livesum",
+        )  # fmt: skip
+
+    @property
+    def multiprocess(self) -> bool:
+        return self.multiprocess_dir is not None
 
     def observe_request(self, model: str, status: int, stages: dict[str, float]) -> None:
         self.requests.labels(model, str(status)).inc()
@@ -56,4 +87,6 @@ class Metrics:
         return lambda info: hist.observe(info.size)
 
     def render(self) -> bytes:
+        if self.multiprocess_dir is not None:
+            return render_multiprocess(self.multiprocess_dir)
         return generate_latest(self.registry)

@@ -16,6 +16,11 @@ error (a reset, a connection closed under its request):
    :data:`IDLE_GRACE_S`: a client that just connected, or just got an answer, may be
    sending its next request right now, and closing under it would reset that request.
 
+A server may be one of the processes of ``serve --workers N``
+(:mod:`cvserve.serving.workers`): its parent then owns the metrics port, and its metrics
+go to the parent's multiprocess directory so that every process's ``/metrics`` counts
+them all.
+
 A second signal exits at once. With ``grpc_port`` set, the KServe v2 gRPC door runs on the
 same event loop over the same state: the drain covers it (new inferences get UNAVAILABLE),
 and it stops before the models do.
@@ -48,7 +53,7 @@ from cvserve.config import ServerConfig
 from cvserve.images.budget import PixelBudget
 from cvserve.models import store
 from cvserve.serving import logs
-from cvserve.serving.app import ServerState, create_app, create_metrics_app
+from cvserve.serving.app import ServerState, create_app, create_metrics_app, refresh_gauges
 from cvserve.serving.auth import ApiKeys, check_tls_files
 from cvserve.serving.core import PreprocessPool
 from cvserve.serving.metrics import Metrics
@@ -63,6 +68,8 @@ IDLE_GRACE_S = 1.0
 #: Connections still busy this long after the drain are left to uvicorn's shutdown.
 _IDLE_WAIT_S = 5.0
 _BACKLOG = 2048
+#: How often one process of several sets its gauges (queue depth, busy instances).
+GAUGE_REFRESH_S = 0.5
 
 
 def load_models(
@@ -101,14 +108,15 @@ def load_servables(
     return models, pipelines, broker
 
 
-def new_state(config: ServerConfig) -> ServerState:
-    """The state of a server that has loaded nothing yet."""
+def new_state(config: ServerConfig, metrics_dir: str | None = None) -> ServerState:
+    """The state of a server that has loaded nothing yet (``metrics_dir``: one process of
+    several, counting in prometheus-client's multiprocess directory)."""
     pool = PreprocessPool(
         config.resolved_preprocess_threads(), PixelBudget(config.resolved_pixels_in_flight())
     )
     # the request's context follows its work onto the pool's threads (logs: warnings)
     pool.executor = logs.ContextExecutor(pool.threads, thread_name_prefix="preprocess")
-    return ServerState(config, pool=pool, metrics=Metrics())
+    return ServerState(config, pool=pool, metrics=Metrics(multiprocess_dir=metrics_dir))
 
 
 def bind_socket(host: str, port: int, *, reuse_port: bool = False, listen: bool = True):
@@ -222,6 +230,9 @@ class _Server(uvicorn.Server):
         config: ServerConfig,
         progress: Progress | None = None,
         on_ready: Callable[[str], None] | None = None,
+        *,
+        metrics_dir: str | None = None,
+        own_metrics_port: bool = True,
     ) -> None:
         # Everything that can be wrong with the settings or the ports fails here, before
         # a model is built or loaded.
@@ -232,15 +243,16 @@ class _Server(uvicorn.Server):
             config.host, config.port, reuse_port=config.reuse_port, listen=not config.reuse_port
         )
         self.metrics_sock = None
-        if config.metrics_port is not None:
+        if config.metrics_port is not None and own_metrics_port:
             try:
                 self.metrics_sock = bind_socket(config.host, config.metrics_port)
             except OSError:
                 self.sock.close()
                 raise
         self.cfg = config
-        self.state = new_state(config)
+        self.state = new_state(config, metrics_dir)
         app = create_app(self.state, self.keys, metrics=config.metrics_port is None)
+        # metrics_port set: /metrics only there (with --workers, the parent serves it)
         super().__init__(_uvicorn_config(app, config))
         self._progress = progress
         self._on_ready = on_ready
@@ -249,6 +261,7 @@ class _Server(uvicorn.Server):
         self._load_task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._metrics_server: uvicorn.Server | None = None
+        self._gauges_task: asyncio.Task | None = None
         #: Why the server could not start (raised again by run_server), else None.
         self.failure: BaseException | None = None
         #: The KServe v2 gRPC door while it runs (``config.grpc_port`` set).
@@ -284,6 +297,8 @@ class _Server(uvicorn.Server):
             await self._close()
 
     async def startup(self, sockets=None) -> None:
+        if self.state.metrics.multiprocess:
+            self._gauges_task = asyncio.create_task(self._refresh_gauges())
         try:
             await self._start_metrics()
             if not self.cfg.reuse_port:
@@ -310,6 +325,13 @@ class _Server(uvicorn.Server):
         server.lifespan = cfg.lifespan_class(cfg)
         await server.startup(sockets=[self.metrics_sock])
         self._metrics_server = server
+
+    async def _refresh_gauges(self) -> None:
+        """One process of several: its gauges are read by whichever process is scraped,
+        so it sets them itself, every :data:`GAUGE_REFRESH_S`, not only when scraped."""
+        while True:
+            refresh_gauges(self.state)
+            await asyncio.sleep(GAUGE_REFRESH_S)
 
     async def _start_grpc(self) -> None:
         if self.cfg.grpc_port is None:
@@ -424,6 +446,8 @@ class _Server(uvicorn.Server):
 
     async def _close(self) -> None:
         """Whatever started, stopped: gRPC, the metrics port, the models, the pool."""
+        if self._gauges_task is not None:
+            self._gauges_task.cancel()
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()  # the loading thread finishes on its own
         if self.grpc is not None:
@@ -441,11 +465,17 @@ def run_server(
     config: ServerConfig,
     progress: Progress | None = None,
     on_ready: Callable[[str], None] | None = None,
+    *,
+    metrics_dir: str | None = None,
+    own_metrics_port: bool = True,
 ) -> None:
     """Serve until a signal; blocks the calling (main) thread. OSError or ConfigError when
     the server cannot start (a port in use, a bad key or certificate file), the loading
-    error when a model cannot be loaded."""
-    server = _Server(config, progress, on_ready)
+    error when a model cannot be loaded. ``metrics_dir`` and ``own_metrics_port=False``:
+    one process of ``--workers`` (see :mod:`cvserve.serving.workers`)."""
+    server = _Server(
+        config, progress, on_ready, metrics_dir=metrics_dir, own_metrics_port=own_metrics_port
+    )
     server.run()
     if server.failure is not None:
         raise server.failure
@@ -543,7 +573,9 @@ class ServerProcess:
 
     def start(self, timeout: float = 300.0, ready_url: str | None = None) -> ServerProcess:
         """Start it and wait for ``ready_url`` (default: its own ``/readyz``; another
-        when the port is shared with a server that is leaving) to answer 200."""
+        when the port is shared with a server that is leaving) to answer 200. With
+        ``--workers`` in its arguments, also for its ``ready on`` line: the first process
+        to load answers ``/readyz`` on the shared port before the others have joined."""
         ready_url = ready_url or self.url + "/readyz"
         cpus = self.cpus
         self.proc = subprocess.Popen(
@@ -560,7 +592,9 @@ class ServerProcess:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
             try:
                 with urllib.request.urlopen(ready_url, timeout=1, context=ctx) as r:
-                    if r.status == 200:
+                    if r.status == 200 and (
+                        "--workers" not in self.args or "\nready on " in "\n" + self.output()
+                    ):
                         return self
             except (OSError, urllib.error.URLError):
                 pass

@@ -473,10 +473,10 @@ def _broker_config(ctx: StudyContext, broker: str) -> str:
         "pipelines:",
     ]
     if ctx.has_ocr():
-        lines.append("  - {name: ocr, kind: ocr, workers: 1}")
+        lines.append("  - {name: ocr, kind: ocr, stage_workers: 1}")
     for n in s.fanouts:
         lines.append(
-            f"  - {{name: dc-{n}, kind: detect-classify, workers: 1, max_batch_size: 32, "
+            f"  - {{name: dc-{n}, kind: detect-classify, stage_workers: 1, max_batch_size: 32, "
             f"params: {{objects: {n}, detector: {s.detector}, classifier: {s.classifier}}}}}"
         )
     return "\n".join(lines) + "\n"

@@ -153,6 +153,7 @@ class DetectClassifyPipeline:
     task = "detect-classify"
     stage_a = "detect"
     stage_b = "classify"
+    dnns = {"detect": ("det",), "classify": ("cls",)}
     params = ()
 
     def make_stage_a(self, options: StageOptions) -> DetectStage:

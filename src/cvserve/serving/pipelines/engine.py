@@ -33,7 +33,14 @@ from cvserve.runtime.budget import CpuBudget
 from cvserve.serving.core import Admission, Prediction, PreprocessPool
 from cvserve.serving.errors import BrokerDown, DeadlineExceeded, Overloaded, StageFailed
 from cvserve.serving.pipelines import get_kind
-from cvserve.serving.pipelines.base import BATCH, INFER_S, POST_S, StageOptions
+from cvserve.serving.pipelines.base import (
+    BATCH,
+    INFER_S,
+    POST_S,
+    SIMULATED,
+    StageOptions,
+    describe_runtime,
+)
 from cvserve.serving.stats import ModelStats
 from cvserve.tasks.params import describe_params, parse_params
 from cvserve.trace import Trace
@@ -53,6 +60,12 @@ def cpu_budget(
     return None if config.cores < 0 else CpuBudget(config.cores, pressure)
 
 
+def runtime_options(config: PipelineConfig) -> dict[str, Any]:
+    """The StageOptions fields that say what the stages' DNNs run on."""
+    return {"runtime": config.runtime, "sim_profile": config.sim_profile,
+            "sim_devices": config.sim_devices}  # fmt: skip
+
+
 class StageBRunner:
     """Stage B workers of one process: ``instances`` StageWorkers, each with its own model
     sessions on its own thread, consuming the stage's topic as members of one group."""
@@ -63,6 +76,7 @@ class StageBRunner:
         kind = get_kind(config.kind)
         self.topic = work_topic(config.name, kind.stage_b)
         self.group = kind.stage_b
+        self.options = options
         self.stages = [kind.make_stage_b(options) for _ in range(config.instances)]
         self.executors = [
             ThreadPoolExecutor(1, thread_name_prefix=f"{config.name}-{kind.stage_b}-{i}")
@@ -85,9 +99,16 @@ class StageBRunner:
 
     def _handler(self, i: int):
         stage, executor = self.stages[i], self.executors[i]
+        simulated = self.options.simulated
 
         async def handle(messages: list[Message]) -> list[Message]:
-            return await asyncio.get_running_loop().run_in_executor(executor, stage.run, messages)
+            results = await asyncio.get_running_loop().run_in_executor(
+                executor, stage.run, messages
+            )
+            if simulated:  # the server marks the request sim=1 (Server-Timing)
+                for r in results:
+                    r.headers[SIMULATED] = 1
+            return results
 
         return handle
 
@@ -109,8 +130,8 @@ class StageBRunner:
 
 
 class PipelineServer:
-    """Serves one pipeline in this process (stage A, and stage B unless ``workers=0``); a
-    :class:`~cvserve.serving.core.Servable` like a model."""
+    """Serves one pipeline in this process (stage A, and stage B unless
+    ``stage_workers=0``); a :class:`~cvserve.serving.core.Servable` like a model."""
 
     #: the join is cheap: it and the encoding of the answer stay on the event loop
     heavy = False
@@ -136,13 +157,16 @@ class PipelineServer:
             params=dict(config.params),
             # the admission counts this pipeline's requests in flight (made below)
             budget=cpu_budget(config, pressure=lambda: self.admission.inflight),
+            **runtime_options(config),
         )
         self.stage_a = self.kind.make_stage_a(self.options)
         budget = self.options.budget
         #: stage B workers here: by default one per core of the budget, so that under load
         #: every core runs a one-core call (with one, the costlier stage caps throughput)
         self.local_workers = (
-            config.workers if config.workers is not None else (budget.cores if budget else 1)
+            config.stage_workers
+            if config.stage_workers is not None
+            else (budget.cores if budget else 1)
         )
         self.topic = work_topic(config.name, self.kind.stage_b)
         self.router = ResultRouter(
@@ -205,6 +229,8 @@ class PipelineServer:
             fan = await self.pool.submit(
                 trace, self.stage_a.run, data, deadline=deadline, fail_stage="decode"
             )
+            if self.options.simulated:
+                trace.simulated = True
             results: list[Message] = []
             if fan.items:
                 results = await self._fan_out(fan.items, trace, deadline)
@@ -260,6 +286,8 @@ class PipelineServer:
             )
         # The item that came back last bounds the request; charge its worker's own time.
         last = max(deliveries, key=lambda d: d.consumed_at).message.headers
+        if any(SIMULATED in r.headers for r in results):
+            trace.simulated = True
         infer = float(last.get(INFER_S, 0.0))
         post = float(last.get(POST_S, 0.0))
         trace.add("broker", max(0.0, (done - sent) - infer - post))
@@ -293,6 +321,8 @@ class PipelineServer:
             "timeout_ms": c.timeout_ms,
             "parameters": describe_params(self.params),
             "models": self.kind.describe(self.options),
+            # stage A's, and stage B's here (a `cvserve worker` reports its own at start)
+            "runtime": describe_runtime(self.options),
             "cpu": self.describe_cpu(),
         }
 

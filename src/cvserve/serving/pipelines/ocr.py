@@ -170,6 +170,7 @@ class OcrPipeline:
     task = "ocr"
     stage_a = "det"
     stage_b = "rec"
+    dnns = {"det": ("det",), "rec": ("cls", "rec")}
     params = ()
 
     def make_stage_a(self, options: StageOptions) -> OcrDetStage:

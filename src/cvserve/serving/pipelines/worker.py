@@ -12,8 +12,8 @@ from collections.abc import Callable
 from cvserve.brokers import BrokerUnavailable, broker_from_url, redact_url
 from cvserve.config import PipelineConfig
 from cvserve.serving.pipelines import get_kind
-from cvserve.serving.pipelines.base import StageOptions
-from cvserve.serving.pipelines.engine import StageBRunner, cpu_budget
+from cvserve.serving.pipelines.base import StageOptions, describe_runtime
+from cvserve.serving.pipelines.engine import StageBRunner, cpu_budget, runtime_options
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ def run_worker(
             cache_dir=cache_dir,
             params=dict(config.params),
             budget=cpu_budget(config),
+            **runtime_options(config),
         )
         try:
             await broker.ping()  # refused credentials: one clear error now, no retry loop
@@ -57,7 +58,7 @@ def run_worker(
         await runner.start()
         say(
             f"worker: {config.instances} x {stage} of {config.name} on {runner.topic} "
-            f"via {redact_url(broker_url)}"
+            f"via {redact_url(broker_url)}{_simulated_note(options)}"
         )
         await stop.wait()
         say("worker: finishing the batch in hand")
@@ -66,3 +67,11 @@ def run_worker(
 
     asyncio.run(main())
     return 0
+
+
+def _simulated_note(options: StageOptions) -> str:
+    if not options.simulated:
+        return ""
+    profiles = describe_runtime(options)["profiles"]
+    said = ", ".join(f"{dnn} {p['source']}" for dnn, p in profiles.items())
+    return f" [SIMULATED accelerator, {options.sim_devices} device(s) per DNN: {said}]"
