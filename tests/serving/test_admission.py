@@ -94,8 +94,17 @@ def test_expected_wait_past_max_queue_wait_is_refused_at_once(model_cache, photo
         first, late = _queue_then(srv.url, photo, 8, lambda: _post(srv.url, photo))
         after = _post(srv.url, photo)  # the queue has drained
         described = _admission(srv.url)
+        metrics = httpx.get(f"{srv.url}/metrics", timeout=10).text
     finally:
         srv.stop()
+    # the same estimate in /metrics: rate, expected wait (nothing ahead now) and the limit
+    rate, wait, limit = (
+        float(line.rsplit(" ", 1)[1]) for name in
+        ("cvserve_service_rate", "cvserve_expected_wait_seconds", "cvserve_wait_limit_seconds")
+        for line in metrics.splitlines() if line.startswith(f'{name}{{model="{MODEL}"}}')
+    )  # fmt: skip
+    assert rate == pytest.approx(2.0, rel=0.25) and limit == 0.7
+    assert wait == pytest.approx(0.5, rel=0.25)  # an idle model: its own batch only
     # no rate before any request: only the count limit (64) applied, so all 8 got in
     assert before["service_rate_per_s"] is None and before["wait_limit_ms"] == 700
     assert [r.status_code for r in first] == [200] * 8

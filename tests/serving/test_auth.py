@@ -32,6 +32,16 @@ def secured(model_cache, tmp_path_factory):
     assert not any(k[:12] in out for k in KEYS)
 
 
+def _edge_refusals(text: str) -> dict[tuple[str, str], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (s.labels["status"], s.labels["kind"]): s.value
+        for fam in text_string_to_metric_families(text) if fam.name == "cvserve_edge_refusals"
+        for s in fam.samples if s.name.endswith("_total")
+    }  # fmt: skip
+
+
 def _bearer(key: str) -> dict[str, str]:
     return {"authorization": f"Bearer {key}"}
 
@@ -59,6 +69,8 @@ def test_http_needs_a_key_and_says_which_status(secured, data_dir):
             assert c.get(path, headers=_bearer(KEYS[1])).status_code in (200, 404), path
         for path in ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"):
             assert c.get(path).status_code == 200, path  # probes need no key
+        refused = _edge_refusals(c.get("/metrics", headers=_bearer(KEYS[0])).text)
+        assert refused[("401", "unauthorized")] >= 9 and refused[("403", "forbidden")] >= 2
     lines = secured.lines("id=no-key-1")
     assert len(lines) == 1 and "status=401" in lines[0] and "kind=unauthorized" in lines[0]
 

@@ -143,6 +143,10 @@ def test_the_text_is_prometheus_exposition_format(filled):
         "cvserve_batch_size": "histogram",
         "cvserve_queue_depth": "gauge",
         "cvserve_busy_instances": "gauge",
+        "cvserve_service_rate": "gauge",
+        "cvserve_expected_wait_seconds": "gauge",
+        "cvserve_wait_limit_seconds": "gauge",
+        "cvserve_edge_refusals": "counter",
     }
     names = [f.name for f in families]
     assert len(names) == len(set(names))  # each family once

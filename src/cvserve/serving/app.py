@@ -328,10 +328,16 @@ async def readyz(request: Request) -> Response:
 
 
 def refresh_gauges(state: ServerState) -> None:
-    """Set the gauges from the models' state now (queue depth, busy instances)."""
+    """Set the gauges from the models' state now (queue depth, busy instances, admission)."""
+    m, nan = state.metrics, float("nan")
     for name, ms in state.models.items():
-        state.metrics.queue_depth.labels(name).set(ms.inflight)
-        state.metrics.busy_instances.labels(name).set(ms.batcher.busy_instances)
+        m.queue_depth.labels(name).set(ms.inflight)
+        m.busy_instances.labels(name).set(ms.batcher.busy_instances)
+        adm = ms.admission
+        rate, wait, limit = adm.rate.per_s, adm.expected_wait_s(), adm.wait_limit_s()
+        m.service_rate.labels(name).set(nan if rate is None else rate)
+        m.expected_wait.labels(name).set(nan if wait is None else wait)
+        m.wait_limit.labels(name).set(nan if limit is None else limit)
 
 
 async def metrics_endpoint(request: Request) -> Response:

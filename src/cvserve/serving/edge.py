@@ -104,6 +104,8 @@ class Edge:
                 await self.app(scope, receive, send_)
             else:
                 code, kind, message, extra = early
+                if kind != "not_ready":  # a readiness probe's "no" is an answer
+                    state.metrics.edge_refusals.labels(str(code), kind).inc()
                 body, _ = _body(path, code, kind, message)
                 headers = [(b"content-type", b"application/json"),
                            (b"content-length", str(len(body)).encode()), *extra]  # fmt: skip

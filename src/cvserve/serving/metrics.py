@@ -70,6 +70,24 @@ class Metrics:
             "cvserve_busy_instances", "Model instances running a batch", ["model"],
             registry=r, multiprocess_mode="livesum",
         )  # fmt: skip
+        # admission (serving.core.Admission): what the server expects, and what it refuses
+        self.service_rate = Gauge(
+            "cvserve_service_rate", "Requests a model finishes per second while busy (NaN: "
+            "not measured yet)", ["model"], registry=r, multiprocess_mode="livesum",
+        )  # fmt: skip
+        self.expected_wait = Gauge(
+            "cvserve_expected_wait_seconds", "A new request's expected time to its answer "
+            "(NaN: no service rate yet)", ["model"], registry=r, multiprocess_mode="livemax",
+        )  # fmt: skip
+        self.wait_limit = Gauge(
+            "cvserve_wait_limit_seconds", "The longest expected wait admitted (NaN: no limit by "
+            "time now)", ["model"], registry=r, multiprocess_mode="livemax",
+        )  # fmt: skip
+        self.edge_refusals = Counter(
+            "cvserve_edge_refusals", "Requests the edge answered before any model: no or a "
+            "wrong API key (401, 403), models still loading (503)", ["status", "kind"],
+            registry=r,
+        )  # fmt: skip
 
     @property
     def multiprocess(self) -> bool:

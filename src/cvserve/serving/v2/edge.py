@@ -65,6 +65,7 @@ class GrpcEdge(grpc.aio.ServerInterceptor):
                 if denied is not None:
                     kind, message = DENIED[denied]
                     code = _DENIED_CODE[denied]
+                    state.metrics.edge_refusals.labels(str(denied), kind).inc()
                     logs.log_failure(rec, door="grpc", status=code.name, model=model,
                                      kind=kind, message=message)  # fmt: skip
                     await context.abort(code, message)
@@ -72,6 +73,7 @@ class GrpcEdge(grpc.aio.ServerInterceptor):
                     return _NOT_READY[method]
                 if state.loading and method not in _OPEN:
                     message = "the server is loading its models; retry shortly"
+                    state.metrics.edge_refusals.labels("503", "loading").inc()
                     logs.log_failure(rec, door="grpc", status="UNAVAILABLE", model=model,
                                      kind="loading", message=message)  # fmt: skip
                     await context.abort(grpc.StatusCode.UNAVAILABLE, message)
