@@ -69,7 +69,8 @@ class BatchConfig:
     timeout_ms: float = 30_000.0
     #: A request whose expected wait (queue ahead / measured service rate + one batch)
     #: exceeds this, or its deadline, gets a 429 at once. None ("auto"): the time to serve
-    #: a few full rounds of batches (``serving.core.AUTO_WAIT_ROUNDS``); 0: off.
+    #: a few full rounds of batches (``serving.core.AUTO_WAIT_ROUNDS`` on an accelerator,
+    #: ``CPU_WAIT_ROUNDS`` on a CPU); 0: off.
     max_queue_wait_ms: float | None = None
 
     def __post_init__(self) -> None:

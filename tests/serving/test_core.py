@@ -343,3 +343,20 @@ def test_admission_without_batches_measures_requests_leaving():
     with adm.admit():
         now[0] = 100.1
     assert adm.rate.per_s == pytest.approx(4.0)
+
+
+def test_the_automatic_wait_limit_counts_fewer_rounds_on_a_cpu():
+    from cvserve.config import ModelConfig
+    from cvserve.serving.core import CPU_WAIT_ROUNDS
+    from cvserve.serving.model import on_cpu
+
+    assert on_cpu(ModelConfig("m"))
+    assert not on_cpu(ModelConfig("m", runtime="simulated", sim_profile="1:5"))
+    assert not on_cpu(ModelConfig("m", device="cuda"))
+    now = [0.0]
+    adm = Admission("model m", max_queue=100, max_wait_s=None, round_rows=4,
+                    rounds=CPU_WAIT_ROUNDS, clock=lambda: now[0])  # fmt: skip
+    adm.observe_batch(4, 0.5, end=0.5)
+    adm.observe_batch(4, 0.5, end=1.0)  # 8 requests/s
+    assert adm.wait_limit_s() == pytest.approx(CPU_WAIT_ROUNDS * 4 / 8.0)
+    assert adm.describe()["auto_rounds"] == CPU_WAIT_ROUNDS < AUTO_WAIT_ROUNDS

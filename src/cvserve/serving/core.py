@@ -83,11 +83,17 @@ class Servable(Protocol):
 
 #: Default admission by time (``max_wait_s=None``): refuse a request expected to wait
 #: longer than serving this many full rounds of batches (``round_rows``) at the measured
-#: rate takes. With 2, a model at 3x capacity holds about one batch running and one
-#: filling, the least that keeps it busy. benchmarks/overload.py --quick on a shared,
-#: noisy 2-core machine: accepted p99 1.4-1.5x the p99 at capacity (resnet18), 1.3-2.5x
-#: (resnet18 on the simulated device); with 3 rounds 2.9x, with a count limit only 7-10x.
+#: rate takes. On an accelerator (``AUTO_WAIT_ROUNDS``, 2), a model at 3x capacity then
+#: holds about one full batch running and one filling, the least that keeps its batches
+#: full, which is where its throughput is: benchmarks/overload.py --quick gave accepted
+#: p99 1.3-2.5x the p99 at capacity (resnet18 on the simulated device), with a count
+#: limit only 7-10x. On a CPU (``CPU_WAIT_ROUNDS``, 1.25) a batch costs about the sum of
+#: its images, so full batches buy no throughput and only add waiting: with 2 rounds
+#: resnet18 on one core accepted 2.9x the p99 at capacity (batches of 5.5), with 1.25
+#: rounds' worth (238 ms) 1.8x at the same goodput (benchmarks/overload.py
+#: --server-cpus 0, one run per limit).
 AUTO_WAIT_ROUNDS = 2.0
+CPU_WAIT_ROUNDS = 1.25
 
 
 class ServiceRate:
@@ -140,8 +146,9 @@ class Admission:
     rate + one batch (the mean batch time when the servable reports its batches through
     :meth:`observe_batch`, which also measure the rate; else one request's share,
     1 / rate, and the rate comes from requests leaving). ``max_wait_s``: None, automatic
-    (the time ``AUTO_WAIT_ROUNDS`` rounds of ``round_rows`` requests take at the measured
-    rate); 0, off (count limit only). ``clock``: perf_counter, or a test's own.
+    (the time ``rounds`` rounds of ``round_rows`` requests take at the measured rate:
+    ``AUTO_WAIT_ROUNDS`` on an accelerator, ``CPU_WAIT_ROUNDS`` on a CPU); 0, off (count
+    limit only). ``clock``: perf_counter, or a test's own.
     """
 
     def __init__(
@@ -152,6 +159,7 @@ class Admission:
         *,
         max_wait_s: float | None = 0.0,
         round_rows: int | None = None,
+        rounds: float = AUTO_WAIT_ROUNDS,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.what = what
@@ -159,6 +167,7 @@ class Admission:
         self.parallel = max(1, parallel)
         self.max_wait_s = max_wait_s
         self.round_rows = round_rows or self.parallel
+        self.rounds = rounds
         self.rate = ServiceRate()
         self.clock = clock
         self.inflight = 0
@@ -171,7 +180,7 @@ class Admission:
         if self.max_wait_s is not None:
             return self.max_wait_s or None
         rate = self.rate.per_s
-        return None if rate is None else AUTO_WAIT_ROUNDS * self.round_rows / rate
+        return None if rate is None else self.rounds * self.round_rows / rate
 
     def expected_wait_s(self) -> float | None:
         """A new request's expected time to its answer; None until the rate is known."""
@@ -252,6 +261,7 @@ class Admission:
         return {
             "max_queue": self.max_queue,
             "max_queue_wait_ms": "auto" if self.max_wait_s is None else self.max_wait_s * 1000,
+            "auto_rounds": self.rounds if self.max_wait_s is None else None,
             "wait_limit_ms": None if limit is None else round(limit * 1000.0, 1),
             "service_rate_per_s": None if rate is None else round(rate, 2),
             "expected_wait_ms": None if wait is None else round(wait * 1000.0, 1),

@@ -23,7 +23,14 @@ from cvserve.models.metadata import ModelMeta
 from cvserve.runtime.onnx import OrtOptions, OrtRuntime
 from cvserve.runtime.simulated import SimDevice, SimModel, SimulatedRuntime
 from cvserve.serving.batcher import Batcher, BatchInfo, Slot
-from cvserve.serving.core import Admission, Prediction, PreprocessPool, remaining
+from cvserve.serving.core import (
+    AUTO_WAIT_ROUNDS,
+    CPU_WAIT_ROUNDS,
+    Admission,
+    Prediction,
+    PreprocessPool,
+    remaining,
+)
 from cvserve.serving.errors import BadRequest, DeadlineExceeded
 from cvserve.serving.stats import ModelStats
 from cvserve.tasks.base import get_head
@@ -102,6 +109,7 @@ class ModelServer:
             f"model {self.name}", b.max_queue, b.instances,
             max_wait_s=None if b.max_queue_wait_ms is None else b.max_queue_wait_ms / 1000.0,
             round_rows=b.max_batch_size * b.instances,
+            rounds=CPU_WAIT_ROUNDS if on_cpu(config) else AUTO_WAIT_ROUNDS,
         )  # fmt: skip
         self.ready = False
 
@@ -257,6 +265,11 @@ class ModelServer:
         if self.gpu_preprocessor is not None:
             out["preprocess"] = self.gpu_preprocessor.describe()
         return out
+
+
+def on_cpu(config: ModelConfig) -> bool:
+    """Whether the model's DNN runs on the host's CPU (not a GPU, not the simulated device)."""
+    return config.runtime != "simulated" and config.device == "cpu"
 
 
 def _make_runtimes(onnx_path: str, config: ModelConfig) -> list:
