@@ -85,13 +85,12 @@ class Servable(Protocol):
 #: longer than serving this many full rounds of batches (``round_rows``) at the measured
 #: rate takes. On an accelerator (``AUTO_WAIT_ROUNDS``, 2), a model at 3x capacity then
 #: holds about one full batch running and one filling, the least that keeps its batches
-#: full, which is where its throughput is: benchmarks/overload.py --quick gave accepted
-#: p99 1.3-2.5x the p99 at capacity (resnet18 on the simulated device), with a count
-#: limit only 7-10x. On a CPU (``CPU_WAIT_ROUNDS``, 1.25) a batch costs about the sum of
-#: its images, so full batches buy no throughput and only add waiting: with 2 rounds
-#: resnet18 on one core accepted 2.9x the p99 at capacity (batches of 5.5), with 1.25
-#: rounds' worth (238 ms) 1.8x at the same goodput (benchmarks/overload.py
-#: --server-cpus 0, one run per limit).
+#: full, which is where its throughput is. On a CPU (``CPU_WAIT_ROUNDS``, 1.25) a batch
+#: costs about the sum of its images, so fuller batches buy little and mostly add waiting:
+#: benchmarks/overload.py at 3x capacity (resnet18, 2 repeats each) gave accepted p99
+#: 1.8-1.9x the p99 at capacity with 1.25 rounds against 3.0x with 2 (one core), at the
+#: same goodput. The price: a closed loop deeper than capacity needs meets 429s sooner
+#: (c=8 on 2 cores: 15 of ~740 requests refused in 10 s, none with 2 rounds).
 AUTO_WAIT_ROUNDS = 2.0
 CPU_WAIT_ROUNDS = 1.25
 
