@@ -1,4 +1,4 @@
-"""The one entry point: ``cvserve serve|worker|broker|bench|demo|models|report|study|profile``.
+"""The one entry point: ``cvserve serve|worker|broker|bench|demo|models|report|study|profile|tune``.
 
 Only this module prints; everything it calls reports through return values and logging.
 """
