@@ -236,7 +236,9 @@ def _add_batching_args(p: argparse.ArgumentParser) -> None:
     _add_cache_arg(p)
 
 
-def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+def _add_runtime_args(p: argparse.ArgumentParser, *, stage: bool = False) -> None:
+    """--runtime and the simulated runtime's flags; ``stage``: for ``cvserve worker`` (the
+    DNNs of one pipeline stage: no copy time, no GPU flags)."""
     from cvserve.config import RUNTIMES
     from cvserve.runtime.simulated import packaged_profiles
 
@@ -244,18 +246,21 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
         "--runtime", default="onnxruntime", choices=RUNTIMES,
         help="onnxruntime (default), or simulated: an accelerator that takes --sim-profile's "
         "time per batch, burns no host CPU and returns outputs of the right shapes "
-        "(responses carry sim=1 in Server-Timing)",
+        "(responses carry sim=1 in Server-Timing, also from a worker's stage)",
     )  # fmt: skip
     p.add_argument(
         "--sim-profile", metavar="FILE|NAME|1:0.9,8:2.4",
-        help="latency per batch size for --runtime simulated: batch:ms pairs, a profile JSON "
-        "(see `cvserve profile`), or a packaged profile: "
-        + (", ".join(packaged_profiles()) or "none"),
+        help="latency per batch size for --runtime simulated (of every DNN of the stage, for "
+        "a worker): batch:ms pairs, a profile JSON (see `cvserve profile`), or a packaged "
+        "profile: " + (", ".join(packaged_profiles()) or "none"),
     )  # fmt: skip
     p.add_argument(
         "--sim-devices", type=int, default=1,
-        help="simulated devices shared by the instances, one batch at a time each (default 1)",
+        help="simulated devices (per DNN in a worker) shared by the instances, one batch at a "
+        "time each (default 1)",
     )  # fmt: skip
+    if stage:
+        return
     p.add_argument(
         "--sim-h2d-gbps", type=float, default=None,
         help="simulated host<->device copy rate in GB/s (default: copies take no time)",
@@ -547,27 +552,9 @@ def _add_worker_parser(sub: argparse._SubParsersAction) -> None:
         "--param", action="append", default=[], metavar="KEY=VALUE",
         help="a pipeline-kind setting (detect-classify: classifier=resnet18)",
     )  # fmt: skip
-    _add_worker_runtime_args(p)
+    _add_runtime_args(p, stage=True)
     _add_cache_arg(p)
     p.set_defaults(func=_cmd_worker)
-
-
-def _add_worker_runtime_args(p: argparse.ArgumentParser) -> None:
-    from cvserve.config import RUNTIMES
-
-    p.add_argument(
-        "--runtime", default="onnxruntime", choices=RUNTIMES,
-        help="onnxruntime (default), or simulated: the stage's DNNs take --sim-profile's "
-        "time per batch and burn no host CPU (its results make the server answer sim=1)",
-    )  # fmt: skip
-    p.add_argument(
-        "--sim-profile", metavar="FILE|NAME|1:0.9,8:2.4",
-        help="latency per batch size of every DNN of the stage, for --runtime simulated",
-    )  # fmt: skip
-    p.add_argument(
-        "--sim-devices", type=int, default=1,
-        help="simulated devices per DNN in this process, one batch at a time each (default 1)",
-    )  # fmt: skip
 
 
 def _add_cores_arg(p: argparse.ArgumentParser) -> None:

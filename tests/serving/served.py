@@ -21,6 +21,18 @@ PREDICT = f"/v1/models/{MODEL}:predict"
 SLOW = ["--runtime", "simulated", "--sim-profile", "1:1500", "--max-batch", "1"]
 
 
+def stop_processes(*procs: subprocess.Popen) -> None:
+    """SIGTERM each process still running, then wait for it (killed after 30 s)."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
 def wait_for(check: Callable[[], bool], timeout: float = 60, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not check():

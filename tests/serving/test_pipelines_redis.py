@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis.asyncio as aioredis
+from served import stop_processes
 
 from cvserve.brokers.redis_server import RedisServer
 from cvserve.config import PipelineConfig, ServerConfig
@@ -39,17 +40,6 @@ def _worker(url: str, cache, reclaim_ms: int = 1500, max_deliveries: int = 3) ->
          *[a for k, v in PARAMS.items() for a in ("--param", f"{k}={v}")]],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
-
-
-def _stop(*procs: subprocess.Popen) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
 
 
 def _wait_line(proc: subprocess.Popen, prefix: str, timeout: float = 120) -> None:
@@ -297,7 +287,7 @@ def test_a_request_waiting_when_redis_restarts_empty_is_answered(redis_factory, 
     finally:
         srv.stop()
         if worker is not None:
-            _stop(worker)
+            stop_processes(worker)
     assert resp.status_code == 200, resp.text  # not a 504 after 30 s
     assert len(_objects(resp)) == 6
     assert stats.republished == 6 and stats.abandoned == 0
@@ -364,7 +354,7 @@ def test_an_item_that_outlives_its_deliveries_is_dead_lettered_and_answered(
         )  # fmt: skip
     finally:
         srv.stop()
-        _stop(*procs)
+        stop_processes(*procs)
     assert took[:2] == ["took", "6"]
     assert resp.status_code == 500, resp.text
     error = resp.json()["error"]

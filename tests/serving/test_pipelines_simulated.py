@@ -5,13 +5,13 @@ when stage B ran in a `cvserve worker` process behind Redis)."""
 from __future__ import annotations
 
 import asyncio
-import signal
 import subprocess
 import sys
 import time
 
 import httpx
 import pytest
+from served import stop_processes
 
 from cvserve.cli import build_parser, server_config_from_args
 from cvserve.config import ConfigError, PipelineConfig, ServerConfig, server_config_from_dict
@@ -116,17 +116,6 @@ def test_both_stages_simulated_answer_in_shape_and_take_the_profiles_time(built,
     assert described["profiles"]["cls"]["latency_ms"] == {"1": 100.0, "16": 130.0}
 
 
-def _stop(proc: subprocess.Popen) -> str:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.stdout.read() if proc.stdout else ""
-
-
 def test_a_simulated_worker_process_marks_the_answer_simulated(built, data_dir, redis_server):
     """Stage A on onnxruntime here, stage B on the simulated runtime in `cvserve worker`:
     only the results' header can tell the server that the request touched a simulation."""
@@ -165,4 +154,4 @@ def test_a_simulated_worker_process_marks_the_answer_simulated(built, data_dir, 
             # the worker's batch, as its results reported it
             assert stages["infer"] * 1000 >= cls_ms - 0.5, stages
     finally:
-        _stop(worker)
+        stop_processes(worker)
