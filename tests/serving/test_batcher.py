@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from cvserve.config import BatchConfig
+from cvserve.errors import RequestError
 from cvserve.serving.batcher import Batcher
 from cvserve.serving.errors import InferenceFailed
 
@@ -169,3 +170,153 @@ def test_config_is_validated():
         BatchConfig(max_batch_size=0)
     with pytest.raises(ValueError):
         BatchConfig(max_delay_ms=-1)
+
+
+# -- failures stay with their row ---------------------------------------------------------
+POISON = -7.0  # a row whose first value is this fails the runtime call it rides in
+
+
+class PoisonSums(RowSums):
+    """RowSums that fails every call holding a row marked ``POISON`` (``error`` says how),
+    or every call at all (``broken``). Records each call's row values."""
+
+    def __init__(self, gate=None, error: type[Exception] = RuntimeError, broken=False):
+        super().__init__(gate)
+        self.error = error
+        self.broken = broken
+        self.calls: list[list[float]] = []
+
+    def run(self, batch):
+        self.calls.append([float(r.reshape(-1)[0]) for r in batch])
+        if self.broken:
+            raise RuntimeError("session is broken")
+        if any(r.reshape(-1)[0] == POISON for r in batch):
+            raise self.error("cannot run a row of -7")
+        return super().run(batch)
+
+
+async def _eight_with(rt, values, **cfg):
+    """Submit ``values`` as one batch (held until all are in); results or exceptions."""
+    gate = rt.gate
+    b = _batcher(rt, max_batch_size=len(values), max_delay_ms=60_000, **cfg)
+    b._upstream = 100  # only the full batch goes
+    observed = []
+    b.on_batch = observed.append
+    futs = [_submit(b, v) for v in values]
+    if gate is not None:
+        gate.set()
+    got = await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), 10)
+    b.stop()
+    return got, observed
+
+
+@pytest.mark.parametrize("where", [0, 3, 7])
+def test_a_poison_row_fails_alone_and_its_seven_batch_mates_are_answered(where):
+    async def main():
+        rt = PoisonSums(threading.Event())
+        values = [float(v + 1) for v in range(8)]
+        values[where] = POISON
+        got, observed = await _eight_with(rt, values)
+        for i, (v, r) in enumerate(zip(values, got, strict=True)):
+            if i == where:
+                assert isinstance(r, InferenceFailed) and r.status == 500
+                assert "failed on this input" in str(r) and "cannot run a row of -7" in str(r)
+            else:
+                assert _value(r) == v * 4 * 2  # its own row's answer, not a neighbour's
+        # three levels of two halves (log2(8)), never each row alone; the poison ran
+        # alone once, so it is named for what it did itself
+        assert len(rt.calls) == 1 + 6
+        assert rt.calls.count([POISON]) == 1
+        # metrics and admission saw only calls that ran, with their own sizes
+        assert sorted(i.size for i in observed) == sorted(
+            len(c) for c in rt.calls if POISON not in c
+        )
+        assert sum(i.size for i in observed) == 7
+
+    asyncio.run(main())
+
+
+def test_answered_rows_count_the_reruns_in_their_infer_time():
+    async def main():
+        rt = PoisonSums(threading.Event())
+        values = [POISON, 2.0, 3.0, 4.0]
+        got, observed = await _eight_with(rt, values)
+        infos = [r[1] for r in got[1:]]
+        first_call_start = min(i.infer_start for i in infos)
+        # every answered row's infer starts at the failed call, not at its rerun
+        assert all(i.infer_start == first_call_start for i in infos)
+        for i in infos:  # ... and ends with the rerun that answered it
+            assert any(o.infer_end == i.infer_end and o.size == i.size for o in observed)
+            assert i.infer_start < min(o.infer_start for o in observed)
+
+    asyncio.run(main())
+
+
+def test_an_invalid_input_error_is_a_400_naming_the_row():
+    async def main():
+        rt = PoisonSums(threading.Event(), error=ValueError)
+        got, _ = await _eight_with(rt, [1.0, POISON, 3.0, 4.0])
+        bad = got[1]
+        assert isinstance(bad, RequestError) and bad.status == 400
+        assert "the runtime failed on this input" in str(bad)
+        assert [_value(r) for i, r in enumerate(got) if i != 1] == [8.0, 24.0, 32.0]
+
+    asyncio.run(main())
+
+
+def test_a_runtime_that_fails_everything_fails_the_batch_in_three_calls():
+    async def main():
+        rt = PoisonSums(threading.Event(), broken=True)
+        got, observed = await _eight_with(rt, [float(v) for v in range(8)])
+        assert all(isinstance(r, InferenceFailed) for r in got)
+        assert "session is broken" in str(got[0])
+        assert [len(c) for c in rt.calls] == [8, 4, 4]  # the batch, then its two halves
+        assert observed == []  # no failed call's time reaches admission or metrics
+        # the instance lives on: the next batch runs
+        rt.broken = False
+        b = _batcher(rt, max_batch_size=1, max_delay_ms=0)
+        b._upstream = 0
+        assert _value(await asyncio.wait_for(_submit(b, 1.0), 10)) == 8.0
+        b.stop()
+
+    asyncio.run(main())
+
+
+def test_two_poison_rows_in_one_half_fail_that_half_only():
+    async def main():
+        rt = PoisonSums(threading.Event())
+        values = [POISON, 2.0, POISON, 4.0, 5.0, 6.0, 7.0, 8.0]
+        got, _ = await _eight_with(rt, values)
+        # rows 0..3 hold both poisons: their halves [0,1] and [2,3] both fail, the search
+        # stops there (bounded), and rows 4..7 are answered
+        assert all(isinstance(r, InferenceFailed) for r in got[:4])
+        assert [_value(r) for r in got[4:]] == [v * 8 for v in values[4:]]
+        assert len(rt.calls) == 1 + 2 + 2
+
+    asyncio.run(main())
+
+
+def test_rows_written_on_the_gpu_are_not_rerun_elsewhere():
+    """A rerun moves rows to the buffer's head; a row whose pixels are in a device buffer
+    (a row mark) would then read another row's pixels: such a batch fails whole."""
+    from types import SimpleNamespace
+
+    from cvserve.images.gpu import mark_row
+
+    async def main():
+        rt = PoisonSums(threading.Event())
+        rt.buffers = SimpleNamespace(magic=b"\x01" * 8)
+        b = _batcher(rt, max_batch_size=4, max_delay_ms=60_000)
+        b._upstream = 100
+        slots = [b.reserve() for _ in range(4)]
+        for s, v in zip(slots, [POISON, 2.0, 3.0, 4.0], strict=True):
+            s.view[...] = v
+        mark_row(slots[3].view, 3, rt.buffers.magic)
+        futs = [b.commit(s) for s in slots]
+        rt.gate.set()
+        got = await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), 10)
+        b.stop()
+        assert all(isinstance(r, InferenceFailed) for r in got)
+        assert len(rt.calls) == 1
+
+    asyncio.run(main())

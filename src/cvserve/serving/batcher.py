@@ -18,6 +18,9 @@ Contract (all methods are called on the event loop thread; workers report back t
   open batch keeps growing, so batches get bigger exactly when the server is loaded.
 * A closed batch waits for slots still being written; batches run in the order they closed.
 * Cancelling a row's future (deadline, disconnect) drops only that row's result.
+* A failed runtime call fails only the row(s) that cause it (:class:`_Isolation`): the
+  batch is bisected by reruns, the rest get their answers, and only runtime calls that
+  succeeded are reported to ``on_batch`` (a failure's time is no batch time).
 """
 
 from __future__ import annotations
@@ -31,12 +34,15 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
 from cvserve.config import BatchConfig
+from cvserve.errors import RequestError
+from cvserve.images.gpu import read_mark
 from cvserve.runtime.onnx import Runtime
-from cvserve.serving.errors import InferenceFailed
+from cvserve.serving.errors import BadRequest, InferenceFailed
 
 log = logging.getLogger(__name__)
 
@@ -254,34 +260,156 @@ class Batcher:
             t0 = time.perf_counter()
             try:
                 outputs = runtime.run(buf[:n])
-                error: BaseException | None = None
-            except Exception as e:  # the batch fails, the worker lives on
-                log.exception("%s: batch of %d failed on instance %d", self.name, n, instance)
-                outputs, error = [], e
-            t1 = time.perf_counter()
-            info = BatchInfo(
-                size=n,
-                instance=instance,
-                infer_start=t0,
-                infer_end=t1,
-                stages=getattr(runtime, "last_stages", None) if error is None else None,
-                simulated=bool(getattr(runtime, "simulated", False)),
-            )
-            assert self._loop is not None
-            self._loop.call_soon_threadsafe(
-                self._done, instance, buf, futures, outputs, info, error
-            )
-
-    def _done(self, instance, buf, futures, outputs, info: BatchInfo, error) -> None:
-        self._idle.append(instance)
-        self._free_buffers.append(buf)
-        for row, fut in enumerate(futures):
-            if fut is None or fut.done():
-                continue  # the request gave up (deadline); its row is dropped
-            if error is not None:
-                fut.set_exception(InferenceFailed(f"inference failed: {error}"))
+            except Exception as e:  # find the input(s) that caused it; the worker lives on
+                log.warning("%s: batch of %d failed on instance %d: %s: %s",
+                            self.name, n, instance, type(e).__name__, e, exc_info=True)  # fmt: skip
+                try:
+                    _Isolation(self, instance, runtime, buf, futures, t0).settle(e)
+                except Exception:  # never leave a row unanswered (answered rows stay so)
+                    log.exception("%s: finding the failing row of a batch failed", self.name)
+                    self._post(self._fail, futures, partial(_batch_error, e))
             else:
+                self._post(self._answer, futures, outputs,
+                           self._info(runtime, instance, n, t0, time.perf_counter()))  # fmt: skip
+            self._post(self._done, instance, buf)
+
+    @staticmethod
+    def _info(runtime: Runtime, instance: int, n: int, t0: float, t1: float) -> BatchInfo:
+        return BatchInfo(size=n, instance=instance, infer_start=t0, infer_end=t1,
+                         stages=getattr(runtime, "last_stages", None),
+                         simulated=bool(getattr(runtime, "simulated", False)))  # fmt: skip
+
+    def _post(self, fn: Callable, *args) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(fn, *args)
+
+    def _answer(self, futures, outputs, info: BatchInfo, ran: BatchInfo | None = None) -> None:
+        """Answer ``futures`` with their rows of ``outputs``; ``ran`` is the runtime call
+        that made them (``info`` unless a rerun did), the only batch time metrics see."""
+        for row, fut in enumerate(futures):
+            if fut is not None and not fut.done():  # else the request gave up (deadline)
                 fut.set_result(([o[row] for o in outputs], info))
         if self.on_batch is not None:
-            self.on_batch(info)
+            self.on_batch(ran or info)
+
+    @staticmethod
+    def _fail(futures, error: Callable[[], BaseException]) -> None:
+        """Fail ``futures`` not yet done, each with its own ``error()``."""
+        for fut in futures:
+            if fut is not None and not fut.done():
+                fut.set_exception(error())
+
+    def _done(self, instance: int, buf: np.ndarray) -> None:
+        self._idle.append(instance)
+        self._free_buffers.append(buf)
         self._dispatch()
+
+
+class _Isolation:
+    """After a batch's runtime call failed: find the rows that cause it, fail only those,
+    answer the rest. Runs on the instance's worker thread.
+
+    Bisection: both halves run again (a rerun is a prefix ``buf[:m]`` of the same buffer,
+    m smaller than the failed batch, a size the batcher already runs whenever a batch
+    leaves partly full). A half that fails is split again; a row that fails alone is
+    the culprit (400 when the runtime says the input is invalid, else 500, naming it).
+    When *both* halves of a failed part fail, the runtime is likely broken for every
+    input (or several rows are bad): that part fails as a whole and the search stops. So
+    one bad row of n costs at most 2*log2(n) reruns, and a runtime that fails everything
+    costs 2 reruns, never 2n-1.
+
+    Rows written on the GPU (``--preprocess gpu``) live in device buffers that a rerun
+    would move under themselves: such a batch fails as a whole, as before.
+    """
+
+    def __init__(self, batcher: Batcher, instance: int, runtime: Runtime, buf: np.ndarray,
+                 futures: list, t0: float) -> None:  # fmt: skip
+        self.batcher = batcher
+        self.instance = instance
+        self.runtime = runtime
+        self.buf = buf
+        self.futures = futures
+        self.t0 = t0
+        # Reruns overwrite the head of the buffer: keep the failed batch's rows.
+        self.rows = buf[: len(futures)].copy()
+        self.reruns = 0
+        self.culprits = 0
+
+    def settle(self, error: Exception) -> None:
+        n = len(self.futures)
+        if n == 1:
+            self._fail_row(0, error)
+        elif _device_rows(self.runtime, self.rows):
+            self._fail(0, n, partial(_batch_error, error))
+        else:
+            self._bisect(0, n, error)
+        log.warning("%s: batch of %d failed; after %d rerun(s), %d row(s) failed alone",
+                    self.batcher.name, n, self.reruns, self.culprits)  # fmt: skip
+
+    def _bisect(self, a: int, b: int, error: Exception) -> None:
+        """Rows ``a:b`` failed together with ``error``."""
+        if b - a == 1:
+            self._fail_row(a, error)
+            return
+        mid = (a + b) // 2
+        left, right = self._run(a, mid), self._run(mid, b)
+        if left is not None and right is not None:  # broken for all, or bad on both sides
+            for lo, hi, e in ((a, mid, left), (mid, b, right)):
+                if hi - lo == 1:
+                    self._fail_row(lo, e)
+                else:
+                    self._fail(lo, hi, partial(_batch_error, e))
+            return
+        if left is not None:
+            self._bisect(a, mid, left)
+        if right is not None:
+            self._bisect(mid, b, right)
+
+    def _run(self, a: int, b: int) -> Exception | None:
+        """Run rows ``a:b`` alone; answer them and return None, or return the error."""
+        m = b - a
+        self.buf[:m] = self.rows[a:b]
+        self.reruns += 1
+        t = time.perf_counter()
+        try:
+            outputs = self.runtime.run(self.buf[:m])
+        except Exception as e:
+            return e
+        end = time.perf_counter()
+        bt = self.batcher
+        ran = bt._info(self.runtime, self.instance, m, t, end)
+        # The rows' infer runs from the failed call's start to the rerun that answered them.
+        info = BatchInfo(size=m, instance=self.instance, infer_start=self.t0, infer_end=end,
+                         simulated=ran.simulated)  # fmt: skip
+        bt._post(bt._answer, self.futures[a:b], outputs, info, ran)
+        return None
+
+    def _fail(self, a: int, b: int, error: Callable[[], Exception]) -> None:
+        self.batcher._post(self.batcher._fail, self.futures[a:b], error)
+
+    def _fail_row(self, a: int, error: Exception) -> None:
+        """Row ``a`` failed alone: it is a culprit."""
+        self.culprits += 1
+        self._fail(a, a + 1, partial(_item_error, error))
+
+
+def _says_invalid_input(error: Exception) -> bool:
+    """The runtime says the input itself is wrong (onnxruntime's INVALID_ARGUMENT, a
+    shape or dtype check, a ValueError), not that it broke."""
+    return isinstance(error, ValueError) or type(error).__name__ == "InvalidArgument"
+
+
+def _item_error(error: Exception) -> RequestError:
+    """The error of the one row that failed alone."""
+    text = f"the runtime failed on this input: {type(error).__name__}: {error}"
+    return BadRequest(text) if _says_invalid_input(error) else InferenceFailed(text)
+
+
+def _batch_error(error: Exception) -> InferenceFailed:
+    return InferenceFailed(f"inference failed: {type(error).__name__}: {error}")
+
+
+def _device_rows(runtime: Runtime, rows: np.ndarray) -> bool:
+    """Whether any row's pixels are on the GPU (a row mark of ``cvserve.images.gpu``)."""
+    magic = getattr(getattr(runtime, "buffers", None), "magic", None)
+    return isinstance(magic, bytes) and any(read_mark(r, magic) is not None for r in rows)
