@@ -40,6 +40,9 @@ BROKER_S = "broker_s"
 ERROR = "error"
 #: Result header beside ``error`` when the item was dead-lettered: ``<topic>.dead <id>``.
 DEAD_LETTER = "dead_letter"
+#: Result header beside ``error`` when the item failed run alone (its batch-mates did not
+#: cause it); absent when its whole part of the batch failed (see ``StageWorker``).
+FAILED_ALONE = "failed_alone"
 
 #: Default ``reclaim_idle_ms``: how long an entry is left with a silent consumer before
 #: another takes it over. Live workers touch their entries (heartbeat), so this only has
@@ -62,6 +65,7 @@ class WorkerStats:
     processed: int = 0
     reclaimed: int = 0
     failed: int = 0  # items answered with an error header
+    reruns: int = 0  # handler calls on part of a failed batch, to find the failing items
     dead_lettered: int = 0  # moved to the dead letters after max_deliveries
     orphaned: int = 0  # results dropped: their reply topic was gone (in-process)
 
@@ -71,8 +75,13 @@ class StageWorker:
 
     ``handler`` gets a batch of work messages and returns one result per message, in
     order (build them with ``Message.reply``). If it raises, or returns the wrong
-    number of results, every message of the batch is answered with an ``error`` header,
-    so a broken batch still answers its requests exactly once.
+    number of results, the batch is bisected: both halves run again, a half that fails
+    is split again, and an item that fails alone is answered with an ``error`` header
+    (and ``failed_alone``), so one malformed or poison item fails only itself and its
+    batch-mates get their results. When both halves of a failed part fail (a handler
+    broken for every input, or bad items on both sides), that part is answered with
+    ``error`` as a whole: one bad item of n costs at most 2*log2(n) more handler
+    calls, a broken handler 2. Every message is answered exactly once either way.
     """
 
     def __init__(
@@ -153,16 +162,7 @@ class StageWorker:
         messages = [d.message for d in deliveries]
         heartbeat = asyncio.create_task(self._heartbeat([d.id for d in deliveries]))
         try:
-            try:
-                results = await self.handler(messages)
-                if len(results) != len(messages):
-                    raise RuntimeError(
-                        f"handler returned {len(results)} results for {len(messages)}"
-                    )
-            except Exception as e:
-                log.exception("stage %r failed on a batch of %d", self.topic, len(messages))
-                results = [m.reply(headers={ERROR: f"{type(e).__name__}: {e}"}) for m in messages]
-                self.stats.failed += len(messages)
+            results = await self._results(messages)
             for d, result in zip(deliveries, results, strict=True):
                 # The result answers this item, whatever the handler put in its fields.
                 result.request_id, result.index = d.message.request_id, d.message.index
@@ -174,6 +174,60 @@ class StageWorker:
         # leaves the work pending, to be reclaimed and redone.
         await self.broker.ack(self.topic, self.group, [d.id for d in deliveries])
         self.stats.processed += len(deliveries)
+
+    async def _results(self, messages: list[Message]) -> list[Message]:
+        """One result per message: the handler's, or an ``error`` for the items that
+        make it fail (found by bisection, see the class)."""
+        try:
+            return await self._call(messages)
+        except Exception as e:
+            log.warning("stage %r failed on a batch of %d: %s: %s", self.topic, len(messages),
+                        type(e).__name__, e, exc_info=True)  # fmt: skip
+            results: list[Message | None] = [None] * len(messages)
+            await self._bisect(messages, 0, len(messages), e, results)
+            assert all(r is not None for r in results)
+            return results  # type: ignore[return-value]
+
+    async def _call(self, messages: list[Message]) -> list[Message]:
+        results = await self.handler(messages)
+        if len(results) != len(messages):
+            raise RuntimeError(f"handler returned {len(results)} results for {len(messages)}")
+        return results
+
+    async def _bisect(
+        self, messages: list[Message], a: int, b: int, error: Exception, out: list
+    ) -> None:
+        """Items ``a:b`` failed together with ``error``: fill ``out[a:b]``."""
+        if b - a == 1:
+            out[a] = self._error(messages[a], error, alone=True)
+            return
+        mid = (a + b) // 2
+        errors = []
+        for lo, hi in ((a, mid), (mid, b)):
+            self.stats.reruns += 1
+            try:
+                out[lo:hi] = await self._call(messages[lo:hi])
+                errors.append(None)
+            except Exception as e:
+                errors.append(e)
+        if all(e is not None for e in errors):  # broken for all, or bad items on both sides
+            for (lo, hi), e in zip(((a, mid), (mid, b)), errors, strict=True):
+                for i in range(lo, hi):
+                    out[i] = self._error(messages[i], e, alone=hi - lo == 1)
+            return
+        for (lo, hi), e in zip(((a, mid), (mid, b)), errors, strict=True):
+            if e is not None:
+                await self._bisect(messages, lo, hi, e, out)
+
+    def _error(self, message: Message, error: Exception, *, alone: bool) -> Message:
+        self.stats.failed += 1
+        if alone:
+            log.warning("stage %r failed on item %d of request %r alone: %s: %s", self.topic,
+                        message.index, message.request_id, type(error).__name__, error)  # fmt: skip
+        headers: dict = {ERROR: f"{type(error).__name__}: {error}"}
+        if alone:
+            headers[FAILED_ALONE] = True
+        return message.reply(headers=headers)
 
     async def _heartbeat(self, ids: list[str]) -> None:
         """Touch ``ids`` every ``reclaim_idle_ms / 3`` until cancelled or ``hang_ms``."""
