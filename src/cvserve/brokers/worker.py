@@ -80,7 +80,7 @@ class StageWorker:
     (and ``failed_alone``), so one malformed or poison item fails only itself and its
     batch-mates get their results. When both halves of a failed part fail (a handler
     broken for every input, or bad items on both sides), that part is answered with
-    ``error`` as a whole: one bad item of n costs at most 2*log2(n) more handler
+    ``error`` as a whole: one bad item of n costs at most 2*ceil(log2(n)) more handler
     calls, a broken handler 2. Every message is answered exactly once either way.
     """
 

@@ -315,8 +315,8 @@ class _Isolation:
     the culprit (400 when the runtime says the input is invalid, else 500, naming it).
     When *both* halves of a failed part fail, the runtime is likely broken for every
     input (or several rows are bad): that part fails as a whole and the search stops. So
-    one bad row of n costs at most 2*log2(n) reruns, and a runtime that fails everything
-    costs 2 reruns, never 2n-1.
+    one bad row of n costs at most 2*ceil(log2(n)) reruns, and a runtime that fails
+    everything costs 2 reruns, never 2n-1.
 
     Rows written on the GPU (``--preprocess gpu``) live in device buffers that a rerun
     would move under themselves: such a batch fails as a whole, as before.
