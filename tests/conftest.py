@@ -20,6 +20,16 @@ def _data_dir() -> Path:
 DATA = _data_dir()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _terminal_width():
+    """Every test, and every process it starts, prints at 80 columns: rich and argparse
+    otherwise take the width of whatever terminal pytest's stdin happens to be."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("COLUMNS", "80")
+        mp.delenv("LINES", raising=False)
+        yield
+
+
 def read_manifest() -> dict[str, dict[str, str]]:
     """MANIFEST.tsv rows by relative file path."""
     lines = (DATA / "MANIFEST.tsv").read_text().splitlines()
