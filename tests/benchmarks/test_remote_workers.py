@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import signal
 import subprocess
@@ -86,7 +87,10 @@ def test_one_worker_end_to_end_then_nothing_left(script, built, tmp_path):
     assert all(a.startswith("10.213.") for a in topo["addresses"].values())
     assert doc["cleanup_problems"] == []
     ceiling = doc["redis_benchmark"]
-    assert "skipped" in ceiling or ceiling["PING/SET/GET, pipelined 16"]["SET"] > 0
+    if "skipped" in ceiling:  # no redis-benchmark here; CI installs it (.ci/run)
+        assert os.environ.get("CI", "").lower() in ("", "0", "false", "no"), ceiling
+    else:
+        assert ceiling["PING/SET/GET, pipelined 16"]["SET"] > 0
     pid = int(topo["namespaces"][0].split("-")[1])
     assert _left_behind(script, pid) == []
 
