@@ -58,8 +58,18 @@ class NetnsUnavailable(RuntimeError):
     """Network namespaces cannot be made here (not root, no iproute2, no permission)."""
 
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
+    """One ``ip`` command, run whole: a stop signal that arrives meanwhile is held until it
+    returns (an ``ip`` killed half-way could leave a namespace or link that nothing
+    recorded, and so nothing removes)."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def netns_problem() -> str | None:
@@ -92,20 +102,22 @@ class Hosts:
     def ns(self, role: str) -> str:
         return f"{PREFIX}-{self.pid}-{role}"
 
+    # Each thing is recorded before it is made: a stop signal between the two would
+    # otherwise leave it behind (close() skips what was never made).
     def up(self) -> None:
-        _ip("link", "add", self.bridge, "type", "bridge")
         self.links.append(self.bridge)
+        _ip("link", "add", self.bridge, "type", "bridge")
         _ip("addr", "add", f"{self.subnet}.1/24", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
 
     def add(self, role: str, host: int) -> str:
         """A namespace for ``role`` at ``<subnet>.<host>``, on the bridge; its address."""
         ns = self.ns(role)
-        _ip("netns", "add", ns)
         self.namespaces.append(ns)
+        _ip("netns", "add", ns)
         outside, inside = f"{PREFIX}{self.pid}h{host}", f"{PREFIX}{self.pid}n{host}"
+        self.links.append(outside)  # deleting it deletes its peer, wherever that is
         _ip("link", "add", outside, "type", "veth", "peer", "name", inside)
-        self.links.append(outside)
         _ip("link", "set", inside, "netns", ns)
         _ip("link", "set", outside, "master", self.bridge)
         _ip("link", "set", outside, "up")
@@ -129,7 +141,8 @@ class Hosts:
         problems: list[str] = []
         for proc in self.procs:
             _stop(proc)
-        for ns in self.namespaces:  # anything still inside is a child of ours
+        made = set(_ip("netns", "list", check=False).stdout.split())
+        for ns in (ns for ns in self.namespaces if ns in made):  # what is inside is ours
             left = _ip("netns", "pids", ns, check=False).stdout.split()
             for pid in left:
                 with contextlib.suppress(ProcessLookupError, ValueError):
@@ -140,7 +153,9 @@ class Hosts:
         for link in reversed(self.links):  # veths go with their namespace; the bridge stays
             if _ip("link", "show", link, check=False).returncode == 0:
                 r = _ip("link", "del", link, check=False)
-                if r.returncode:
+                # the kernel removes a veth whose peer's namespace went in the background:
+                # one that vanished between the two commands is gone, as wanted
+                if r.returncode and "Cannot find device" not in r.stderr:
                     problems.append(f"link del {link}: {r.stderr.strip()}")
         return problems
 
@@ -545,7 +560,7 @@ def main() -> int:
     def interrupted(signum, _frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in _STOP_SIGNALS:  # SIGINT too: a parent may have started us ignoring it
         signal.signal(sig, interrupted)
     hosts = Hosts(os.getpid())
     try:

@@ -1118,8 +1118,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         model=name,
         progress=lambda b, s: _say(f"  batch {b}: {s * 1000:.2f} ms"),
     )
-    print(f"{name} on {profile.device} ({profile.runtime})")
-    print("\n".join(profile_table(profile)))
+    print("\n".join(profile_table(profile, f"{name} on {profile.device} ({profile.runtime})")))
     out = profile.save(args.out or f"{name}-profile.json")
     _say(f"wrote {out} (serve it with --runtime simulated --sim-profile {out})")
     return 0

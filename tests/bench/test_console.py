@@ -8,7 +8,7 @@ import pytest
 from rich.console import Console
 
 from cvserve.bench.console import breakdown_table, fit_table, fmt_num, summary_table
-from cvserve.bench.results import PointSummary
+from cvserve.bench.results import BenchResult, PointSummary
 from cvserve.trace import STAGES
 
 ERRORS = {"total": 12, "by_status": {"429": 10}, "by_kind": {"timeout": 2}}
@@ -150,3 +150,31 @@ def test_fit_table_too_wide_even_one_space_apart_folds_rather_than_cuts():
     digits = "".join(ch for ch in text if ch.isdigit() or ch == ".")
     for v in values:
         assert v[:5] in digits
+
+
+def _grpc_result(target: str) -> BenchResult:
+    return BenchResult(
+        command=[], machine={}, server={},
+        config={"model": "tiny-resnet", "protocol": "v2-grpc", "input_tensor": True,
+                "url": "http://127.0.0.1:8000", "grpc_target": target},
+        points=[_point(0, conc=2, lat=1.5, tput=12.5)],
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["127.0.0.1:65535", "a-very-long-hostname-of-the-machine.cluster.example.internal:65535"],
+)
+def test_a_title_wider_than_its_table_wraps_at_the_terminal_not_the_table(target):
+    table = summary_table(_grpc_result(target))
+    text = _render(table)
+    _assert_fits(text)
+    title = f"tiny-resnet @ grpc://{target} (v2-grpc, input tensor)"
+    # At 80 columns, a title that fits is one line; a longer one wraps at spaces only.
+    lines = [line.rstrip() for line in text.splitlines()]
+    if len(title) <= 80:
+        assert title in lines
+    else:
+        assert title in " ".join(" ".join(lines).split()) and f"grpc://{target}" in text
+    # the footnote likewise stays on one line over a narrow table
+    assert "latencies in ms; queue = queue + batch_wait" in lines

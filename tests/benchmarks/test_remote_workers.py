@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import signal
 import subprocess
@@ -56,6 +57,12 @@ def _left_behind(script, pid: int) -> list[str]:
     ]
 
 
+def _pids_in(ns: str) -> list[str]:
+    return subprocess.run(
+        ["ip", "netns", "pids", ns], capture_output=True, text=True
+    ).stdout.split()
+
+
 def test_one_worker_end_to_end_then_nothing_left(script, built, tmp_path):
     out = tmp_path / "remote_workers.json"
     proc = subprocess.run(
@@ -80,7 +87,10 @@ def test_one_worker_end_to_end_then_nothing_left(script, built, tmp_path):
     assert all(a.startswith("10.213.") for a in topo["addresses"].values())
     assert doc["cleanup_problems"] == []
     ceiling = doc["redis_benchmark"]
-    assert "skipped" in ceiling or ceiling["PING/SET/GET, pipelined 16"]["SET"] > 0
+    if "skipped" in ceiling:  # no redis-benchmark here; CI installs it (.ci/run)
+        assert os.environ.get("CI", "").lower() in ("", "0", "false", "no"), ceiling
+    else:
+        assert ceiling["PING/SET/GET, pipelined 16"]["SET"] > 0
     pid = int(topo["namespaces"][0].split("-")[1])
     assert _left_behind(script, pid) == []
 
@@ -92,13 +102,16 @@ def test_interrupted_run_removes_its_namespaces(script, built, tmp_path):
          *SMALL],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+    redis_ns = f"{script.PREFIX}-{proc.pid}-redis"
     try:
-        deadline = time.monotonic() + 120
-        while not any(n.endswith("-worker1") for n in _left_behind(script, proc.pid)):
+        # Interrupt once a process runs inside the namespaces: every namespace and link is
+        # made before the first process starts, so this is mid-run whatever the machine's
+        # speed (the script also holds a signal until the `ip` command it is running ends).
+        deadline = time.monotonic() + 300
+        while not _pids_in(redis_ns):
             assert proc.poll() is None, proc.stderr.read()[-3000:]
-            assert time.monotonic() < deadline, "the run made no namespaces"
+            assert time.monotonic() < deadline, "the run started no process in its namespaces"
             time.sleep(0.2)
-        time.sleep(1.0)  # its processes are starting inside them
         proc.send_signal(signal.SIGINT)
         assert proc.wait(120) == 130
     finally:

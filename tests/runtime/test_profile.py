@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -39,7 +40,16 @@ def test_measure_profile_describes_where_its_numbers_come_from(resnet_path):
         measure_profile(resnet_path, [0, 1])
 
 
-def test_cli_profile_writes_a_profile_the_simulator_loads(model_cache, tmp_path, capsys):
+LONG_CPU = "Intel(R) Xeon(R) Platinum 8480+ Processor with a very long name, 56 cores @ 2.0GHz"
+
+
+def test_cli_profile_writes_a_profile_the_simulator_loads(
+    model_cache, tmp_path, capsys, monkeypatch
+):
+    # The table fits 80 columns whatever CPU this runs on: give it a long name.
+    from cvserve.bench.results import machine_info
+
+    monkeypatch.setattr(sys.modules[machine_info.__module__], "_cpu_model", lambda: LONG_CPU)
     out = tmp_path / "tiny.json"
     rc = main(
         ["profile", "tiny-resnet", "--cache-dir", str(model_cache), "--batch-sizes", "1,2",
@@ -48,6 +58,7 @@ def test_cli_profile_writes_a_profile_the_simulator_loads(model_cache, tmp_path,
     assert rc == 0
     printed = capsys.readouterr().out
     assert "ms/batch" in printed and all(len(line) <= 80 for line in printed.splitlines())
+    assert LONG_CPU in " ".join(printed.split())  # wrapped, not cut
     doc = json.loads(out.read_text())
     assert doc["schema"] == "cvserve.profile/1" and set(doc["latency_ms"]) == {"1", "2"}
     assert doc["model"] == "tiny-resnet" and "measured by cvserve profile" in doc["source"]

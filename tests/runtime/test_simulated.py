@@ -145,17 +145,55 @@ def _batch(n: int) -> np.ndarray:
     return np.zeros((n, 3, 32, 32), np.float32)
 
 
-def test_batch_latency_follows_the_profile(resnet_path):
-    """A correctness property of the simulator (not a speed test): run() takes the profile's
-    time, interpolated, within 10%."""
+class _FakeTime:
+    """The simulator's clock, made exact: ``sleep`` advances ``perf_counter`` by what was
+    asked, so its stage times are what it asked for, however busy the machine is."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+@pytest.fixture
+def fake_time(monkeypatch) -> _FakeTime:
+    import cvserve.runtime.simulated as simulated
+
+    clock = _FakeTime()
+    monkeypatch.setattr(simulated, "time", clock)
+    return clock
+
+
+def test_batch_latency_follows_the_profile(resnet_path, fake_time):
+    """A correctness property of the simulator (not a speed test): run() sleeps for the
+    profile's time, interpolated, and reports it as ``infer``."""
     rt = SimulatedRuntime(resnet_path, "1:50,8:100,32:250")
     rt.run(_batch(1))  # first call resolves output shapes
     for n, want in [(1, 0.050), (4, 0.050 + 3 / 7 * 0.050), (8, 0.100), (16, 0.150), (40, 0.300)]:
-        t0 = time.perf_counter()
+        fake_time.sleeps.clear()
+        t0 = fake_time.now
         rt.run(_batch(n))
-        took = time.perf_counter() - t0
-        assert want <= took <= want * 1.10, (n, took, want)
-        assert rt.last_stages["infer"] == pytest.approx(want, rel=0.10)
+        assert fake_time.sleeps == [pytest.approx(want)], n
+        assert fake_time.now - t0 == pytest.approx(want)
+        assert rt.last_stages["infer"] == pytest.approx(want)
+
+
+def test_batch_latency_is_slept_on_the_real_clock(resnet_path):
+    """On the real clock a run takes at least the profile's time (it may take longer on a
+    busy machine: speed is for benchmarks/, not for a test)."""
+    rt = SimulatedRuntime(resnet_path, "1:50,8:100")
+    rt.run(_batch(1))
+    t0 = time.perf_counter()
+    rt.run(_batch(4))
+    took = time.perf_counter() - t0
+    want = 0.050 + 3 / 7 * 0.050
+    assert took >= want and took >= rt.last_stages["infer"] >= want
 
 
 def test_inference_burns_no_host_cpu(resnet_path):
@@ -168,14 +206,15 @@ def test_inference_burns_no_host_cpu(resnet_path):
     assert cpu < 0.10 * wall, f"{cpu * 1000:.1f} ms of CPU in {wall * 1000:.0f} ms"
 
 
-def test_copies_take_bytes_over_bandwidth(resnet_path):
+def test_copies_take_bytes_over_bandwidth(resnet_path, fake_time):
     # 0.05 GB/s: 8 x 3x32x32 float32 in = 98304 B -> 1.97 ms; out 8 x 10 float32 -> 6.4 us
     rt = SimulatedRuntime(resnet_path, SimDevice("8:20", h2d_gbps=0.05))
     rt.run(_batch(8))
     st = rt.last_stages
     assert set(st) == {"batch_wait", "h2d", "infer", "d2h"}
-    assert st["h2d"] == pytest.approx(98304 / 0.05e9, abs=0.001)
-    assert st["d2h"] < 0.001 and st["infer"] == pytest.approx(0.020, rel=0.10)
+    assert st["h2d"] == pytest.approx(98304 / 0.05e9)
+    assert st["d2h"] == pytest.approx(8 * 10 * 4 / 0.05e9) and st["infer"] == pytest.approx(0.020)
+    assert st["batch_wait"] == 0.0
     plain = SimulatedRuntime(resnet_path, "1:20")
     plain.run(_batch(8))
     assert set(plain.last_stages) == {"batch_wait", "infer"}
@@ -204,15 +243,16 @@ def test_one_device_runs_one_batch_at_a_time(resnet_path):
     for rt in rts:
         rt.run(_batch(1))
     took, stages = _run_together(rts)
-    assert took >= 2 * 0.200
+    assert took >= 2 * 0.200  # one after the other
     waits = sorted(s["batch_wait"] for s in stages)
-    assert waits[0] < 0.05 and waits[1] == pytest.approx(0.200, abs=0.05)
+    assert waits[0] < 0.200  # the first took the device without waiting for a run
 
     two = SimDevice("1:200", devices=2)
     rts = [SimulatedRuntime(resnet_path, two, model=model) for _ in range(2)]
     took, stages = _run_together(rts)
-    assert 0.200 <= took < 1.5 * 0.200
-    assert all(s["batch_wait"] < 0.05 for s in stages)
+    assert took >= 0.200
+    # side by side: neither waited for the other's whole run (0.2 s) to take a device
+    assert all(s["batch_wait"] < 0.200 for s in stages)
 
 
 def test_input_is_validated_like_onnxruntime(resnet_path):

@@ -49,6 +49,7 @@ def peer(request, model_cache):
         yield request.param, srv, onnx, meta
 
 
+@pytest.mark.peers
 def test_peer_answers_like_the_baseline(peer, data_dir):
     name, srv, onnx, meta = peer
     data = sorted((data_dir / "images" / "medium").glob("*.jpg"))[0].read_bytes()
@@ -85,6 +86,7 @@ def test_peer_answers_like_the_baseline(peer, data_dir):
     assert "cannot decode" in json.loads(e.value.read())["error"]["message"]
 
 
+@pytest.mark.peers
 def test_bench_drives_the_peer(peer, data_dir):
     _, srv, _, _ = peer
     res = run_bench(BenchConfig(
@@ -111,6 +113,7 @@ def _live_members(pgid: int) -> list[str]:
     return out
 
 
+@pytest.mark.peers
 def test_stopping_a_peer_leaves_no_process_behind(peer):
     _, srv, _, _ = peer
     srv.stop()

@@ -6,11 +6,12 @@ The functions build tables and progress displays; printing them is the caller's 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from copy import copy
 from typing import Any
 
 from rich import box
-from rich.console import Console
+from rich.console import Console, ConsoleOptions, RenderableType
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -45,6 +46,39 @@ def _plain(cell: str) -> str:
     return Text.from_markup(cell).plain
 
 
+class _Table(Table):
+    """A table whose title and caption wrap at the console's width, not the table's own.
+
+    Rich lays a title out at the width of the table under it, so a long one (a URL with
+    its port, a CPU name) over a narrow table breaks mid-phrase on any terminal. A title
+    or caption wider than the table is printed as lines of its own, left-aligned.
+    """
+
+    def __rich_console__(
+        self, console: Console, options: ConsoleOptions
+    ) -> Iterator[RenderableType]:
+        width = console.measure(self, options=options).maximum
+
+        def too_wide(note: object) -> bool:
+            return isinstance(note, str) and any(
+                len(_plain(line)) > width for line in note.split("\n")
+            )
+
+        long_title, long_caption = too_wide(self.title), too_wide(self.caption)
+        if not (long_title or long_caption):
+            yield from super().__rich_console__(console, options)
+            return
+        bare = copy(self)
+        if long_title:
+            bare.title = None
+            yield console.render_str(str(self.title), style="table.title")
+        if long_caption:
+            bare.caption = None
+        yield bare
+        if long_caption:
+            yield console.render_str(str(self.caption), style="table.caption")
+
+
 def fit_table(
     headers: Sequence[str],
     rows: Iterable[Sequence[Any]],
@@ -61,7 +95,8 @@ def fit_table(
     and never wraps; text columns may wrap at spaces (never with ``…``). The columns are
     two spaces apart, or one where two would not fit; a table too wide even then folds
     its numbers onto more lines rather than cut them. ``caption`` (a string, or one line
-    per item) goes under the table, left-aligned: the place for footnotes.
+    per item) goes under the table, left-aligned: the place for footnotes. Title and
+    caption wrap at the terminal's width even where the table is narrower.
     """
     cells = [[fmt_num(c, decimals) if c is None or isinstance(c, int | float) else str(c)
               for c in row] for row in rows]  # fmt: skip
@@ -82,7 +117,7 @@ def fit_table(
     # numbers fold onto a second line (rich would otherwise crop whole columns off).
     gap = 2 if sum(least) + 2 * (ncols - 1) <= width else 1
     fits = sum(least) + gap * (ncols - 1) <= width
-    table = Table(
+    table = _Table(
         title=title,
         caption="\n".join(caption) if isinstance(caption, list | tuple) else caption,
         caption_justify="left",

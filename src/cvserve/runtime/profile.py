@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -112,10 +113,12 @@ def measure_profile(
     )
 
 
-def profile_table(profile: SimProfile) -> list[str]:
-    """A small text table of a profile (fits 80 columns)."""
+def profile_table(profile: SimProfile, title: str | None = None, width: int = 80) -> list[str]:
+    """A small text table of a profile (fits 80 columns), under ``title`` wrapped to
+    ``width`` (a CPU's name can be long)."""
     spread = (profile.extra.get("measured") or {}).get("min_max_ms") or {}
-    lines = [f"{'batch':>6} {'ms/batch':>10} {'min-max ms':>17} {'ms/image':>10} {'images/s':>10}"]
+    lines = textwrap.wrap(title, width) if title else []
+    lines += [f"{'batch':>6} {'ms/batch':>10} {'min-max ms':>17} {'ms/image':>10} {'images/s':>10}"]
     for b, ms in profile.latency_ms.items():
         lo_hi = spread.get(str(b))
         rng = f"{lo_hi[0]:.2f}-{lo_hi[1]:.2f}" if lo_hi else "-"
