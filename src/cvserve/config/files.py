@@ -35,9 +35,10 @@ def _renamed(section: dict[str, Any], where: str) -> dict[str, Any]:
         if new in out:
             raise ConfigError(f"{where}: {old} and {new} are the same setting: keep {new}")
         value = out.pop(old)
-        log.warning("%s: %s is deprecated: use %s (milliseconds)", where, old, new)
         bad = isinstance(value, bool) or not isinstance(value, int | float)
         out[new] = value if bad else value * factor  # a wrong type is refused by its check
+        log.warning("%s: %s is deprecated (seconds): use %s: %s (milliseconds)",
+                    where, old, new, out[new] if bad else f"{out[new]:g}")  # fmt: skip
     return out
 
 
