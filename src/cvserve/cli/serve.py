@@ -50,7 +50,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         "headers before decoding; an image that does not fit gets 429); default: half the "
         "memory available at start-up, at 12 bytes a pixel",
     )  # fmt: skip
-    p.set_defaults(func=cmd_serve)
+    p.set_defaults(func=_cmd_serve)
 
 
 def _add_front_args(p: argparse.ArgumentParser) -> None:
@@ -215,7 +215,7 @@ def add_cores_arg(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def _cmd_serve(args: argparse.Namespace) -> int:
     from cvserve.config import server_config_from_args
     from cvserve.serving.server import run_server
 

@@ -1,7 +1,8 @@
 """Typed configuration of models, pipelines and the server, from flags or a YAML file.
 
-Durations are milliseconds everywhere in flags and config keys, and their names say so
-(``timeout_ms``, ``--drain-delay-ms``); old spellings in seconds are read with a warning.
+Every duration of the server, its models and pipelines is in milliseconds, in flags and
+config keys alike, and its name says so (``timeout_ms``, ``--drain-delay-ms``); the old
+spellings in seconds (``DEPRECATED_SERVER_KEYS``) are read with a one-line warning.
 """
 
 from __future__ import annotations
