@@ -539,3 +539,21 @@ def test_pipeline_dnns_are_the_serving_kinds_own():
     assert set(PIPELINE_KINDS) == set(KINDS)
     for kind in KINDS:
         assert get_kind(kind).dnns == PIPELINE_DNNS[kind]
+
+
+def test_worker_flags_map_to_the_stages_pipeline_config():
+    from cvserve.cli import build_parser
+    from cvserve.config import worker_config_from_args
+
+    argv = ["worker", "--pipeline", "dc", "--kind", "detect-classify", "--stage", "classify",
+            "--broker", "redis://h:6379", "--max-batch", "4", "--reclaim-idle-ms", "900",
+            "--param", "classifier=resnet18", "--param", "objects=3", "--param", "score=0.5",
+            "--runtime", "simulated", "--sim-profile", "1:2"]  # fmt: skip
+    cfg = worker_config_from_args(build_parser().parse_args(argv))
+    assert (cfg.name, cfg.kind, cfg.max_batch_size, cfg.reclaim_idle_ms) == (
+        "dc", "detect-classify", 4, 900,
+    )  # fmt: skip
+    assert cfg.params == {"classifier": "resnet18", "objects": 3, "score": 0.5}
+    assert (cfg.runtime, cfg.sim_profile) == ("simulated", "1:2")
+    with pytest.raises(ValueError, match="expected KEY=VALUE, got 'oops'"):
+        worker_config_from_args(build_parser().parse_args([*argv, "--param", "oops"]))
