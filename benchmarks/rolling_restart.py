@@ -80,7 +80,7 @@ def serve_args(a: argparse.Namespace, mode: str, metrics_port: int) -> list[str]
     if a.cache_dir:
         args += ["--cache-dir", a.cache_dir]
     if a.drain_delay:
-        args += ["--drain-delay", str(a.drain_delay)]
+        args += ["--drain-delay-ms", f"{a.drain_delay * 1000:g}"]
     if mode == "reuseport":
         args += ["--reuse-port", "--metrics-port", str(metrics_port)]
     return args

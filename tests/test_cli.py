@@ -41,6 +41,38 @@ def test_bad_serve_config_is_one_line(tmp_path):
     assert "max_batch_size" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_yaml_float_where_an_integer_goes_is_one_line(tmp_path):
+    """issue 20 #14: ``max_batch_size: 1.5`` passed validation and crashed at warm-up."""
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text("models:\n  - name: tiny-resnet\n    max_batch_size: 1.5\n")
+    r = cvserve("serve", "--config", str(cfg), "--cache-dir", str(tmp_path))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "max_batch_size must be an integer >= 1, not 1.5 (float)" in r.stderr
+
+
+def test_an_old_duration_flag_warns_in_one_line_naming_the_new_one(tmp_path):
+    r = cvserve("serve", "--drain-delay", "5", "--cache-dir", str(tmp_path))
+    assert r.returncode == 2  # parsed, then nothing to serve
+    warning, error = r.stderr.splitlines()
+    assert (
+        warning
+        == "warning: --drain-delay is deprecated (seconds): use --drain-delay-ms 5000 (milliseconds)"
+    )
+    assert error.startswith("error: nothing to serve")
+
+
+def test_the_console_script_and_python_m_share_one_main():
+    from importlib.metadata import entry_points
+
+    from cvserve.cli import main
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "cvserve"]
+    assert script.value == "cvserve.cli:main"
+    assert script.load() is main
+    r = cvserve("--version")
+    assert r.returncode == 0 and r.stdout.startswith("cvserve ")
+
+
 def test_demo_runs_end_to_end(model_cache, data_dir):
     r = cvserve(
         "demo", "--model", "tiny-resnet", "--concurrency", "1,4", "--duration", "1",

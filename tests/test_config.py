@@ -347,3 +347,213 @@ def test_a_config_files_host_and_port_hold_unless_flags_are_given(tmp_path):
     assert cfg("--host", "127.0.0.2").host == "127.0.0.2"
     plain = server_config_from_args(build_parser().parse_args(["serve", "--model", "m"]))
     assert (plain.host, plain.port) == ("127.0.0.1", 8000)
+
+
+# --- strict types (issue 20 #14) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"max_batch_size": 1.5}, "max_batch_size must be an integer >= 1, not 1.5 (float)"),
+        ({"max_batch_size": 2.0}, "max_batch_size must be an integer >= 1, not 2.0 (float)"),
+        ({"max_batch_size": True}, "max_batch_size must be an integer >= 1, not True (bool)"),
+        ({"instances": "2"}, "instances must be an integer >= 1, not '2' (str)"),
+        ({"max_queue": 8.5}, "max_queue must be an integer >= 1, not 8.5 (float)"),
+        ({"intra_op_threads": 1.5}, "intra_op_threads must be an integer >= 0, not 1.5"),
+        ({"timeout_ms": float("nan")},
+         "timeout_ms must be a finite number of milliseconds > 0, not nan (float)"),
+        ({"timeout_ms": float("inf")},
+         "timeout_ms must be a finite number of milliseconds > 0, not inf (float)"),
+        ({"timeout_ms": True},
+         "timeout_ms must be a finite number of milliseconds > 0, not True (bool)"),
+        ({"timeout_ms": "30s"},
+         "timeout_ms must be a finite number of milliseconds > 0, not '30s' (str)"),
+        ({"max_delay_ms": float("nan")},
+         "max_delay_ms must be a finite number of milliseconds >= 0, not nan (float)"),
+        ({"max_queue_wait_ms": float("nan")},
+         "max_queue_wait_ms must be 'auto' or a number >= 0, not nan"),
+        ({"fp16": "yes"}, "fp16 must be true or false, not 'yes' (str)"),
+        ({"runtime": "simulated", "sim_profile": "1:1", "sim_h2d_gbps": float("nan")},
+         "sim_h2d_gbps must be a finite number of GB/s > 0, not nan (float)"),
+    ],
+)  # fmt: skip
+def test_a_model_entry_of_the_wrong_type_names_the_key_the_value_and_what_is_allowed(
+    entry, message
+):
+    with pytest.raises(ConfigError) as e:
+        model_config_from_dict({"name": "a", **entry})
+    assert str(e.value).startswith(f"model 'a': {message}")
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"max_batch_size": 1.5}, "max_batch_size must be an integer >= 1, not 1.5 (float)"),
+        ({"block_ms": 50.5}, "block_ms must be an integer >= 1, not 50.5 (float)"),
+        ({"reclaim_idle_ms": True}, "reclaim_idle_ms must be an integer >= 1, not True (bool)"),
+        ({"stage_workers": 1.5}, "stage_workers must be an integer >= 0, not 1.5 (float)"),
+        ({"cores": 0.5}, "cores must be an integer >= 0, or -1 for no CPU budget, not 0.5"),
+        ({"timeout_ms": float("nan")},
+         "timeout_ms must be a finite number of milliseconds > 0, not nan (float)"),
+        ({"params": [1]}, "params must be a mapping, not [1]"),
+    ],
+)  # fmt: skip
+def test_a_pipeline_entry_of_the_wrong_type_is_refused(entry, message):
+    with pytest.raises(ConfigError) as e:
+        pipeline_config_from_dict({"name": "ocr", **entry})
+    assert str(e.value).startswith(f"pipeline 'ocr': {message}")
+
+
+@pytest.mark.parametrize(
+    ("server", "message"),
+    [
+        ({"port": "8000"}, "port must be an integer port, not '8000'"),
+        ({"port": 70000}, "port 70000 is not a port (0-65535)"),
+        ({"max_pixels": 1.5e6}, "max_pixels must be an integer >= 1, not 1500000.0 (float)"),
+        ({"preprocess_threads": 2.5}, "preprocess_threads must be an integer >= 0, not 2.5"),
+        ({"max_body_bytes": True}, "max_body_bytes must be an integer >= 1, not True (bool)"),
+        ({"reuse_port": 1}, "reuse_port must be true or false, not 1 (int)"),
+        ({"drain_delay_ms": float("nan")},
+         "drain_delay_ms must be a finite number of milliseconds >= 0, not nan (float)"),
+        ({"drain_timeout_ms": -1}, "drain_timeout_ms must be >= 0"),
+    ],
+)  # fmt: skip
+def test_server_settings_of_the_wrong_type_are_refused(server, message):
+    with pytest.raises(ConfigError) as e:
+        server_config_from_dict({"server": server, "models": [{"name": "a"}]})
+    assert str(e.value).startswith(f"server: {message}")
+
+
+def test_yaml_floats_where_integers_go_and_nan_durations_fail_at_load(tmp_path):
+    """The reported cases: ``max_batch_size: 1.5`` passed and crashed at warm-up with a
+    TypeError; ``timeout_ms: .nan`` was accepted."""
+    f = tmp_path / "serve.yaml"
+    f.write_text("models:\n  - name: a\n    max_batch_size: 1.5\n")
+    with pytest.raises(ConfigError, match=r"^model 'a': max_batch_size must be an integer"):
+        load_config(f)
+    for value in (".nan", ".inf", "-.inf"):
+        f.write_text(f"models:\n  - name: a\n    timeout_ms: {value}\n")
+        with pytest.raises(ConfigError, match=r"^model 'a': timeout_ms must be a finite number"):
+            load_config(f)
+    f.write_text("pipelines:\n  - name: ocr\n    timeout_ms: .nan\n")
+    with pytest.raises(ConfigError, match=r"^pipeline 'ocr': timeout_ms must be a finite"):
+        load_config(f)
+
+
+def test_numbers_of_either_kind_are_durations(tmp_path):
+    f = tmp_path / "serve.yaml"
+    f.write_text(
+        "server: {drain_delay_ms: 250, drain_timeout_ms: 1500.5}\n"
+        "models:\n  - {name: a, timeout_ms: 100, max_delay_ms: 2.5, max_queue_wait_ms: 0}\n"
+    )
+    cfg = load_config(f)
+    assert (cfg.drain_delay_ms, cfg.drain_timeout_ms) == (250, 1500.5)
+    assert (cfg.drain_delay_s, cfg.drain_timeout_s) == (0.25, 1.5005)
+    b = cfg.models[0].batching
+    assert (b.timeout_ms, b.max_delay_ms, b.max_queue_wait_ms) == (100, 2.5, 0.0)
+
+
+# --- one unit for durations: the old spellings in seconds still work, with a warning ------
+
+
+def test_old_server_duration_keys_are_read_as_seconds_with_a_warning(caplog):
+    doc = {"server": {"drain_delay_s": 2, "drain_timeout_s": 0.5}, "models": [{"name": "a"}]}
+    with caplog.at_level("WARNING", logger="cvserve.config"):
+        cfg = server_config_from_dict(doc)
+    assert (cfg.drain_delay_ms, cfg.drain_timeout_ms) == (2000, 500)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "server: drain_delay_s is deprecated (seconds): use drain_delay_ms: 2000 (milliseconds)",
+        "server: drain_timeout_s is deprecated (seconds): use drain_timeout_ms: 500 (milliseconds)",
+    ]
+
+
+def test_new_duration_keys_do_not_warn_and_both_spellings_are_refused(caplog):
+    with caplog.at_level("WARNING", logger="cvserve.config"):
+        cfg = server_config_from_dict({"server": {"drain_delay_ms": 5}, "models": [{"name": "a"}]})
+    assert cfg.drain_delay_ms == 5 and not caplog.records
+    with pytest.raises(ConfigError, match="drain_delay_s and drain_delay_ms are the same setting"):
+        server_config_from_dict(
+            {"server": {"drain_delay_s": 1, "drain_delay_ms": 5}, "models": [{"name": "a"}]}
+        )
+    with pytest.raises(ConfigError, match=r"^server: drain_delay_ms must be a finite number"):
+        server_config_from_dict({"server": {"drain_delay_s": "1"}, "models": [{"name": "a"}]})
+
+
+def test_a_config_written_for_workers_reads_back_without_warnings(caplog):
+    from cvserve.config import config_to_dict
+
+    cfg = server_config_from_dict({"server": {"drain_delay_s": 1.5}, "models": [{"name": "a"}]})
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cvserve.config"):
+        assert server_config_from_dict(config_to_dict(cfg)) == cfg
+    assert not caplog.records
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "dest"),
+    [
+        ("--drain-delay", "--drain-delay-ms", "drain_delay_ms"),
+        ("--drain-timeout", "--drain-timeout-ms", "drain_timeout_ms"),
+    ],
+)
+def test_old_serve_duration_flags_are_seconds_with_a_one_line_warning(old, new, dest, capsys):
+    from cvserve.cli import build_parser, server_config_from_args
+
+    args = build_parser().parse_args(["serve", "--model", "m", old, "2.5"])
+    err = capsys.readouterr().err
+    assert err == f"warning: {old} is deprecated (seconds): use {new} 2500 (milliseconds)\n"
+    assert getattr(server_config_from_args(args), dest) == 2500
+    args = build_parser().parse_args(["serve", "--model", "m", new, "2500"])
+    assert capsys.readouterr().err == ""
+    assert getattr(server_config_from_args(args), dest) == 2500
+
+
+def test_bench_timeouts_are_milliseconds_and_the_old_seconds_still_parse(capsys):
+    from cvserve.cli import build_parser
+
+    def bench(*flags):
+        return build_parser().parse_args(["bench", "--model", "m", "--images", "x", *flags])
+
+    d = bench()
+    assert (d.timeout_ms, d.ready_timeout_ms) == (30_000, 0)
+    assert capsys.readouterr().err == ""
+    new = bench("--timeout-ms", "1500", "--ready-timeout-ms", "20000")
+    assert (new.timeout_ms, new.ready_timeout_ms) == (1500, 20_000)
+    old = bench("--timeout", "1.5", "--ready-timeout", "20")
+    assert (old.timeout_ms, old.ready_timeout_ms) == (1500, 20_000)
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "warning: --timeout is deprecated (seconds): use --timeout-ms 1500 (milliseconds)",
+        "warning: --ready-timeout is deprecated (seconds): use --ready-timeout-ms 20000 "
+        "(milliseconds)",
+    ]
+
+
+def test_pipeline_dnns_are_the_serving_kinds_own():
+    """config checks per-DNN profiles against the same table the pipelines open."""
+    from cvserve.config import PIPELINE_DNNS, PIPELINE_KINDS
+    from cvserve.serving.pipelines import KINDS, get_kind
+
+    assert set(PIPELINE_KINDS) == set(KINDS)
+    for kind in KINDS:
+        assert get_kind(kind).dnns == PIPELINE_DNNS[kind]
+
+
+def test_worker_flags_map_to_the_stages_pipeline_config():
+    from cvserve.cli import build_parser
+    from cvserve.config import worker_config_from_args
+
+    argv = ["worker", "--pipeline", "dc", "--kind", "detect-classify", "--stage", "classify",
+            "--broker", "redis://h:6379", "--max-batch", "4", "--reclaim-idle-ms", "900",
+            "--param", "classifier=resnet18", "--param", "objects=3", "--param", "score=0.5",
+            "--runtime", "simulated", "--sim-profile", "1:2"]  # fmt: skip
+    cfg = worker_config_from_args(build_parser().parse_args(argv))
+    assert (cfg.name, cfg.kind, cfg.max_batch_size, cfg.reclaim_idle_ms) == (
+        "dc", "detect-classify", 4, 900,
+    )  # fmt: skip
+    assert cfg.params == {"classifier": "resnet18", "objects": 3, "score": 0.5}
+    assert (cfg.runtime, cfg.sim_profile) == ("simulated", "1:2")
+    with pytest.raises(ValueError, match="expected KEY=VALUE, got 'oops'"):
+        worker_config_from_args(build_parser().parse_args([*argv, "--param", "oops"]))

@@ -141,13 +141,15 @@ def test_image_runs_as_non_root_and_checks_health_on_its_port():
 
 
 def test_shutdown_timing_is_consistent():
-    """preStop, then --drain-delay, then --drain-timeout all fit in the grace period; the
+    """preStop, then --drain-delay-ms, then --drain-timeout-ms all fit in the grace period; the
     readiness probe notices a draining server before it stops serving."""
     spec = _deployment("cvserve")["spec"]["template"]["spec"]
     c, argv = _server_container(), _server_argv()
     pre = c["lifecycle"]["preStop"]["exec"]["command"]
     assert pre[0] == "sleep"
-    delay, timeout = float(_flag(argv, "--drain-delay")), float(_flag(argv, "--drain-timeout"))
+    delay, timeout = (
+        float(_flag(argv, f)) / 1000 for f in ("--drain-delay-ms", "--drain-timeout-ms")
+    )
     assert delay > 0
     assert spec["terminationGracePeriodSeconds"] > float(pre[1]) + delay + timeout
     probe = c["readinessProbe"]
@@ -192,7 +194,7 @@ def test_probes_and_metric_match_a_real_server(model_cache):
     main, metrics = int(_flag(argv, "--port")), int(_flag(argv, "--metrics-port"))
     assert {main, metrics} <= {p["containerPort"] for p in c["ports"]}
     drop = {"--host", "--port", "--model", "--pipeline", "--broker", "--metrics-port",
-            "--drain-delay", "--cache-dir"}  # fmt: skip
+            "--drain-delay-ms", "--cache-dir"}  # fmt: skip
     kept = []
     it = iter(argv[2:])
     for a in it:

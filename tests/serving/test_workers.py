@@ -297,7 +297,7 @@ def test_each_worker_gets_its_share_of_the_cores_unless_set():
 
 def test_the_settings_a_worker_gets_read_back_the_same():
     cfg = ServerConfig(
-        port=9000, workers=2, metrics_port=9100, drain_delay_s=1.5,
+        port=9000, workers=2, metrics_port=9100, drain_delay_ms=1500,
         models=(ModelConfig("a", batching=BatchConfig(max_batch_size=4, max_queue_wait_ms=None),
                             preprocess={"interpolation": "bilinear"}),),
         pipelines=(PipelineConfig("ocr", stage_workers=0, params={"k": 1}),),

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from cvserve.brokers import Message
+from cvserve.config import PIPELINE_DNNS
 from cvserve.images.decode import decode
 from cvserve.images.preprocess import ImageMeta
 from cvserve.images.transforms import normalize_into, resize_crop
@@ -153,7 +154,7 @@ class DetectClassifyPipeline:
     task = "detect-classify"
     stage_a = "detect"
     stage_b = "classify"
-    dnns = {"detect": ("det",), "classify": ("cls",)}
+    dnns = PIPELINE_DNNS[KIND]  # config checks per-DNN profiles against these
     params = ()
 
     def make_stage_a(self, options: StageOptions) -> DetectStage:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cvserve.brokers import Message
+from cvserve.config import PIPELINE_DNNS
 from cvserve.images.decode import decode
 from cvserve.runtime import OrtOptions, OrtRuntime
 from cvserve.serving.pipelines.base import (
@@ -170,7 +171,7 @@ class OcrPipeline:
     task = "ocr"
     stage_a = "det"
     stage_b = "rec"
-    dnns = {"det": ("det",), "rec": ("cls", "rec")}
+    dnns = PIPELINE_DNNS[KIND]  # config checks per-DNN profiles against these
     params = ()
 
     def make_stage_a(self, options: StageOptions) -> OcrDetStage:

@@ -1,0 +1,3 @@
+from cvserve.cli import main
+
+raise SystemExit(main())

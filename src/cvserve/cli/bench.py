@@ -1,0 +1,216 @@
+"""``cvserve bench`` (measure a server) and ``cvserve report`` (plot its results)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from cvserve.cli._common import add_cache_arg, add_seconds_alias, csv_floats, csv_ints, say
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    from dataclasses import fields
+    from types import SimpleNamespace
+
+    from cvserve.bench import BenchConfig
+
+    d = SimpleNamespace(**{f.name: f.default for f in fields(BenchConfig)})
+    p = sub.add_parser(
+        "bench",
+        help="measure a server with real images: throughput, latency, stage breakdown",
+        description="Closed-loop sweeps (--concurrency) and open-loop Poisson arrivals (--rate) "
+        "against a running server, or one started for the run (--inprocess).",
+    )
+    p.add_argument(
+        "--url", default="http://127.0.0.1:8000",
+        help="server base URL (grpc://host:port for --protocol v2-grpc)",
+    )  # fmt: skip
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--model", help="model name on the server")
+    target.add_argument("--pipeline", help="pipeline name on the server (e.g. ocr)")
+    p.add_argument("--images", nargs="+", required=True, help="image files or folders")
+    p.add_argument(
+        "--protocol", choices=["v1", "v2-http", "v2-grpc"], default=d.protocol,
+        help="v1: cvserve's /v1 predict route; v2-http, v2-grpc: KServe v2 (any v2 server, "
+        "e.g. Triton), the image as a BYTES input (default v1)",
+    )  # fmt: skip
+    p.add_argument(
+        "--input-tensor", action="store_true",
+        help="v2: send the model's own input tensor (each image preprocessed once, up front, "
+        "by cvserve's preprocessing), not the encoded image",
+    )  # fmt: skip
+    p.add_argument("--input-name", help="v2: the input to fill (default: from the metadata)")
+    p.add_argument(
+        "--json-tensors", action="store_true",
+        help="v2-http with --input-tensor: tensors as JSON data, not binary",
+    )  # fmt: skip
+    p.add_argument(
+        "--grpc-target", help="v2-grpc: host:port, when --url is the server's HTTP URL"
+    )  # fmt: skip
+    sec = p.add_argument_group("API key and TLS (a server started with --api-key-file/--tls-cert)")
+    sec.add_argument(
+        "--api-key-file", metavar="FILE",
+        help="send the key on FILE's first line as 'Authorization: Bearer KEY' (gRPC: "
+        "metadata); default: $CVSERVE_API_KEY if set",
+    )  # fmt: skip
+    sec.add_argument(
+        "--tls-ca", metavar="FILE",
+        help="trust this PEM certificate (a self-signed server's) for https:// and grpcs:// "
+        "URLs, instead of the system's roots",
+    )  # fmt: skip
+    sec.add_argument(
+        "--tls-insecure", action="store_true",
+        help="https:// without checking the server's certificate (testing only)",
+    )  # fmt: skip
+    p.add_argument("--concurrency", type=csv_ints, help="closed loop: e.g. 1,2,4,8,16,32")
+    p.add_argument("--rate", type=csv_floats, help="open loop, requests/s: e.g. 20,40,80")
+    stop = p.add_mutually_exclusive_group()
+    stop.add_argument("--duration", type=float, help="seconds measured per point")
+    stop.add_argument("--requests", type=int, help="requests measured per point")
+    p.add_argument("--warmup", type=float, default=d.warmup, help="seconds before measuring")
+    p.add_argument(
+        "--window", type=float, default=d.window,
+        help="stability window (s) when neither --duration nor --requests is given",
+    )  # fmt: skip
+    p.add_argument(
+        "--tolerance", type=float, default=d.tolerance,
+        help="three consecutive windows within this fraction = stable",
+    )  # fmt: skip
+    p.add_argument("--max-duration", type=float, default=d.max_duration, help="cap per point (s)")
+    p.add_argument(
+        "--timeout-ms", type=float, default=d.timeout * 1000, metavar="MS",
+        help=f"per-request timeout (default {d.timeout * 1000:g})",
+    )  # fmt: skip
+    add_seconds_alias(p, "--timeout", "--timeout-ms", "timeout_ms")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the open-loop arrivals")
+    p.add_argument("--max-in-flight", type=int, default=d.max_in_flight)
+    p.add_argument("--no-retry-after", action="store_true", help="ignore 429 Retry-After")
+    p.add_argument(
+        "--ready-timeout-ms", type=float, default=d.ready_timeout * 1000, metavar="MS",
+        help="wait this long for /readyz before giving up",
+    )  # fmt: skip
+    add_seconds_alias(p, "--ready-timeout", "--ready-timeout-ms", "ready_timeout_ms")
+    p.add_argument("--label", help="name of this run in reports")
+    p.add_argument("--out", help="write the result here (JSON, with per-request rows in .npz)")
+    p.add_argument(
+        "--inprocess", action="store_true",
+        help="start `cvserve serve` with --serve-args for this run, then stop it",
+    )  # fmt: skip
+    p.add_argument(
+        "--serve-args", default="",
+        help="flags for the --inprocess server, e.g. '--max-batch 8 --max-delay-ms 5'",
+    )  # fmt: skip
+    add_cache_arg(p)
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import contextlib
+    import shlex
+
+    from rich.console import Console
+
+    from cvserve.bench import (
+        BenchConfig,
+        BenchError,
+        ImageSourceError,
+        ProgressReporter,
+        breakdown_table,
+        run_bench,
+        save_result,
+        summary_table,
+    )
+
+    api_key = _bench_api_key(args.api_key_file)
+    server = contextlib.nullcontext()
+    url = args.url
+    if args.inprocess:
+        from cvserve.serving.server import ServerProcess, free_port
+
+        what = ["--pipeline", args.pipeline] if args.pipeline else ["--model", args.model]
+        serve = [*what, *shlex.split(args.serve_args)]
+        if args.cache_dir:
+            serve += ["--cache-dir", args.cache_dir]
+        if args.protocol == "v2-grpc" and "--grpc-port" not in serve:
+            serve += ["--grpc-port", str(free_port())]
+        say(f"starting cvserve serve {' '.join(serve)}")
+        server = ServerProcess(serve)
+        url = server.url
+        if args.protocol == "v2-grpc":
+            args.grpc_target = f"127.0.0.1:{serve[serve.index('--grpc-port') + 1]}"
+    try:
+        with server:
+            config = BenchConfig(
+                url=url,
+                model=args.pipeline or args.model,
+                kind="pipeline" if args.pipeline else "model",
+                images=args.images,
+                concurrency=args.concurrency,
+                rates=args.rate,
+                duration=args.duration,
+                requests=args.requests,
+                warmup=args.warmup,
+                window=args.window,
+                tolerance=args.tolerance,
+                max_duration=args.max_duration,
+                timeout=args.timeout_ms / 1000,
+                seed=args.seed,
+                max_in_flight=args.max_in_flight,
+                honor_retry_after=not args.no_retry_after,
+                ready_timeout=args.ready_timeout_ms / 1000,
+                label=args.label,
+                protocol=args.protocol,
+                input_name=args.input_name,
+                input_tensor=args.input_tensor,
+                json_tensors=args.json_tensors,
+                grpc_target=args.grpc_target,
+                api_key=api_key,
+                tls_ca=args.tls_ca,
+                tls_insecure=args.tls_insecure,
+            )
+            with ProgressReporter(Console(stderr=True)) as progress:
+                result = run_bench(config, progress=progress, command=sys.argv)
+    except (BenchError, ImageSourceError) as e:
+        say(f"error: {e}")
+        return 2
+    console = Console()
+    console.print(summary_table(result))
+    console.print(breakdown_table(result))
+    if args.out:
+        say(f"wrote {save_result(result, args.out)}")
+    return 0
+
+
+def _bench_api_key(path: str | None) -> str | None:
+    """The bench's API key: ``path``'s first non-empty line, else $CVSERVE_API_KEY."""
+    if path is None:
+        return os.environ.get("CVSERVE_API_KEY") or None
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            return line.strip()
+    raise OSError(f"{path} has no key")
+
+
+def add_report_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="plot bench results: throughput/latency vs load, breakdown bars, latency CDF",
+    )
+    p.add_argument("results", nargs="+", help="result JSON files from `cvserve bench --out`")
+    p.add_argument("--out", default="report", help="folder for the PNG plots (default ./report)")
+    p.set_defaults(func=_cmd_report)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from cvserve.bench import ResultError, report
+
+    try:
+        paths = report(args.results, args.out)
+    except ResultError as e:
+        say(f"error: {e}")
+        return 2
+    for path in paths:
+        print(path)
+    return 0

@@ -1,0 +1,55 @@
+"""Typed configuration of models, pipelines and the server, from flags or a YAML file.
+
+Every duration of the server, its models and pipelines is in milliseconds, in flags and
+config keys alike, and its name says so (``timeout_ms``, ``--drain-delay-ms``); the old
+spellings in seconds (``DEPRECATED_SERVER_KEYS``) are read with a one-line warning.
+"""
+
+from __future__ import annotations
+
+from cvserve.config.checks import ConfigError
+from cvserve.config.files import (
+    DEPRECATED_SERVER_KEYS,
+    config_to_dict,
+    load_config,
+    model_config_from_dict,
+    pipeline_config_from_dict,
+    server_config_from_dict,
+)
+from cvserve.config.flags import server_config_from_args, worker_config_from_args
+from cvserve.config.model import (
+    PREPROCESS_DEVICES,
+    RUNTIMES,
+    BatchConfig,
+    ModelConfig,
+    queue_wait_ms,
+)
+from cvserve.config.pipeline import PIPELINE_DNNS, PIPELINE_KINDS, PipelineConfig
+from cvserve.config.server import (
+    DEFAULT_MAX_BODY_BYTES,
+    ServerConfig,
+    default_pixels_in_flight,
+)
+
+__all__ = [
+    "DEFAULT_MAX_BODY_BYTES",
+    "DEPRECATED_SERVER_KEYS",
+    "PIPELINE_DNNS",
+    "PIPELINE_KINDS",
+    "PREPROCESS_DEVICES",
+    "RUNTIMES",
+    "BatchConfig",
+    "ConfigError",
+    "ModelConfig",
+    "PipelineConfig",
+    "ServerConfig",
+    "config_to_dict",
+    "default_pixels_in_flight",
+    "load_config",
+    "model_config_from_dict",
+    "pipeline_config_from_dict",
+    "queue_wait_ms",
+    "server_config_from_args",
+    "server_config_from_dict",
+    "worker_config_from_args",
+]

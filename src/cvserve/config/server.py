@@ -1,0 +1,140 @@
+"""The HTTP server's settings and the resources its models share."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cvserve.config.checks import ConfigError, duration_ms, flag, integer
+from cvserve.config.model import ModelConfig
+from cvserve.config.pipeline import PipelineConfig
+from cvserve.images.decode import DEFAULT_MAX_PIXELS
+
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+
+
+def default_pixels_in_flight(max_pixels: int, bytes_per_pixel: int = 12) -> int:
+    """Half the memory available now (``MemAvailable``, or the cgroup's limit if lower) at
+    ``bytes_per_pixel`` (a decoded RGB pixel and its working copies), at least one
+    ``max_pixels`` image."""
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        raw = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if raw.isdigit():
+            avail = min(avail or int(raw), int(raw))
+    except OSError:
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            avail = 8 << 30
+    return max(max_pixels, avail // 2 // bytes_per_pixel)
+
+
+def _port(key: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key} must be an integer port, not {value!r}")
+    if not 0 <= value <= 65535:
+        raise ConfigError(f"{key} {value} is not a port (0-65535)")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The HTTP server and the resources its models share."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    #: KServe v2 gRPC (``tritonclient.grpc``) on this port too, in the same process; None:
+    #: off, 0: any free port.
+    grpc_port: int | None = None
+    #: Threads that decode, resize and normalize (shared by all models); 0 = cores.
+    preprocess_threads: int = 0
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    #: Decoded pixels in flight at once, server-wide (counted from the headers before
+    #: decoding); an image that does not fit gets a 429. 0: ``default_pixels_in_flight``.
+    max_pixels_in_flight: int = 0
+    #: How long SIGTERM waits for in-flight requests before exiting anyway (YAML
+    #: ``drain_timeout_ms``; ``drain_timeout_s`` is its deprecated spelling in seconds).
+    drain_timeout_ms: float = 30_000.0
+    #: After SIGTERM, how long the server keeps serving new work (readiness already fails,
+    #: responses say ``Connection: close``) so a load balancer can stop sending to it.
+    drain_delay_ms: float = 0.0
+    #: Join ``port`` with SO_REUSEPORT (several servers on one port, the kernel spreading
+    #: connections); the server joins once its models are loaded.
+    reuse_port: bool = False
+    #: Server processes sharing ``port`` (SO_REUSEPORT; ``cvserve.serving.workers``): each
+    #: loads every model, and a parent starts, watches and stops them. 1: this process.
+    workers: int = 1
+    #: A file of API keys, one a line: requests need ``Authorization: Bearer KEY``.
+    api_key_file: str | None = None
+    #: TLS certificate chain and private key (PEM files) for HTTP and gRPC.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    #: ``/metrics`` (and ``/healthz``, ``/readyz``) on this port of its own, plain HTTP and
+    #: without API keys; None: ``/metrics`` on the main port.
+    metrics_port: int | None = None
+    cache_dir: str | None = None
+    #: Where pipeline stages meet: ``inprocess://`` (default) or ``redis://host:port``.
+    broker: str = "inprocess://"
+    models: tuple[ModelConfig, ...] = ()
+    pipelines: tuple[PipelineConfig, ...] = ()
+
+    def __post_init__(self) -> None:
+        _port("port", self.port)
+        if self.grpc_port is not None:
+            _port("grpc_port", self.grpc_port)
+            if self.grpc_port and self.grpc_port == self.port:
+                raise ConfigError(f"grpc_port and port are both {self.port}: use two ports")
+        if self.metrics_port is not None:
+            _port("metrics_port", self.metrics_port)
+            if self.metrics_port and self.metrics_port in (self.port, self.grpc_port):
+                raise ConfigError(f"metrics_port {self.metrics_port} is taken by another door")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise ConfigError(f"workers must be an integer >= 1, not {self.workers!r}")
+        if self.workers > 1 and self.grpc_port is not None:
+            raise ConfigError(
+                f"grpc_port with workers {self.workers}: the gRPC port is not shared between "
+                "server processes; serve gRPC with workers 1 (or one server per gRPC port)"
+            )
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("TLS needs both a certificate (tls_cert) and its key (tls_key)")
+        try:
+            integer("preprocess_threads", self.preprocess_threads, 0)
+            integer("max_body_bytes", self.max_body_bytes, 1)
+            integer("max_pixels", self.max_pixels, 1)
+            integer("max_pixels_in_flight", self.max_pixels_in_flight, 0)
+            duration_ms("drain_timeout_ms", self.drain_timeout_ms, positive=False)
+            duration_ms("drain_delay_ms", self.drain_delay_ms, positive=False)
+            flag("reuse_port", self.reuse_port)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.max_pixels_in_flight and not self.max_pixels_in_flight >= self.max_pixels:
+            raise ConfigError(
+                f"max_pixels_in_flight ({self.max_pixels_in_flight}) must hold one image of "
+                f"max_pixels ({self.max_pixels}), or be 0 (from the memory available)"
+            )
+
+    @property
+    def drain_timeout_s(self) -> float:
+        """``drain_timeout_ms`` in seconds (what ``asyncio`` waits take)."""
+        return self.drain_timeout_ms / 1000.0
+
+    @property
+    def drain_delay_s(self) -> float:
+        """``drain_delay_ms`` in seconds (what ``asyncio.sleep`` takes)."""
+        return self.drain_delay_ms / 1000.0
+
+    def resolved_preprocess_threads(self) -> int:
+        return self.preprocess_threads or (os.cpu_count() or 1)
+
+    def resolved_pixels_in_flight(self) -> int:
+        return self.max_pixels_in_flight or default_pixels_in_flight(self.max_pixels)
