@@ -142,6 +142,39 @@ def test_a_deadline_shorter_than_the_expected_wait_is_refused_at_once(model_cach
     assert default.status_code == 200
 
 
+def test_a_closed_loop_deeper_than_the_automatic_limit_is_queued(model_cache, photo):
+    """8 clients, each sending again once answered, at a model that serves 10 a second:
+    each waits ~0.8 s, 4x the automatic limit (2 rounds of 1 at 10/s: 200 ms), yet they
+    are a standing queue, not overload: no 429."""
+    cfg = ServerConfig(
+        port=free_port(),
+        cache_dir=str(model_cache),
+        preprocess_threads=2,
+        models=(
+            ModelConfig(
+                MODEL,
+                batching=BatchConfig(max_batch_size=1, max_delay_ms=0),
+                runtime="simulated",
+                sim_profile="1:100",
+            ),
+        ),  # fmt: skip
+    )
+    srv = ServerThread(cfg).start()
+
+    def client() -> list[int]:
+        return [_post(srv.url, photo).status_code for _ in range(6)]
+
+    try:
+        with ThreadPoolExecutor(8) as ex:
+            statuses = [s for f in [ex.submit(client) for _ in range(8)] for s in f.result()]
+        described = _admission(srv.url)
+    finally:
+        srv.stop()
+    assert statuses == [200] * 48
+    assert described["service_rate_per_s"] is not None  # the limit was known, and held off
+    assert described["wait_limit_ms"] is not None and not described["queue_growing"]
+
+
 # --- decoded pixels in flight ----------------------------------------------------------
 def _png(w: int, h: int) -> bytes:
     buf = io.BytesIO()
