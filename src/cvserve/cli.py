@@ -734,7 +734,11 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=d.timeout, help="per-request timeout (s)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the open-loop arrivals")
     p.add_argument("--max-in-flight", type=int, default=d.max_in_flight)
-    p.add_argument("--no-retry-after", action="store_true", help="ignore 429 Retry-After")
+    p.add_argument(
+        "--no-retry-after", action="store_true",
+        help="after a 429, send the next request at once, as perf_analyzer, hey and locust "
+        "do (default: wait its Retry-After)",
+    )  # fmt: skip
     p.add_argument(
         "--ready-timeout", type=float, default=d.ready_timeout,
         help="wait this long for /readyz before giving up",
