@@ -38,8 +38,9 @@ from cvserve.serving.server import ServerProcess, free_port
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data"
-#: Goals of issue 12 (part 1), with default settings.
-GOALS = {"p99_ratio_max": 2.0, "goodput_ratio_min": 0.95, "refused_p99_ms_max": 10.0}
+#: Goals of issue 20 (issue 12 asked 0.95 goodput; 20 asks 0.93 with the server on its
+#: own core), with default settings.
+GOALS = {"p99_ratio_max": 2.0, "goodput_ratio_min": 0.93, "refused_p99_ms_max": 10.0}
 
 
 def _pct(values: np.ndarray, q: float) -> float | None:
@@ -50,7 +51,7 @@ def capacity(url: str, model: str, images: str, conc: list[int], a) -> dict:
     """Closed-loop sweep: the best throughput, and p99 where it is first (nearly) reached."""
     res = run_bench(BenchConfig(
         url=url, model=model, images=images, concurrency=conc,
-        duration=a.capacity_duration, warmup=a.warmup,
+        duration=a.capacity_duration, warmup=a.capacity_warmup,
     ))  # fmt: skip
     points = [
         {"concurrency": p.concurrency, "throughput_rps": p.throughput_rps,
@@ -87,6 +88,10 @@ class AdmissionPoller(threading.Thread):
         for key in ("service_rate_per_s", "wait_limit_ms", "expected_wait_ms", "inflight"):
             vals = [s[key] for s in self.samples if isinstance(s.get(key), int | float)]
             out[key] = statistics.median(vals) if vals else None
+        # the share of samples in which the server counted its queue as growing (the
+        # automatic wait limit applies only then)
+        growing = [bool(s["queue_growing"]) for s in self.samples if "queue_growing" in s]
+        out["growing_share"] = round(sum(growing) / len(growing), 2) if growing else None
         return out
 
 
@@ -94,9 +99,14 @@ def overload(url: str, model: str, images: str, rate: float, a) -> dict:
     """Poisson arrivals at ``rate`` per second: what each kind of answer looked like."""
     poller = AdmissionPoller(url, model)
     poller.start()
+    # auto: long enough for the onset (the queue fills to max_queue, 64 by default, then
+    # drains to the wait limit) at this capacity
+    capacity = rate / a.factor
+    onset = 64 / max(rate - capacity, 1e-9) + 64 / capacity  # fill, then drain
+    warmup = a.warmup if a.warmup is not None else max(3.0, onset + 1.0)
     res = run_bench(BenchConfig(
         url=url, model=model, images=images, rates=[rate], duration=a.duration,
-        warmup=a.warmup, timeout=a.timeout,
+        warmup=warmup, timeout=a.timeout,
     ))  # fmt: skip
     poller.stop.set()
     pt = res.points[0]
@@ -104,6 +114,7 @@ def overload(url: str, model: str, images: str, rate: float, a) -> dict:
     m = rows["measured"]
     status, lat = rows["status"], rows["latency"]
     ok, refused = m & (status == 200), m & (status == 429)
+    onset = ~m & (status == 200)  # accepted during the warm-up: the overload's onset
     return {
         "offered_rps": pt.offered_rps,
         "goodput_rps": pt.throughput_rps,
@@ -118,6 +129,15 @@ def overload(url: str, model: str, images: str, rate: float, a) -> dict:
             "max": _pct(lat[ok], 100),
         },  # fmt: skip
         "refused_ms": {"p50": _pct(lat[refused], 50), "p99": _pct(lat[refused], 99)},
+        # the queue fills to max_queue before the server counts it as growing (a closed
+        # loop that deep is no overload); then it drains to the wait limit: the warm-up
+        # must cover that, ~max_queue / ((factor - 1) x capacity) + max_queue / capacity
+        "onset_accepted_ms": {
+            "p99": _pct(lat[onset], 99),
+            "max": _pct(lat[onset], 100),
+            "count": int(onset.sum()),
+            "warmup_s": warmup,
+        },  # fmt: skip
         "dropped": pt.dropped,
         "send_lag_ms": pt.send_lag_ms,
         "mean_batch_size": pt.mean_batch_size,
@@ -135,7 +155,12 @@ def main() -> int:
     p.add_argument("--capacity-duration", type=float, default=15.0)
     p.add_argument("--factor", type=float, default=3.0, help="offered load / capacity")
     p.add_argument("--duration", type=float, default=60.0, help="seconds of overload")
-    p.add_argument("--warmup", type=float, default=3.0)
+    p.add_argument("--capacity-warmup", type=float, default=3.0)
+    p.add_argument(
+        "--warmup", type=float, default=None,
+        help="seconds of overload before measuring (default: the onset, max(3, 1 + 64 / "
+        "(rate - capacity) + 64 / capacity): the queue fills to max_queue, then drains)",
+    )  # fmt: skip
     p.add_argument("--timeout", type=float, default=60.0, help="client timeout (s)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--cache-dir", default=None)
@@ -154,7 +179,8 @@ def main() -> int:
     p.add_argument("--out", default=str(HERE / "results" / "overload.json"))
     a = p.parse_args()
     if a.quick:
-        a.concurrency, a.capacity_duration, a.duration, a.warmup, a.repeats = "8", 6.0, 15.0, 2.0, 1
+        a.concurrency, a.capacity_duration, a.duration, a.capacity_warmup, a.repeats = (
+            "8", 6.0, 15.0, 2.0, 1)  # fmt: skip
 
     server_cpus = None
     if a.server_cpus:
@@ -186,7 +212,9 @@ def main() -> int:
                 f"rep {rep} {name}: capacity {cap['capacity_rps']:.1f}/s (p99 {cap['p99_ms']:.0f} "
                 f"ms at c={cap['concurrency']}); at {over['offered_rps']:.1f}/s offered: goodput "
                 f"{over['goodput_rps']:.1f}/s, accepted p99 {acc or float('nan'):.0f} ms, "
-                f"429 p99 {over['refused_ms']['p99'] or float('nan'):.1f} ms, "
+                f"429 p99 {over['refused_ms']['p99'] or float('nan'):.1f} ms, onset (warm-up "
+                f"{over['onset_accepted_ms']['warmup_s']:.1f} s) accepted p99 "
+                f"{over['onset_accepted_ms']['p99'] or float('nan'):.0f} ms, "
                 f"statuses {over['by_status']}; server: {over['admission_median']}",
                 file=sys.stderr, flush=True,
             )  # fmt: skip
@@ -244,7 +272,7 @@ def main() -> int:
             "accepted_p99_ms", "p99_ratio", "refused_p50_ms", "refused_p99_ms",
             "refused_share", "server_errors")))  # fmt: skip
     Console(width=200).print(table)
-    print(f"goals (issue 12): p99/p99 cap <= {GOALS['p99_ratio_max']}, goodput/cap >= "
+    print(f"goals (issue 20): p99/p99 cap <= {GOALS['p99_ratio_max']}, goodput/cap >= "
           f"{GOALS['goodput_ratio_min']}, 429 p99 < {GOALS['refused_p99_ms_max']} ms", file=sys.stderr)  # fmt: skip
     out = write_benchmark(a.out, "overload", a, variants=variants, goals=GOALS, summary=summary,
                           runs=runs)  # fmt: skip

@@ -185,6 +185,12 @@ def summary_table(result: BenchResult | list[PointSummary], title: str | None = 
             )
         if p.errors["total"]:
             notes.append(f"[red]errors at {p.load_label}: {_errors(p)}[/]")
+        if p.retry_wait_s:  # the refused clients backed off: fewer requests in flight
+            notes.append(
+                f"backed off at {p.load_label}: the refused clients waited Retry-After "
+                f"{fmt_num(p.retry_wait_s)} s in all (--no-retry-after: next request at "
+                "once, as perf_analyzer, hey and locust do)"
+            )
         row = [
             p.load_label,
             f"{p.throughput_rps:.1f}",

@@ -113,6 +113,9 @@ class PointRecords:
     unfinished: int  # requests still in flight when the point stopped (not counted)
     send_lag: tuple[float, float] | None  # open loop: (mean, max) s an arrival was sent late
     warnings: list[str] = field(default_factory=list)
+    #: closed loop: seconds clients waited a 429's Retry-After before sending again, for
+    #: the 429s answered in the measured interval (0 when Retry-After is not honoured)
+    retry_wait_s: float = 0.0
 
     @property
     def measured(self) -> np.ndarray:
@@ -177,6 +180,7 @@ class _Point:
         self.lag_sum = self.lag_max = 0.0  # open loop: how late arrivals were released
         self.lag_n = 0
         self.measure_lo = -1  # index of the first record after the warmup
+        self.retry_waits: list[tuple[float, float]] = []  # (429 answered at, Retry-After s)
         self._errors = self._err_seen = 0
 
     # --- closed loop ----------------------------------------------------------------------
@@ -189,6 +193,7 @@ class _Point:
         if not self.running:
             return
         if retry is not None and status == 429 and self.plan.honor_retry_after and retry > 0:
+            self.retry_waits.append((t1, retry))
             self.loop.call_later(retry, self._next_closed, conn)
         elif conn.open:
             i = next(self.images)
@@ -520,6 +525,7 @@ class _Point:
             if plan.mode == "open"
             else None,
             warnings=warnings,
+            retry_wait_s=sum(r for t, r in self.retry_waits if measure_start <= t < measure_end),
         )
 
 

@@ -36,7 +36,7 @@ class ResultError(ValueError):
     """A result file that cannot be read: wrong schema version, invalid, or missing rows."""
 
 
-_ADDED_IN_V1 = frozenset({"mean_response_bytes", "simulated_responses"})
+_ADDED_IN_V1 = frozenset({"mean_response_bytes", "simulated_responses", "retry_wait_s"})
 
 
 @dataclass
@@ -76,6 +76,9 @@ class PointSummary:
     #: Measured successful responses whose inference ran on the simulated accelerator
     #: (``sim=1`` in Server-Timing): their ``infer`` time is a profile's, not a real DNN's.
     simulated_responses: int = 0
+    #: Closed loop: seconds the clients waited on 429s' Retry-After in the measured
+    #: interval (0 when not honoured): time they did not load the server.
+    retry_wait_s: float = 0.0
 
     @property
     def load_label(self) -> str:
@@ -182,6 +185,7 @@ _POINT = {
         "mean_batch_size": _NUM_OR_NULL,
         "mean_response_bytes": _NUM_OR_NULL,
         "simulated_responses": _INT,
+        "retry_wait_s": {"type": "number", "minimum": 0},
         "server_timing_malformed": _INT,
         "server_timing_missing": _INT,
         "breakdown_ms": _MS,

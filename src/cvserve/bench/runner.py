@@ -298,6 +298,7 @@ def summarize_point(
         breakdown_pct=pct,
         windows=[vars(w).copy() for w in rec.windows],
         warnings=warnings,
+        retry_wait_s=rec.retry_wait_s,
         simulated_responses=n_sim,
     )
 

@@ -86,7 +86,11 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     add_seconds_alias(p, "--timeout", "--timeout-ms", "timeout_ms")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the open-loop arrivals")
     p.add_argument("--max-in-flight", type=int, default=d.max_in_flight)
-    p.add_argument("--no-retry-after", action="store_true", help="ignore 429 Retry-After")
+    p.add_argument(
+        "--no-retry-after", action="store_true",
+        help="after a 429, send the next request at once, as perf_analyzer, hey and locust "
+        "do (default: wait its Retry-After)",
+    )  # fmt: skip
     p.add_argument(
         "--ready-timeout-ms", type=float, default=d.ready_timeout * 1000, metavar="MS",
         help="wait this long for /readyz before giving up",

@@ -124,8 +124,10 @@ def _add_batching_args(p: argparse.ArgumentParser) -> None:
         "--max-queue-wait-ms", type=_queue_wait, default=argparse.SUPPRESS, metavar="MS|auto",
         help="429 at once for a request whose expected wait (requests ahead / measured "
         "service rate + one batch) exceeds MS or its deadline; auto (models' default): the "
-        "time to serve 2 full rounds of batches on an accelerator, 1.25 on a CPU; 0 "
-        "(pipelines' default): off, only the deadline and --max-queue count",
+        "time to serve 2 full rounds of batches on an accelerator, 1.25 on a CPU, applied "
+        "only while the queue grows (arrivals keep coming at a full queue; many clients "
+        "each waiting their turn are queued); 0 (pipelines' default): off, only the "
+        "deadline and --max-queue count",
     )  # fmt: skip
     p.add_argument(
         "--timeout-ms", type=float, default=d.timeout_ms,

@@ -24,7 +24,7 @@ from cvserve.serving.errors import DeadlineExceeded, Overloaded
 from cvserve.serving.stats import ModelStats
 from cvserve.trace import Trace
 
-__all__ = ["Admission", "Prediction", "PreprocessPool", "Servable", "remaining"]
+__all__ = ["Admission", "Prediction", "PreprocessPool", "QueueGrowth", "Servable", "remaining"]
 
 T = TypeVar("T")
 C = TypeVar("C")
@@ -89,10 +89,18 @@ class Servable(Protocol):
 #: costs about the sum of its images, so fuller batches buy little and mostly add waiting:
 #: benchmarks/overload.py at 3x capacity (resnet18, 2 repeats each) gave accepted p99
 #: 1.8-1.9x the p99 at capacity with 1.25 rounds against 3.0x with 2 (one core), at the
-#: same goodput. The price: a closed loop deeper than capacity needs meets 429s sooner
-#: (c=8 on 2 cores: 15 of ~740 requests refused in 10 s, none with 2 rounds).
+#: same goodput. It applies only while the queue grows (:class:`QueueGrowth`): applied
+#: to every queue, it refused closed loops (c=16, resnet50: 9,944 429s, half the
+#: throughput of the limit turned off), which stand at their number of clients.
 AUTO_WAIT_ROUNDS = 2.0
 CPU_WAIT_ROUNDS = 1.25
+#: The automatic wait limit applies only while the queue grows (:class:`QueueGrowth`): a
+#: completion takes back ``1 + GROWTH_SLACK`` arrivals, so arrivals must outrun
+#: completions by more than this share to keep the queue counted as growing.
+GROWTH_SLACK = 0.25
+#: Refusals by the wait limit are counted over this many seconds to size Retry-After.
+REFUSAL_TAU_S = 1.0
+MAX_RETRY_AFTER_S = 30
 
 
 class ServiceRate:
@@ -136,6 +144,43 @@ class ServiceRate:
         return self._rows / self._busy
 
 
+class QueueGrowth:
+    """Tells a queue that grows (arrivals outrun service: overload) from one that stands
+    (a closed loop of many clients: each sends again once answered, so arrivals equal
+    completions and the queue holds at the number of clients).
+
+    ``excess`` counts every offered arrival (refused ones too) up and takes back
+    ``1 + GROWTH_SLACK`` for every request that leaves; it never goes below 0 and is
+    capped at ``burst``. Without refusals it is at most the queue itself, so a standing
+    queue (at most ``max_queue`` requests, which the count limit holds anyway) never
+    reaches ``burst`` = ``max_queue`` + one round. Only arrivals that keep coming while
+    the queue is full (refused by the count or by their deadline) push it there: then the
+    queue is ``growing`` until ``excess`` is back at half of ``burst`` (arrivals have not
+    outrun completions by ``GROWTH_SLACK`` for that long), or an arrival finds the
+    servable idle for a while (``arrived(idle=True)``: :class:`Admission` says so after
+    a round of batches' time with nothing in flight; under overload the queue empties
+    for moments at most). Counts, not rates: a burst of clients arriving at once is a
+    count, overload is a rate that keeps adding to it.
+    """
+
+    def __init__(self, burst: float) -> None:
+        self.burst = burst
+        self.excess = 0.0
+        self.growing = False
+
+    def arrived(self, idle: bool) -> None:
+        if idle:  # nothing in flight: whatever grew before has drained
+            self.excess, self.growing = 0.0, False
+        self.excess = min(self.burst, self.excess + 1.0)
+        if self.excess >= self.burst:
+            self.growing = True
+
+    def left(self) -> None:
+        self.excess = max(0.0, self.excess - 1.0 - GROWTH_SLACK)
+        if self.growing and self.excess <= self.burst / 2:
+            self.growing = False
+
+
 class Admission:
     """Who gets in. Always at most ``max_queue`` requests in flight; and once the service
     rate is known (:class:`ServiceRate`), no request whose expected wait exceeds
@@ -146,8 +191,10 @@ class Admission:
     :meth:`observe_batch`, which also measure the rate; else one request's share,
     1 / rate, and the rate comes from requests leaving). ``max_wait_s``: None, automatic
     (the time ``rounds`` rounds of ``round_rows`` requests take at the measured rate:
-    ``AUTO_WAIT_ROUNDS`` on an accelerator, ``CPU_WAIT_ROUNDS`` on a CPU); 0, off (count
-    limit only). ``clock``: perf_counter, or a test's own.
+    ``AUTO_WAIT_ROUNDS`` on an accelerator, ``CPU_WAIT_ROUNDS`` on a CPU), applied only
+    while the queue grows (:class:`QueueGrowth`), so that many clients each waiting their
+    turn are queued, not refused; a number, always applied; 0, off (count limit only).
+    ``clock``: perf_counter, or a test's own.
     """
 
     def __init__(
@@ -168,18 +215,28 @@ class Admission:
         self.round_rows = round_rows or self.parallel
         self.rounds = rounds
         self.rate = ServiceRate()
+        self.growth = QueueGrowth(max_queue + self.round_rows)
         self.clock = clock
         self.inflight = 0
+        self._idle_since: float | None = None  # clock time the last request left
+        self._refusals = 0.0  # refusals by the wait limit, decayed over REFUSAL_TAU_S
+        self._refused_at = 0.0
         self._ewma_s = 0.05  # seconds per request, for Retry-After before any rate
         self._batch_s: float | None = None  # mean batch time, when batches are reported
 
     # -- what the estimate says --------------------------------------------------------
     def wait_limit_s(self) -> float | None:
-        """The longest expected wait admitted now (None: no limit by time yet, or off)."""
+        """The longest expected wait admitted while the queue grows (the automatic limit
+        applies only then; None: no limit by time yet, or off)."""
         if self.max_wait_s is not None:
             return self.max_wait_s or None
         rate = self.rate.per_s
         return None if rate is None else self.rounds * self.round_rows / rate
+
+    def wait_limit_applies(self) -> bool:
+        """Whether the wait limit refuses now: a fixed one always, the automatic one while
+        the queue grows."""
+        return self.max_wait_s is not None or self.growth.growing
 
     def expected_wait_s(self) -> float | None:
         """A new request's expected time to its answer; None until the rate is known."""
@@ -206,6 +263,8 @@ class Admission:
     @contextmanager
     def admit(self, deadline: float | None = None) -> Iterator[None]:
         """Admit one request (``deadline``: its ``clock`` deadline) or raise 429."""
+        self.growth.burst = self.max_queue + self.round_rows
+        self.growth.arrived(idle=self._idle_for_a_round())  # counted even if refused
         if self.inflight >= self.max_queue:
             raise Overloaded(
                 f"{self.what} has {self.inflight} requests in flight (max_queue="
@@ -223,17 +282,29 @@ class Admission:
         finally:
             t1 = self.clock()
             self.inflight -= 1
+            self.growth.left()
+            if not self.inflight:
+                self._idle_since = t1
             if self._batch_s is None:  # no batches reported: requests are the events
                 self.rate.completed(t1, 1, busy_after=self.inflight > 0)
             else:
                 self.rate.note(self.inflight > 0)
             self._ewma_s += 0.1 * ((t1 - t0) - self._ewma_s)
 
+    def _idle_for_a_round(self) -> bool:
+        """Nothing in flight for longer than a round of batches takes (or since start)."""
+        if self.inflight:
+            return False
+        rate = self.rate.per_s
+        if self._idle_since is None or rate is None:
+            return True
+        return self.clock() - self._idle_since > self.round_rows / rate
+
     def _refuse_by_time(self, deadline: float | None) -> None:
         wait = self.expected_wait_s()
         if wait is None:
             return
-        limit = self.wait_limit_s()
+        limit = self.wait_limit_s() if self.wait_limit_applies() else None
         left = None if deadline is None else max(0.0, deadline - self.clock())
         if limit is not None and wait > limit and (left is None or limit <= left):
             why, bound = f"max_queue_wait_ms={limit * 1000:.0f}", limit
@@ -242,15 +313,30 @@ class Admission:
         else:
             return
         rate = self.rate.per_s or 0.0
+        retry = max(1, math.ceil(wait - bound))
+        if self.max_wait_s is None and bound == limit:  # the automatic limit refused
+            retry = max(retry, self._spread_retries(rate))
         raise Overloaded(
             f"{self.what}: expected wait {wait * 1000:.0f} ms ({self.inflight} requests ahead "
             f"at {rate:.1f}/s) exceeds {why}; retry later",
-            retry_after_s=max(1, math.ceil(wait - bound)),
+            retry_after_s=retry,
             expected_wait_ms=round(wait * 1000.0, 1),
             limit_ms=round(bound * 1000.0, 1),
             queue=self.inflight,
             service_rate_per_s=round(rate, 2),
         )
+
+    def _spread_retries(self, rate: float) -> int:
+        """Retry-After while the queue grows: long enough that the refused clients that
+        honour it come back slower than ``GROWTH_SLACK`` x the service rate, which lets
+        a closed loop refused during an overload be told from the overload once that
+        ends (at 3x capacity, ~2 x rate refusals a second: ~8 s)."""
+        now = self.clock()
+        self._refusals = self._refusals * math.exp(-(now - self._refused_at) / REFUSAL_TAU_S)
+        self._refusals += 1.0
+        self._refused_at = now
+        per_s = self._refusals / REFUSAL_TAU_S
+        return min(MAX_RETRY_AFTER_S, math.ceil(per_s / (GROWTH_SLACK * max(rate, 1e-3))))
 
     def describe(self) -> dict[str, Any]:
         """The admission settings and what the estimate says now (model descriptions)."""
@@ -265,6 +351,9 @@ class Admission:
             "service_rate_per_s": None if rate is None else round(rate, 2),
             "expected_wait_ms": None if wait is None else round(wait * 1000.0, 1),
             "inflight": self.inflight,
+            # the automatic limit refuses only while arrivals outrun service
+            "queue_growing": self.growth.growing,
+            "wait_limit_applies": self.wait_limit_applies() and limit is not None,
         }
 
 
