@@ -34,7 +34,7 @@ _MAX_ERROR_BODY = 64 * 1024
 _KIND = {
     400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
     405: "method_not_allowed", 413: "too_large", 415: "unsupported_media_type",
-    429: "overloaded", 500: "internal", 503: "unavailable", 504: "deadline_exceeded",
+    429: "overloaded", 499: "client_closed_request", 500: "internal", 503: "unavailable", 504: "deadline_exceeded",
 }  # fmt: skip
 
 
