@@ -200,3 +200,13 @@ def test_a_client_that_hangs_up_mid_body_is_its_own_fault(server):
     assert after.get("499", 0) - before.get("499", 0) == 2
     assert after.get("500", 0) == before.get("500", 0)
     assert "Traceback" not in server.output() and "ERROR" not in server.output()
+
+
+def test_a_grpc_message_that_does_not_parse_has_its_line(server):
+    with grpc.insecure_channel(server.grpc_target) as ch:
+        raw = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer")  # bytes in, out
+        with pytest.raises(grpc.RpcError) as e:
+            raw(b"\xff\xff\xff", metadata=(("x-request-id", "g-junk"),), timeout=10)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    f = _fields(_line(server, "g-junk"))
+    assert (f["door"], f["status"]) == ("grpc", "INVALID_ARGUMENT") and "protobuf" in f["message"]

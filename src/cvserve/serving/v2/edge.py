@@ -82,21 +82,23 @@ class GrpcEdge(grpc.aio.ServerInterceptor):
                     logs.log_failure(rec, door="grpc", status=code.name, model=model,
                                      kind=kind, message=message)  # fmt: skip
                     await context.abort(code, message)
-                request = await _read(requests, parse, state, context)
-                model = getattr(request, "model_name", None) or getattr(request, "name", None)
-                if state.phase_not_ready() is not None and method in _NOT_READY:
-                    return _NOT_READY[method]  # readiness is the state's to say
-                if state.loading and method not in _OPEN:
-                    message = "the server is loading its models; retry shortly"
-                    state.metrics.edge_refusals.labels("503", "loading").inc()
-                    logs.log_failure(rec, door="grpc", status="UNAVAILABLE", model=model,
-                                     kind="loading", message=message)  # fmt: skip
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, message)
+                logged = False
                 try:
+                    request = await _read(requests, parse, state, context)
+                    model = getattr(request, "model_name", None) or getattr(request, "name", None)
+                    if state.phase_not_ready() is not None and method in _NOT_READY:
+                        return _NOT_READY[method]  # readiness is the state's to say
+                    if state.loading and method not in _OPEN:
+                        message = "the server is loading its models; retry shortly"
+                        state.metrics.edge_refusals.labels("503", "loading").inc()
+                        logged = True
+                        logs.log_failure(rec, door="grpc", status="UNAVAILABLE", model=model,
+                                         kind="loading", message=message)  # fmt: skip
+                        await context.abort(grpc.StatusCode.UNAVAILABLE, message)
                     return await inner(request, context)
                 finally:
                     code = context.code()
-                    if code is not None and code != grpc.StatusCode.OK:
+                    if not logged and code is not None and code != grpc.StatusCode.OK:
                         logs.log_failure(rec, door="grpc", status=code.name, model=model,
                                          kind=code.name.lower(), message=context.details())  # fmt: skip
             finally:
