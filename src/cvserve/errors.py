@@ -1,7 +1,7 @@
 """The base of every error a request can cause: a message, an HTTP status and details.
 
 Each package defines its own errors beside the code that raises them; the HTTP edge
-(``serving.app``) turns any of them into one JSON answer with ``status``.
+(``serving.door``) turns any of them into one JSON answer with ``status``.
 """
 
 from __future__ import annotations

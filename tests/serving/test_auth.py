@@ -158,3 +158,55 @@ def test_bench_cli_reads_the_key_from_a_file(secured, data_dir, tmp_path, monkey
     assert json.loads(out.read_text())["points"][0]["errors"]["total"] == 0
     (tmp_path / "empty").write_text("\n")
     assert main([*args, "--api-key-file", str(tmp_path / "empty")]) == 2
+
+
+def test_the_key_is_checked_before_the_message_is_read(secured):
+    """Issue 20 #1 and #10: a keyless call is refused on its metadata alone, so its message
+    (here bytes that are no protobuf) is never parsed; with a key, such bytes are
+    INVALID_ARGUMENT, not UNKNOWN."""
+    with grpc.insecure_channel(secured.grpc_target) as ch:
+        raw = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer")  # bytes in, out
+        for metadata, code in (
+            ((), grpc.StatusCode.UNAUTHENTICATED),
+            ((("authorization", f"Bearer {KEYS[0]}0"),), grpc.StatusCode.PERMISSION_DENIED),
+            ((("authorization", f"Bearer {KEYS[0]}"),), grpc.StatusCode.INVALID_ARGUMENT),
+        ):
+            with pytest.raises(grpc.RpcError) as e:
+                raw(b"\xff\xff\xff\xff not a protobuf", metadata=metadata, timeout=10)
+            assert e.value.code() == code, e.value.details()
+
+
+# --- the key file -------------------------------------------------------------------------
+def test_a_byte_order_mark_is_not_part_of_the_key(tmp_path):
+    from cvserve.serving.auth import ApiKeys
+
+    f = tmp_path / "keys"
+    f.write_bytes(b"\xef\xbb\xbf" + KEYS[0].encode() + b"\n")
+    f.chmod(0o600)
+    assert ApiKeys.from_file(f).check(f"Bearer {KEYS[0]}") is None
+
+
+@pytest.mark.parametrize("key", ["clé-secrète-0123456789", "ключ-0123456789", "tab\x07bell"])
+def test_a_key_no_header_can_carry_is_refused_at_start(tmp_path, key):
+    from cvserve.config import ConfigError
+    from cvserve.serving.auth import ApiKeys
+
+    f = tmp_path / "keys"
+    f.write_text(f"{KEYS[0]}\n{key}\n", encoding="utf-8")
+    f.chmod(0o600)
+    with pytest.raises(ConfigError, match="key 2 .*not printable ASCII"):
+        ApiKeys.from_file(f)
+
+
+def test_a_key_file_others_can_read_is_warned_about(tmp_path, caplog):
+    from cvserve.serving.auth import ApiKeys
+
+    f = tmp_path / "keys"
+    f.write_text(KEYS[0] + "\n")
+    for mode, warned in ((0o600, False), (0o400, False), (0o640, True), (0o644, True)):
+        f.chmod(mode)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="cvserve.serving.auth"):
+            ApiKeys.from_file(f)
+        assert any("chmod 600" in r.getMessage() for r in caplog.records) == warned, oct(mode)
+        assert not any(KEYS[0][:8] in r.getMessage() for r in caplog.records)

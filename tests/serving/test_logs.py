@@ -159,3 +159,54 @@ def test_throttle_counts_what_it_left_out():
     assert t.admit(("http", "m", 400), 3.0) == 0  # another kind has its own budget
     assert t.admit(key, 10.5) == 2  # a new window: the first line says 2 were left out
     assert t.admit(key, 10.6) == 0
+
+
+def _hang_up_mid_body(server: Served, path: str, rid: str) -> None:
+    """Send the headers and a tenth of the declared body, then close the connection."""
+    import socket
+    from urllib.parse import urlsplit
+
+    u = urlsplit(server.url)
+    with socket.create_connection((u.hostname, u.port), timeout=10) as s:
+        s.sendall(
+            f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: image/jpeg\r\n"
+            f"content-length: 100000\r\nx-request-id: {rid}\r\n\r\n".encode()
+            + b"\xff" * 10_000
+        )
+
+
+def _requests_by_status(server: Served) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        if fam.name == "cvserve_requests":
+            for s in fam.samples:
+                if s.name.endswith("_total"):
+                    out[s.labels["status"]] = out.get(s.labels["status"], 0) + s.value
+    return out
+
+
+def test_a_client_that_hangs_up_mid_body_is_its_own_fault(server):
+    """Issue 20 #4: not a 500 with a traceback at ERROR, not counted as status 500."""
+    before = _requests_by_status(server)
+    _hang_up_mid_body(server, PREDICT, "hup-v1")
+    _hang_up_mid_body(server, "/v2/models/tiny-resnet/infer", "hup-v2")
+    for rid in ("hup-v1", "hup-v2"):
+        f = _fields(_line(server, rid))
+        assert (f["status"], f["kind"], f["door"]) == ("499", "client_closed_request", "http"), f
+    after = _requests_by_status(server)
+    assert after.get("499", 0) - before.get("499", 0) == 2
+    assert after.get("500", 0) == before.get("500", 0)
+    assert "Traceback" not in server.output() and "ERROR" not in server.output()
+
+
+def test_a_grpc_message_that_does_not_parse_has_its_line(server):
+    with grpc.insecure_channel(server.grpc_target) as ch:
+        raw = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer")  # bytes in, out
+        with pytest.raises(grpc.RpcError) as e:
+            raw(b"\xff\xff\xff", metadata=(("x-request-id", "g-junk"),), timeout=10)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    f = _fields(_line(server, "g-junk"))
+    assert (f["door"], f["status"]) == ("grpc", "INVALID_ARGUMENT") and "protobuf" in f["message"]

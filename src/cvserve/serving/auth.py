@@ -1,6 +1,8 @@
 """API keys and TLS material for the front doors.
 
-Keys come from a file, one a line (blank lines and ``#`` comments skipped); a request
+Keys come from a file, one a line (blank lines and ``#`` comments skipped; printable
+ASCII only; a UTF-8 byte-order mark is ignored; a warning if group or others may read the
+file); a request
 carries one as ``Authorization: Bearer KEY`` (gRPC: the ``authorization`` metadata). No
 key: 401; a key that is not in the file: 403. Keys are compared as SHA-256 digests in
 constant time, against every key, and never logged.
@@ -10,12 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import ssl
 from pathlib import Path
 
 from cvserve.config import ConfigError
 
 __all__ = ["ApiKeys", "check_tls_files"]
+
+log = logging.getLogger(__name__)
 
 #: Paths every client may read without a key: liveness and readiness (load balancers and
 #: orchestrators probe them without credentials).
@@ -32,8 +37,10 @@ class ApiKeys:
 
     @classmethod
     def from_file(cls, path: str | Path) -> ApiKeys:
+        path = Path(path)
         try:
-            text = Path(path).read_text()
+            text = path.read_text(encoding="utf-8-sig")  # -sig: a leading BOM is not the key's
+            mode = path.stat().st_mode
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"cannot read the API key file {path}: {e}") from None
         keys = [s for s in (line.strip() for line in text.splitlines()) if s and s[0] != "#"]
@@ -41,6 +48,18 @@ class ApiKeys:
             raise ConfigError(f"the API key file {path} holds no key (one key a line)")
         if any(len(k.split()) > 1 for k in keys):
             raise ConfigError(f"the API key file {path}: a key may not contain spaces")
+        for n, key in enumerate(keys, 1):
+            # a header carries ASCII: a key with other characters could never match
+            if not (key.isascii() and key.isprintable()):
+                raise ConfigError(
+                    f"the API key file {path}: key {n} has a character that is not printable "
+                    "ASCII (an HTTP header cannot carry it)"
+                )
+        if mode & 0o044:
+            log.warning(
+                "the API key file %s can be read by %s (mode %o): chmod 600 it",
+                path, "others" if mode & 0o004 else "its group", mode & 0o777,
+            )  # fmt: skip
         return cls(keys)
 
     def __len__(self) -> int:

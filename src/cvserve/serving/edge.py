@@ -20,7 +20,7 @@ from cvserve.serving import logs
 from cvserve.serving.auth import DENIED, OPEN_PATHS, ApiKeys
 
 if TYPE_CHECKING:
-    from cvserve.serving.app import ServerState
+    from cvserve.serving.state import ServerState
 
 __all__ = ["Edge"]
 
@@ -34,7 +34,7 @@ _MAX_ERROR_BODY = 64 * 1024
 _KIND = {
     400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
     405: "method_not_allowed", 413: "too_large", 415: "unsupported_media_type",
-    429: "overloaded", 500: "internal", 503: "unavailable", 504: "deadline_exceeded",
+    429: "overloaded", 499: "client_closed_request", 500: "internal", 503: "unavailable", 504: "deadline_exceeded",
 }  # fmt: skip
 
 
@@ -123,17 +123,17 @@ class Edge:
                 extra = [(b"www-authenticate", b"Bearer")] if denied == 401 else []
                 return denied, kind, message, extra
         state = self.state
+        phase = state.phase_not_ready()  # readiness is the state's to say (serving.state)
+        if phase is not None and _READINESS.match(path):
+            why = "loading its models" if phase == "loading" else "shutting down"
+            return 503, "not_ready", f"the server is {why}", []
         if state.loading and path not in _WHILE_LOADING:
-            if _READINESS.match(path):
-                return 503, "not_ready", "the server is loading its models", []
             return (
                 503,
                 "loading",
                 "the server is loading its models; retry shortly",
                 [(b"retry-after", b"1")],
             )
-        if state.stopping and _READINESS.match(path):
-            return 503, "not_ready", "the server is shutting down", []
         return None
 
     def _finished(self, rec: logs.RequestLog, path: str, status: int, body: bytes) -> None:

@@ -8,6 +8,7 @@ name in the JSON body)::
     ├── cvserve.tasks.params.ParamError        400   a task parameter out of its bounds
     └── ServingError                                 raised by the serving core
         ├── BadRequest             400  bad_request             a header or body it cannot use
+        ├── ClientGone             499  client_closed_request   the client hung up mid-request
         ├── NotServed              404  model_not_found         no model or pipeline by that name
         ├── BodyTooLarge           413  body_too_large
         ├── UnsupportedMediaType   415  unsupported_media_type
@@ -38,6 +39,7 @@ __all__ = [
     "BadRequest",
     "BodyTooLarge",
     "BrokerDown",
+    "ClientGone",
     "DeadlineExceeded",
     "Draining",
     "InferenceFailed",
@@ -57,6 +59,14 @@ class ServingError(RequestError):
 class BadRequest(ServingError):
     status = 400
     kind = "bad_request"
+
+
+class ClientGone(ServingError):
+    """The client hung up before its request was read: its doing, not the server's. Counted
+    as 499 (nginx's "client closed request"); nobody is left to read an answer."""
+
+    status = 499
+    kind = "client_closed_request"
 
 
 class NotServed(ServingError):

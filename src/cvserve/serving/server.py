@@ -53,11 +53,12 @@ from cvserve.config import ServerConfig
 from cvserve.images.budget import PixelBudget
 from cvserve.models import store
 from cvserve.serving import logs
-from cvserve.serving.app import ServerState, create_app, create_metrics_app, refresh_gauges
+from cvserve.serving.app import create_app, create_metrics_app, refresh_gauges
 from cvserve.serving.auth import ApiKeys, check_tls_files
 from cvserve.serving.core import PreprocessPool
 from cvserve.serving.metrics import Metrics
 from cvserve.serving.model import ModelServer
+from cvserve.serving.state import ServerState
 
 log = logging.getLogger(__name__)
 

@@ -576,3 +576,50 @@ def test_sigterm_drains_grpc_too(model_cache, photos, tmp_path):
             proc.wait()
         log.close()
     assert f"ready on grpc://127.0.0.1:{gport}" in (tmp_path / "serve.log").read_text()
+
+
+def test_invalid_protobuf_is_invalid_argument(server):
+    """Issue 20 #10: bytes that are no ModelInferRequest are the client's error, not UNKNOWN."""
+    with grpc.insecure_channel(server.grpc_target) as ch:
+        raw = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer")  # bytes in, out
+        for junk in (b"\xff\xff\xff\xff", b"\x0a\x80\x80\x80\x80\x80\x80\x80\x80\x80\x01"):
+            with pytest.raises(grpc.RpcError) as e:
+                raw(junk, timeout=10)
+            assert e.value.code() == SC.INVALID_ARGUMENT, e.value.details()
+            assert "protobuf" in e.value.details()
+
+
+def test_concurrent_calls_are_bounded(model_cache, monkeypatch):
+    """Issue 20 #1: past the limit a call is RESOURCE_EXHAUSTED at once, whatever it sends;
+    the calls in flight (here two whose message never comes) are not disturbed."""
+    from cvserve.serving.v2 import grpc as door
+
+    monkeypatch.setattr(door, "MAX_CONCURRENT_RPCS", 2, raising=False)  # main had none
+    srv = ServerThread(_config(model_cache)).start()
+    release = threading.Event()
+
+    def stalled():
+        release.wait(30)
+        yield pb.ServerLiveRequest().SerializeToString()
+
+    try:
+        with grpc.insecure_channel(srv.grpc_target) as ch:
+            stub = pb_grpc.GRPCInferenceServiceStub(ch)
+            assert stub.ServerLive(pb.ServerLiveRequest(), timeout=10).live
+            live = ch.stream_unary("/inference.GRPCInferenceService/ServerLive")
+            held = [live.future(stalled(), timeout=60) for _ in range(2)]
+            codes = set()
+            for _ in range(100):  # until both stalled calls are in (in order, one connection)
+                try:
+                    stub.ServerLive(pb.ServerLiveRequest(), timeout=10)
+                except grpc.RpcError as e:
+                    codes.add(e.code())
+                    break
+                time.sleep(0.05)
+            assert codes == {SC.RESOURCE_EXHAUSTED}
+            release.set()
+            assert [f.result(timeout=30) for f in held]  # the held calls were answered
+            assert stub.ServerLive(pb.ServerLiveRequest(), timeout=10).live
+    finally:
+        release.set()
+        srv.stop()

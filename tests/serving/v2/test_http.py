@@ -413,3 +413,12 @@ def test_no_malformed_body_is_a_server_error(server):
 
         check()
         assert c.get("/v2/health/ready").status_code == 200
+
+
+def test_header_lengths_are_ascii_digits(server):
+    """Issue 20 #5: ``²`` is a digit to ``str.isdigit`` but not to ``int``: 400, not 500."""
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        for value in ("²", "1²", "¹", "-1", "0x10", "1 2"):
+            r = c.post(f"/v2/models/{MODEL}/infer", content=b"{}",
+                       headers={HEADER: value.encode("latin-1")})  # fmt: skip
+            assert r.status_code == 400 and HEADER in r.json()["error"], (value, r.text)

@@ -362,3 +362,28 @@ def _utf8(x: bytes) -> bool:
         return True
     except UnicodeDecodeError:
         return False
+
+
+def _strict(text: bytes):
+    def refuse(name: str):
+        raise ValueError(f"not strict JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("datatype", ["FP16", "FP32", "FP64"])
+def test_non_finite_floats_are_strict_json_that_reads_back(datatype):
+    """Issue 20 #12: no bare NaN/Infinity in a JSON answer; tritonclient reads the strings
+    back as the same floats."""
+    x = np.array([[1.5, np.nan, np.inf], [-np.inf, 0.0, -2.25]], DATATYPES[datatype])
+    request = InferRequest("m", [], outputs=None)
+    body, json_size = encode_response(
+        InferResponse("m", "1", [Tensor("y", datatype, list(x.shape), x)]), request
+    )
+    assert json_size is None
+    out = _strict(body)["outputs"][0]
+    assert out["data"][1:4] == ["NaN", "Infinity", "-Infinity"]
+    result = th.InferResult.from_response_body(body)
+    back = result.as_numpy("y")
+    np.testing.assert_array_equal(back, x)  # NaN == NaN here
+    assert back.dtype == x.dtype

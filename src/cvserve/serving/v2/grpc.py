@@ -1,17 +1,16 @@
 """The KServe v2 gRPC door: ``inference.GRPCInferenceService`` (the protocol Triton and
 ``tritonclient.grpc`` speak) on grpcio's asyncio server, in the HTTP server's process and
-event loop, over the same :class:`~cvserve.serving.app.ServerState`.
+event loop, over the same :class:`~cvserve.serving.state.ServerState`.
 
 It only translates: protobuf to :class:`~cvserve.serving.v2.types.InferRequest` and an
 :class:`~cvserve.serving.v2.types.InferResponse` back (:mod:`cvserve.serving.v2.infer` runs
-it through the core), and the core's typed errors to gRPC status codes (:func:`grpc_status`,
-this door's one mapping). Stage times travel in the trailing metadata as ``server-timing``,
+it through the core, :func:`cvserve.serving.door.handle` the per-request rules), and the
+core's typed errors to gRPC status codes (:func:`grpc_status`, this door's one mapping). Stage times travel in the trailing metadata as ``server-timing``,
 in the format of the HTTP ``Server-Timing`` header.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import struct
@@ -23,8 +22,9 @@ import grpc
 import numpy as np
 
 from cvserve.errors import RequestError
-from cvserve.serving.core import Servable, remaining
-from cvserve.serving.errors import BadRequest, Draining, http_status
+from cvserve.serving.core import Servable
+from cvserve.serving.door import CLIENT_CLOSED, Answer, handle
+from cvserve.serving.errors import BadRequest, http_status
 from cvserve.serving.v2 import infer as v2
 from cvserve.serving.v2.proto import inference_pb2 as pb
 from cvserve.serving.v2.proto import inference_pb2_grpc as pb_grpc
@@ -38,9 +38,10 @@ from cvserve.serving.v2.types import (
 from cvserve.trace import Trace, format_server_timing
 
 if TYPE_CHECKING:
-    from cvserve.serving.app import ServerState
+    from cvserve.serving.state import ServerState
 
 __all__ = [
+    "CLIENT_CLOSED",
     "GRPC_STATUS",
     "GrpcServer",
     "decode_bytes",
@@ -65,6 +66,7 @@ GRPC_STATUS: dict[int, grpc.StatusCode] = {
     413: grpc.StatusCode.INVALID_ARGUMENT,
     415: grpc.StatusCode.INVALID_ARGUMENT,
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    499: grpc.StatusCode.CANCELLED,
     503: grpc.StatusCode.UNAVAILABLE,
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
@@ -73,10 +75,11 @@ GRPC_STATUS: dict[int, grpc.StatusCode] = {
 TIMING_KEY = "server-timing"
 #: How long health and metadata calls (which a drain does not wait for) get at shutdown.
 STOP_GRACE_S = 5.0
-#: Status recorded for a call the client cancelled (nginx's "client closed request").
-CLIENT_CLOSED = 499
-#: gRPC cancels a call at its deadline by its own clock: this close to ours, it timed out.
-_DEADLINE_SLACK_S = 0.01
+#: Concurrent calls the server takes (more get RESOURCE_EXHAUSTED at once, before any of
+#: their message is read), and concurrent streams on one connection. A call whose key has
+#: not been checked holds at most its stream's flow-control window of memory.
+MAX_CONCURRENT_RPCS = 256
+MAX_STREAMS_PER_CONNECTION = 128
 
 #: The InferTensorContents field of each datatype (FP16 travels only as raw bytes).
 _CONTENTS_FIELD = {
@@ -281,18 +284,13 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return await self._answer(context, lambda: pb.ServerLiveResponse(live=True))
 
     async def ServerReady(self, request, context):
-        def make():
-            s = self.state
-            ready = not s.draining and all(t.ready for t in s.servables.values())
-            return pb.ServerReadyResponse(ready=ready)
-
-        return await self._answer(context, make)
+        return await self._answer(context, lambda: pb.ServerReadyResponse(ready=self.state.ready))
 
     async def ModelReady(self, request, context):
         def make():
             # an unknown model or version is NOT_FOUND, as Triton answers it with an error
             target = self._find(request.name, request.version)
-            return pb.ModelReadyResponse(ready=target.ready and not self.state.draining)
+            return pb.ModelReadyResponse(ready=self.state.model_ready(target))
 
         return await self._answer(context, make)
 
@@ -328,47 +326,26 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request, context):
         state = self.state
-        trace = Trace()
         name = request.model_name
-        target = state.servables.get(name)
-        label = name if target is not None else "_unknown"
-        status = 200
-        deadline = math.inf
-        extra: tuple[tuple[str, str], ...] = ()
-        images = 1
-        state.enter()
-        try:
-            try:
-                if state.draining:
-                    raise Draining("server is shutting down; retry on another replica")
-                target = self._find(name, request.model_version)
-                req = request_from_proto(request)
-                images = req.images
-                trace.mark("recv")
-                left = context.time_remaining()  # the client's deadline, if it set one
-                deadline = trace.start + (left if left is not None else target.timeout_ms / 1e3)
-                reply = response_to_proto(await v2.infer(target, req, trace, deadline))
-            except RequestError as e:
-                status, code, details = http_status(e), grpc_status(e), str(e)
-                if status == 429:
-                    extra = (("retry-after", str(e.retry_after_s)),)
-                log.debug("%s: %s %s", name, code.name, e)
-            except asyncio.CancelledError:  # the client went away, or its deadline passed
-                timed_out = remaining(deadline) < _DEADLINE_SLACK_S
-                status = 504 if timed_out else CLIENT_CLOSED
-                raise
-            except Exception as e:  # a server fault: answer it, keep serving
-                log.exception("%s: internal error", name)
-                status, code, details = 500, grpc.StatusCode.INTERNAL, f"internal error: {e}"
-            trace.mark("encode")
-            trailing = ((TIMING_KEY, trace.server_timing()), *extra)
-            if status != 200:
-                await context.abort(code, details, trailing)
-            context.set_trailing_metadata(trailing)
-            return reply
-        finally:
-            state.leave()
-            state.observe(label, target, status, trace, images)
+
+        async def receive() -> InferRequest:
+            return request_from_proto(request)
+
+        async def run(target: Servable, req: InferRequest, trace: Trace, deadline: float):
+            return await v2.infer(target, req, trace, deadline), req.images
+
+        answer: Answer[pb.ModelInferResponse] = await handle(
+            state, name, state.servables, lambda: self._find(name, request.model_version),
+            receive, run, response_to_proto,
+            timeout=context.time_remaining(),  # the client's deadline, if it set one
+        )  # fmt: skip
+        trailing: tuple[tuple[str, str], ...] = ((TIMING_KEY, answer.trace.server_timing()),)
+        if answer.error is not None:
+            if answer.retry_after_s is not None:
+                trailing += (("retry-after", str(answer.retry_after_s)),)
+            await context.abort(grpc_status(answer.error), answer.message, trailing)
+        context.set_trailing_metadata(trailing)
+        return answer.body
 
 
 def _tensor_meta(t: Mapping[str, Any]) -> pb.ModelMetadataResponse.TensorMetadata:
@@ -438,9 +415,11 @@ class GrpcServer:
         limit = self.state.config.max_body_bytes
         server = grpc.aio.server(
             interceptors=self.interceptors,
+            maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
             options=[
                 # a message over the body limit is refused by gRPC itself
                 ("grpc.max_receive_message_length", limit),
+                ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
                 ("grpc.max_send_message_length", -1),
                 # never share a port with another server silently (gRPC's default does)
                 ("grpc.so_reuseport", 0),

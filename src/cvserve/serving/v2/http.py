@@ -19,7 +19,9 @@ Wire format:
 * response: JSON, or binary outputs after the JSON (``Inference-Header-Content-Length``,
   ``binary_data_size`` on each binary output) for outputs asked with
   ``"parameters": {"binary_data": true}``, or all when the request sets
-  ``"binary_data_output": true``.
+  ``"binary_data_output": true``. JSON is strict: a non-finite float in JSON ``data`` is the
+  string ``"NaN"``, ``"Infinity"`` or ``"-Infinity"`` (numpy, and so ``tritonclient``'s
+  ``as_numpy``, reads each back as the same float); binary outputs carry them as they are.
 * errors: ``{"error": "message"}`` with the same status codes as ``/v1`` (429 with
   ``Retry-After``, 503 while draining). Every response has ``Server-Timing``; ``recv``
   covers reading and parsing the body.
@@ -46,14 +48,16 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from cvserve.errors import RequestError
-from cvserve.serving.app import ServerState, read_body, timeout_s
+from cvserve.serving.core import Servable
+from cvserve.serving.door import TIMEOUT_HEADER, handle, internal_message
 from cvserve.serving.errors import (
     BadRequest,
     BodyTooLarge,
-    Draining,
     UnsupportedMediaType,
     http_status,
 )
+from cvserve.serving.httpwire import byte_count, json_response, read_body
+from cvserve.serving.state import ServerState
 from cvserve.serving.v2.infer import (
     infer,
     lookup,
@@ -360,22 +364,25 @@ def _tensor_bytes(t: Tensor) -> bytes:
 def _json_data(t: Tensor) -> list[Any]:
     if t.datatype == "BYTES":
         return [x.decode("utf-8", "replace") for x in t.data]  # type: ignore[union-attr]
-    return np.asarray(t.data).reshape(-1).tolist()
+    arr = np.asarray(t.data).reshape(-1)
+    values = arr.tolist()
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        # strict JSON has no NaN or Infinity: they travel as strings, which numpy (and so
+        # tritonclient's as_numpy) reads back as the same float
+        values = [x if math.isfinite(x) else _NON_FINITE[str(x)] for x in values]
+    return values
+
+
+_NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 
 
 # --- routes -------------------------------------------------------------------------------
-def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    body = json.dumps(payload, separators=(",", ":")).encode()
-    return Response(body, status_code=status, media_type="application/json", headers=headers)
-
-
 def _v2_error(e: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
     status = http_status(e)
     headers = {}
     if status == 429:
         headers["Retry-After"] = str(getattr(e, "retry_after_s", 1))
-    message = str(e) if isinstance(e, RequestError) else f"internal error: {e}"
-    return status, {"error": message}, headers
+    return status, {"error": internal_message(e)}, headers
 
 
 def _answer(fn: Callable[[ServerState, Request], tuple[int, dict[str, Any]]]):
@@ -388,7 +395,7 @@ def _answer(fn: Callable[[ServerState, Request], tuple[int, dict[str, Any]]]):
             status, payload = fn(request.app.state.cvserve, request)
         except RequestError as e:
             status, payload, headers = _v2_error(e)
-        resp = _json(payload, status, headers)
+        resp = json_response(payload, status, headers)
         resp.headers["Server-Timing"] = format_server_timing({"encode": time.perf_counter() - t0})
         return resp
 
@@ -409,13 +416,13 @@ def _live(state: ServerState, request: Request) -> tuple[int, dict[str, Any]]:
 
 
 def _ready(state: ServerState, request: Request) -> tuple[int, dict[str, Any]]:
-    ready = not state.draining and all(s.ready for s in state.servables.values())
+    ready = state.ready
     return (200 if ready else 503), {"ready": ready}
 
 
 def _model_ready(state: ServerState, request: Request) -> tuple[int, dict[str, Any]]:
     s = _servable(state, request)
-    ready = bool(s.ready) and not state.draining
+    ready = state.model_ready(s)
     return (200 if ready else 503), {"name": s.name, "ready": ready}
 
 
@@ -435,10 +442,10 @@ def _header_length(request: Request) -> int | None:
     raw = request.headers.get(HEADER_LENGTH)
     if raw is None:
         return None
-    raw = raw.strip()
-    if not raw.isdigit():
+    n = byte_count(raw)
+    if n is None:
         raise BadRequest(f"{HEADER_LENGTH} must be a byte count, got {raw!r}", field=HEADER_LENGTH)
-    return int(raw)
+    return n
 
 
 def _inflate(body: bytes, encoding: str | None, limit: int) -> bytes:
@@ -463,64 +470,44 @@ def _inflate(body: bytes, encoding: str | None, limit: int) -> bytes:
 async def _infer_route(request: Request) -> Response:
     """``POST /v2/models/{m}[/versions/{v}]/infer``."""
     state: ServerState = request.app.state.cvserve
-    trace = Trace()
     name = request.path_params["model"]
-    target = state.servables.get(name)
-    label = name if target is not None else "_unknown"
-    status = 200
-    headers: dict[str, str] = {}
-    body = b""
-    json_length: int | None = None
-    images = 1
-    state.enter()
-    try:
-        try:
-            if state.draining:
-                raise Draining("server is shutting down; retry on another replica")
-            target = lookup(state.servables, name, request.path_params.get("version"))
-            limit = state.config.max_body_bytes
-            raw = await read_body(request, limit)
-            raw = _inflate(raw, request.headers.get("content-encoding"), limit)
-            header_length = _header_length(request)
+    version = request.path_params.get("version")
+    limit = state.config.max_body_bytes
+
+    async def receive() -> tuple[bytes, int | None]:
+        raw = await read_body(request, limit)
+        raw = _inflate(raw, request.headers.get("content-encoding"), limit)
+        return raw, _header_length(request)
+
+    async def run(target: Servable, received, trace: Trace, deadline: float):
+        raw, header_length = received
+        parse = partial(parse_request, raw, header_length, model=name, version=version)
+        json_part = len(raw) if header_length is None else header_length
+        if json_part > _PARSE_OFF_LOOP_BYTES:  # big JSON tensors: off the event loop
+            req = await state.pool.submit(trace, parse, deadline=deadline, stage="recv")
+        else:
+            req = parse()
             trace.mark("recv")
-            deadline = trace.start + timeout_s(request, target.timeout_ms)
-            parse = partial(
-                parse_request,
-                raw,
-                header_length,
-                model=name,
-                version=request.path_params.get("version"),
-            )
-            json_part = len(raw) if header_length is None else header_length
-            if json_part > _PARSE_OFF_LOOP_BYTES:  # big JSON tensors: off the event loop
-                req = await state.pool.submit(trace, parse, deadline=deadline, stage="recv")
-            else:
-                req = parse()
-                trace.mark("recv")
-            images = req.images
-            resp = await infer(target, req, trace, deadline)
-            if target.heavy:  # masks and depth maps: real CPU to encode
-                body, json_length = await state.pool.submit(
-                    trace, encode_response, resp, req, deadline=math.inf, stage="encode"
-                )
-            else:
-                body, json_length = encode_response(resp, req)
-        except Exception as e:
-            status, payload, headers = _v2_error(e)
-            if not isinstance(e, RequestError):  # a server fault: answer it, keep serving
-                log.error("%s: internal error", name, exc_info=e)
-            body, json_length = json.dumps(payload, separators=(",", ":")).encode(), None
-        trace.mark("encode")
-        headers["Server-Timing"] = trace.server_timing()
-        if json_length is not None:
-            headers[HEADER_LENGTH] = str(json_length)
-        if state.draining:  # no keep-alive past a drain: clients reconnect elsewhere
-            headers["Connection"] = "close"
-        media = "application/json" if json_length is None else "application/octet-stream"
-        return Response(body, status_code=status, media_type=media, headers=headers)
-    finally:
-        state.leave()
-        state.observe(label, target, status, trace, images)
+        return (await infer(target, req, trace, deadline), req), req.images
+
+    answer = await handle(
+        state, name, state.servables, lambda: lookup(state.servables, name, version),
+        receive, run, lambda result: encode_response(*result),
+        timeout=request.headers.get(TIMEOUT_HEADER),
+    )  # fmt: skip
+    if answer.error is None:
+        body, json_length = answer.body
+        headers: dict[str, str] = {}
+    else:
+        status, payload, headers = _v2_error(answer.error)
+        body, json_length = json.dumps(payload, separators=(",", ":")).encode(), None
+    headers["Server-Timing"] = answer.trace.server_timing()
+    if json_length is not None:
+        headers[HEADER_LENGTH] = str(json_length)
+    if state.draining:  # no keep-alive past a drain: clients reconnect elsewhere
+        headers["Connection"] = "close"
+    media = "application/json" if json_length is None else "application/octet-stream"
+    return Response(body, status_code=answer.status, media_type=media, headers=headers)
 
 
 def routes() -> list[Route]:
