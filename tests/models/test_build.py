@@ -250,6 +250,41 @@ def test_export_that_disagrees_with_torch_fails_loudly(
     assert list((tmp_path / "models" / "tiny-resnet").iterdir()) == []
 
 
+def test_a_wrong_export_fails_saying_which_answers_differ(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The graph is exported with two classes' weights swapped: a real, wrong ONNX file."""
+    real_export = torch.onnx.export
+
+    def export_swapped(model, args, f, **kwargs):
+        fc = model.inner.classifier[1]
+        with torch.no_grad():
+            saved = fc.weight.clone(), fc.bias.clone()
+            x = args[0]
+            best = int(model(torch.randn(2, *x.shape[1:], generator=_seed(1)))[0].argmax())
+            other = (best + 5) % fc.weight.shape[0]
+            fc.weight[[best, other]] = saved[0][[other, best]] * 3
+            fc.bias[[best, other]] = saved[1][[other, best]]
+        try:
+            return real_export(model, args, f, **kwargs)
+        finally:
+            with torch.no_grad():
+                fc.weight.copy_(saved[0])
+                fc.bias.copy_(saved[1])
+
+    monkeypatch.setattr(torch.onnx, "export", export_swapped)
+    with pytest.raises(build.BuildError) as e:
+        build.build_zoo_model("tiny-resnet", tmp_path)
+    msg = str(e.value)
+    assert msg.startswith("exported ONNX disagrees with torch: image ")
+    assert "classes differ" in msg or "score is" in msg, msg
+    assert not (tmp_path / "models" / "tiny-resnet" / "model.onnx").exists()
+
+
+def _seed(n: int):
+    return torch.Generator().manual_seed(n)
+
+
 # --- real weights from a local folder ---------------------------------------------------
 @pytest.fixture
 def hf_dir(tmp_path: Path) -> tuple[Path, object]:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
-import math
 import os
 import re
 import sys
@@ -22,6 +22,7 @@ from typing import Any
 
 from cvserve.images.spec import PreprocessSpec
 from cvserve.models import store
+from cvserve.models.export_check import TOLERANCES, ExportMismatch, check_export
 from cvserve.models.metadata import ModelMeta
 from cvserve.models.zoo import ZOO, ZooEntry
 
@@ -31,8 +32,10 @@ Progress = Callable[[str], None]
 
 ZOO_EXTRA_HINT = "building models needs the zoo extra: pip install 'cvserve[zoo]'"
 OPSET = 17
-# ONNX Runtime vs torch on the same batch: largest |diff| relative to the largest |logit|.
-MAX_EXPORT_REL_ERROR = 1e-3
+# ONNX Runtime vs torch on the same batch: the task's answers must agree
+# (cvserve.models.export_check); beyond that, no output may differ by more than this
+# fraction of its largest |value| (a loose bound that float noise on any CPU stays far under).
+MAX_EXPORT_REL_ERROR = TOLERANCES.gross
 
 # PIL.Image.Resampling values -> PreprocessSpec.interpolation
 _PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
@@ -321,6 +324,8 @@ def _export_and_store(
     import onnxruntime as ort
 
     wrapper = _outputs_only(torch, model, outputs).eval()
+    # How a detector's logits become scores (recorded, so the detect head scores the same).
+    score = "sigmoid" if getattr(model.config, "use_focal_loss", False) else "softmax"
     folder = store.model_dir(name, cache)
     folder.mkdir(parents=True, exist_ok=True)
     onnx_path = folder / store.ONNX_FILE
@@ -359,18 +364,18 @@ def _export_and_store(
             refs = wrapper(x)
         refs = [r.numpy() for r in (refs if isinstance(refs, tuple) else (refs,))]
         gots = session.run(list(outputs), {"pixel_values": x.numpy()})
-        max_abs = rel = 0.0
-        for got, ref in zip(gots, refs, strict=True):
-            if got.shape != ref.shape:
-                raise BuildError(f"ONNX output shape {got.shape} != torch {ref.shape}")
-            diff = float(abs(got - ref).max())
-            max_abs = max(max_abs, diff)
-            rel = max(rel, diff / max(float(abs(ref).max()), 1e-12))
-        if not math.isfinite(rel) or rel > MAX_EXPORT_REL_ERROR:
-            raise BuildError(
-                f"exported ONNX disagrees with torch: max |diff| {max_abs:.3g} "
-                f"({rel:.3g} of the largest logit, limit {MAX_EXPORT_REL_ERROR})"
+        try:
+            checked = check_export(
+                task,
+                outputs,
+                refs,
+                gots,
+                score=score,
+                input_hw=(h, w),
+                tol=dataclasses.replace(TOLERANCES, gross=MAX_EXPORT_REL_ERROR),
             )
+        except ExportMismatch as e:
+            raise BuildError(f"exported ONNX disagrees with torch: {e}") from None
         inp = session.get_inputs()[0]
         input_shape = [d if isinstance(d, int) else None for d in inp.shape]
         output_names = [o.name for o in session.get_outputs()]
@@ -393,8 +398,10 @@ def _export_and_store(
         extra={
             "gflops": gflops,
             "flops_convention": "FLOPs = 2 x multiply-accumulates, batch 1",
-            "export_check_max_abs": max_abs,
-            "export_check_rel": rel,
+            "export_check_max_abs": checked.pop("max_abs"),
+            "export_check_rel": checked.pop("rel"),
+            "export_check": checked,
+            **({"score": score} if task == "detect" else {}),
             "architecture": type(model).__name__,
             "model_type": getattr(model.config, "model_type", ""),
             "opset": OPSET,
