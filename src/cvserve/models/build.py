@@ -177,9 +177,13 @@ def _load_image_processor(transformers: Any, directory: Path) -> Any:
         )
     major = int(transformers.__version__.split(".")[0])
     kwargs = {"backend": "pil"} if major >= 5 else {"use_fast": False}
-    return transformers.AutoImageProcessor.from_pretrained(
-        str(directory), local_files_only=True, **kwargs
-    )
+    try:
+        return transformers.AutoImageProcessor.from_pretrained(
+            str(directory), local_files_only=True, trust_remote_code=False, **kwargs
+        )
+    except ValueError as e:
+        _raise_if_remote_code(directory, e)
+        raise
 
 
 # --- models ---------------------------------------------------------------------------
@@ -269,10 +273,13 @@ def build_from_hf_dir(
     torch, transformers = _require_zoo()
     say(f"loading {directory}")
     try:
+        # Never run Python files from the folder (a config's auto_map): transformers would
+        # otherwise ask on stdin, and a "y" runs them.
         model = transformers.AutoModelForImageClassification.from_pretrained(
-            str(directory), local_files_only=True
+            str(directory), local_files_only=True, trust_remote_code=False
         )
-    except ValueError as e:  # unknown / non-classification architecture
+    except ValueError as e:  # unknown / non-classification architecture, or remote code
+        _raise_if_remote_code(directory, e)
         raise BuildError(f"{directory}: not an image classifier transformers can load: {e}") from e
     model = model.float().eval()
     spec = preprocess_spec_from_hf(_load_image_processor(transformers, directory))
@@ -286,6 +293,16 @@ def build_from_hf_dir(
         say=say,
         t0=t0,
     )
+
+
+def _raise_if_remote_code(directory: Path, error: Exception) -> None:
+    """A clear BuildError when loading failed because the folder wants its own code run."""
+    if "trust_remote_code" in str(error) or "auto_map" in str(error):
+        raise BuildError(
+            f"{directory}: the model needs Python code from the folder (an auto_map in its "
+            "config); cvserve never runs code from a model folder, so only architectures "
+            "that transformers itself ships can be built"
+        ) from error
 
 
 def _say(name: str, progress: Progress | None) -> Progress:
