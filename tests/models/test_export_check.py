@@ -103,7 +103,7 @@ def test_detect_moved_boxes_fail_with_the_iou(case: str) -> None:
 def test_detect_relabelled_queries_fail() -> None:
     refs = _detector(np.random.default_rng(3))
     logits = refs[0][:, :, ::-1].copy()  # class c -> class C-1-c
-    with pytest.raises(ExportMismatch, match=r"detection #1 \(label \d+, score"):
+    with pytest.raises(ExportMismatch, match=r"query \d+ \(label \d+, score"):
         _check("detect-sigmoid", refs, [logits, refs[1]])
 
 

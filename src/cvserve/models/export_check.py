@@ -9,10 +9,10 @@ that such noise stays far inside and a wrong graph does not:
 * ``classify``: the top-k classes agree, up to near-ties (classes whose torch logits are
   closer than ``tie`` of the logits' range may trade places), and softmax scores differ
   by at most ``score_atol``.
-* ``detect``: every decisive detection of either side (among the best ``max_detections``
-  by score, clear of the cut by ``score_atol``) has a partner on the other side with the
-  same label, a score within ``score_atol`` and a box with IoU >= ``iou`` (or every side
-  within ``box_px`` input pixels: tiny boxes).
+* ``detect``: every query's best detection, on either side, has a partner on the other
+  side with the same label, a score within ``score_atol`` and a box with IoU >= ``iou``
+  (or every side within ``box_px`` input pixels: tiny boxes), whatever its score: a
+  random-weight detector scores every query alike, so no threshold would leave any.
 * ``segment``: the argmax class maps agree on at least ``min_agreement`` of the pixels,
   and every pixel that differs is a near-tie in torch's logits.
 * ``depth``: the largest error is at most ``depth_rel`` of the largest depth.
@@ -57,8 +57,6 @@ class Tolerances:
     iou: float = 0.9
     #: ... or with every side within this many model-input pixels (tiny boxes)
     box_px: float = 2.0
-    #: detection: how many of the best detections per image are compared
-    max_detections: int = 100
     #: segmentation: fraction of pixels whose class must agree
     min_agreement: float = 0.98
     #: depth: largest |error| over the largest |depth|
@@ -180,29 +178,21 @@ def _area(b: np.ndarray) -> np.ndarray:
     return np.clip(b[..., 2] - b[..., 0], 0, None) * np.clip(b[..., 3] - b[..., 1], 0, None)
 
 
+def _iou_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of a[k] with b[k] for every k."""
+    iw = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
+    ih = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
+    inter = iw * ih
+    union = _area(a) + _area(b) - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+
+
 def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     iw = np.clip(np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0]), 0, None)
     ih = np.clip(np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1]), 0, None)
     inter = iw * ih
     union = _area(box) + _area(boxes) - inter
     return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
-
-
-def _best(scores: np.ndarray, score: str, n: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """The ``n`` best (query, label) pairs as the head would list them, and the score of the
-    first one left out (the cut)."""
-    q, c = scores.shape
-    if score == "softmax":  # one detection per query: its best class
-        labels = scores.argmax(axis=1)
-        flat = scores[np.arange(q), labels]
-        order = np.argsort(-flat, kind="stable")
-        queries, labels, s = order, labels[order], flat[order]
-    else:  # every (query, class) pair competes
-        flat = scores.reshape(-1)
-        order = np.argsort(-flat, kind="stable")
-        queries, labels, s = order // c, order % c, flat[order]
-    cut = float(s[n]) if s.size > n else -np.inf
-    return queries[:n], labels[:n], cut
 
 
 def _detect(
@@ -222,35 +212,42 @@ def _detect(
             "torch": (detection_scores(ref_logits[i], score), _xyxy(ref_boxes[i])),
             "ONNX": (detection_scores(got_logits[i], score), _xyxy(got_boxes[i])),
         }
-        n = min(tol.max_detections, sides["torch"][0].size)
         for mine, other in (("torch", "ONNX"), ("ONNX", "torch")):
             s_a, b_a = sides[mine]
             s_b, b_b = sides[other]
-            queries, labels, cut = _best(s_a, score, n)
-            for rank, (qa, lab) in enumerate(zip(queries, labels, strict=True)):
-                sa = float(s_a[qa, lab])
-                if sa < cut + tol.score_atol:
-                    break  # from here on, noise may move a detection across the cut
-                ious = _iou(b_a[qa], b_b)
-                close = (np.abs(b_b - b_a[qa]) * px).max(axis=1) <= tol.box_px
-                same_box = (ious >= tol.iou) | close
-                ds = np.abs(s_b[:, lab] - sa)
-                ok = same_box & (ds <= tol.score_atol)
+            queries = np.arange(s_a.shape[0])
+            labels = s_a.argmax(axis=1)
+            sa = s_a[queries, labels]
+            # Each query's best detection must come out of the other side too: the same
+            # label at a score within score_atol, at the same box. Usually it is the same
+            # query; a query that traded places with another is looked for among them all.
+            ds = np.abs(s_b[queries, labels] - sa)
+            ious = _iou_pairs(b_a, b_b)
+            close = (np.abs(b_b - b_a) * px).max(axis=1) <= tol.box_px
+            same = (ds <= tol.score_atol) & ((ious >= tol.iou) | close)
+            for qa in np.flatnonzero(~same):
+                lab = int(labels[qa])
+                iou_all = _iou(b_a[qa], b_b)
+                near = (np.abs(b_b - b_a[qa]) * px).max(axis=1) <= tol.box_px
+                score_ok = np.abs(s_b[:, lab] - sa[qa]) <= tol.score_atol
+                ok = score_ok & ((iou_all >= tol.iou) | near)
                 if not ok.any():
-                    j = int(np.argmax(np.where(ds <= tol.score_atol, ious, -1.0)))
+                    best = float(iou_all[score_ok].max()) if score_ok.any() else 0.0
                     raise ExportMismatch(
-                        f"image {i}: {mine}'s detection #{rank + 1} (label {int(lab)}, score "
-                        f"{sa:.4f}, box {np.round(b_a[qa] * px, 1).tolist()} px) has no match "
-                        f"in {other}: same query gives label {int(lab)} score "
-                        f"{float(s_b[qa, lab]):.4f} (limit +-{tol.score_atol}) and IoU "
-                        f"{float(ious[qa]):.3f}; the best IoU at a matching score is "
-                        f"{max(float(ious[j]), 0.0):.3f} (limit {tol.iou}, or every side within "
-                        f"{tol.box_px} px)"
+                        f"image {i}: {mine}'s query {int(qa)} (label {lab}, score "
+                        f"{float(sa[qa]):.4f}, box {np.round(b_a[qa] * px, 1).tolist()} px) has "
+                        f"no match in {other}: there the same query scores label {lab} "
+                        f"{float(s_b[qa, lab]):.4f} (limit +-{tol.score_atol}) with IoU "
+                        f"{float(ious[qa]):.3f}; the best IoU at a matching score is {best:.3f} "
+                        f"(limit {tol.iou}, or every side within {tol.box_px} px)"
                     )
-                m = int(np.argmax(np.where(ok, ious, -1.0)))
-                worst_iou = min(worst_iou, float(ious[m]))
-                worst_score = max(worst_score, float(ds[m]))
-                compared += 1
+                m = int(np.argmax(np.where(ok, iou_all, -1.0)))
+                ious[qa] = 1.0 if near[m] else iou_all[m]
+                ds[qa] = abs(float(s_b[m, lab]) - float(sa[qa]))
+                close[qa] = near[m]
+            worst_iou = min(worst_iou, float(np.where(close, 1.0, ious).min()))
+            worst_score = max(worst_score, float(ds.max()))
+            compared += len(queries)
     return {"detections_compared": compared, "min_iou": worst_iou, "max_score_diff": worst_score}
 
 
