@@ -143,5 +143,7 @@ def test_shapes_and_non_finite_values_fail() -> None:
 def test_gross_bound_catches_what_the_answer_hides() -> None:
     ref = _logits(np.random.default_rng(9))
     got = ref + 1.0  # softmax and top-k cannot see a constant shift; the raw bound can
-    with pytest.raises(ExportMismatch, match=r"output 'logits': max \|diff\| 1 is .* \(limit 0.05\)"):
+    with pytest.raises(
+        ExportMismatch, match=r"output 'logits': max \|diff\| 1 is .* \(limit 0.05\)"
+    ):
         _check("classify", [ref], [got])
