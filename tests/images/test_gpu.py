@@ -205,6 +205,22 @@ def test_undecodable_bytes_still_get_the_cpu_paths_error(data_dir):
     assert pre.counts.fallback == 1
 
 
+def test_a_truncated_jpeg_the_device_would_pad_gets_the_cpu_paths_400():
+    from cvserve.images.decode import UndecodableImage, jpeg_header
+
+    small = io.BytesIO()
+    Image.new("RGB", (16, 16), (10, 200, 30)).save(small, "JPEG")
+    liar = bytearray(small.getvalue())  # its header rewritten to declare 2000x2000
+    at = bytes(liar).find(bytes([0xFF, jpeg_header(bytes(liar)).sof]))
+    liar[at + 5 : at + 9] = (2000).to_bytes(2, "big") * 2
+    liar = bytes(liar)
+    backend = NumpyBackend(1, SPEC)  # decodes it, padding the missing blocks as nvJPEG does
+    pre = GpuPreprocessor(SPEC, backend, Preprocessor(SPEC))
+    with pytest.raises(UndecodableImage, match="truncated image"):
+        pre.run(liar, np.zeros((1, *SPEC.input_shape), np.float32), 0)
+    assert backend.decoded == 1 and pre.counts.gpu == 0 and pre.counts.fallback == 1
+
+
 # --- auto -----------------------------------------------------------------------------------------
 def test_auto_sends_small_images_to_the_cpu_and_large_ones_to_the_device():
     cpu, gpu = LinearCost(0.5e-3, 6e-3), LinearCost(1.5e-3, 0.3e-3)

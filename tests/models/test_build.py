@@ -250,6 +250,41 @@ def test_export_that_disagrees_with_torch_fails_loudly(
     assert list((tmp_path / "models" / "tiny-resnet").iterdir()) == []
 
 
+def test_a_wrong_export_fails_saying_which_answers_differ(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The graph is exported with two classes' weights swapped: a real, wrong ONNX file."""
+    real_export = torch.onnx.export
+
+    def export_swapped(model, args, f, **kwargs):
+        fc = model.inner.classifier[1]
+        with torch.no_grad():
+            saved = fc.weight.clone(), fc.bias.clone()
+            x = args[0]
+            best = int(model(torch.randn(2, *x.shape[1:], generator=_seed(1)))[0].argmax())
+            other = (best + 5) % fc.weight.shape[0]
+            fc.weight[[best, other]] = saved[0][[other, best]] * 3
+            fc.bias[[best, other]] = saved[1][[other, best]]
+        try:
+            return real_export(model, args, f, **kwargs)
+        finally:
+            with torch.no_grad():
+                fc.weight.copy_(saved[0])
+                fc.bias.copy_(saved[1])
+
+    monkeypatch.setattr(torch.onnx, "export", export_swapped)
+    with pytest.raises(build.BuildError) as e:
+        build.build_zoo_model("tiny-resnet", tmp_path)
+    msg = str(e.value)
+    assert msg.startswith("exported ONNX disagrees with torch: image ")
+    assert "classes differ" in msg or "score is" in msg, msg
+    assert not (tmp_path / "models" / "tiny-resnet" / "model.onnx").exists()
+
+
+def _seed(n: int):
+    return torch.Generator().manual_seed(n)
+
+
 # --- real weights from a local folder ---------------------------------------------------
 @pytest.fixture
 def hf_dir(tmp_path: Path) -> tuple[Path, object]:
@@ -333,3 +368,64 @@ def test_child_entry_point_reports_one_line_errors(tmp_path: Path) -> None:
     assert run.stderr.strip().splitlines() == [
         "error: unknown model 'nope'; available: " + ", ".join(sorted(build.ZOO))
     ]
+
+
+# --- code in a model folder never runs --------------------------------------------------
+def _plant_remote_code(folder: Path, marker: Path, model_type: str | None = None) -> None:
+    """An auto_map in config.json (and preprocessor_config.json) naming a .py file in the
+    folder that writes ``marker`` when imported."""
+    import json
+
+    code = f"open({str(marker)!r}, 'w').write('ran')\n"
+    code += "from transformers import PretrainedConfig, PreTrainedModel\n"
+    code += "class EvilConfig(PretrainedConfig):\n    model_type = 'evil'\n"
+    code += "class EvilModel(PreTrainedModel):\n    config_class = EvilConfig\n"
+    (folder / "evil.py").write_text(code)
+    cfg_path = folder / "config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    if model_type is not None:
+        cfg["model_type"] = model_type
+    cfg["auto_map"] = {
+        "AutoConfig": "evil.EvilConfig",
+        "AutoModelForImageClassification": "evil.EvilModel",
+    }
+    cfg_path.write_text(json.dumps(cfg))
+    pp = folder / "preprocessor_config.json"
+    if pp.exists():
+        d = json.loads(pp.read_text())
+        d["auto_map"] = {"AutoImageProcessor": "evil.EvilConfig"}
+        pp.write_text(json.dumps(d))
+
+
+def test_a_folder_that_needs_its_own_code_is_refused_without_running_it(
+    tmp_path: Path,
+) -> None:
+    folder, marker = tmp_path / "evil", tmp_path / "RAN"
+    folder.mkdir()
+    _plant_remote_code(folder, marker, model_type="evil")
+    with pytest.raises(build.BuildError, match="needs Python code from the folder"):
+        build.build_from_hf_dir(folder, "evil", tmp_path / "cache")
+    assert not marker.exists()
+    # Through the child process with a "y" waiting on stdin, as `echo y | cvserve ...`.
+    run = subprocess.run(
+        [sys.executable, "-m", "cvserve.models.build", "--from-dir", str(folder)]
+        + ["--cache-dir", str(tmp_path / "cache")],
+        input="y\ny\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 1
+    assert "needs Python code from the folder" in run.stderr.strip().splitlines()[-1]
+    assert not marker.exists()
+
+
+def test_an_auto_map_beside_a_known_architecture_is_ignored(
+    hf_dir: tuple[Path, object], tmp_path: Path
+) -> None:
+    folder, _ = hf_dir
+    marker = tmp_path / "RAN"
+    _plant_remote_code(folder, marker)  # model_type stays "resnet"
+    meta = build.build_from_hf_dir(folder, "my-resnet", tmp_path / "cache")
+    assert meta.labels == ["cat", "dog", "bird"]
+    assert not marker.exists()

@@ -333,3 +333,75 @@ def test_a_hung_build_is_killed_at_the_timeout(cache: Path) -> None:
     with pytest.raises(store.ModelBuildError, match="timed out after 0.05 s"):
         store.ensure_built("tiny-resnet", timeout=0.05)
     assert not _entry("tiny-resnet").built
+
+
+# --- user ONNX files with external data -------------------------------------------------
+def _with_external_data(src: Path, folder: Path, location: str = "weights.bin") -> Path:
+    """``src`` re-saved into ``folder`` with its weights in a separate file (ONNX external data)."""
+    onnx = pytest.importorskip("onnx")
+    folder.mkdir(parents=True, exist_ok=True)
+    model = onnx.load(str(src))
+    out = folder / "ext.onnx"
+    onnx.save(
+        model,
+        str(out),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=location,
+        size_threshold=0,
+    )
+    assert (folder / location).is_file() and out.stat().st_size < src.stat().st_size
+    return out
+
+
+def _relocate(path: Path, location: str) -> None:
+    """Point every external tensor of ``path`` at ``location`` (as a hostile file would)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for t in model.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = location
+    onnx.save(model, str(path))
+
+
+def test_add_model_brings_external_weights_into_the_store(cache: Path, tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    plain = _conv_classifier(tmp_path / "plain.onnx", ["n", 3, 16, 16])
+    src = _with_external_data(plain, tmp_path / "user")
+    meta = store.add_model(src, name="ext", spec=PreprocessSpec(height=16, width=16))
+    stored = store.model_path(meta)
+    assert sorted(p.name for p in stored.parent.iterdir()) == ["model.json", "model.onnx"]
+
+    x = np.random.default_rng(1).normal(size=(2, 3, 16, 16)).astype(np.float32)
+    want = ort.InferenceSession(str(plain), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    for p in (tmp_path / "user").iterdir():  # the user's folder is gone: the store has it all
+        p.unlink()
+    got = ort.InferenceSession(str(stored), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_array_equal(got[0], want[0])
+
+
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink", "missing"])
+def test_add_model_refuses_external_data_outside_its_folder(
+    cache: Path, tmp_path: Path, how: str
+) -> None:
+    plain = _conv_classifier(tmp_path / "plain.onnx", ["n", 3, 16, 16])
+    folder = tmp_path / "user"
+    src = _with_external_data(plain, folder)
+    outside = tmp_path / "secret.bin"
+    outside.write_bytes((folder / "weights.bin").read_bytes())
+    if how == "dotdot":
+        _relocate(src, "../secret.bin")
+    elif how == "absolute":
+        _relocate(src, str(outside))
+    elif how == "symlink":
+        (folder / "link.bin").symlink_to(outside)
+        _relocate(src, "link.bin")
+    else:
+        _relocate(src, "nope.bin")
+    match = "no such file" if how == "missing" else "inside the model's folder|leads out"
+    with pytest.raises(store.InvalidModel, match=match):
+        store.add_model(src, name="ext", spec=PreprocessSpec(height=16, width=16))
+    assert not (cache / "models" / "ext" / "model.json").exists()

@@ -1,8 +1,10 @@
 """A budget of decoded pixels in flight, shared by every request a server decodes.
 
 The preprocessing pool runs each piece of work inside :meth:`PixelBudget.scope`; the
-decoder calls :func:`claim` with the pixels it is about to allocate, read from the image's
-header before any decoding. A claim that does not fit raises :class:`PixelBudgetFull`
+decoder calls :func:`claim` with what it is about to allocate, read from the image's
+header before any decoding, in RGB pixels (3 bytes): the pixels it makes plus its
+full-size intermediates (a progressive JPEG's coefficient buffer, 2 bytes per coefficient
+of every component whatever the output scale; see ``decode.decode_cost``). A claim that does not fit raises :class:`PixelBudgetFull`
 (429) at once: a decoding thread never waits for memory, so it can never hold a thread
 that the requests it waits for need. Whatever a scope claimed goes back when its work
 ends, failed or not. Outside a scope (tests, scripts) :func:`claim` does nothing.

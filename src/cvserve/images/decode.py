@@ -79,14 +79,50 @@ def sniff_format(data: bytes) -> str | None:
 JPEG_SOF = (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)
 
 
+#: Frames whose scans refine the whole image (progressive, Huffman or arithmetic).
+JPEG_PROGRESSIVE_SOF = (0xC2, 0xC6, 0xCA, 0xCE)
+#: Arithmetic-coded frames: no floor on their coded size (a flat image codes to ~nothing).
+_JPEG_ARITHMETIC_SOF = (0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)
+#: Huffman-coded frames and the fewest bits every 8x8 block costs in them: a sequential
+#: block codes at least its DC difference and an end-of-block (1 bit each, at best); a
+#: progressive file's DC scan codes at least 1 bit per block.
+_MIN_BITS_PER_BLOCK = {0xC0: 2, 0xC1: 2, 0xC2: 1}
+
+
 @dataclass(frozen=True)
 class JpegHeader:
-    """What a JPEG's frame header declares: size, precision and coding (SOF marker)."""
+    """What a JPEG's frame header declares: size, precision, coding (SOF marker) and each
+    component's sampling factors ``(h, v)``."""
 
     width: int
     height: int
     precision: int
     sof: int
+    sampling: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def progressive(self) -> bool:
+        return self.sof in JPEG_PROGRESSIVE_SOF
+
+    def blocks(self, *, padded: bool = False) -> int:
+        """8x8 DCT blocks of every component at full size; ``padded``: rounded up to whole
+        MCUs, as libjpeg allocates its coefficient buffer."""
+        sampling = self.sampling or ((1, 1),)
+        hmax = max(h for h, _ in sampling)
+        vmax = max(v for _, v in sampling)
+        n = 0
+        for h, v in sampling:
+            bw = -(-self.width * h // (hmax * 8))
+            bh = -(-self.height * v // (vmax * 8))
+            if padded:
+                bw, bh = -(-bw // h) * h, -(-bh // v) * v
+            n += bw * bh
+        return n
+
+    def min_coded_bytes(self) -> int:
+        """The fewest bytes of entropy-coded data a complete image of this size can have
+        (0 where no floor is known, e.g. arithmetic coding)."""
+        return self.blocks() * _MIN_BITS_PER_BLOCK.get(self.sof, 0) // 8
 
 
 def jpeg_header(data: bytes) -> JpegHeader | None:
@@ -106,9 +142,33 @@ def jpeg_header(data: bytes) -> JpegHeader | None:
         if marker in JPEG_SOF:
             h = int.from_bytes(data[i + 5 : i + 7], "big")
             w = int.from_bytes(data[i + 7 : i + 9], "big")
-            return JpegHeader(w, h, data[i + 4], marker)
+            comps = data[i + 10 : i + 10 + 3 * (data[i + 9] if i + 9 < n else 0)]
+            sampling = tuple(
+                (max(1, comps[k + 1] >> 4), max(1, comps[k + 1] & 15))
+                for k in range(0, len(comps) - 2, 3)
+            )
+            return JpegHeader(w, h, data[i + 4], marker, sampling)
         i += 2 + seg_len
     return None
+
+
+def jpeg_first_scan_components(data: bytes) -> int:
+    """Components in a JPEG's first scan (its first SOS segment), 0 when there is none. A
+    sequential JPEG whose first scan has fewer components than its frame codes them in
+    several scans, which libjpeg decodes from a full-size coefficient buffer."""
+    i, n = 2, len(data)
+    while i + 4 < n:
+        if data[i] != 0xFF:
+            i += 1
+            continue
+        marker = data[i + 1]
+        if marker in (0xD8, 0x01, 0xFF) or 0xD0 <= marker <= 0xD7:
+            i += 1 if marker == 0xFF else 2
+            continue
+        if marker == 0xDA:
+            return data[i + 4]
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return 0
 
 
 @dataclass
@@ -162,6 +222,18 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image
             height=h,
             max_pixels=max_pixels,
         )
+    if fmt == "JPEG":
+        head = jpeg_header(data)
+        floor = head.min_coded_bytes() if head is not None else 0
+        if len(data) < floor:
+            # libjpeg pads a stream that ends early (at an EOI marker) with grey blocks and
+            # only warns; a file this short cannot hold the image its header declares.
+            raise UndecodableImage(
+                f"truncated image: a {head.width}x{head.height} JPEG needs at least {floor} "
+                f"bytes of coded data, this file has {len(data)}",
+                bytes=len(data),
+                min_bytes=floor,
+            )
     return im, fmt
 
 
@@ -238,10 +310,28 @@ def decode(
         if orientation in _SWAPS_AXES:
             mw, mh = mh, mw
         req = (max(1, min(w, mw)), max(1, min(h, mh)))  # in stored (raw) orientation
-    claim(_decoded_pixels((w, h), req if im.mode in ("RGB", "L", "CMYK") else None))
+    as_array = req is not None and backend in ("simplejpeg", "opencv") and im.mode in ("RGB", "L")
+    head = jpeg_header(data) if fmt == "JPEG" else None
+    cost = decode_cost(
+        (w, h),
+        req if im.mode in ("RGB", "L", "CMYK") else None,
+        head,
+        multi_scan=head is not None and 0 < jpeg_first_scan_components(data) < len(head.sampling),
+        copies=2 if as_array and backend == "opencv" else 1,
+    )
+    if cost > max_pixels:
+        raise ImageTooLarge(
+            f"decoding this {w}x{h} image takes as much memory as {cost} pixels (a progressive "
+            f"JPEG keeps every DCT coefficient at full size); the limit is {max_pixels}",
+            width=w,
+            height=h,
+            pixels=cost,
+            max_pixels=max_pixels,
+        )
+    claim(cost)
     try:
         out = None
-        if req is not None and backend in ("simplejpeg", "opencv") and im.mode in ("RGB", "L"):
+        if as_array:
             out = _decode_jpeg_array(backend, data, (w, h), req)
         if out is None:
             if req is not None and im.mode in ("RGB", "L", "CMYK"):
@@ -272,6 +362,33 @@ def _decoded_pixels(size: tuple[int, int], req: tuple[int, int] | None) -> int:
     return -(-w // s) * -(-h // s)
 
 
+#: Bytes of one RGB pixel: the unit of the pixel budget and of ``max_pixels``.
+_PIXEL_BYTES = 3
+#: Bytes libjpeg keeps per DCT coefficient (JCOEF, a 16-bit integer).
+_COEF_BYTES = 2
+
+
+def decode_cost(
+    size: tuple[int, int],
+    req: tuple[int, int] | None,
+    head: JpegHeader | None = None,
+    *,
+    multi_scan: bool = False,
+    copies: int = 1,
+) -> int:
+    """What decoding an image of stored ``size`` costs, in RGB pixels (3 bytes each): the
+    pixels it makes (at the reduced scale that keeps ``req``, times ``copies`` when the
+    decoder converts them in a second array), plus the full-size intermediates. A
+    progressive JPEG (or any JPEG of several scans, ``multi_scan``) is decoded from a
+    buffer holding every DCT coefficient of every component at full size, 2 bytes each,
+    whatever the output scale: an 8000x8000 4:4:4 one buffers 384 MB to make a 1000x1000
+    image at 1/8 scale."""
+    cost = _decoded_pixels(size, req) * copies
+    if head is not None and (head.progressive or multi_scan):
+        cost += -(-head.blocks(padded=True) * 64 * _COEF_BYTES // _PIXEL_BYTES)
+    return cost
+
+
 def _decode_jpeg_array(
     backend: str, data: bytes, size: tuple[int, int], req: tuple[int, int]
 ) -> Image.Image | None:
@@ -284,7 +401,11 @@ def _decode_jpeg_array(
             arr = simplejpeg.decode_jpeg(
                 data, colorspace="RGB", min_width=req[0], min_height=req[1]
             )
-        except ValueError:
+        except ValueError as e:
+            # libjpeg's warning that the coded data ended before the image did: Pillow
+            # would pad the rest with grey, so this is a truncated file, not a fallback.
+            if "premature end" in str(e).lower():
+                raise UndecodableImage(f"truncated image: {e}", backend=backend) from None
             return None
     else:
         import cv2

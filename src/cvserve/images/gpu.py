@@ -432,6 +432,9 @@ class GpuPreprocessor:
         h, w = int(image.shape[0]), int(image.shape[1])
         if w * h > self.cpu.max_pixels:
             return None  # the CPU path answers 413 with its limit
+        head = jpeg_header(data)
+        if head is not None and len(data) < head.min_coded_bytes():
+            return None  # nvJPEG padded a short stream: the CPU path answers 400 "truncated"
         geom = device_geometry((w, h), self.spec)
         if geom is None:
             return None

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
-import math
 import os
 import re
 import sys
@@ -22,6 +22,7 @@ from typing import Any
 
 from cvserve.images.spec import PreprocessSpec
 from cvserve.models import store
+from cvserve.models.export_check import TOLERANCES, ExportMismatch, check_export
 from cvserve.models.metadata import ModelMeta
 from cvserve.models.zoo import ZOO, ZooEntry
 
@@ -31,8 +32,10 @@ Progress = Callable[[str], None]
 
 ZOO_EXTRA_HINT = "building models needs the zoo extra: pip install 'cvserve[zoo]'"
 OPSET = 17
-# ONNX Runtime vs torch on the same batch: largest |diff| relative to the largest |logit|.
-MAX_EXPORT_REL_ERROR = 1e-3
+# ONNX Runtime vs torch on the same batch: the task's answers must agree
+# (cvserve.models.export_check); beyond that, no output may differ by more than this
+# fraction of its largest |value| (a loose bound that float noise on any CPU stays far under).
+MAX_EXPORT_REL_ERROR = TOLERANCES.gross
 
 # PIL.Image.Resampling values -> PreprocessSpec.interpolation
 _PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
@@ -174,9 +177,13 @@ def _load_image_processor(transformers: Any, directory: Path) -> Any:
         )
     major = int(transformers.__version__.split(".")[0])
     kwargs = {"backend": "pil"} if major >= 5 else {"use_fast": False}
-    return transformers.AutoImageProcessor.from_pretrained(
-        str(directory), local_files_only=True, **kwargs
-    )
+    try:
+        return transformers.AutoImageProcessor.from_pretrained(
+            str(directory), local_files_only=True, trust_remote_code=False, **kwargs
+        )
+    except ValueError as e:
+        _raise_if_remote_code(directory, e)
+        raise
 
 
 # --- models ---------------------------------------------------------------------------
@@ -266,10 +273,13 @@ def build_from_hf_dir(
     torch, transformers = _require_zoo()
     say(f"loading {directory}")
     try:
+        # Never run Python files from the folder (a config's auto_map): transformers would
+        # otherwise ask on stdin, and a "y" runs them.
         model = transformers.AutoModelForImageClassification.from_pretrained(
-            str(directory), local_files_only=True
+            str(directory), local_files_only=True, trust_remote_code=False
         )
-    except ValueError as e:  # unknown / non-classification architecture
+    except ValueError as e:  # unknown / non-classification architecture, or remote code
+        _raise_if_remote_code(directory, e)
         raise BuildError(f"{directory}: not an image classifier transformers can load: {e}") from e
     model = model.float().eval()
     spec = preprocess_spec_from_hf(_load_image_processor(transformers, directory))
@@ -283,6 +293,16 @@ def build_from_hf_dir(
         say=say,
         t0=t0,
     )
+
+
+def _raise_if_remote_code(directory: Path, error: Exception) -> None:
+    """A clear BuildError when loading failed because the folder wants its own code run."""
+    if "trust_remote_code" in str(error) or "auto_map" in str(error):
+        raise BuildError(
+            f"{directory}: the model needs Python code from the folder (an auto_map in its "
+            "config); cvserve never runs code from a model folder, so only architectures "
+            "that transformers itself ships can be built"
+        ) from error
 
 
 def _say(name: str, progress: Progress | None) -> Progress:
@@ -321,6 +341,8 @@ def _export_and_store(
     import onnxruntime as ort
 
     wrapper = _outputs_only(torch, model, outputs).eval()
+    # How a detector's logits become scores (recorded, so the detect head scores the same).
+    score = "sigmoid" if getattr(model.config, "use_focal_loss", False) else "softmax"
     folder = store.model_dir(name, cache)
     folder.mkdir(parents=True, exist_ok=True)
     onnx_path = folder / store.ONNX_FILE
@@ -359,18 +381,18 @@ def _export_and_store(
             refs = wrapper(x)
         refs = [r.numpy() for r in (refs if isinstance(refs, tuple) else (refs,))]
         gots = session.run(list(outputs), {"pixel_values": x.numpy()})
-        max_abs = rel = 0.0
-        for got, ref in zip(gots, refs, strict=True):
-            if got.shape != ref.shape:
-                raise BuildError(f"ONNX output shape {got.shape} != torch {ref.shape}")
-            diff = float(abs(got - ref).max())
-            max_abs = max(max_abs, diff)
-            rel = max(rel, diff / max(float(abs(ref).max()), 1e-12))
-        if not math.isfinite(rel) or rel > MAX_EXPORT_REL_ERROR:
-            raise BuildError(
-                f"exported ONNX disagrees with torch: max |diff| {max_abs:.3g} "
-                f"({rel:.3g} of the largest logit, limit {MAX_EXPORT_REL_ERROR})"
+        try:
+            checked = check_export(
+                task,
+                outputs,
+                refs,
+                gots,
+                score=score,
+                input_hw=(h, w),
+                tol=dataclasses.replace(TOLERANCES, gross=MAX_EXPORT_REL_ERROR),
             )
+        except ExportMismatch as e:
+            raise BuildError(f"exported ONNX disagrees with torch: {e}") from None
         inp = session.get_inputs()[0]
         input_shape = [d if isinstance(d, int) else None for d in inp.shape]
         output_names = [o.name for o in session.get_outputs()]
@@ -393,8 +415,10 @@ def _export_and_store(
         extra={
             "gflops": gflops,
             "flops_convention": "FLOPs = 2 x multiply-accumulates, batch 1",
-            "export_check_max_abs": max_abs,
-            "export_check_rel": rel,
+            "export_check_max_abs": checked.pop("max_abs"),
+            "export_check_rel": checked.pop("rel"),
+            "export_check": checked,
+            **({"score": score} if task == "detect" else {}),
             "architecture": type(model).__name__,
             "model_type": getattr(model.config, "model_type", ""),
             "opset": OPSET,

@@ -26,6 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from cvserve.images.spec import PreprocessSpec
+from cvserve.models.external_data import (
+    DATA_FILE,
+    UnsafeExternalData,
+    external_files,
+    save_self_contained,
+)
 from cvserve.models.metadata import ModelMeta
 from cvserve.models.zoo import ZOO
 
@@ -381,6 +387,7 @@ def add_model(
     if name in ZOO:
         raise ValueError(f"{name!r} is a zoo model name; pick another name")
     spec = spec or PreprocessSpec(height=224, width=224, resize_shortest=256)
+    external = _external_data(src)  # checked before onnxruntime follows any of it
     info = _inspect_onnx(src, spec, task, labels)
 
     with _store_lock(cache):
@@ -391,7 +398,11 @@ def add_model(
         (folder / SIDECAR_FILE).unlink(missing_ok=True)
         tmp = folder / f".{ONNX_FILE}.tmp-{os.getpid()}"
         try:
-            shutil.copyfile(src, tmp)
+            if external:  # weights beside the file: bring them in (the store keeps one file)
+                save_self_contained(src, tmp)
+            else:
+                shutil.copyfile(src, tmp)
+                (folder / DATA_FILE).unlink(missing_ok=True)
             os.replace(tmp, folder / ONNX_FILE)
         finally:
             tmp.unlink(missing_ok=True)
@@ -454,6 +465,21 @@ def fold_normalize(
         new.extra = {**meta.extra, "folded_from": name}
         write_meta(new, cache)
     return new
+
+
+def _external_data(src: Path) -> list[Path]:
+    """The external-data files of ``src``, checked to lie inside its folder; [] when it has
+    none or onnx cannot parse it (then onnxruntime says why)."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(src), load_external_data=False)
+    except Exception:  # not protobuf: _inspect_onnx reports onnxruntime's reason
+        return []
+    try:
+        return external_files(proto, src.parent)
+    except UnsafeExternalData as e:
+        raise InvalidModel(f"{src}: {e}") from None
 
 
 def _inspect_onnx(
