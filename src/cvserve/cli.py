@@ -375,10 +375,28 @@ def _add_front_args(p: argparse.ArgumentParser) -> None:
         "--metrics-port", type=int, default=None, metavar="PORT",
         help="/metrics (and /healthz, /readyz) on this port instead, plain HTTP, no API key",
     )  # fmt: skip
+    g.add_argument("--max-header-bytes", type=int, default=None, metavar="N",
+                   help="request line and headers, bytes (431 above; default 65536)")  # fmt: skip
+    g.add_argument("--max-headers", type=int, default=None, metavar="N",
+                   help="header fields in one request (431 above; default 100)")  # fmt: skip
+    g.add_argument("--keep-alive-timeout", type=float, default=None, metavar="S",
+                   dest="keep_alive_timeout_s",
+                   help="close a connection with no request under way after S s (default 30)")  # fmt: skip
+    g.add_argument("--header-timeout", type=float, default=None, metavar="S",
+                   dest="header_timeout_s",
+                   help="a request's headers complete within S s of its first byte (408 "
+                   "after; default 20)")  # fmt: skip
+    g.add_argument("--body-timeout", type=float, default=None, metavar="S", dest="body_timeout_s",
+                   help="close a request whose body gets no byte for S s (default 30)")  # fmt: skip
+    g.add_argument("--max-connections", type=int, default=None, metavar="N",
+                   help="open HTTP connections; over it the longest idle is closed (503 when "
+                   "all are busy); default 0: 3/4 of the descriptor limit, at most 4096")  # fmt: skip
 
 
 _FRONT_KEYS = ("drain_delay_s", "drain_timeout_s", "reuse_port", "workers", "api_key_file",
-               "tls_cert", "tls_key", "metrics_port")  # fmt: skip
+               "tls_cert", "tls_key", "metrics_port", "max_header_bytes", "max_headers",
+               "keep_alive_timeout_s", "header_timeout_s", "body_timeout_s",
+               "max_connections")  # fmt: skip
 
 
 def server_config_from_args(args: argparse.Namespace):
@@ -774,7 +792,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     server = contextlib.nullcontext()
     url = args.url
     if args.inprocess:
-        from cvserve.serving.server import ServerProcess, free_port
+        from cvserve.serving.process import ServerProcess, free_port
 
         what = ["--pipeline", args.pipeline] if args.pipeline else ["--model", args.model]
         serve = [*what, *shlex.split(args.serve_args)]

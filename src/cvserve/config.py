@@ -345,6 +345,24 @@ class ServerConfig:
     #: ``/metrics`` (and ``/healthz``, ``/readyz``) on this port of its own, plain HTTP and
     #: without API keys; None: ``/metrics`` on the main port.
     metrics_port: int | None = None
+    #: HTTP limits before trust (``cvserve.serving.protocol``). Request line and headers
+    #: together, in bytes (431 above): 64 KiB, what an AWS ALB forwards, room for large
+    #: bearer tokens and cookies, yet a 200 MB header costs nothing.
+    max_header_bytes: int = 64 * 1024
+    #: Header fields in one request (431 above): 100, Apache's LimitRequestFields.
+    max_headers: int = 100
+    #: A connection with no request under way (a new one too) is closed after this long:
+    #: 30 s, past the usual load balancer's reuse of a kept-alive connection.
+    keep_alive_timeout_s: float = 30.0
+    #: From a request's first byte, its headers must be complete within this (slowloris;
+    #: 408 after it): 20 s, Apache mod_reqtimeout's default.
+    header_timeout_s: float = 20.0
+    #: A request body that receives no byte for this long is closed (inactivity, so a slow
+    #: but steady upload always succeeds): 30 s, half of nginx's client_body_timeout.
+    body_timeout_s: float = 30.0
+    #: Open HTTP connections; over it the longest-idle one is closed (503 if every one is
+    #: busy). 0: three quarters of the descriptor limit, at most 4096.
+    max_connections: int = 0
     cache_dir: str | None = None
     #: Where pipeline stages meet: ``inprocess://`` (default) or ``redis://host:port``.
     broker: str = "inprocess://"
@@ -381,6 +399,14 @@ class ServerConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
                 raise ConfigError(f"{key} must be a number of seconds >= 0, not {value!r}")
+        for key in ("keep_alive_timeout_s", "header_timeout_s", "body_timeout_s"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise ConfigError(f"{key} must be a number of seconds > 0, not {value!r}")
+        for key, least in (("max_header_bytes", 1024), ("max_headers", 1), ("max_connections", 0)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigError(f"{key} must be an integer >= {least}, not {value!r}")
         if self.max_pixels_in_flight and not self.max_pixels_in_flight >= self.max_pixels:
             raise ConfigError(
                 f"max_pixels_in_flight ({self.max_pixels_in_flight}) must hold one image of "

@@ -28,7 +28,7 @@ from cvserve.config import (
     load_config,
     server_config_from_dict,
 )
-from cvserve.serving.server import ServerProcess, free_port
+from cvserve.serving.process import ServerProcess, free_port
 from cvserve.serving.workers import worker_config
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")

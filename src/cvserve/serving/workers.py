@@ -130,7 +130,7 @@ class _Supervisor:
     """The parent's state and loop (see the module docstring)."""
 
     def __init__(self, config: ServerConfig, verbose: bool = False) -> None:
-        from cvserve.serving.server import bind_socket
+        from cvserve.serving.sockets import bind_socket
 
         self.config = config
         self.n = config.workers
