@@ -17,7 +17,7 @@ uvicorn's httptools protocol, extended with:
   steady upload of a large image is never cut: each byte restarts the clock, and a pause
   while the app is not reading (flow control) does not count;
 - **connections** (``max_connections``): a new connection over the cap closes the
-  connection that has been idle the longest with no request under way (or still sending
+  least recently active connection with no request under way (or still sending
   its head: a slowloris one is the first to go); when every connection has a request in
   flight, the new one is answered ``503`` and closed. So idle sockets cannot take every
   descriptor, and ``/healthz`` on a new connection keeps being answered.
@@ -32,6 +32,7 @@ import json
 import logging
 import resource
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,9 @@ def limited_protocol(limits: HttpLimits) -> type:
 
     class LimitedHTTP(HttpToolsProtocol):  # type: ignore[misc]
         last_active = 0.0
+        #: This server's connections, least recently active first: at the cap, finding
+        #: the one to close is O(1) (plus the busy ones at the front), not a scan of all.
+        _by_activity: OrderedDict[LimitedHTTP, None] = OrderedDict()
 
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
@@ -124,8 +128,13 @@ def limited_protocol(limits: HttpLimits) -> type:
             self._body_last = 0.0
 
         # -- connections ----------------------------------------------------------------
-        def connection_made(self, transport) -> None:
+        def _touch(self) -> None:
             self.last_active = time.monotonic()
+            self._by_activity[self] = None
+            self._by_activity.move_to_end(self)
+
+        def connection_made(self, transport) -> None:
+            self._touch()
             super().connection_made(transport)
             if len(self.connections) > limits.max_connections and not self._evict():
                 msg = f"more than {limits.max_connections} connections; try again"
@@ -137,21 +146,17 @@ def limited_protocol(limits: HttpLimits) -> type:
             )
 
         def _evict(self) -> bool:
-            """Close the longest-idle connection with no request under way; False when
-            every other connection has one."""
-            victim, oldest = None, float("inf")
-            for conn in self.connections:
-                if conn is self or not isinstance(conn, LimitedHTTP) or conn._busy():
+            """Close the least recently active connection with no request under way;
+            False when every other connection has one."""
+            for conn in self._by_activity:
+                if conn is self or conn._busy():
                     continue
                 if conn.transport is None or conn.transport.is_closing():
                     continue
-                if conn.last_active < oldest:
-                    victim, oldest = conn, conn.last_active
-            if victim is None:
-                return False
-            log.debug("at %d connections: closing the longest idle", limits.max_connections)
-            victim.transport.close()
-            return True
+                log.debug("at %d connections: closing the longest idle", limits.max_connections)
+                conn.transport.close()
+                return True
+            return False
 
         def _busy(self) -> bool:
             """A request's head is complete and its response is not (or one is queued)."""
@@ -160,7 +165,13 @@ def limited_protocol(limits: HttpLimits) -> type:
             cycle = self.cycle
             return (cycle is not None and not cycle.response_complete) or bool(self.pipeline)
 
+        def handle_websocket_upgrade(self) -> None:
+            self._by_activity.pop(self, None)  # another protocol's from now on
+            self._cancel_timers()
+            super().handle_websocket_upgrade()
+
         def connection_lost(self, exc) -> None:
+            self._by_activity.pop(self, None)
             self._cancel_timers()
             super().connection_lost(exc)
 
@@ -179,7 +190,8 @@ def limited_protocol(limits: HttpLimits) -> type:
 
         # -- reading --------------------------------------------------------------------
         def data_received(self, data: bytes) -> None:
-            self.last_active = self._body_last = time.monotonic()
+            self._touch()
+            self._body_last = self.last_active
             self._unset_keepalive_if_required()
             self._head_began = False
             try:
@@ -296,7 +308,7 @@ def limited_protocol(limits: HttpLimits) -> type:
             self._body_timer = self.loop.call_later(limits.body_timeout_s - idle, self._body_check)
 
         def on_response_complete(self) -> None:
-            self.last_active = time.monotonic()
+            self._touch()
             super().on_response_complete()
 
     return LimitedHTTP
@@ -308,8 +320,13 @@ def _tracked_h11() -> type:
     class TrackedH11(H11Protocol):  # type: ignore[misc]
         last_active = 0.0
 
-        def connection_made(self, transport) -> None:
+        def _touch(self) -> None:
             self.last_active = time.monotonic()
+            self._by_activity[self] = None
+            self._by_activity.move_to_end(self)
+
+        def connection_made(self, transport) -> None:
+            self._touch()
             super().connection_made(transport)
 
         def data_received(self, data: bytes) -> None:

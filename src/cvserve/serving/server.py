@@ -21,6 +21,12 @@ A server may be one of the processes of ``serve --workers N``
 go to the parent's multiprocess directory so that every process's ``/metrics`` counts
 them all.
 
+Every HTTP connection is under the limits of :mod:`cvserve.serving.protocol` (head size
+and count, idle, head and body timeouts, a connection cap) before its request reaches the
+app. Binding is :mod:`cvserve.serving.sockets`, loading :mod:`cvserve.serving.loading`;
+a server in a thread or a child process for tests and benchmarks is
+:mod:`cvserve.serving.process`.
+
 A second signal exits at once. With ``grpc_port`` set, the KServe v2 gRPC door runs on the
 same event loop over the same state: the drain covers it (new inferences get UNAVAILABLE),
 and it stops before the models do.
