@@ -60,14 +60,15 @@ def resolved_max_connections(configured: int) -> int:
 
 @dataclass(frozen=True)
 class HttpLimits:
-    """What one HTTP connection may cost before its request reaches the app."""
+    """What one HTTP connection may cost before its request reaches the app (the
+    defaults, and why each: :class:`cvserve.config.ServerConfig`)."""
 
-    max_header_bytes: int = 64 * 1024
-    max_headers: int = 100
-    keep_alive_timeout_s: float = 30.0
-    header_timeout_s: float = 20.0
-    body_timeout_s: float = 30.0
-    max_connections: int = _MAX_AUTO_CONNECTIONS
+    max_header_bytes: int
+    max_headers: int
+    keep_alive_timeout_s: float
+    header_timeout_s: float
+    body_timeout_s: float
+    max_connections: int
 
     @classmethod
     def from_config(cls, config) -> HttpLimits:
