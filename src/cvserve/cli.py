@@ -389,7 +389,7 @@ def _add_front_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--body-timeout", type=float, default=None, metavar="S", dest="body_timeout_s",
                    help="close a request whose body gets no byte for S s (default 30)")  # fmt: skip
     g.add_argument("--max-connections", type=int, default=None, metavar="N",
-                   help="open HTTP connections; over it the longest idle is closed (503 when "
+                   help="open HTTP connections; over it the least recently active idle one is closed (503 when "
                    "all are busy); default 0: 3/4 of the descriptor limit, at most 4096")  # fmt: skip
 
 

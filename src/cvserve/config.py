@@ -352,16 +352,18 @@ class ServerConfig:
     #: Header fields in one request (431 above): 100, Apache's LimitRequestFields.
     max_headers: int = 100
     #: A connection with no request under way (a new one too) is closed after this long:
-    #: 30 s, past the usual load balancer's reuse of a kept-alive connection.
+    #: 30 s, uvicorn's value here before these limits: a client pool reusing connections
+    #: seldom meets a close, and idle sockets still go.
     keep_alive_timeout_s: float = 30.0
     #: From a request's first byte, its headers must be complete within this (slowloris;
     #: 408 after it): 20 s, Apache mod_reqtimeout's default.
     header_timeout_s: float = 20.0
     #: A request body that receives no byte for this long is closed (inactivity, so a slow
-    #: but steady upload always succeeds): 30 s, half of nginx's client_body_timeout.
+    #: but steady upload always succeeds): 30 s, half of nginx's client_body_timeout (60 s).
     body_timeout_s: float = 30.0
-    #: Open HTTP connections; over it the longest-idle one is closed (503 if every one is
-    #: busy). 0: three quarters of the descriptor limit, at most 4096.
+    #: Open HTTP connections; over it the least recently active one with no request under
+    #: way is closed (503 if every one is busy). 0: three quarters of the descriptor
+    #: limit, at most 4096 (each idle connection costs about 10 KB).
     max_connections: int = 0
     cache_dir: str | None = None
     #: Where pipeline stages meet: ``inprocess://`` (default) or ``redis://host:port``.
