@@ -29,7 +29,7 @@ from rich.table import Table  # noqa: E402
 
 from cvserve.bench import BenchConfig, run_bench  # noqa: E402
 from cvserve.bench.results import write_benchmark  # noqa: E402
-from cvserve.serving.server import ServerProcess  # noqa: E402
+from cvserve.serving.process import ServerProcess  # noqa: E402
 
 PIPELINES = {
     "ocr": {"kind": "ocr", "images": DATA / "ocr", "params": {}},

@@ -37,7 +37,7 @@ from cvserve.bench import BenchConfig, run_bench
 from cvserve.bench.console import fit_table
 from cvserve.bench.results import write_benchmark
 from cvserve.models import store
-from cvserve.serving.server import ServerProcess, free_port
+from cvserve.serving.process import ServerProcess, free_port
 
 HERE = Path(__file__).resolve().parent
 DATA = Path(os.environ.get("CVSERVE_DATA") or HERE.parent.parent / "shared" / "data")

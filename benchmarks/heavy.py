@@ -51,7 +51,7 @@ import numpy as np
 from cvserve.bench import BenchConfig, BenchImage, load_images, run_bench
 from cvserve.bench.console import fit_table, fmt_num
 from cvserve.bench.results import write_benchmark
-from cvserve.serving.server import ServerProcess
+from cvserve.serving.process import ServerProcess
 from cvserve.trace import STAGES
 
 HERE = Path(__file__).resolve().parent

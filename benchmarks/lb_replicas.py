@@ -49,7 +49,7 @@ from rolling_restart import LOST, load, serve_args  # a sibling script: benchmar
 
 from cvserve.bench.results import write_benchmark
 from cvserve.models import store
-from cvserve.serving.server import ServerProcess, free_port
+from cvserve.serving.process import ServerProcess, free_port
 
 HERE = Path(__file__).resolve().parent
 BACKEND = "replicas"

@@ -47,7 +47,7 @@ from cvserve.bench import BenchConfig, BenchImage, run_bench
 from cvserve.bench.console import fit_table
 from cvserve.bench.results import write_benchmark
 from cvserve.models import store
-from cvserve.serving.server import ServerProcess, free_port
+from cvserve.serving.process import ServerProcess, free_port
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data"

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     from cvserve.bench.results import write_benchmark
-    from cvserve.serving.server import ServerProcess
+    from cvserve.serving.process import ServerProcess
 
     rows = []
     with ServerProcess(SERVE) as srv:

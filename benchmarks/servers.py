@@ -23,7 +23,7 @@ from rich.table import Table
 from cvserve.bench import BenchConfig, run_bench
 from cvserve.bench.results import write_benchmark
 from cvserve.models import store
-from cvserve.serving.server import ServerProcess, free_port
+from cvserve.serving.process import ServerProcess, free_port
 from cvserve.study.baseline import BaselineProcess
 
 HERE = Path(__file__).resolve().parent

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     import httpx
 
     from cvserve.bench.results import write_benchmark
-    from cvserve.serving.server import ServerProcess
+    from cvserve.serving.process import ServerProcess
     from cvserve.trace import parse_server_timing
 
     data = a.photo.read_bytes()

@@ -14,7 +14,7 @@ from PIL import Image
 
 from cvserve.bench import BenchConfig, BenchImage, BenchResult, run_bench
 from cvserve.models import store
-from cvserve.serving.server import ServerProcess
+from cvserve.serving.process import ServerProcess
 
 DEFAULT_MODEL = "resnet18"
 DEFAULT_CONCURRENCY = (1, 4, 16)

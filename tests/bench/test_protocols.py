@@ -32,7 +32,7 @@ from cvserve.bench import (
 from cvserve.config import BatchConfig, ModelConfig, ServerConfig
 from cvserve.images.preprocess import Preprocessor
 from cvserve.models import store
-from cvserve.serving.server import ServerThread, free_port
+from cvserve.serving.process import ServerThread, free_port
 from cvserve.serving.v2.grpc import request_from_proto
 from cvserve.serving.v2.http import parse_request
 from cvserve.serving.v2.proto import inference_pb2 as pb

@@ -13,7 +13,7 @@ from rich.console import Console
 
 from cvserve.bench import BenchConfig, run_bench
 from cvserve.bench.console import summary_table
-from cvserve.serving.server import free_port
+from cvserve.serving.process import free_port
 
 READY = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
 REFUSAL = (

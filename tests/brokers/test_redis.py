@@ -17,7 +17,7 @@ from cvserve.brokers import (
     StageWorker,
     broker_from_url,
 )
-from cvserve.serving.server import free_port
+from cvserve.serving.process import free_port
 
 from .conftest import run
 

@@ -188,7 +188,7 @@ def test_probes_and_metric_match_a_real_server(model_cache):
     """A server started with the manifest's settings (the tiny model, free ports, no
     pipeline) answers 200 on each probe's path at the probe's port, and exports the metric
     the autoscaler scales on."""
-    from cvserve.serving.server import ServerProcess, free_port
+    from cvserve.serving.process import ServerProcess, free_port
 
     c, argv = _server_container(), _server_argv()
     main, metrics = int(_flag(argv, "--port")), int(_flag(argv, "--metrics-port"))

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from cvserve.config import BatchConfig, ModelConfig, ServerConfig
-from cvserve.serving.server import ServerThread, free_port
+from cvserve.serving.process import ServerThread, free_port
 
 
 def start_server(cache: Path, **batching) -> ServerThread:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from cvserve.serving.server import free_port
+from cvserve.serving.process import free_port
 
 MODEL = "tiny-resnet"
 PREDICT = f"/v1/models/{MODEL}:predict"

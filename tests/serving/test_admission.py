@@ -28,7 +28,7 @@ from cvserve.config import (
     server_config_from_dict,
 )
 from cvserve.images.budget import claim
-from cvserve.serving.server import ServerThread, free_port
+from cvserve.serving.process import ServerThread, free_port
 from cvserve.trace import Trace
 
 MODEL = "tiny-resnet"

@@ -8,7 +8,7 @@ import httpx
 import pytest
 from served import MODEL, PREDICT, Served
 
-from cvserve.serving.server import free_port
+from cvserve.serving.process import free_port
 from cvserve.serving.v2.grpc import encode_bytes
 from cvserve.serving.v2.proto import inference_pb2 as pb
 from cvserve.serving.v2.proto import inference_pb2_grpc as pb_grpc

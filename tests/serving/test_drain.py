@@ -11,7 +11,7 @@ import threading
 import httpx
 from served import MODEL, PREDICT, SLOW, Served, wait_for
 
-from cvserve.serving.server import free_port
+from cvserve.serving.process import free_port
 
 
 def _photos(data_dir) -> list[bytes]:

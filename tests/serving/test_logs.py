@@ -12,7 +12,7 @@ import httpx
 import pytest
 from served import PREDICT, Served, wait_for
 
-from cvserve.serving.server import free_port
+from cvserve.serving.process import free_port
 from cvserve.serving.v2.proto import inference_pb2 as pb
 from cvserve.serving.v2.proto import inference_pb2_grpc as pb_grpc
 

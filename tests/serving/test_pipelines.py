@@ -14,7 +14,7 @@ pytest.importorskip("pyclipper", reason="the OCR pipeline needs the ocr extra")
 
 from cvserve.config import PipelineConfig, ServerConfig  # noqa: E402
 from cvserve.images.decode import decode  # noqa: E402
-from cvserve.serving.server import ServerThread, free_port  # noqa: E402
+from cvserve.serving.process import ServerThread, free_port  # noqa: E402
 from cvserve.trace import SERVER_STAGES, parse_server_timing  # noqa: E402
 
 PREDICT = "/v1/pipelines/ocr:predict"

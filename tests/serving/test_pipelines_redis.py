@@ -24,7 +24,7 @@ from served import stop_processes
 
 from cvserve.brokers.redis_server import RedisServer
 from cvserve.config import PipelineConfig, ServerConfig
-from cvserve.serving.server import ServerThread, free_port
+from cvserve.serving.process import ServerThread, free_port
 
 PREDICT = "/v1/pipelines/dc:predict"
 PARAMS = {"detector": "tiny-yolos", "classifier": "tiny-resnet", "objects": 6}

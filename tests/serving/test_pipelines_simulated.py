@@ -16,7 +16,7 @@ from served import stop_processes
 from cvserve.cli import build_parser, server_config_from_args
 from cvserve.config import ConfigError, PipelineConfig, ServerConfig, server_config_from_dict
 from cvserve.runtime.simulated import SimProfile
-from cvserve.serving.server import ServerThread, free_port
+from cvserve.serving.process import ServerThread, free_port
 from cvserve.trace import parse_server_timing, server_timing_simulated
 
 PARAMS = {"detector": "tiny-yolos", "classifier": "tiny-resnet", "objects": 3}

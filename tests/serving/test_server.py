@@ -171,7 +171,7 @@ def test_overload_gets_fast_429s(model_cache, distinct_images, server_factory):
 
 def test_yaml_config_serves_two_models_with_their_own_settings(model_cache, tmp_path, data_dir):
     from cvserve.config import load_config
-    from cvserve.serving.server import ServerThread, free_port
+    from cvserve.serving.process import ServerThread, free_port
 
     cfg_file = tmp_path / "serve.yaml"
     cfg_file.write_text(
@@ -214,7 +214,7 @@ def test_folded_uint8_model_serves_the_same_answers(model_cache, data_dir):
     pytest.importorskip("onnx")
     from cvserve.config import ModelConfig, ServerConfig
     from cvserve.models import fold_normalize
-    from cvserve.serving.server import ServerThread, free_port
+    from cvserve.serving.process import ServerThread, free_port
 
     fold_normalize("tiny-resnet", cache=model_cache, overwrite=True)
     cfg = ServerConfig(
@@ -236,7 +236,7 @@ def test_folded_uint8_model_serves_the_same_answers(model_cache, data_dir):
 
 def test_yaml_config_sets_keys_metrics_port_and_drain(model_cache, tmp_path, data_dir):
     from cvserve.config import ConfigError, load_config
-    from cvserve.serving.server import ServerThread, free_port
+    from cvserve.serving.process import ServerThread, free_port
 
     keys = tmp_path / "keys"
     keys.write_text("s3cret-key\n")

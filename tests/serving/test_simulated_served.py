@@ -17,7 +17,7 @@ from cvserve.config import (
     ServerConfig,
     server_config_from_dict,
 )
-from cvserve.serving.server import ServerThread, free_port
+from cvserve.serving.process import ServerThread, free_port
 from cvserve.trace import parse_server_timing, server_timing_simulated
 
 PROFILE = "1:60,8:80"
@@ -144,7 +144,7 @@ def test_waiting_for_a_busy_device_is_batch_wait(model_cache, jpeg):
 
 def test_bench_results_record_simulated_inference(model_cache, data_dir, tmp_path):
     """`cvserve serve --runtime simulated` in a child process, measured by run_bench."""
-    from cvserve.serving.server import ServerProcess
+    from cvserve.serving.process import ServerProcess
 
     flags = ["--model", "tiny-resnet", "--cache-dir", str(model_cache), "--runtime",
              "simulated", "--sim-profile", PROFILE, "--preprocess-threads", "2"]  # fmt: skip

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from served import PREDICT, SLOW, Served, wait_for
 
-from cvserve.serving.server import free_port
+from cvserve.serving.process import free_port
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from cvserve.config import ModelConfig, ServerConfig
-from cvserve.serving.server import ServerThread, free_port
+from cvserve.serving.process import ServerThread, free_port
 from cvserve.tasks.encode import decode_array, decode_npz
 from cvserve.trace import parse_server_timing
 

@@ -13,7 +13,7 @@ import pytest
 from served import MODEL, PREDICT, Served
 
 from cvserve.bench import ServerUnreachable
-from cvserve.serving.server import free_port
+from cvserve.serving.process import free_port
 from cvserve.serving.v2.proto import inference_pb2 as pb
 from cvserve.serving.v2.proto import inference_pb2_grpc as pb_grpc
 

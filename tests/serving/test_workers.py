@@ -28,7 +28,7 @@ from cvserve.config import (
     load_config,
     server_config_from_dict,
 )
-from cvserve.serving.server import ServerProcess, free_port
+from cvserve.serving.process import ServerProcess, free_port
 from cvserve.serving.workers import worker_config
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -303,3 +303,43 @@ def test_the_settings_a_worker_gets_read_back_the_same():
         pipelines=(PipelineConfig("ocr", stage_workers=0, params={"k": 1}),),
     )  # fmt: skip
     assert server_config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def test_a_workers_settings_touch_no_file_and_no_command_line(
+    model_cache, jpg, tmp_path, monkeypatch
+):
+    """The settings hold the broker's password: nothing in the temporary folder (it would
+    outlive a SIGKILLed parent) and nothing in any process's command line (``ps``)."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    secret = "s3cret-pw"  # no pipeline: the broker is carried, never dialled
+    broker = f"redis://:{secret}@127.0.0.1:9"
+    with Served(tmp_path, model_cache, "--workers", "2", "--broker", broker) as srv:
+        wait_for(lambda: srv.lines("ready on"), 120, "every worker ready")
+        r = httpx.post(srv.url + PREDICT, content=jpg, headers={"content-type": "image/jpeg"})
+        assert r.status_code == 200
+        kids = _children(srv.proc.pid)
+        assert len(kids) == 2
+        for pid in kids:
+            assert secret not in _cmdline(pid)
+        written = [p for p in tmp.rglob("*") if p.is_file()]
+        for path in written:
+            assert secret.encode() not in path.read_bytes(), path
+        assert not [p for p in written if p.suffix in (".json", ".yaml")], written
+
+
+def test_cvserve_worker_takes_its_broker_from_the_environment(monkeypatch):
+    monkeypatch.setenv("CVSERVE_BROKER", "redis://:pw@127.0.0.1:6379")
+    args = build_parser().parse_args(["worker", "--pipeline", "ocr", "--stage", "rec"])
+    assert args.broker == "redis://:pw@127.0.0.1:6379"
+    monkeypatch.delenv("CVSERVE_BROKER")
+    with pytest.raises(SystemExit):  # required where the environment does not give it
+        build_parser().parse_args(["worker", "--pipeline", "ocr", "--stage", "rec"])

@@ -273,7 +273,7 @@ def test_class_map_png_is_a_valid_png_of_the_same_map(dtype):
 def seg_server(model_cache):
     from cvserve.config import ModelConfig, ServerConfig
     from cvserve.models import store
-    from cvserve.serving.server import ServerThread, free_port
+    from cvserve.serving.process import ServerThread, free_port
 
     store.ensure_built("tiny-segformer", model_cache)
     cfg = ServerConfig(

@@ -7,7 +7,7 @@ import urllib.request
 
 from cvserve.cli import main
 from cvserve.config import load_config
-from cvserve.serving.server import ServerProcess
+from cvserve.serving.process import ServerProcess
 from cvserve.tune import state_path
 
 

@@ -131,7 +131,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     server = contextlib.nullcontext()
     url = args.url
     if args.inprocess:
-        from cvserve.serving.server import ServerProcess, free_port
+        from cvserve.serving.process import ServerProcess, free_port
 
         what = ["--pipeline", args.pipeline] if args.pipeline else ["--model", args.model]
         serve = [*what, *shlex.split(args.serve_args)]

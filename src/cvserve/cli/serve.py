@@ -95,6 +95,22 @@ def _add_front_args(p: argparse.ArgumentParser) -> None:
         "--metrics-port", type=int, default=None, metavar="PORT",
         help="/metrics (and /healthz, /readyz) on this port instead, plain HTTP, no API key",
     )  # fmt: skip
+    g.add_argument("--max-header-bytes", type=int, default=None, metavar="N",
+                   help="request line and headers, bytes (431 above; default 65536)")  # fmt: skip
+    g.add_argument("--max-headers", type=int, default=None, metavar="N",
+                   help="header fields in one request (431 above; default 100)")  # fmt: skip
+    g.add_argument("--keep-alive-timeout-ms", type=float, default=None, metavar="MS",
+                   help="close a connection with no request under way after MS (default "
+                   "30000)")  # fmt: skip
+    g.add_argument("--header-timeout-ms", type=float, default=None, metavar="MS",
+                   help="a request's headers complete within MS of its first byte (408 "
+                   "after; default 20000)")  # fmt: skip
+    g.add_argument("--body-timeout-ms", type=float, default=None, metavar="MS",
+                   help="close a request whose body gets no byte for MS (default 30000)")  # fmt: skip
+    g.add_argument("--max-connections", type=int, default=None, metavar="N",
+                   help="open HTTP connections; over it the least recently active idle one is "
+                   "closed (503 when all are busy); default 0: 3/4 of the descriptor limit, "
+                   "at most 4096")  # fmt: skip
 
 
 def _queue_wait(text: str) -> float | None:

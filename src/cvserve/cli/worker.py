@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from cvserve.cli._common import add_cache_arg, say
 from cvserve.cli.serve import add_cores_arg, add_runtime_args
@@ -17,8 +18,10 @@ def add_worker_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kind", help="pipeline kind (default: the pipeline's name)")
     p.add_argument("--stage", required=True, help="stage to serve (ocr: rec)")
     p.add_argument(
-        "--broker", required=True,
-        help="redis://[[user]:password@]host:port (rediss:// for TLS)",
+        "--broker", default=os.environ.get("CVSERVE_BROKER"),
+        required="CVSERVE_BROKER" not in os.environ,
+        help="redis://[[user]:password@]host:port (rediss:// for TLS); default: the "
+        "CVSERVE_BROKER environment variable, which keeps a password out of `ps`",
     )  # fmt: skip
     p.add_argument("--instances", type=int, default=1, help="model instances in this process")
     p.add_argument("--max-batch", type=int, default=16, help="items per batch")

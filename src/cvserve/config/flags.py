@@ -16,7 +16,9 @@ from cvserve.config.server import ServerConfig
 #: ``serve`` flags that a --config file's ``server:`` keys of the same names also set
 #: (the flags win when given).
 FRONT_KEYS = ("drain_delay_ms", "drain_timeout_ms", "reuse_port", "workers", "api_key_file",
-              "tls_cert", "tls_key", "metrics_port")  # fmt: skip
+              "tls_cert", "tls_key", "metrics_port", "max_header_bytes", "max_headers",
+              "keep_alive_timeout_ms", "header_timeout_ms", "body_timeout_ms",
+              "max_connections")  # fmt: skip
 
 
 def server_config_from_args(args: Any) -> ServerConfig:

@@ -82,6 +82,26 @@ class ServerConfig:
     #: ``/metrics`` (and ``/healthz``, ``/readyz``) on this port of its own, plain HTTP and
     #: without API keys; None: ``/metrics`` on the main port.
     metrics_port: int | None = None
+    #: HTTP limits before trust (``cvserve.serving.protocol``). Request line and headers
+    #: together, in bytes (431 above): 64 KiB, what an AWS ALB forwards, room for large
+    #: bearer tokens and cookies, yet a 200 MB header costs nothing.
+    max_header_bytes: int = 64 * 1024
+    #: Header fields in one request (431 above): 100, Apache's LimitRequestFields.
+    max_headers: int = 100
+    #: A connection with no request under way (a new one too) is closed after this long:
+    #: 30 s, uvicorn's value here before these limits: a client pool reusing connections
+    #: seldom meets a close, and idle sockets still go.
+    keep_alive_timeout_ms: float = 30_000.0
+    #: From a request's first byte, its headers must be complete within this (slowloris;
+    #: 408 after it): 20 s, Apache mod_reqtimeout's default.
+    header_timeout_ms: float = 20_000.0
+    #: A request body that receives no byte for this long is closed (inactivity, so a slow
+    #: but steady upload always succeeds): 30 s, half of nginx's client_body_timeout (60 s).
+    body_timeout_ms: float = 30_000.0
+    #: Open HTTP connections; over it the least recently active one with no request under
+    #: way is closed (503 if every one is busy). 0: three quarters of the descriptor
+    #: limit, at most 4096 (each idle connection costs about 10 KB).
+    max_connections: int = 0
     cache_dir: str | None = None
     #: Where pipeline stages meet: ``inprocess://`` (default) or ``redis://host:port``.
     broker: str = "inprocess://"
@@ -115,6 +135,11 @@ class ServerConfig:
             duration_ms("drain_timeout_ms", self.drain_timeout_ms, positive=False)
             duration_ms("drain_delay_ms", self.drain_delay_ms, positive=False)
             flag("reuse_port", self.reuse_port)
+            for key in ("keep_alive_timeout_ms", "header_timeout_ms", "body_timeout_ms"):
+                duration_ms(key, getattr(self, key), positive=True)
+            integer("max_header_bytes", self.max_header_bytes, 1024)
+            integer("max_headers", self.max_headers, 1)
+            integer("max_connections", self.max_connections, 0)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if self.max_pixels_in_flight and not self.max_pixels_in_flight >= self.max_pixels:

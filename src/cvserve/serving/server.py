@@ -21,6 +21,12 @@ A server may be one of the processes of ``serve --workers N``
 go to the parent's multiprocess directory so that every process's ``/metrics`` counts
 them all.
 
+Every HTTP connection is under the limits of :mod:`cvserve.serving.protocol` (head size
+and count, idle, head and body timeouts, a connection cap) before its request reaches the
+app. Binding is :mod:`cvserve.serving.sockets`, loading :mod:`cvserve.serving.loading`;
+a server in a thread or a child process for tests and benchmarks is
+:mod:`cvserve.serving.process`.
+
 A second signal exits at once. With ``grpc_port`` set, the KServe v2 gRPC door runs on the
 same event loop over the same state: the drain covers it (new inferences get UNAVAILABLE),
 and it stops before the models do.
@@ -29,36 +35,20 @@ and it stops before the models do.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
-import os
-import signal
-import socket
-import ssl
-import struct
-import subprocess
-import sys
-import tempfile
-import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import uvicorn
 
 from cvserve.config import ServerConfig
-from cvserve.images.budget import PixelBudget
-from cvserve.models import store
 from cvserve.serving import logs
 from cvserve.serving.app import create_app, create_metrics_app, refresh_gauges
 from cvserve.serving.auth import ApiKeys, check_tls_files
-from cvserve.serving.core import PreprocessPool
-from cvserve.serving.metrics import Metrics
-from cvserve.serving.model import ModelServer
-from cvserve.serving.state import ServerState
+from cvserve.serving.loading import load_servables, new_state
+from cvserve.serving.protocol import HttpLimits, limited_protocol
+from cvserve.serving.sockets import BACKLOG, HANDSHAKE_WAIT_S, bind_socket, refuse_handshakes
 
 log = logging.getLogger(__name__)
 
@@ -68,140 +58,8 @@ Progress = Callable[[str], None]
 IDLE_GRACE_S = 1.0
 #: Connections still busy this long after the drain are left to uvicorn's shutdown.
 _IDLE_WAIT_S = 5.0
-_BACKLOG = 2048
 #: How often one process of several sets its gauges (queue depth, busy instances).
 GAUGE_REFRESH_S = 0.5
-
-
-def load_models(
-    config: ServerConfig, pool: PreprocessPool, metrics: Metrics, progress: Progress | None = None
-) -> dict[str, ModelServer]:
-    """Build (in a child process, if needed) and load every configured model."""
-    models: dict[str, ModelServer] = {}
-    for mc in config.models:
-        meta = store.ensure_built(mc.store_name, config.cache_dir, progress=progress)
-        path = store.model_path(meta, config.cache_dir)
-        models[mc.name] = ModelServer(
-            meta, str(path), mc, pool, max_pixels=config.max_pixels,
-            on_batch=metrics.batch_observer(mc.name),
-        )  # fmt: skip
-    return models
-
-
-def load_servables(
-    config: ServerConfig, pool: PreprocessPool, metrics: Metrics, progress: Progress | None = None
-) -> tuple[dict[str, Any], dict[str, Any], Any]:
-    """Every model and pipeline ``config`` serves, loaded (not started), and the broker."""
-    models = load_models(config, pool, metrics, progress)
-    pipelines: dict[str, Any] = {}
-    broker = None
-    if config.pipelines:
-        from cvserve.brokers import broker_from_url, redact_url
-        from cvserve.serving.pipelines.engine import PipelineServer
-
-        broker = broker_from_url(config.broker)
-        for pc in config.pipelines:
-            if progress is not None:
-                progress(f"loading pipeline {pc.name} ({pc.kind}) over {redact_url(config.broker)}")
-            pipelines[pc.name] = PipelineServer(
-                pc, pool, broker, max_pixels=config.max_pixels, cache_dir=config.cache_dir
-            )
-    return models, pipelines, broker
-
-
-def new_state(config: ServerConfig, metrics_dir: str | None = None) -> ServerState:
-    """The state of a server that has loaded nothing yet (``metrics_dir``: one process of
-    several, counting in prometheus-client's multiprocess directory)."""
-    pool = PreprocessPool(
-        config.resolved_preprocess_threads(), PixelBudget(config.resolved_pixels_in_flight())
-    )
-    # the request's context follows its work onto the pool's threads (logs: warnings)
-    pool.executor = logs.ContextExecutor(pool.threads, thread_name_prefix="preprocess")
-    return ServerState(config, pool=pool, metrics=Metrics(multiprocess_dir=metrics_dir))
-
-
-def bind_socket(host: str, port: int, *, reuse_port: bool = False, listen: bool = True):
-    """A TCP socket bound to ``host:port`` (listening unless ``listen`` is False); OSError
-    with a one-line message when the port cannot be had."""
-    try:
-        family, kind, proto, _, addr = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-    except socket.gaierror as e:
-        raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from None
-    sock = socket.socket(family, kind, proto)
-    try:
-        # a restart must not wait for the old process's connections in TIME_WAIT
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(addr)
-        if listen:
-            sock.listen(_BACKLOG)
-    except OSError as e:
-        sock.close()
-        if e.errno == errno.EADDRINUSE:
-            why = "the address is in use by another process; choose another port"
-            raise OSError(f"cannot listen on {host}:{port}: {why}") from None
-        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    sock.setblocking(False)
-    return sock
-
-
-#: Classic BPF socket filter: drop a TCP segment with SYN set (a new handshake), pass the
-#: rest. A socket filter sees the TCP header at offset 0; byte 13 holds the flags.
-_DROP_SYN = (
-    (0x30, 0, 0, 13),  # ldb [13]
-    (0x45, 0, 1, 0x02),  # jset #SYN, next, skip 1
-    (0x06, 0, 0, 0),  # ret #0: drop
-    (0x06, 0, 0, 0xFFFFFFFF),  # ret #-1: pass
-)
-#: How long handshakes already under way get to complete before the listener closes.
-_HANDSHAKE_WAIT_S = 0.25
-_SO_ATTACH_FILTER = 26  # linux/asm-generic/socket.h
-
-
-def _refuse_handshakes(sock: socket.socket) -> bool:
-    """Attach :data:`_DROP_SYN` to a listening socket (Linux's SO_ATTACH_FILTER, no
-    privilege needed); False where there are no socket filters."""
-    import ctypes
-
-    class Insn(ctypes.Structure):  # struct sock_filter
-        _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8),
-                    ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]  # fmt: skip
-
-    if not sys.platform.startswith("linux"):
-        return False
-    prog = (Insn * len(_DROP_SYN))(*(Insn(*insn) for insn in _DROP_SYN))
-    fprog = struct.pack("HL", len(_DROP_SYN), ctypes.addressof(prog))  # struct sock_fprog
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
-    except OSError as e:
-        log.debug("no socket filter (%s): the listener closes at once", e)
-        return False
-    return True
-
-
-def _tracked_protocol() -> type:
-    """uvicorn's HTTP/1.1 protocol, noting when each connection last did something."""
-    from uvicorn.protocols.http.auto import AutoHTTPProtocol
-
-    class TrackedHTTP(AutoHTTPProtocol):  # type: ignore[valid-type, misc]
-        last_active = 0.0
-
-        def connection_made(self, transport) -> None:
-            self.last_active = time.monotonic()
-            super().connection_made(transport)
-
-        def data_received(self, data: bytes) -> None:
-            self.last_active = time.monotonic()
-            super().data_received(data)
-
-        def on_response_complete(self) -> None:
-            self.last_active = time.monotonic()
-            super().on_response_complete()
-
-    return TrackedHTTP
 
 
 def _uvicorn_config(app, config: ServerConfig, tls: bool = True) -> uvicorn.Config:
@@ -210,13 +68,14 @@ def _uvicorn_config(app, config: ServerConfig, tls: bool = True) -> uvicorn.Conf
         host=config.host,
         port=config.port,
         loop="auto",
-        http=_tracked_protocol(),
+        http=limited_protocol(HttpLimits.from_config(config)),
         lifespan="off",  # the server starts and stops the models itself (Server.serve)
         access_log=False,
         log_level="warning",
-        timeout_keep_alive=30,
+        timeout_keep_alive=config.keep_alive_timeout_ms / 1000.0,  # type: ignore[arg-type]
+        h11_max_incomplete_event_size=config.max_header_bytes,  # without httptools
         timeout_graceful_shutdown=int(_IDLE_WAIT_S),
-        backlog=_BACKLOG,
+        backlog=BACKLOG,
         ssl_certfile=config.tls_cert if tls else None,
         ssl_keyfile=config.tls_key if tls else None,
     )
@@ -411,8 +270,8 @@ class _Server(uvicorn.Server):
         servers = getattr(self, "servers", ())
         if not servers:
             return
-        if _refuse_handshakes(self.sock):
-            await asyncio.sleep(_HANDSHAKE_WAIT_S)
+        if refuse_handshakes(self.sock):
+            await asyncio.sleep(HANDSHAKE_WAIT_S)
         for server in servers:
             server.close()  # no new connections (with reuse_port: the others get them)
 
@@ -480,146 +339,3 @@ def run_server(
     server.run()
     if server.failure is not None:
         raise server.failure
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-class ServerThread:
-    """A server in a background thread of this process (``cvserve demo``, tests)."""
-
-    def __init__(self, config: ServerConfig, progress: Progress | None = None) -> None:
-        self.config = config
-        self.server = _Server(config, progress)
-        self.state: ServerState = self.server.state
-        self._thread = threading.Thread(target=self.server.run, name="cvserve-http", daemon=True)
-
-    @property
-    def url(self) -> str:
-        return self.server.url
-
-    @property
-    def metrics_url(self) -> str | None:
-        return self.server.metrics_url
-
-    @property
-    def grpc_target(self) -> str:
-        """``host:port`` of the gRPC door (the bound port when ``grpc_port`` was 0)."""
-        if self.server.grpc is None:
-            raise RuntimeError("no gRPC door: set ServerConfig.grpc_port and start()")
-        return self.server.grpc.address
-
-    def start(self, timeout: float = 120.0) -> ServerThread:
-        """Start, and wait until the models are loaded and every door listens."""
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        wants_grpc = self.config.grpc_port is not None
-        while (
-            not self.server.started
-            or self.state.loading
-            or (wants_grpc and self.server.grpc is None)
-        ):
-            if self.server.failure is not None:
-                self._thread.join(30)
-                raise RuntimeError(f"server failed to start: {self.server.failure}") from (
-                    self.server.failure
-                )
-            if not self._thread.is_alive():
-                raise RuntimeError("server thread exited during start-up")
-            if time.monotonic() > deadline:
-                raise TimeoutError("server did not start in time")
-            time.sleep(0.02)
-        return self
-
-    def stop(self, timeout: float = 30.0) -> None:
-        if self.server._loop is not None and self._thread.is_alive():
-            self.server._loop.call_soon_threadsafe(self.server.drain)
-        self._thread.join(timeout)
-
-    def __enter__(self) -> ServerThread:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-class ServerProcess:
-    """``cvserve serve`` in a child process (benchmarks and the demo: the load generator
-    must not share a GIL with the server it measures)."""
-
-    def __init__(
-        self,
-        serve_args: list[str],
-        port: int | None = None,
-        host: str = "127.0.0.1",
-        cpus: set[int] | None = None,
-    ):
-        """``cpus``: the CPUs the server may run on (Linux; default: the caller's), so
-        that a load generator on the others does not take the server's cores."""
-        self.port = port or free_port(host)
-        self.cpus = cpus
-        self.host = host
-        self.args = [sys.executable, "-m", "cvserve", "serve", "--host", host,
-                     "--port", str(self.port), *serve_args]  # fmt: skip
-        self.scheme = "https" if "--tls-cert" in serve_args else "http"
-        self.proc: subprocess.Popen | None = None
-        self._log = tempfile.TemporaryFile("w+b")
-
-    @property
-    def url(self) -> str:
-        return f"{self.scheme}://{self.host}:{self.port}"
-
-    def start(self, timeout: float = 300.0, ready_url: str | None = None) -> ServerProcess:
-        """Start it and wait for ``ready_url`` (default: its own ``/readyz``; another
-        when the port is shared with a server that is leaving) to answer 200. With
-        ``--workers`` in its arguments, also for its ``ready on`` line: the first process
-        to load answers ``/readyz`` on the shared port before the others have joined."""
-        ready_url = ready_url or self.url + "/readyz"
-        cpus = self.cpus
-        self.proc = subprocess.Popen(
-            self.args,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus),
-        )
-        # readiness only: whoever wants the certificate checked checks it themselves
-        ctx = ssl._create_unverified_context() if self.scheme == "https" else None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                with urllib.request.urlopen(ready_url, timeout=1, context=ctx) as r:
-                    if r.status == 200 and (
-                        "--workers" not in self.args or "\nready on " in "\n" + self.output()
-                    ):
-                        return self
-            except (OSError, urllib.error.URLError):
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise TimeoutError(f"server not ready after {timeout:.0f} s:\n{self.output()}")
-
-    def output(self) -> str:
-        self._log.seek(0)
-        return self._log.read().decode(errors="replace")[-4000:]
-
-    def stop(self, timeout: float = 30.0) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
-
-    def __enter__(self) -> ServerProcess:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-        self._log.close()

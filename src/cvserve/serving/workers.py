@@ -15,8 +15,11 @@ The parent:
 - checks the ports first (a port in use is a one-line error within a second, before any
   process starts), and holds the main port bound (not listening) so that no server
   without SO_REUSEPORT takes it meanwhile;
-- starts N children, each ``cvserve serve`` with the parent's settings (a JSON config
-  file, never pickle; :func:`worker_config`), in a session of their own (a terminal's
+- starts N children, each ``cvserve serve`` with the parent's settings (JSON, never
+  pickle; :func:`worker_config`) read from a pipe the child inherits (``--config
+  /dev/fd/N``): the settings hold the broker URL and its password, so they are never
+  written to a file (one in the temporary folder would outlive a SIGKILLed parent) nor put
+  on a command line (``ps`` shows it to every user), in a session of their own (a terminal's
   Ctrl-C reaches only the parent, which passes it on once). A child loads its own models:
   nothing loaded is inherited. Threads are sized so that N processes fit the cores:
   preprocessing threads, onnxruntime intra-op threads and a pipeline's CPU budget default
@@ -130,7 +133,7 @@ class _Supervisor:
     """The parent's state and loop (see the module docstring)."""
 
     def __init__(self, config: ServerConfig, verbose: bool = False) -> None:
-        from cvserve.serving.server import bind_socket
+        from cvserve.serving.sockets import bind_socket
 
         self.config = config
         self.n = config.workers
@@ -148,9 +151,8 @@ class _Supervisor:
         self.tmp = Path(tempfile.mkdtemp(prefix="cvserve-workers-"))
         self.metrics_dir = self.tmp / "metrics"
         self.metrics_dir.mkdir()
-        self.config_path = self.tmp / "worker.json"
         child_cfg = replace(worker_config(config), port=self.port)
-        self.config_path.write_text(json.dumps(config_to_dict(child_cfg)))
+        self.settings = json.dumps(config_to_dict(child_cfg)).encode()
         self.children: dict[int, _Child] = {}
         self.failures = dict.fromkeys(range(self.n), 0)
         self.restart_at: dict[int, float] = {}
@@ -164,14 +166,23 @@ class _Supervisor:
     # -- children -------------------------------------------------------------------------
     def spawn(self, index: int) -> None:
         r, w = os.pipe()
+        settings_r, settings_w = os.pipe()
         cmd = [sys.executable, "-m", "cvserve", *(["-v"] if self.verbose else []), "serve",
-               "--config", str(self.config_path), "--host", self.config.host,
+               "--config", f"/dev/fd/{settings_r}", "--host", self.config.host,
                "--port", str(self.port), "--worker-index", str(index), "--ready-fd", str(w)]  # fmt: skip
         env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)}
         try:
-            proc = subprocess.Popen(cmd, pass_fds=(w,), env=env, start_new_session=True)
+            proc = subprocess.Popen(cmd, pass_fds=(w, settings_r), env=env, start_new_session=True)
+        except BaseException:
+            os.close(settings_w)
+            raise
         finally:
             os.close(w)
+            os.close(settings_r)
+        # a thread: settings larger than the pipe's buffer wait for the child to read them
+        threading.Thread(
+            target=_write_and_close, args=(settings_w, self.settings), daemon=True
+        ).start()
         os.set_blocking(r, False)
         self.children[index] = _Child(index, proc, r)
         log.info("worker %d started (pid %d)", index, proc.pid)
@@ -329,6 +340,14 @@ class _Supervisor:
         server.daemon_threads = True
         threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
         self._http = server
+
+
+def _write_and_close(fd: int, data: bytes) -> None:
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    except OSError as e:  # the child died before it read them: its exit is reported
+        log.debug("a worker did not read its settings: %s", e)
 
 
 def _handler(sup: _Supervisor) -> type[BaseHTTPRequestHandler]:

@@ -32,7 +32,7 @@ from cvserve.images.spec import PreprocessSpec
 from cvserve.images.transforms import RESAMPLE
 from cvserve.models.metadata import ModelMeta
 from cvserve.models.store import SIDECAR_FILE
-from cvserve.serving.server import ServerProcess
+from cvserve.serving.process import ServerProcess
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cvserve.serving.server import ServerProcess
+from cvserve.serving.process import ServerProcess
 from cvserve.study.baseline import BaselineProcess
 
 __all__ = [

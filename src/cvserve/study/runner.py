@@ -279,7 +279,7 @@ def _cpu_ms(fn: Callable[[bytes], Any], images: list[bytes], budget_s: float) ->
 @contextlib.contextmanager
 def _serve(ctx: StudyContext, spec: ServerSpec) -> Iterator[tuple[str, str]]:
     """Start ``spec``'s server; yields (url, the command that started it)."""
-    from cvserve.serving.server import ServerProcess
+    from cvserve.serving.process import ServerProcess
 
     if spec.kind == "cvserve":
         args = list(spec.args)

@@ -117,7 +117,7 @@ class ServerMeasurer:
 
     def __call__(self, settings: Settings) -> Measurement:
         from cvserve.bench import BenchConfig, BenchError, run_bench
-        from cvserve.serving.server import ServerProcess
+        from cvserve.serving.process import ServerProcess
         from cvserve.tune.output import write_config
 
         t0 = time.monotonic()

@@ -23,7 +23,7 @@ from cvserve.errors import RequestError
 from cvserve.images.preprocess import Preprocessor
 from cvserve.models import store
 from cvserve.serving import errors
-from cvserve.serving.server import ServerThread, free_port
+from cvserve.serving.process import ServerThread, free_port
 from cvserve.serving.v2.grpc import decode_bytes, encode_bytes, grpc_status, request_from_proto
 from cvserve.serving.v2.proto import inference_pb2 as pb
 from cvserve.serving.v2.proto import inference_pb2_grpc as pb_grpc

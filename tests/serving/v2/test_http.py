@@ -14,7 +14,7 @@ import pytest
 
 from cvserve.images.preprocess import Preprocessor
 from cvserve.models import store
-from cvserve.serving.server import ServerThread, free_port
+from cvserve.serving.process import ServerThread, free_port
 from cvserve.tasks.base import softmax
 from cvserve.trace import SERVER_STAGES, parse_server_timing
 

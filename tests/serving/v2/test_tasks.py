@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cvserve.config import ModelConfig, PipelineConfig, ServerConfig
-from cvserve.serving.server import ServerThread, free_port
+from cvserve.serving.process import ServerThread, free_port
 from cvserve.tasks.encode import decode_npz
 
 th = pytest.importorskip("tritonclient.http", reason="needs the test extra (tritonclient[http])")

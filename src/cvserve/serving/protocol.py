@@ -1,0 +1,341 @@
+"""HTTP/1.1 connections with limits before trust: nothing a client sends before its
+request reaches the app (where the key is checked) costs more than a small, bounded
+amount of memory, time or file descriptors.
+
+uvicorn's httptools protocol, extended with:
+
+- **head size and count** (``max_header_bytes``, ``max_headers``): the request line and
+  headers are counted while they arrive, before they are complete (httptools buffers a
+  header value whole before it calls back, so a 200 MB ``Authorization`` would otherwise
+  be read into memory); over a limit: ``431`` and the connection closed;
+- **idle keep-alive** (``keep_alive_timeout_ms``): a connection with no request under way,
+  a new one included, is closed after this long;
+- **head read** (``header_timeout_ms``): from a request's first byte, its headers must be
+  complete within this long (slowloris); else ``408`` and closed;
+- **body read** (``body_timeout_ms``): an *inactivity* limit: a body that receives no byte
+  for this long is closed and its memory freed (the app sees the client leave). A slow but
+  steady upload of a large image is never cut: each byte restarts the clock, and a pause
+  while the app is not reading (flow control) does not count;
+- **connections** (``max_connections``): a new connection over the cap closes the
+  least recently active connection with no request under way (or still sending
+  its head: a slowloris one is the first to go); when every connection has a request in
+  flight, the new one is answered ``503`` and closed. So idle sockets cannot take every
+  descriptor, and ``/healthz`` on a new connection keeps being answered.
+
+Each connection also notes when it last did something (``last_active``): the drain closes
+only connections that have been idle a moment (see :mod:`cvserve.serving.server`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+__all__ = ["HttpLimits", "limited_protocol", "resolved_max_connections"]
+
+#: ``max_connections: 0`` takes this share of the descriptor limit (the rest: model
+#: files, the gRPC door, the metrics port, pipes, logs) ...
+_FD_SHARE = 0.75
+#: ... but no more than this many: a CV server behind a load balancer needs few
+#: connections, and each costs memory (about 10 KB of Python objects) even when idle.
+_MAX_AUTO_CONNECTIONS = 4096
+
+
+def resolved_max_connections(configured: int) -> int:
+    """``configured``, or for 0 the automatic cap: three quarters of the soft descriptor
+    limit, at most :data:`_MAX_AUTO_CONNECTIONS`, at least 16."""
+    if configured:
+        return configured
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return _MAX_AUTO_CONNECTIONS
+    return max(16, min(_MAX_AUTO_CONNECTIONS, int(soft * _FD_SHARE)))
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """What one HTTP connection may cost before its request reaches the app (the
+    defaults, and why each: :class:`cvserve.config.ServerConfig`)."""
+
+    max_header_bytes: int
+    max_headers: int
+    keep_alive_timeout_s: float
+    header_timeout_s: float
+    body_timeout_s: float
+    max_connections: int
+
+    @classmethod
+    def from_config(cls, config) -> HttpLimits:
+        return cls(
+            max_header_bytes=config.max_header_bytes,
+            max_headers=config.max_headers,
+            keep_alive_timeout_s=config.keep_alive_timeout_ms / 1000.0,
+            header_timeout_s=config.header_timeout_ms / 1000.0,
+            body_timeout_s=config.body_timeout_ms / 1000.0,
+            max_connections=resolved_max_connections(config.max_connections),
+        )
+
+
+_REASONS = {408: "Request Timeout", 431: "Request Header Fields Too Large",
+            503: "Service Unavailable"}  # fmt: skip
+
+
+def _response(status: int, kind: str, message: str, **extra) -> bytes:
+    """A whole response, written before any app runs (the doors' JSON error shape)."""
+    body = json.dumps({"error": {"kind": kind, "message": message, **extra}}).encode()
+    head = (
+        f"HTTP/1.1 {status} {_REASONS[status]}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n"
+        + ("retry-after: 1\r\n" if status == 503 else "")
+        + "\r\n"
+    )
+    return head.encode() + body
+
+
+class _Refused(Exception):
+    """Raised from a parser callback to stop parsing a head over a limit."""
+
+
+def limited_protocol(limits: HttpLimits) -> type:
+    """uvicorn's HTTP/1.1 protocol (httptools) under ``limits`` (module docstring)."""
+    try:
+        import httptools
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:  # h11: only its own head limit (uvicorn.Config's) and keep-alive
+        return _tracked_h11()
+
+    class LimitedHTTP(HttpToolsProtocol):  # type: ignore[misc]
+        last_active = 0.0
+        #: This server's connections, least recently active first: at the cap, finding
+        #: the one to close is O(1) (plus the busy ones at the front), not a scan of all.
+        _by_activity: OrderedDict[LimitedHTTP, None] = OrderedDict()
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self._reading_head = False
+            self._head_began = False  # in the chunk being parsed
+            self._head_bytes = 0  # whole chunks received while the head was incomplete
+            self._head_exact = 0  # request line and headers parsed so far
+            self._header_count = 0
+            self._refusal: bytes | None = None
+            self._head_timer = None
+            self._body_timer = None
+            self._body_last = 0.0
+
+        # -- connections ----------------------------------------------------------------
+        def _touch(self) -> None:
+            self.last_active = time.monotonic()
+            self._by_activity[self] = None
+            self._by_activity.move_to_end(self)
+
+        def connection_made(self, transport) -> None:
+            self._touch()
+            super().connection_made(transport)
+            if len(self.connections) > limits.max_connections and not self._evict():
+                msg = f"more than {limits.max_connections} connections; try again"
+                self._reply_and_close(_response(503, "too_many_connections", message=msg))
+                return
+            # nothing sent yet: idle, as between two requests
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
+
+        def _evict(self) -> bool:
+            """Close the least recently active connection with no request under way;
+            False when every other connection has one."""
+            for conn in self._by_activity:
+                if conn is self or conn._busy():
+                    continue
+                if conn.transport is None or conn.transport.is_closing():
+                    continue
+                log.debug("at %d connections: closing the longest idle", limits.max_connections)
+                conn.transport.close()
+                return True
+            return False
+
+        def _busy(self) -> bool:
+            """A request's head is complete and its response is not (or one is queued)."""
+            if self._reading_head:
+                return False
+            cycle = self.cycle
+            return (cycle is not None and not cycle.response_complete) or bool(self.pipeline)
+
+        def handle_websocket_upgrade(self) -> None:
+            self._by_activity.pop(self, None)  # another protocol's from now on
+            self._cancel_timers()
+            super().handle_websocket_upgrade()
+
+        def connection_lost(self, exc) -> None:
+            self._by_activity.pop(self, None)
+            self._cancel_timers()
+            super().connection_lost(exc)
+
+        def _cancel_timers(self) -> None:
+            for timer in (self._head_timer, self._body_timer):
+                if timer is not None:
+                    timer.cancel()
+            self._head_timer = self._body_timer = None
+
+        def _reply_and_close(self, response: bytes) -> None:
+            self._cancel_timers()
+            self._reading_head = False
+            if not self.transport.is_closing():
+                self.transport.write(response)
+                self.transport.close()
+
+        # -- reading --------------------------------------------------------------------
+        def data_received(self, data: bytes) -> None:
+            self._touch()
+            self._body_last = self.last_active
+            self._unset_keepalive_if_required()
+            self._head_began = False
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserUpgrade:
+                if self._should_upgrade():
+                    self.handle_websocket_upgrade()
+                else:
+                    self._unsupported_upgrade_warning()
+                return
+            except httptools.HttpParserError:
+                if self._refusal is not None:
+                    self._reply_and_close(self._refusal)
+                    return
+                msg = "Invalid HTTP request received."
+                self.logger.warning(msg)
+                self.send_400_response(msg)
+                return
+            if self._reading_head and not self._head_began:
+                # a head still arriving: counted by the chunk, before httptools has called
+                # back (it buffers a header value whole); the chunk a head began in is not
+                # counted, so the bound is the limit plus one read
+                self._head_bytes += len(data)
+                if self._head_bytes > limits.max_header_bytes:
+                    self._reply_and_close(self._too_large())
+                    return
+            cycle = self.cycle
+            if (
+                not self._reading_head
+                and cycle is not None
+                and cycle.more_body
+                and not cycle.response_complete
+                and self._body_timer is None
+                and not self.transport.is_closing()
+            ):
+                self._body_timer = self.loop.call_later(limits.body_timeout_s, self._body_check)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._reading_head = self._head_began = True
+            self._head_bytes = self._head_exact = self._header_count = 0
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            self._head_timer = self.loop.call_later(limits.header_timeout_s, self._head_expired)
+
+        def on_url(self, url: bytes) -> None:
+            self._head_exact += len(url)
+            self._check_head()
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._head_exact += len(name) + len(value) + 4  # ": " and CRLF
+            self._header_count += 1
+            self._check_head()
+            super().on_header(name, value)
+
+        def on_headers_complete(self) -> None:
+            self._reading_head = False
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+            self._check_head()
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            if self._body_timer is not None:
+                self._body_timer.cancel()
+                self._body_timer = None
+
+        def _check_head(self) -> None:
+            if self._header_count > limits.max_headers:
+                self._refusal = _response(
+                    431, "too_many_headers", f"more than {limits.max_headers} header fields",
+                    limit=limits.max_headers,
+                )  # fmt: skip
+                raise _Refused
+            if self._head_exact > limits.max_header_bytes:
+                self._refusal = self._too_large()
+                raise _Refused
+
+        def _too_large(self) -> bytes:
+            return _response(
+                431, "headers_too_large",
+                f"request line and headers over {limits.max_header_bytes} bytes",
+                limit=limits.max_header_bytes,
+            )  # fmt: skip
+
+        # -- timeouts -------------------------------------------------------------------
+        def _head_expired(self) -> None:
+            self._head_timer = None
+            if self._reading_head:
+                msg = f"request headers not complete within {limits.header_timeout_s:g} s"
+                self._reply_and_close(_response(408, "header_timeout", msg))
+
+        def _body_check(self) -> None:
+            """No byte of the body for ``body_timeout_s`` (not counting a pause the app's
+            flow control made): close; the app sees the client leave."""
+            self._body_timer = None
+            cycle = self.cycle
+            if cycle is None or not cycle.more_body or cycle.response_complete:
+                return
+            if self.transport.is_closing():
+                return
+            idle = time.monotonic() - self._body_last
+            if self.flow.read_paused:  # the app is not reading: not the client's stall
+                self._body_last = time.monotonic()
+                idle = 0.0
+            if idle >= limits.body_timeout_s:
+                log.info("closing a connection whose body stalled %g s", idle)
+                self._cancel_timers()
+                self.transport.close()
+                return
+            self._body_timer = self.loop.call_later(limits.body_timeout_s - idle, self._body_check)
+
+        def on_response_complete(self) -> None:
+            self._touch()
+            super().on_response_complete()
+
+    return LimitedHTTP
+
+
+def _tracked_h11() -> type:
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class TrackedH11(H11Protocol):  # type: ignore[misc]
+        last_active = 0.0
+
+        def _touch(self) -> None:
+            self.last_active = time.monotonic()
+            self._by_activity[self] = None
+            self._by_activity.move_to_end(self)
+
+        def connection_made(self, transport) -> None:
+            self._touch()
+            super().connection_made(transport)
+
+        def data_received(self, data: bytes) -> None:
+            self.last_active = time.monotonic()
+            super().data_received(data)
+
+        def on_response_complete(self) -> None:
+            self.last_active = time.monotonic()
+            super().on_response_complete()
+
+    return TrackedH11
