@@ -23,8 +23,9 @@ from cvserve.bench import _http, v2
 from cvserve.bench.errors import BenchError, ServerUnreachable, TargetNotServed
 from cvserve.bench.inputs import BenchImage, load_images
 from cvserve.bench.loadgen import PointPlan, PointRecords, run_point
-from cvserve.bench.results import BenchResult, PointSummary, machine_info
+from cvserve.bench.results import BenchResult, PointSummary
 from cvserve.bench.stats import breakdown, latency_summary
+from cvserve.machine import machine_info
 from cvserve.trace import STAGES, parse_server_timing, server_timing_simulated
 
 log = logging.getLogger(__name__)

@@ -41,6 +41,7 @@ from cvserve.images.decode import jpeg_header, sniff_format
 from cvserve.images.preprocess import ImageMeta, Preprocessor
 from cvserve.images.spec import PreprocessSpec
 from cvserve.images.transforms import crop_box, resized_size
+from cvserve.runtime.device_rows import mark_row
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,6 @@ __all__ = [
     "LinearCost",
     "device_geometry",
     "jpeg_header",
-    "mark_row",
-    "read_mark",
     "resize_normalize",
     "resize_weights",
     "route",
@@ -305,29 +304,6 @@ def resize_normalize(xp: Any, image: Any, geom: DeviceGeometry, spec: Preprocess
     scale = (spec.rescale / std).astype(np.float32).reshape(bshape)
     shift = (-np.asarray(spec.mean, dtype=np.float64) / std).astype(np.float32).reshape(bshape)
     out[...] = y * xp.asarray(scale) + xp.asarray(shift)
-
-
-# --- rows written on the device --------------------------------------------------------------
-_MARK_BYTES = 16
-
-
-def mark_row(host_row: np.ndarray, row: int, magic: bytes) -> None:
-    """Say in a host batch row that its pixels are in row ``row`` of the device buffer.
-
-    The mark (a per-process random ``magic`` and the row index, 16 bytes) travels with
-    the row when the batcher squeezes a batch's holes out, so the runtime finds every
-    device row wherever its host row ended up. Any host write of a row erases it."""
-    flat = host_row.reshape(-1).view(np.uint8)
-    flat[:8] = np.frombuffer(magic, dtype=np.uint8)
-    flat[8:16] = np.frombuffer(int(row).to_bytes(8, "little"), dtype=np.uint8)
-
-
-def read_mark(host_row: np.ndarray, magic: bytes) -> int | None:
-    """The device row a host row points to (see :func:`mark_row`), or None."""
-    flat = host_row.reshape(-1).view(np.uint8)
-    if flat.size < _MARK_BYTES or flat[:8].tobytes() != magic:
-        return None
-    return int.from_bytes(flat[8:16].tobytes(), "little")
 
 
 # --- the preprocessor -------------------------------------------------------------------------

@@ -80,7 +80,7 @@ def measure_profile(
         if progress is not None:
             progress(b, medians[b] / 1000.0)
 
-    from cvserve.bench.results import machine_info
+    from cvserve.machine import machine_info
 
     machine = machine_info()
     import onnxruntime as ort

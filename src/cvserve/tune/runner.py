@@ -97,7 +97,7 @@ def run_tune(
     import time
 
     from cvserve.bench import ImageSourceError, load_images
-    from cvserve.bench.results import machine_info
+    from cvserve.machine import machine_info
 
     clock = clock or time.monotonic
     t0 = clock()
