@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from cvserve.bench import _http
+import cvserve.bench._http as _http
 from cvserve.bench.stats import is_stable
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from cvserve.bench import _http, v2
+import cvserve.bench._http as _http
+import cvserve.bench.v2 as v2
 from cvserve.bench.errors import BenchError, ServerUnreachable, TargetNotServed
 from cvserve.bench.inputs import BenchImage, load_images
 from cvserve.bench.loadgen import PointPlan, PointRecords, run_point
