@@ -1,6 +1,8 @@
 """Inference engines behind one small protocol: ``inputs``, ``outputs``, ``run(batch)``:
-onnxruntime, and a simulated accelerator that takes a latency profile's time."""
+onnxruntime (CPU, NVIDIA GPU, under a CPU budget), and a simulated accelerator that takes a
+latency profile's time. :func:`open_runtimes` makes any of them."""
 
+from cvserve.runtime.factory import open_runtime, open_runtimes, runtime_kind
 from cvserve.runtime.onnx import OrtOptions, OrtRuntime, Runtime, RuntimeInputError
 from cvserve.runtime.simulated import (
     SimDevice,
@@ -19,5 +21,8 @@ __all__ = [
     "SimModel",
     "SimProfile",
     "SimulatedRuntime",
+    "open_runtime",
+    "open_runtimes",
     "packaged_profiles",
+    "runtime_kind",
 ]

@@ -21,7 +21,7 @@ import numpy as np
 
 from cvserve.brokers import Message
 from cvserve.images.decode import decode
-from cvserve.runtime import OrtOptions, OrtRuntime
+from cvserve.runtime import OrtOptions, open_runtime
 from cvserve.serving.pipelines.base import (
     BATCH,
     INFER_S,
@@ -41,7 +41,7 @@ KIND = "ocr"
 
 def open_session(path: str | Path, options: OrtOptions | None = None) -> Infer:
     """An onnxruntime session on ``path`` as the steps' ``Infer``: batch -> first output."""
-    runtime = OrtRuntime(path, options)
+    runtime = open_runtime(path, options=options)
     return lambda batch: runtime.run(batch)[0]
 
 
