@@ -23,7 +23,7 @@ import cvserve.bench._http as _http
 import cvserve.bench.v2 as v2
 from cvserve.bench.errors import BenchError, ServerUnreachable, TargetNotServed
 from cvserve.bench.inputs import BenchImage, load_images
-from cvserve.bench.loadgen import PointPlan, PointRecords, run_point
+from cvserve.bench.loadgen import LoadSettings, PointPlan, PointRecords, run_point
 from cvserve.bench.results import BenchResult, PointSummary
 from cvserve.bench.stats import breakdown, latency_summary
 from cvserve.machine import machine_info
@@ -44,11 +44,12 @@ Progress = Callable[[dict[str, Any]], None]
 
 
 @dataclass(frozen=True)
-class BenchConfig:
+class BenchConfig(LoadSettings):
     """What to measure. Points: one per ``concurrency`` (closed loop), then one per
     ``rates`` entry (open loop, Poisson arrivals per second); neither means ``[1]``.
 
-    Each point warms up for ``warmup`` s, then measures ``requests`` requests if set, else
+    The :class:`~cvserve.bench.loadgen.LoadSettings` (keyword-only) apply to every point:
+    each point warms up for ``warmup`` s, then measures ``requests`` requests if set, else
     ``duration`` s if set, else ``window``-second windows until three agree within
     ``tolerance`` on throughput and p50 latency, or ``max_duration`` s pass (unstable).
     ``images`` is a list of :class:`BenchImage` or a path (file or directory) or paths.
@@ -71,16 +72,6 @@ class BenchConfig:
     images: Sequence[BenchImage] | str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
     concurrency: Sequence[int] | None = None
     rates: Sequence[float] | None = None
-    duration: float | None = None
-    warmup: float = 1.0
-    requests: int | None = None
-    timeout: float = 30.0
-    seed: int = 0
-    window: float = 2.0
-    tolerance: float = 0.1
-    max_duration: float = 30.0
-    max_in_flight: int = 4096
-    honor_retry_after: bool = True
     ready_timeout: float = 0.0
     label: str | None = None
     #: What ``model`` names: a served ``"model"`` or a multi-DNN ``"pipeline"``.
@@ -162,18 +153,7 @@ class BenchConfig:
         return target.removeprefix("grpcs://").removeprefix("grpc://").rstrip("/")
 
     def plans(self, max_in_flight: int) -> list[PointPlan]:
-        common = dict(
-            warmup=self.warmup,
-            duration=self.duration,
-            requests=self.requests,
-            window=self.window,
-            tolerance=self.tolerance,
-            max_duration=self.max_duration,
-            timeout=self.timeout,
-            max_in_flight=max_in_flight,
-            honor_retry_after=self.honor_retry_after,
-            seed=self.seed,
-        )
+        common = vars(self.load_settings(max_in_flight=max_in_flight))
         concurrency = list(self.concurrency or ())
         rates = list(self.rates or ())
         if not concurrency and not rates:
