@@ -30,7 +30,15 @@ from cvserve.bench.stats import is_stable
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LoadSettings", "PointPlan", "PointRecords", "Window", "poisson_arrivals", "run_point"]
+__all__ = [
+    "LoadSettings",
+    "OnProgress",
+    "PointPlan",
+    "PointRecords",
+    "Window",
+    "poisson_arrivals",
+    "run_point",
+]
 
 _TICK = 0.05  # seconds between housekeeping passes (timeouts, windows, stop checks)
 _PROGRESS_EVERY = 0.25
@@ -155,7 +163,8 @@ def poisson_arrivals(rate: float, seed: int | Sequence[int], n: int) -> np.ndarr
     return np.concatenate([gen.chunk() for _ in range(-(-n // _CHUNK))])[:n]
 
 
-Progress = Callable[[dict[str, Any]], None]
+#: A progress callback: gets events, dicts with an ``"event"`` key (bench, study, tune).
+OnProgress = Callable[[dict[str, Any]], None]
 
 
 class _Point:
@@ -166,7 +175,7 @@ class _Point:
         plan: PointPlan,
         target: _http.Transport,
         requests: Sequence[Any],
-        progress: Progress | None,
+        progress: OnProgress | None,
     ) -> None:
         self.plan = plan
         self.target = target
@@ -541,7 +550,7 @@ async def run_point(
     plan: PointPlan,
     target: _http.Transport,
     requests: Sequence[Any],
-    progress: Progress | None = None,
+    progress: OnProgress | None = None,
 ) -> PointRecords:
     """Load ``target`` as ``plan`` says, cycling through the prebuilt ``requests`` (what
     the target's connections send: HTTP request bytes, serialized gRPC messages)."""

@@ -23,7 +23,7 @@ import cvserve.bench._http as _http
 import cvserve.bench.v2 as v2
 from cvserve.bench.errors import BenchError, ServerUnreachable, TargetNotServed
 from cvserve.bench.inputs import BenchImage, load_images
-from cvserve.bench.loadgen import LoadSettings, PointPlan, PointRecords, run_point
+from cvserve.bench.loadgen import LoadSettings, OnProgress, PointPlan, PointRecords, run_point
 from cvserve.bench.results import BenchResult, PointSummary
 from cvserve.bench.stats import breakdown, latency_summary
 from cvserve.machine import machine_info
@@ -34,13 +34,12 @@ log = logging.getLogger(__name__)
 __all__ = [
     "BenchConfig",
     "BenchError",
+    "OnProgress",
     "TargetNotServed",
     "ServerUnreachable",
     "run_bench",
     "summarize_point",
 ]
-
-Progress = Callable[[dict[str, Any]], None]
 
 
 @dataclass(frozen=True)
@@ -378,7 +377,7 @@ async def _probe(config: BenchConfig, target: _http.Target, images: list[BenchIm
 async def _sweep(
     config: BenchConfig,
     images: list[BenchImage],
-    progress: Progress | None,
+    progress: OnProgress | None,
     max_in_flight: int,
 ) -> tuple[dict, list[PointSummary], dict[str, np.ndarray]]:
     target: _http.Transport
@@ -418,7 +417,7 @@ async def _run_points(
     target: _http.Transport,
     requests: list[Any],
     server: dict,
-    progress: Progress | None,
+    progress: OnProgress | None,
     max_in_flight: int,
 ) -> tuple[dict, list[PointSummary], dict[str, np.ndarray]]:
     plans = config.plans(max_in_flight)
@@ -449,7 +448,7 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
 
 def run_bench(
     config: BenchConfig,
-    progress: Progress | None = None,
+    progress: OnProgress | None = None,
     command: Sequence[str] | None = None,
 ) -> BenchResult:
     """Run the sweep ``config`` describes and return its result (nothing is printed).

@@ -53,7 +53,6 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from . import redis_lua as lua
 from .base import (
     DEAD_SUFFIX,
     DEFAULT_DEAD_MAXLEN,
@@ -67,6 +66,7 @@ from .codec import decode, encode
 from .errors import BrokerFull, MalformedMessage
 from .message import DeadLetter, Delivery, Message
 from .redis_guard import Guard, as_str, entry_fields, no_group
+from .redis_lua import ACK, DEAD, PUBLISH, PUBLISH_MANY, PUBLISH_REPLY, RECLAIM, TOUCH
 from .urls import redact_url
 
 log = logging.getLogger(__name__)
@@ -111,13 +111,13 @@ class RedisStreamsBroker(Broker):
             decode_responses=False,
             protocol=2,
         )
-        self._publish_script = self._redis.register_script(lua.PUBLISH)
-        self._publish_reply_script = self._redis.register_script(lua.PUBLISH_REPLY)
-        self._publish_many_script = self._redis.register_script(lua.PUBLISH_MANY)
-        self._ack_script = self._redis.register_script(lua.ACK)
-        self._dead_script = self._redis.register_script(lua.DEAD)
-        self._reclaim_script = self._redis.register_script(lua.RECLAIM)
-        self._touch_script = self._redis.register_script(lua.TOUCH)
+        self._publish_script = self._redis.register_script(PUBLISH)
+        self._publish_reply_script = self._redis.register_script(PUBLISH_REPLY)
+        self._publish_many_script = self._redis.register_script(PUBLISH_MANY)
+        self._ack_script = self._redis.register_script(ACK)
+        self._dead_script = self._redis.register_script(DEAD)
+        self._reclaim_script = self._redis.register_script(RECLAIM)
+        self._touch_script = self._redis.register_script(TOUCH)
         self._groups: set[tuple[str, str]] = set()
         self._epoch_key = self.prefix + "epoch"
         self._ask_run_id = True  # INFO may be forbidden to this user (ACL): then not

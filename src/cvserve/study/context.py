@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cvserve.bench.loadgen import OnProgress
 from cvserve.study.plan import SIZES, StudySettings
 
 __all__ = [
@@ -20,8 +21,6 @@ __all__ = [
     "default_images_root",
     "inference_alone",
 ]
-
-Progress = Callable[[dict[str, Any]], None]
 
 
 class StudyError(RuntimeError):
@@ -62,7 +61,7 @@ class StudyContext:
     config: StudyConfig
     settings: StudySettings
     images_root: Path
-    progress: Progress
+    progress: OnProgress
     extra_profiles: Sequence[str] = ()
     _images: dict[str, list] = field(default_factory=dict)
     _alone: dict[str, dict[str, Any]] = field(default_factory=dict)

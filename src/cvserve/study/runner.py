@@ -17,8 +17,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from cvserve.bench.loadgen import OnProgress
 from cvserve.study.context import (
-    Progress,
     StudyConfig,
     StudyContext,
     StudyError,
@@ -175,7 +175,7 @@ def _previous(ctx: StudyContext, name: str) -> ExperimentResult | None:
     return prev if prev.profile == ctx.settings.profile else None
 
 
-def run_study(config: StudyConfig, progress: Progress | None = None) -> list[ExperimentResult]:
+def run_study(config: StudyConfig, progress: OnProgress | None = None) -> list[ExperimentResult]:
     """Run the experiments of ``config``; returns their results (also saved in ``out``).
 
     ``progress`` receives events: ``{"event": "plan", "total_s"}``, ``{"event": "point",

@@ -46,7 +46,7 @@ def open_session(path: str | Path, options: OrtOptions | None = None) -> Infer:
 
 
 def load_ocr_models(cfg: OcrConfig | None = None, options: OrtOptions | None = None) -> OcrModels:
-    """Sessions on the packaged PP-OCR models for ``tasks.ocr.OcrPipeline``, the
+    """Sessions on the packaged PP-OCR models for ``tasks.ocr.OcrReference``, the
     reference that runs both stages in one process."""
     from cvserve.models.ocr_files import ocr_model_files
     from cvserve.tasks.ocr import OcrConfig, OcrModels
