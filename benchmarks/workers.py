@@ -89,8 +89,10 @@ def main() -> int:
     conc = [int(c) for c in a.concurrency.split(",")]
     store.ensure_built(a.model, a.cache_dir, progress=lambda s: print(s, file=sys.stderr))
     runs = []
+    from _interleave import variant_order  # beside this script
+
     for rep in range(a.repeats):
-        order = list(variants) if rep % 2 == 0 else list(reversed(variants))
+        order = variant_order(variants, rep)
         for name in order:
             args = ["--model", a.model, *shlex.split(a.serve_args), *shlex.split(variants[name])]
             if a.cache_dir:
