@@ -2,15 +2,10 @@
 onnxruntime (CPU, NVIDIA GPU, under a CPU budget), and a simulated accelerator that takes a
 latency profile's time. :func:`open_runtimes` makes any of them."""
 
-from cvserve.runtime.factory import open_runtime, open_runtimes, runtime_kind
+from cvserve.runtime.factory import open_runtime, open_runtimes
 from cvserve.runtime.onnx import OrtOptions, OrtRuntime, Runtime, RuntimeInputError
-from cvserve.runtime.simulated import (
-    SimDevice,
-    SimModel,
-    SimProfile,
-    SimulatedRuntime,
-    packaged_profiles,
-)
+from cvserve.runtime.sim_profile import SimProfile, packaged_profiles
+from cvserve.runtime.simulated import SimDevice, SimModel, SimulatedRuntime
 
 __all__ = [
     "OrtOptions",
@@ -24,5 +19,4 @@ __all__ = [
     "open_runtime",
     "open_runtimes",
     "packaged_profiles",
-    "runtime_kind",
 ]

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from cvserve.runtime.onnx import OrtOptions, OrtRuntime
-from cvserve.runtime.simulated import SimProfile
+from cvserve.runtime.sim_profile import SimProfile
 
 log = logging.getLogger(__name__)
 

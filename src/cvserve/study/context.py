@@ -158,7 +158,7 @@ class StudyContext:
             return self._alone[model]
         from cvserve.config import BatchConfig
         from cvserve.runtime.profile import measure_profile
-        from cvserve.runtime.simulated import SimProfile
+        from cvserve.runtime.sim_profile import SimProfile
 
         path = self.out / "profiles" / f"{model}-cpu.json"
         if self.config.resume and path.exists():
@@ -184,7 +184,7 @@ class StudyContext:
         return self._alone[model]
 
     def write_profile(self, model: str, alone: dict[str, Any], speedup: int, name: str) -> Path:
-        from cvserve.runtime.simulated import SimProfile
+        from cvserve.runtime.sim_profile import SimProfile
 
         base = SimProfile.parse(alone["file"])
         scaled = base.scaled(speedup)
@@ -193,12 +193,12 @@ class StudyContext:
         return path
 
     def profile_latencies(self, spec: str | os.PathLike[str]) -> dict[str, float]:
-        from cvserve.runtime.simulated import SimProfile
+        from cvserve.runtime.sim_profile import SimProfile
 
         return {str(b): float(ms) for b, ms in SimProfile.parse(str(spec)).latency_ms.items()}
 
     def inference_alone_rps(self, spec: str | os.PathLike[str], max_batch: int) -> float:
-        from cvserve.runtime.simulated import SimProfile
+        from cvserve.runtime.sim_profile import SimProfile
 
         prof = SimProfile.parse(str(spec))
         # every batch size the server can form, not only those the profile names
