@@ -568,7 +568,7 @@ def _add_cores_arg(p: argparse.ArgumentParser) -> None:
 
 def _cmd_worker(args: argparse.Namespace) -> int:
     from cvserve.config import PipelineConfig
-    from cvserve.serving.pipelines.worker import run_worker
+    from cvserve.serving.pipelines.stage_process import run_stage_process
 
     cfg = PipelineConfig(
         name=args.pipeline,
@@ -582,7 +582,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         params=_kv(args.param),
         **_pipeline_runtime(args),
     )
-    return run_worker(cfg, args.stage, args.broker, say=_say, cache_dir=args.cache_dir)
+    return run_stage_process(cfg, args.stage, args.broker, say=_say, cache_dir=args.cache_dir)
 
 
 # --- broker ---------------------------------------------------------------------------
