@@ -11,14 +11,7 @@ the serving, measuring and saving.
 
 from __future__ import annotations
 
-from cvserve.study.experiments import (
-    accelerator,
-    broker,
-    concurrency,
-    image_sizes,
-    models,
-    setups,
-)
+from cvserve.study.experiments import accelerator, broker, concurrency, image_sizes, models, setups
 from cvserve.study.experiments._common import Experiment, fmt_number
 from cvserve.study.plan import settings_for
 

@@ -5,13 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cvserve.study.experiments._common import (
-    PRE,
-    Experiment,
-    finding,
-    rounded,
-    share,
-)
+from cvserve.study.experiments._common import PRE, Experiment, finding, rounded, share
 from cvserve.study.plan import SIZES, ServerSpec, StudyPoint
 from cvserve.study.results import ExperimentResult
 

@@ -5,12 +5,7 @@ from __future__ import annotations
 import statistics
 from typing import TYPE_CHECKING
 
-from cvserve.study.experiments._common import (
-    Experiment,
-    finding,
-    rounded,
-    share,
-)
+from cvserve.study.experiments._common import Experiment, finding, rounded, share
 from cvserve.study.plan import ServerSpec, StudyPoint
 from cvserve.study.results import ExperimentResult
 

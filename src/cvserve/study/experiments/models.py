@@ -4,13 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from cvserve.study.experiments._common import (
-    QUEUE_ALL,
-    Experiment,
-    finding,
-    rounded,
-    share,
-)
+from cvserve.study.experiments._common import QUEUE_ALL, Experiment, finding, rounded, share
 from cvserve.study.plan import ServerSpec, StudyPoint
 from cvserve.study.results import ExperimentResult
 

@@ -4,12 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from cvserve.study.experiments._common import (
-    Experiment,
-    finding,
-    model_server,
-    rounded,
-)
+from cvserve.study.experiments._common import Experiment, finding, model_server, rounded
 from cvserve.study.plan import ServerSpec, StudyPoint
 from cvserve.study.results import ExperimentResult
 
