@@ -1,15 +1,17 @@
-"""The order in which one repeat of a benchmark runs its variants (CONVENTIONS.md: compare
-A and B interleaved, in one run). Every benchmark script that compares variants uses it,
-so none of them always runs first (cold caches) or last (a machine that has warmed up)."""
+"""Repeats of a benchmark's variants (CONVENTIONS.md: compare A and B interleaved, in one
+run, and quote medians with their spread): the order in which one repeat runs its
+variants, so none always runs first (cold caches) or last (a machine that has warmed up),
+and how the repeats of one number are printed."""
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Iterable
 from typing import TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["variant_order"]
+__all__ = ["median_range", "variant_order"]
 
 
 def variant_order(variants: Iterable[T], rep: int, *, rotate: bool = False) -> list[T]:
@@ -24,3 +26,14 @@ def variant_order(variants: Iterable[T], rep: int, *, rotate: bool = False) -> l
         k = rep % len(items)
         return items[k:] + items[:k]
     return items if rep % 2 == 0 else items[::-1]
+
+
+def median_range(values: Iterable[float | None]) -> str:
+    """Repeats of one number as ``median [min-max]`` (3 significant digits); ``-`` when
+    none was measured, the value alone when there is one."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "-"
+    if len(vals) == 1:
+        return f"{vals[0]:.3g}"
+    return f"{statistics.median(vals):.3g} [{min(vals):.3g}-{max(vals):.3g}]"

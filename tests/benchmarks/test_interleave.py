@@ -29,3 +29,11 @@ def test_rotated_order_puts_each_variant_in_each_place_once():
     for place in range(3):
         assert sorted(r[place] for r in rounds) == ["a", "b", "c"]
     assert order([], 5, rotate=True) == []
+
+
+def test_median_range_prints_the_spread_of_the_repeats():
+    spec = importlib.util.spec_from_file_location("interleave_helper", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.median_range([3.0, None, 1.0, 2.0]) == "2 [1-3]"
+    assert module.median_range([None]) == "-" and module.median_range([0.12345]) == "0.123"
