@@ -189,8 +189,10 @@ def measure(a: argparse.Namespace, wls: list[Workload], conc: list[int]) -> dict
     checks: dict[str, Any] = {}
     commands: dict[str, dict[str, str]] = {}
     failures: list[dict[str, Any]] = []
+    from _interleave import variant_order  # beside this script
+
     for rep in range(a.repeats):
-        order = list(SERVERS) if rep % 2 == 0 else list(reversed(SERVERS))
+        order = variant_order(SERVERS, rep)
         for w in wls:
             got: dict[str, Any] = {}
             for server in order:

@@ -196,10 +196,12 @@ def main() -> int:
     classes = a.classes.split(",")
     threads = [int(t) for t in a.threads.split(",")]
     runs = []
+    from _interleave import variant_order  # beside this script
+
     for rep in range(a.repeats):
         for cls in classes:
             for th in threads:
-                order = paths if rep % 2 == 0 else paths[::-1]
+                order = variant_order(paths, rep)
                 for path in order:
                     r = subprocess.run(
                         [sys.executable, __file__, "--child", path, cls, str(th), str(a.seconds)],

@@ -156,14 +156,15 @@ def _log(rep: int, name: str, c: int, pt, client_us: float, server_us: float) ->
 
 
 def overhead(a, serve_args: list[str]) -> tuple[list[dict], list[dict], BenchImage]:
+    from _interleave import variant_order  # beside this script
+
     image = model_sized_png(a.cache_dir)
     names = [n for n in VARIANTS if n in a.variants]
     runs: list[dict] = []
     srv, grpc_target = start_server(MODEL, serve_args, a.cache_dir)
     with srv:
         for rep in range(a.repeats):
-            k = rep % len(names)
-            for name in names[k:] + names[:k]:  # rotate: no variant always goes first
+            for name in variant_order(names, rep, rotate=True):
                 protocol, payload, extra = VARIANTS[name]
                 (pt,), client_us, server_us = measure(
                     srv, grpc_target, MODEL, [image], protocol, extra, [a.concurrency], a
@@ -191,6 +192,8 @@ def overhead(a, serve_args: list[str]) -> tuple[list[dict], list[dict], BenchIma
 
 
 def photos(a, serve_args: list[str]) -> tuple[list[dict], list[dict]]:
+    from _interleave import variant_order  # beside this script
+
     conc = [int(c) for c in a.photo_concurrency.split(",")]
     protocols = ["v1", "v2-http", "v2-grpc"]
     store.ensure_built(a.photo_model, a.cache_dir, progress=lambda s: print(s, file=sys.stderr))
@@ -198,8 +201,7 @@ def photos(a, serve_args: list[str]) -> tuple[list[dict], list[dict]]:
     srv, grpc_target = start_server(a.photo_model, serve_args, a.cache_dir)
     with srv:
         for rep in range(a.repeats):
-            k = rep % len(protocols)
-            for protocol in protocols[k:] + protocols[:k]:
+            for protocol in variant_order(protocols, rep, rotate=True):
                 points, client_us, server_us = measure(
                     srv, grpc_target, a.photo_model, a.photo_images, protocol, {}, conc, a
                 )

@@ -467,8 +467,10 @@ def run(a, hosts: Hosts, tmp: Path) -> dict:
             workers.append(proc)
 
     runs = []
+    from _interleave import variant_order  # beside this script
+
     for rep in range(a.repeats):
-        order = counts if rep % 2 == 0 else list(reversed(counts))
+        order = variant_order(counts, rep)
         for n in order:
             set_workers(n)
             procs = {"redis": redis.pid, "server": server.pid,

@@ -178,8 +178,10 @@ def main() -> int:
     store.ensure_built(a.model, a.cache_dir, progress=lambda s: print(s, file=sys.stderr))
     images = [f.read_bytes() for f in sorted(Path(a.images).glob("*.jpg"))]
     rows = []
+    from _interleave import variant_order  # beside this script
+
     for rep in range(a.repeats):
-        for mode in modes if rep % 2 == 0 else modes[::-1]:
+        for mode in variant_order(modes, rep):
             rows.append(run_once(a, mode, images))
 
     title = f"rolling restart, {a.model}, c={a.concurrency}" + (f" ({a.label})" if a.label else "")

@@ -67,9 +67,11 @@ def main() -> int:
         store.ensure_built(m, a.cache_dir, progress=lambda s: print(s, file=sys.stderr))
 
     rows = []
+    from _interleave import variant_order  # beside this script
+
     for rep in range(a.repeats):
         for model in models:
-            order = list(variants) if rep % 2 == 0 else list(reversed(variants))
+            order = variant_order(variants, rep)
             for variant in order:
                 srv = start(variant, variants[variant], model, a.cache_dir)
                 with srv:

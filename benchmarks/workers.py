@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import statistics
 import sys
 from pathlib import Path
 
@@ -89,8 +88,10 @@ def main() -> int:
     conc = [int(c) for c in a.concurrency.split(",")]
     store.ensure_built(a.model, a.cache_dir, progress=lambda s: print(s, file=sys.stderr))
     runs = []
+    from _interleave import median_range, variant_order  # beside this script
+
     for rep in range(a.repeats):
-        order = list(variants) if rep % 2 == 0 else list(reversed(variants))
+        order = variant_order(variants, rep)
         for name in order:
             args = ["--model", a.model, *shlex.split(a.serve_args), *shlex.split(variants[name])]
             if a.cache_dir:
@@ -109,14 +110,6 @@ def main() -> int:
     def find(rep: int, name: str, c: int) -> dict | None:
         return next((r for r in runs if (r["repeat"], r["variant"], r["concurrency"])
                      == (rep, name, c)), None)  # fmt: skip
-
-    def med(values: list) -> str:
-        vals = [v for v in values if v is not None]
-        if not vals:
-            return "-"
-        if len(vals) == 1:
-            return f"{vals[0]:.3g}"
-        return f"{statistics.median(vals):.3g} [{min(vals):.3g}-{max(vals):.3g}]"
 
     table = Table(title=f"{a.model}, {Path(a.images).name} images, {os.cpu_count()} cores: "
                   "median over repeats [min-max]")  # fmt: skip
@@ -139,7 +132,7 @@ def main() -> int:
                 "throughput_ratio": ratios, "errors": [r["errors"] for r in sel],
             }  # fmt: skip
             summary.append(s)
-            table.add_row(name, str(c), *(med(s[k]) for k in (
+            table.add_row(name, str(c), *(median_range(s[k]) for k in (
                 "throughput_rps", "p50_ms", "p99_ms", "throughput_ratio", "errors")))  # fmt: skip
     Console(width=200).print(table)
     out = write_benchmark(a.out, "workers", a, variants=variants, summary=summary, runs=runs)

@@ -17,14 +17,13 @@ from cvserve.images.gpu import (
     LinearCost,
     device_geometry,
     jpeg_header,
-    mark_row,
-    read_mark,
     resize_normalize,
     resize_weights,
     route,
 )
 from cvserve.images.preprocess import Preprocessor
 from cvserve.images.spec import PreprocessSpec
+from cvserve.runtime.device_rows import mark_row, read_mark
 
 MEDIUM = "images/medium/demo01.jpg"
 LARGE = "images/large/jolla.jpg"

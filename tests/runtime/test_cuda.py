@@ -11,7 +11,7 @@ from onnx import TensorProto, helper
 
 from cvserve.cli import build_parser, main, server_config_from_args
 from cvserve.config import ConfigError, ModelConfig, load_config
-from cvserve.images.gpu import mark_row
+from cvserve.runtime.device_rows import mark_row
 from cvserve.runtime.onnx import OrtOptions, OrtRuntime
 from cvserve.runtime.providers import (
     CPU,

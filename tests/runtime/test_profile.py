@@ -47,7 +47,7 @@ def test_cli_profile_writes_a_profile_the_simulator_loads(
     model_cache, tmp_path, capsys, monkeypatch
 ):
     # The table fits 80 columns whatever CPU this runs on: give it a long name.
-    from cvserve.bench.results import machine_info
+    from cvserve.machine import machine_info
 
     monkeypatch.setattr(sys.modules[machine_info.__module__], "_cpu_model", lambda: LONG_CPU)
     out = tmp_path / "tiny.json"

@@ -28,7 +28,7 @@ def test_public_names():
     assert sorted(runtime.__all__) == sorted(
         [
             "OrtOptions", "OrtRuntime", "Runtime", "RuntimeInputError", "SimDevice", "SimModel",
-            "SimProfile", "SimulatedRuntime", "packaged_profiles",
+            "SimProfile", "SimulatedRuntime", "open_runtime", "open_runtimes", "packaged_profiles",
         ]
     )  # fmt: skip
 

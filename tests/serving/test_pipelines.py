@@ -35,9 +35,9 @@ def ocr_server():
 @pytest.fixture(scope="module")
 def reference():
     from cvserve.serving.pipelines.ocr import load_ocr_models
-    from cvserve.tasks.ocr import OcrPipeline
+    from cvserve.tasks.ocr import OcrReference
 
-    pipe = OcrPipeline(load_ocr_models())
+    pipe = OcrReference(load_ocr_models())
     return lambda data: [ln.to_dict() for ln in pipe(np.asarray(decode(data, backend="pil").image))]
 
 

@@ -20,9 +20,9 @@ pytest.importorskip("rapidocr_onnxruntime", reason="OCR models come with the ocr
 @pytest.fixture(scope="session")
 def ocr_pipeline():
     from cvserve.serving.pipelines.ocr import load_ocr_models
-    from cvserve.tasks.ocr import OcrPipeline
+    from cvserve.tasks.ocr import OcrReference
 
-    return OcrPipeline(load_ocr_models())
+    return OcrReference(load_ocr_models())
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from cvserve.models.ocr_files import ocr_model_files
 from cvserve.serving.pipelines.ocr import load_ocr_models, open_session
 from cvserve.tasks.ocr import (
     OcrConfig,
-    OcrPipeline,
+    OcrReference,
     RecConfig,
     ctc_labels,
     describe_stages,
@@ -96,7 +96,7 @@ def test_bigger_batches_read_the_same(word_grid):
     requests, say) must read what batches of 6 read."""
     img, cells = word_grid
     cfg = OcrConfig(rec=RecConfig(batch_size=50, use_cls=False))
-    result = OcrPipeline(load_ocr_models(cfg), cfg).run(img)
+    result = OcrReference(load_ocr_models(cfg), cfg).run(img)
     assert result.recognized.batches == 4
     read = {_cell(line.box): line.text for line in result.lines}
     assert sum(read.get(k) == w for k, w in cells.items()) >= 0.97 * len(cells)
@@ -133,7 +133,7 @@ def test_angle_classifier_reads_upside_down_text(data_dir, load_rgb, ocr_pipelin
     texts = [line.text for line in ocr_pipeline(upside_down)]
     assert texts == ["Eppingen,Germany", "Twinned with", "EPPING"]  # reading order of boxes
     cfg = OcrConfig(rec=RecConfig(use_cls=False))
-    no_cls = OcrPipeline(load_ocr_models(cfg), cfg)
+    no_cls = OcrReference(load_ocr_models(cfg), cfg)
     assert "EPPING" not in [line.text for line in no_cls(upside_down)]
 
 

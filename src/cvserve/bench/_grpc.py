@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 
-from cvserve.bench import _http
+import cvserve.bench._http as _http
 
 __all__ = ["HTTP_STATUS", "GrpcConnection", "GrpcTarget", "parse_target", "status_of"]
 

@@ -19,18 +19,26 @@ import asyncio
 import itertools
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from time import perf_counter
 from typing import Any, Literal
 
 import numpy as np
 
-from cvserve.bench import _http
+import cvserve.bench._http as _http
 from cvserve.bench.stats import is_stable
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PointPlan", "PointRecords", "Window", "poisson_arrivals", "run_point"]
+__all__ = [
+    "LoadSettings",
+    "OnProgress",
+    "PointPlan",
+    "PointRecords",
+    "Window",
+    "poisson_arrivals",
+    "run_point",
+]
 
 _TICK = 0.05  # seconds between housekeeping passes (timeouts, windows, stop checks)
 _PROGRESS_EVERY = 0.25
@@ -38,18 +46,17 @@ _CONNECT_BACKOFF = 0.05  # after a refused connection, before the worker tries a
 _CHUNK = 4096  # arrivals drawn at a time
 
 
-@dataclass(frozen=True)
-class PointPlan:
-    """How to load one point. Exactly one of ``concurrency`` (closed) and ``rate`` (open).
+@dataclass(frozen=True, kw_only=True)
+class LoadSettings:
+    """How every point of a run loads the server and when it stops: the settings
+    :class:`~cvserve.bench.runner.BenchConfig` and :class:`PointPlan` share (both are
+    ``LoadSettings``, so a setting is declared once).
 
     Stop rule, after ``warmup`` seconds: ``requests`` measured requests if set (at most
     ``max_duration`` seconds), else ``duration`` seconds if set, else once three
     consecutive windows agree within ``tolerance`` (or, unstable, after ``max_duration``).
     """
 
-    index: int
-    concurrency: int | None = None
-    rate: float | None = None
     warmup: float = 1.0
     duration: float | None = None
     requests: int | None = None
@@ -60,6 +67,21 @@ class PointPlan:
     max_in_flight: int = 4096
     honor_retry_after: bool = True
     seed: int = 0
+
+    def load_settings(self, **changes: Any) -> LoadSettings:
+        """These settings alone (``changes`` applied), as a plain :class:`LoadSettings`."""
+        values = {f.name: getattr(self, f.name) for f in fields(LoadSettings)}
+        return LoadSettings(**{**values, **changes})
+
+
+@dataclass(frozen=True)
+class PointPlan(LoadSettings):
+    """How to load one point: its :class:`LoadSettings` and exactly one of
+    ``concurrency`` (closed loop) and ``rate`` (open loop, Poisson arrivals per second)."""
+
+    index: int
+    concurrency: int | None = None
+    rate: float | None = None
 
     @property
     def mode(self) -> Literal["closed", "open"]:
@@ -144,7 +166,8 @@ def poisson_arrivals(rate: float, seed: int | Sequence[int], n: int) -> np.ndarr
     return np.concatenate([gen.chunk() for _ in range(-(-n // _CHUNK))])[:n]
 
 
-Progress = Callable[[dict[str, Any]], None]
+#: A progress callback: gets events, dicts with an ``"event"`` key (bench, study, tune).
+OnProgress = Callable[[dict[str, Any]], None]
 
 
 class _Point:
@@ -155,7 +178,7 @@ class _Point:
         plan: PointPlan,
         target: _http.Transport,
         requests: Sequence[Any],
-        progress: Progress | None,
+        progress: OnProgress | None,
     ) -> None:
         self.plan = plan
         self.target = target
@@ -533,7 +556,7 @@ async def run_point(
     plan: PointPlan,
     target: _http.Transport,
     requests: Sequence[Any],
-    progress: Progress | None = None,
+    progress: OnProgress | None = None,
 ) -> PointRecords:
     """Load ``target`` as ``plan`` says, cycling through the prebuilt ``requests`` (what
     the target's connections send: HTTP request bytes, serialized gRPC messages)."""

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 from dataclasses import asdict, dataclass, field, fields
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from cvserve.machine import machine_info
 
 SCHEMA_VERSION = "cvserve.bench/1"
 
@@ -26,7 +26,6 @@ __all__ = [
     "PointSummary",
     "ResultError",
     "load_result",
-    "machine_info",
     "save_result",
     "validate",
 ]
@@ -317,49 +316,6 @@ def validate(doc: Any, schema: dict[str, Any] = RESULT_SCHEMA, path: str = "$") 
         for i, item in enumerate(doc):
             problems += validate(item, schema["items"], f"{path}[{i}]")
     return problems
-
-
-# --- machine ---------------------------------------------------------------------------
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.lower().startswith(("model name", "hardware", "cpu model")):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def machine_info() -> dict[str, Any]:
-    """Where the client ran: CPU, cores, memory, OS, and the versions that matter."""
-    try:
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        memory = None
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count() or 1
-    return {
-        "cpu_model": _cpu_model(),
-        "cores": os.cpu_count() or 1,
-        "usable_cores": usable,
-        "memory_bytes": memory,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "versions": {
-            name: _version(name)
-            for name in ("cvserve", "numpy", "onnxruntime", "pillow", "uvloop", "uvicorn")
-        },
-    }
 
 
 # --- files -----------------------------------------------------------------------------

@@ -19,12 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from cvserve.bench import _http, v2
+import cvserve.bench._http as _http
+import cvserve.bench.v2 as v2
 from cvserve.bench.errors import BenchError, ServerUnreachable, TargetNotServed
 from cvserve.bench.inputs import BenchImage, load_images
-from cvserve.bench.loadgen import PointPlan, PointRecords, run_point
-from cvserve.bench.results import BenchResult, PointSummary, machine_info
+from cvserve.bench.loadgen import LoadSettings, OnProgress, PointPlan, PointRecords, run_point
+from cvserve.bench.results import BenchResult, PointSummary
 from cvserve.bench.stats import breakdown, latency_summary
+from cvserve.machine import machine_info
 from cvserve.trace import STAGES, parse_server_timing, server_timing_simulated
 
 log = logging.getLogger(__name__)
@@ -32,21 +34,21 @@ log = logging.getLogger(__name__)
 __all__ = [
     "BenchConfig",
     "BenchError",
+    "OnProgress",
     "TargetNotServed",
     "ServerUnreachable",
     "run_bench",
     "summarize_point",
 ]
 
-Progress = Callable[[dict[str, Any]], None]
-
 
 @dataclass(frozen=True)
-class BenchConfig:
+class BenchConfig(LoadSettings):
     """What to measure. Points: one per ``concurrency`` (closed loop), then one per
     ``rates`` entry (open loop, Poisson arrivals per second); neither means ``[1]``.
 
-    Each point warms up for ``warmup`` s, then measures ``requests`` requests if set, else
+    The :class:`~cvserve.bench.loadgen.LoadSettings` (keyword-only) apply to every point:
+    each point warms up for ``warmup`` s, then measures ``requests`` requests if set, else
     ``duration`` s if set, else ``window``-second windows until three agree within
     ``tolerance`` on throughput and p50 latency, or ``max_duration`` s pass (unstable).
     ``images`` is a list of :class:`BenchImage` or a path (file or directory) or paths.
@@ -69,16 +71,6 @@ class BenchConfig:
     images: Sequence[BenchImage] | str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
     concurrency: Sequence[int] | None = None
     rates: Sequence[float] | None = None
-    duration: float | None = None
-    warmup: float = 1.0
-    requests: int | None = None
-    timeout: float = 30.0
-    seed: int = 0
-    window: float = 2.0
-    tolerance: float = 0.1
-    max_duration: float = 30.0
-    max_in_flight: int = 4096
-    honor_retry_after: bool = True
     ready_timeout: float = 0.0
     label: str | None = None
     #: What ``model`` names: a served ``"model"`` or a multi-DNN ``"pipeline"``.
@@ -160,18 +152,7 @@ class BenchConfig:
         return target.removeprefix("grpcs://").removeprefix("grpc://").rstrip("/")
 
     def plans(self, max_in_flight: int) -> list[PointPlan]:
-        common = dict(
-            warmup=self.warmup,
-            duration=self.duration,
-            requests=self.requests,
-            window=self.window,
-            tolerance=self.tolerance,
-            max_duration=self.max_duration,
-            timeout=self.timeout,
-            max_in_flight=max_in_flight,
-            honor_retry_after=self.honor_retry_after,
-            seed=self.seed,
-        )
+        common = vars(self.load_settings(max_in_flight=max_in_flight))
         concurrency = list(self.concurrency or ())
         rates = list(self.rates or ())
         if not concurrency and not rates:
@@ -397,7 +378,7 @@ async def _probe(config: BenchConfig, target: _http.Target, images: list[BenchIm
 async def _sweep(
     config: BenchConfig,
     images: list[BenchImage],
-    progress: Progress | None,
+    progress: OnProgress | None,
     max_in_flight: int,
 ) -> tuple[dict, list[PointSummary], dict[str, np.ndarray]]:
     target: _http.Transport
@@ -437,7 +418,7 @@ async def _run_points(
     target: _http.Transport,
     requests: list[Any],
     server: dict,
-    progress: Progress | None,
+    progress: OnProgress | None,
     max_in_flight: int,
 ) -> tuple[dict, list[PointSummary], dict[str, np.ndarray]]:
     plans = config.plans(max_in_flight)
@@ -468,7 +449,7 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
 
 def run_bench(
     config: BenchConfig,
-    progress: Progress | None = None,
+    progress: OnProgress | None = None,
     command: Sequence[str] | None = None,
 ) -> BenchResult:
     """Run the sweep ``config`` describes and return its result (nothing is printed).

@@ -24,7 +24,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from cvserve.bench import _http
+import cvserve.bench._http as _http
 from cvserve.bench.errors import BenchError, ServerUnreachable, TargetNotServed
 from cvserve.bench.inputs import BenchImage
 

@@ -50,9 +50,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import AuthenticationError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import ResponseError
 
 from .base import (
     DEAD_SUFFIX,
@@ -64,194 +63,15 @@ from .base import (
     dead_topic,
 )
 from .codec import decode, encode
-from .errors import BrokerError, BrokerFull, BrokerUnavailable, MalformedMessage
+from .errors import BrokerFull, MalformedMessage
 from .message import DeadLetter, Delivery, Message
+from .redis_guard import Guard, as_str, entry_fields, no_group
+from .redis_lua import ACK, DEAD, PUBLISH, PUBLISH_MANY, PUBLISH_REPLY, RECLAIM, TOUCH
 from .urls import redact_url
 
 log = logging.getLogger(__name__)
 
 FIELD = b"m"
-
-_PUBLISH = """
-if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
-return redis.call('XADD', KEYS[1], '*', 'm', ARGV[2])
-"""
-
-_PUBLISH_REPLY = """
-local made = redis.call('EXISTS', KEYS[1]) == 0
-if not made and redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
-local id = redis.call('XADD', KEYS[1], '*', 'm', ARGV[2])
-if made then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
-return id
-"""
-
-_PUBLISH_MANY = """
-if redis.call('XLEN', KEYS[1]) + #ARGV - 1 > tonumber(ARGV[1]) then return false end
-local ids = {}
-for i = 2, #ARGV do ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', 'm', ARGV[i]) end
-return ids
-"""
-
-# finish(key, group, ids): XACK, then drop what every group has finished (see above).
-_FINISH = """
-local function finish(key, group, ids)
-if redis.call('EXISTS', key) == 0 then return 0 end
-local groups = redis.call('XINFO', 'GROUPS', key)
-local acked = 0
-if #groups <= 1 then
-  for _, id in ipairs(ids) do
-    if redis.call('XACK', key, group, id) == 1 then
-      redis.call('XDEL', key, id)
-      acked = acked + 1
-    end
-  end
-  return acked
-end
-for _, id in ipairs(ids) do
-  acked = acked + redis.call('XACK', key, group, id)
-end
-if acked == 0 then return 0 end
-local function parse(id)
-  local dash = string.find(id, '-', 1, true)
-  return tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1))
-end
-local floor_ms, floor_seq
-for _, g in ipairs(groups) do
-  local name, last
-  for j = 1, #g, 2 do
-    if g[j] == 'name' then name = g[j + 1] elseif g[j] == 'last-delivered-id' then last = g[j + 1] end
-  end
-  local ms, seq
-  local summary = redis.call('XPENDING', key, name)
-  if summary[1] > 0 then
-    ms, seq = parse(summary[2])
-  else
-    ms, seq = parse(last)
-    seq = seq + 1
-  end
-  if floor_ms == nil or ms < floor_ms or (ms == floor_ms and seq < floor_seq) then
-    floor_ms, floor_seq = ms, seq
-  end
-end
-redis.call('XTRIM', key, 'MINID', string.format('%d-%d', floor_ms, floor_seq))
-return acked
-end
-"""
-
-_ACK = (
-    _FINISH
-    + """
-local ids = {}
-for i = 2, #ARGV do ids[#ids + 1] = ARGV[i] end
-return finish(KEYS[1], ARGV[1], ids)
-"""
-)
-
-# KEYS: topic, its dead letters; ARGV: group, entry id, dead maxlen, field/value pairs.
-_DEAD = (
-    _FINISH
-    + """
-local key, group, id = KEYS[1], ARGV[1], ARGV[2]
-local pending = redis.call('XPENDING', key, group, id, id, 1)
-if #pending == 0 then return false end
-local fields = {}
-local entry = redis.call('XRANGE', key, id, id)
-if #entry > 0 then
-  for _, v in ipairs(entry[1][2]) do fields[#fields + 1] = v end
-end
-for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
-fields[#fields + 1] = 'deliveries'
-fields[#fields + 1] = tostring(pending[1][4])
-local dead = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(fields))
-finish(key, group, {id})
-return dead
-"""
-)
-
-# XAUTOCLAIM, and the delivery count of each entry it claimed (counting this delivery).
-_RECLAIM = """
-local key, group = KEYS[1], ARGV[1]
-local r = redis.call('XAUTOCLAIM', key, group, ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[5])
-local counts = {}
-for i, e in ipairs(r[2]) do
-  local n = 0
-  if e then
-    local p = redis.call('XPENDING', key, group, e[1], e[1], 1)
-    if #p > 0 then n = p[1][4] end
-  end
-  counts[i] = n
-end
-return {r[1], r[2], counts}
-"""
-
-# Restart the idle clocks of the entries ARGV[2] still holds (JUSTID: the delivery count
-# stays); one that another consumer reclaimed meanwhile stays theirs.
-_TOUCH = """
-local key, group, consumer = KEYS[1], ARGV[1], ARGV[2]
-local n = 0
-for i = 3, #ARGV do
-  local p = redis.call('XPENDING', key, group, ARGV[i], ARGV[i], 1)
-  if #p > 0 and p[1][2] == consumer then
-    redis.call('XCLAIM', key, group, consumer, 0, ARGV[i], 'JUSTID')
-    n = n + 1
-  end
-end
-return n
-"""
-
-_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
-_REFUSED = ("NOAUTH", "WRONGPASS")
-
-
-class _Guard:
-    """A deadline around one call, and redis-py's failures turned into typed errors.
-
-    Callers handle the replies they expect (NOGROUP, BUSYGROUP) inside the block.
-    """
-
-    __slots__ = ("where", "timeout", "_deadline")
-
-    def __init__(self, where: str, timeout: float) -> None:
-        self.where = where
-        self.timeout = timeout
-        self._deadline: asyncio.Timeout | None = None
-
-    async def __aenter__(self) -> None:
-        self._deadline = asyncio.timeout(self.timeout)
-        await self._deadline.__aenter__()
-
-    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        assert self._deadline is not None
-        try:
-            await self._deadline.__aexit__(exc_type, exc, tb)
-        except TimeoutError as e:
-            raise BrokerUnavailable(
-                f"redis at {self.where} did not answer within {self.timeout:g} s"
-            ) from e
-        if isinstance(exc, AuthenticationError) or (
-            isinstance(exc, ResponseError) and str(exc).startswith(_REFUSED)
-        ):
-            # Not "unavailable": waiting will not help, the URL's credentials must change.
-            raise BrokerError(
-                f"redis at {self.where} refused the credentials of the broker URL: {exc}"
-            ) from exc
-        if isinstance(exc, _UNAVAILABLE):
-            raise BrokerUnavailable(f"redis at {self.where} unavailable: {exc}") from exc
-        if isinstance(exc, RedisError):
-            raise BrokerError(f"redis at {self.where}: {exc}") from exc
-
-
-def _no_group(exc: ResponseError) -> bool:
-    return str(exc).startswith("NOGROUP")
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _pairs(flat: list[Any]) -> dict[bytes, bytes]:
-    """A stream entry's fields from a script's flat ``[field, value, ...]`` reply."""
-    return dict(zip(flat[::2], flat[1::2], strict=False))
 
 
 class RedisStreamsBroker(Broker):
@@ -283,7 +103,7 @@ class RedisStreamsBroker(Broker):
         self._where = parts.netloc.rpartition("@")[2] or parts.path or "localhost:6379"
         self._redis = aioredis.Redis.from_url(
             self.url,
-            socket_timeout=None,  # deadlines come from _Guard (see the module docstring)
+            socket_timeout=None,  # deadlines come from Guard (see the module docstring)
             socket_connect_timeout=connect_timeout,
             # One immediate retry on a fresh connection: a pooled socket that the server
             # closed (restart) is replaced at once; a server that is down fails fast.
@@ -291,13 +111,13 @@ class RedisStreamsBroker(Broker):
             decode_responses=False,
             protocol=2,
         )
-        self._publish_script = self._redis.register_script(_PUBLISH)
-        self._publish_reply_script = self._redis.register_script(_PUBLISH_REPLY)
-        self._publish_many_script = self._redis.register_script(_PUBLISH_MANY)
-        self._ack_script = self._redis.register_script(_ACK)
-        self._dead_script = self._redis.register_script(_DEAD)
-        self._reclaim_script = self._redis.register_script(_RECLAIM)
-        self._touch_script = self._redis.register_script(_TOUCH)
+        self._publish_script = self._redis.register_script(PUBLISH)
+        self._publish_reply_script = self._redis.register_script(PUBLISH_REPLY)
+        self._publish_many_script = self._redis.register_script(PUBLISH_MANY)
+        self._ack_script = self._redis.register_script(ACK)
+        self._dead_script = self._redis.register_script(DEAD)
+        self._reclaim_script = self._redis.register_script(RECLAIM)
+        self._touch_script = self._redis.register_script(TOUCH)
         self._groups: set[tuple[str, str]] = set()
         self._epoch_key = self.prefix + "epoch"
         self._ask_run_id = True  # INFO may be forbidden to this user (ACL): then not
@@ -309,8 +129,8 @@ class RedisStreamsBroker(Broker):
     def __repr__(self) -> str:
         return f"RedisStreamsBroker({self.safe_url!r}, prefix={self.prefix!r})"
 
-    def _guard(self, extra_s: float = 0.0) -> _Guard:
-        return _Guard(self._where, self.call_timeout + extra_s)
+    def _guard(self, extra_s: float = 0.0) -> Guard:
+        return Guard(self._where, self.call_timeout + extra_s)
 
     def _key(self, topic: str) -> str:
         return self.prefix + topic
@@ -338,7 +158,7 @@ class RedisStreamsBroker(Broker):
             async with self._guard():
                 entry_id = await script(keys=[key], args=[self.maxlen, frame, *extra])
             if entry_id is not None:
-                return _text(entry_id)
+                return as_str(entry_id)
             # Full: poll the length (cheap) until there is room, then send again.
             while True:
                 remaining = deadline - time.monotonic()
@@ -364,7 +184,7 @@ class RedisStreamsBroker(Broker):
                 keys=[self._key(topic)], args=[self.maxlen, *frames]
             )
         if ids is not None:
-            return [_text(i) for i in ids]
+            return [as_str(i) for i in ids]
         return await super().publish_many(topic, messages, timeout=timeout)
 
     async def create_group(self, topic: str, group: str) -> None:
@@ -389,7 +209,7 @@ class RedisStreamsBroker(Broker):
                     group, consumer, {key: ">"}, count=count, block=block
                 )
             except ResponseError as e:
-                if not _no_group(e):
+                if not no_group(e):
                     raise
                 # The server lost the stream (restart without persistence): make it again.
                 self._groups.discard((topic, group))
@@ -414,7 +234,7 @@ class RedisStreamsBroker(Broker):
             if entry is None or entry[0] is None:  # deleted while pending (Redis 6.2)
                 continue
             entry_id, fields = entry
-            eid = _text(entry_id)
+            eid = as_str(entry_id)
             try:
                 frame = fields.get(FIELD)
                 if frame is None:
@@ -456,13 +276,13 @@ class RedisStreamsBroker(Broker):
                         args=[group, consumer, min_idle_ms, start, count - len(entries)],
                     )
                 except ResponseError as e:
-                    if _no_group(e):
+                    if no_group(e):
                         return []
                     raise
                 start, claimed, claimed_counts = resp[0], resp[1], resp[2]
-                entries += [None if e is None else (e[0], _pairs(e[1])) for e in claimed]
+                entries += [None if e is None else (e[0], entry_fields(e[1])) for e in claimed]
                 counts += [int(n) for n in claimed_counts]
-                if _text(start) == "0-0":
+                if as_str(start) == "0-0":
                     break
         return await self._deliveries(topic, group, entries, redelivered=True, counts=counts)
 
@@ -474,7 +294,7 @@ class RedisStreamsBroker(Broker):
             try:
                 return int(await self._touch_script(keys=[self._key(topic)], args=args))
             except ResponseError as e:
-                if _no_group(e):
+                if no_group(e):
                     return 0
                 raise
 
@@ -510,10 +330,10 @@ class RedisStreamsBroker(Broker):
                     keys=[self._key(topic), self._key(dead_topic(topic))], args=args
                 )
             except ResponseError as e:
-                if _no_group(e):
+                if no_group(e):
                     return None
                 raise
-        return None if dead_id is None else _text(dead_id)
+        return None if dead_id is None else as_str(dead_id)
 
     async def dead_letters(self, topic: str | None = None, *, count: int = 100) -> list[DeadLetter]:
         async with self._guard():
@@ -527,7 +347,7 @@ class RedisStreamsBroker(Broker):
             out: list[DeadLetter] = []
             for key in keys:
                 rows = await self._redis.xrevrange(key, count=count) if count > 0 else []
-                out += [_dead_letter(_text(i), f) for i, f in reversed(rows)]
+                out += [_dead_letter(as_str(i), f) for i, f in reversed(rows)]
         return out
 
     async def length(self, topic: str) -> int:
@@ -539,7 +359,7 @@ class RedisStreamsBroker(Broker):
             try:
                 summary = await self._redis.xpending(self._key(topic), group)
             except ResponseError as e:
-                if _no_group(e):
+                if no_group(e):
                     return 0
                 raise
         return int(summary["pending"])
@@ -572,7 +392,7 @@ class RedisStreamsBroker(Broker):
                 self._ask_run_id = False
             else:
                 run_id = str(info.get("run_id", ""))
-        return f"{run_id}/{_text(replies[1])}"
+        return f"{run_id}/{as_str(replies[1])}"
 
     async def ping(self) -> None:
         """Raise ``BrokerUnavailable`` unless the server answers; ``BrokerError`` when it
@@ -592,7 +412,7 @@ def _glob_escape(text: str) -> str:
 def _dead_letter(dead_id: str, fields: dict[bytes, bytes]) -> DeadLetter:
     def field(name: str, default: str = "") -> str:
         value = fields.get(name.encode())
-        return default if value is None else _text(value)
+        return default if value is None else as_str(value)
 
     message = None
     frame = fields.get(FIELD)

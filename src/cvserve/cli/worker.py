@@ -48,10 +48,10 @@ def add_worker_parser(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_worker(args: argparse.Namespace) -> int:
     from cvserve.config import worker_config_from_args
-    from cvserve.serving.pipelines.worker import run_worker
+    from cvserve.serving.pipelines.stage_process import run_stage_process
 
     cfg = worker_config_from_args(args)
-    return run_worker(cfg, args.stage, args.broker, say=say, cache_dir=args.cache_dir)
+    return run_stage_process(cfg, args.stage, args.broker, say=say, cache_dir=args.cache_dir)
 
 
 def add_broker_parser(sub: argparse._SubParsersAction) -> None:

@@ -1,14 +1,11 @@
 """Inference engines behind one small protocol: ``inputs``, ``outputs``, ``run(batch)``:
-onnxruntime, and a simulated accelerator that takes a latency profile's time."""
+onnxruntime (CPU, NVIDIA GPU, under a CPU budget), and a simulated accelerator that takes a
+latency profile's time. :func:`open_runtimes` makes any of them."""
 
+from cvserve.runtime.factory import open_runtime, open_runtimes
 from cvserve.runtime.onnx import OrtOptions, OrtRuntime, Runtime, RuntimeInputError
-from cvserve.runtime.simulated import (
-    SimDevice,
-    SimModel,
-    SimProfile,
-    SimulatedRuntime,
-    packaged_profiles,
-)
+from cvserve.runtime.sim_profile import SimProfile, packaged_profiles
+from cvserve.runtime.simulated import SimDevice, SimModel, SimulatedRuntime
 
 __all__ = [
     "OrtOptions",
@@ -19,5 +16,7 @@ __all__ = [
     "SimModel",
     "SimProfile",
     "SimulatedRuntime",
+    "open_runtime",
+    "open_runtimes",
     "packaged_profiles",
 ]

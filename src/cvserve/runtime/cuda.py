@@ -6,7 +6,8 @@ go in through IO binding: the batcher's host buffer is pinned (page-locked) the 
 time it is seen, its rows are copied asynchronously into a preallocated device buffer
 (:class:`DeviceBuffers`, one per host buffer), the session reads that buffer in place,
 and the outputs come back in one copy. Rows that GPU preprocessing already wrote on the
-device (:mod:`cvserve.images.gpu`) are not copied at all. Each stage is timed with
+device (:mod:`cvserve.images.gpu`, marked as :mod:`cvserve.runtime.device_rows` says) are
+not copied at all. Each stage is timed with
 synchronised timers and reported in :attr:`CudaRuntime.last_stages`, as the simulated
 accelerator reports its own, so Server-Timing shows ``h2d``, ``infer`` and ``d2h``.
 
@@ -18,7 +19,6 @@ onnxruntime-gpu are imported lazily, so the CPU install never needs them.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from pathlib import Path
@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from cvserve.images.gpu import read_mark
+from cvserve.runtime.device_rows import new_magic, read_mark
 from cvserve.runtime.onnx import OrtOptions, OrtRuntime, check_input
 from cvserve.runtime.providers import DeviceUnavailable, parse_device
 
@@ -62,8 +62,8 @@ class DeviceBuffers:
         self.rows = rows
         self.item_shape = tuple(item_shape)
         self.dtype = np.dtype(dtype)
-        #: Random per process: a mark no client can forge (see ``cvserve.images.gpu``).
-        self.magic = os.urandom(8)
+        #: Random per process: a mark no client can forge (``cvserve.runtime.device_rows``).
+        self.magic = new_magic()
         self._lock = threading.Lock()
         self._by_ptr: dict[int, tuple[np.ndarray, Any, bool]] = {}
 

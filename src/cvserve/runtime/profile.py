@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from cvserve.runtime.onnx import OrtOptions, OrtRuntime
-from cvserve.runtime.simulated import SimProfile
+from cvserve.runtime.sim_profile import SimProfile
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def measure_profile(
         if progress is not None:
             progress(b, medians[b] / 1000.0)
 
-    from cvserve.bench.results import machine_info
+    from cvserve.machine import machine_info
 
     machine = machine_info()
     import onnxruntime as ort

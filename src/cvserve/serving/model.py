@@ -13,6 +13,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,8 +21,9 @@ import numpy as np
 from cvserve.config import ModelConfig
 from cvserve.images.preprocess import ImageMeta, Preprocessor
 from cvserve.models.metadata import ModelMeta
-from cvserve.runtime.onnx import OrtOptions, OrtRuntime
-from cvserve.runtime.simulated import SimDevice, SimModel, SimulatedRuntime
+from cvserve.runtime.factory import open_runtimes
+from cvserve.runtime.onnx import OrtOptions
+from cvserve.runtime.simulated import SimDevice, SimulatedRuntime
 from cvserve.serving.batcher import Batcher, BatchInfo, Slot
 from cvserve.serving.core import (
     AUTO_WAIT_ROUNDS,
@@ -273,44 +275,30 @@ def on_cpu(config: ModelConfig) -> bool:
 
 
 def _make_runtimes(onnx_path: str, config: ModelConfig) -> list:
-    """One runtime per instance: onnxruntime sessions, or simulated runtimes sharing one
-    simulated device (``sim_devices`` slots) and one view of the model's outputs."""
+    """One runtime per instance (:func:`cvserve.runtime.open_runtimes`): onnxruntime
+    sessions on the CPU or a GPU, or simulated runtimes sharing one simulated device
+    (``sim_devices`` slots)."""
     n = config.batching.instances
     if config.runtime == "simulated":
         device = SimDevice(config.sim_profile, config.sim_devices, config.sim_h2d_gbps)
-        model = SimModel(onnx_path)
         log.info(
             "%s: simulated accelerator (%d device(s), profile: %s)",
             config.name,
             config.sim_devices,
             device.profile.source,
         )
-        return [SimulatedRuntime(onnx_path, device, model=model) for _ in range(n)]
+        return open_runtimes(onnx_path, n, sim_device=device)
     if config.device != "cpu":
-        return _make_gpu_runtimes(onnx_path, config)
+        # Fails at start-up (DeviceUnavailable) when no GPU provider can run: never a CPU
+        # session. TensorRT's caches live beside the model unless configured.
+        trt_cache = config.trt_cache or str(Path(onnx_path).parent / "trt")
+        options = OrtOptions(intra_op_threads=config.intra_op_threads or 1, device=config.device,
+                             gpu_provider=config.gpu_provider, fp16=config.fp16,
+                             trt_cache=trt_cache)  # fmt: skip
+        return open_runtimes(onnx_path, n, options=options,
+                             max_batch=config.batching.max_batch_size)  # fmt: skip
     threads = config.intra_op_threads or max(1, (os.cpu_count() or 1) // n)
-    return [OrtRuntime(onnx_path, OrtOptions(intra_op_threads=threads)) for _ in range(n)]
-
-
-def _make_gpu_runtimes(onnx_path: str, config: ModelConfig) -> list:
-    """One GPU session per instance, sharing the device twins of the batch buffers. Fails
-    at start-up (DeviceUnavailable) when no GPU provider can run: never a CPU session."""
-    from pathlib import Path
-
-    from cvserve.runtime.cuda import CudaRuntime
-
-    trt_cache = config.trt_cache or str(Path(onnx_path).parent / "trt")
-    options = OrtOptions(intra_op_threads=config.intra_op_threads or 1, device=config.device,
-                         gpu_provider=config.gpu_provider, fp16=config.fp16,
-                         trt_cache=trt_cache)  # fmt: skip
-    runtimes: list = []
-    buffers = None
-    for _ in range(config.batching.instances):
-        rt = CudaRuntime(onnx_path, options, buffers,
-                         max_batch=config.batching.max_batch_size)  # fmt: skip
-        buffers = rt.buffers
-        runtimes.append(rt)
-    return runtimes
+    return open_runtimes(onnx_path, n, options=OrtOptions(intra_op_threads=threads))
 
 
 def _make_gpu_preprocessor(config: ModelConfig, spec, cpu: Preprocessor, runtimes, pool):

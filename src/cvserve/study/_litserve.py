@@ -15,8 +15,8 @@ from fastapi import Body, HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from cvserve.study._peer_http import TimingMiddleware, describe_routes, timed_response
 from cvserve.study.baseline import BaselineModel
-from cvserve.study.peers import TimingMiddleware, describe_routes, timed_response
 
 
 class BaselineAPI(ls.LitAPI):

@@ -14,8 +14,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
+from cvserve.study._peer_http import timed_response
 from cvserve.study.baseline import BaselineModel, error_body, top_k_param
-from cvserve.study.peers import timed_response
 
 
 def _json(body: bytes | str, status: int = 200) -> Response:

@@ -21,7 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cvserve.bench.results import json_default, machine_info, read_document, validate
+from cvserve.bench.results import json_default, read_document, validate
+from cvserve.machine import machine_info
 
 SCHEMA_VERSION = "cvserve.study/1"
 

@@ -14,7 +14,7 @@ stages (``cvserve.serving.pipelines.ocr``) call it:
 The steps get their DNN calls as plain callables (``Infer``) and never open a model file:
 sessions, threads and devices are the caller's wiring. Each step reports the seconds its
 sub-steps took under the trace's stage names, so a server charges them without timing
-the step again. ``OcrPipeline`` runs the steps in one process; it is what the tests
+the step again. ``OcrReference`` runs the steps in one process; it is what the tests
 compare against RapidOCR 1.4.4, whose models (and defaults) these are.
 """
 
@@ -66,7 +66,7 @@ __all__ = [
     "Line",
     "OcrConfig",
     "OcrModels",
-    "OcrPipeline",
+    "OcrReference",
     "OcrResult",
     "RecConfig",
     "Recognized",
@@ -242,7 +242,7 @@ class OcrResult:
     recognized: Recognized | None
 
 
-class OcrPipeline:
+class OcrReference:
     """Stage A then stage B on one image in one process, no broker: the reference that
     the tests hold against RapidOCR, and the server against."""
 

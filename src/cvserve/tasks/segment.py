@@ -131,7 +131,7 @@ def upsample_argmax(
     (default: the map dtype's largest value). Returns the map (uint8, or uint16 past 255
     classes) and the number of pixels of each class (int64, C; fill pixels not counted).
     """
-    from cvserve.tasks import _segment_kernels as kern
+    import cvserve.tasks._segment_kernels as kern
 
     logits = np.ascontiguousarray(logits, dtype=np.float32)
     c, h, w = logits.shape
@@ -164,7 +164,7 @@ def argmax_model(
     """The class map at the logits' own resolution (h, w): argmax over classes, with
     ``fill`` in the cells whose centres fall outside the photo (a letterbox's padding).
     Returns the map and the cells per class, as :func:`upsample_argmax`."""
-    from cvserve.tasks import _segment_kernels as kern
+    import cvserve.tasks._segment_kernels as kern
 
     logits = np.ascontiguousarray(logits, dtype=np.float32)
     c, h, w = logits.shape
@@ -199,7 +199,7 @@ class SegmentHead:
     heavy = True
 
     def __init__(self, model: ModelMeta) -> None:
-        from cvserve.tasks import _segment_kernels as kern
+        import cvserve.tasks._segment_kernels as kern
 
         self.labels = list(model.labels)
         self.spec = model.preprocess

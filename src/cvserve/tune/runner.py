@@ -11,15 +11,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cvserve.tune.output import header_lines, table_rows, write_config
 from cvserve.tune.search import DECODERS, Measure, Search, SearchResult
 from cvserve.tune.state import TuneState, images_digest, state_path
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from cvserve.bench.loadgen import OnProgress
 
-Progress = Callable[[dict[str, Any]], None]
+log = logging.getLogger(__name__)
 
 
 class TuneError(RuntimeError):
@@ -88,7 +89,7 @@ def available_decoders() -> tuple[str, ...]:
 
 def run_tune(
     config: TuneConfig,
-    progress: Progress | None = None,
+    progress: OnProgress | None = None,
     measure: Measure | None = None,
     clock: Callable[[], float] | None = None,
 ) -> TuneReport:
@@ -97,7 +98,7 @@ def run_tune(
     import time
 
     from cvserve.bench import ImageSourceError, load_images
-    from cvserve.bench.results import machine_info
+    from cvserve.machine import machine_info
 
     clock = clock or time.monotonic
     t0 = clock()

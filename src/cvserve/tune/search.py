@@ -34,7 +34,10 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cvserve.bench.loadgen import OnProgress
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +233,6 @@ def proposals(knob: str, s: Settings, cores: int, direction: int) -> Iterator[Se
 
 
 Measure = Callable[[Settings], Measurement]
-Progress = Callable[[dict[str, Any]], None]
 
 
 class Search:
@@ -254,7 +256,7 @@ class Search:
         start: Settings | None = None,
         first_estimate_s: float = 0.0,
         on_candidate: Callable[[Candidate], None] | None = None,
-        progress: Progress | None = None,
+        progress: OnProgress | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.measure = measure

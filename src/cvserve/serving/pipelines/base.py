@@ -97,21 +97,18 @@ def open_stage_model(path: str | Path, options: StageOptions, stage: str) -> Run
     """A DNN of stage ``stage``: on the simulated accelerator when the options say so
     (its device shared by every stage of this process), else onnxruntime under the
     options' CPU budget when there is one."""
-    from cvserve.runtime import OrtOptions, OrtRuntime
+    from cvserve.runtime import OrtOptions, open_runtime
 
+    width = OrtOptions(intra_op_threads=options.intra_op_threads)
     if options.simulated:
-        from cvserve.runtime.simulated import SimDevice, SimModel, SimulatedRuntime
+        from cvserve.runtime.simulated import SimDevice, SimModel
 
         if stage not in options._sim:
             device = SimDevice(sim_profile_of(options.sim_profile, stage), options.sim_devices)
             options._sim[stage] = (device, SimModel(path))
         device, model = options._sim[stage]
-        return SimulatedRuntime(path, device, model=model)
-    if options.budget is not None:
-        from cvserve.runtime.budget import BudgetedRuntime
-
-        return BudgetedRuntime(path, options.budget, stage, max_width=options.intra_op_threads)
-    return OrtRuntime(path, OrtOptions(intra_op_threads=options.intra_op_threads))
+        return open_runtime(path, sim_device=device, sim_model=model)
+    return open_runtime(path, options=width, budget=options.budget, stage=stage)
 
 
 def describe_runtime(options: StageOptions) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import numpy as np
 from cvserve.brokers import Message
 from cvserve.config import PIPELINE_DNNS
 from cvserve.images.decode import decode
-from cvserve.runtime import OrtOptions, OrtRuntime
+from cvserve.runtime import OrtOptions, open_runtime
 from cvserve.serving.pipelines.base import (
     BATCH,
     INFER_S,
@@ -42,12 +42,12 @@ KIND = "ocr"
 
 def open_session(path: str | Path, options: OrtOptions | None = None) -> Infer:
     """An onnxruntime session on ``path`` as the steps' ``Infer``: batch -> first output."""
-    runtime = OrtRuntime(path, options)
+    runtime = open_runtime(path, options=options)
     return lambda batch: runtime.run(batch)[0]
 
 
 def load_ocr_models(cfg: OcrConfig | None = None, options: OrtOptions | None = None) -> OcrModels:
-    """Sessions on the packaged PP-OCR models for ``tasks.ocr.OcrPipeline``, the
+    """Sessions on the packaged PP-OCR models for ``tasks.ocr.OcrReference``, the
     reference that runs both stages in one process."""
     from cvserve.models.ocr_files import ocr_model_files
     from cvserve.tasks.ocr import OcrConfig, OcrModels

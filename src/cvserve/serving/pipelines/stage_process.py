@@ -1,6 +1,7 @@
-"""``cvserve worker``: a process that serves one pipeline stage from a broker until told
-to stop. Two such processes on one stage share its load (one consumer group); a worker
-that dies leaves its items pending, and another reclaims them."""
+"""The process behind ``cvserve worker``: it serves one pipeline stage from a broker until
+told to stop (the consume loop itself is :mod:`cvserve.brokers.worker`). Two such
+processes on one stage share its load (one consumer group); one that dies leaves its items
+pending, and another reclaims them."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from cvserve.serving.pipelines.engine import StageBRunner, cpu_budget, runtime_o
 log = logging.getLogger(__name__)
 
 
-def run_worker(
+def run_stage_process(
     config: PipelineConfig,
     stage: str,
     broker_url: str,
