@@ -301,7 +301,7 @@ def test_rows_written_on_the_gpu_are_not_rerun_elsewhere():
     (a row mark) would then read another row's pixels: such a batch fails whole."""
     from types import SimpleNamespace
 
-    from cvserve.images.gpu import mark_row
+    from cvserve.runtime.device_rows import mark_row
 
     async def main():
         rt = PoisonSums(threading.Event())

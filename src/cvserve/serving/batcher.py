@@ -40,7 +40,7 @@ import numpy as np
 
 from cvserve.config import BatchConfig
 from cvserve.errors import RequestError
-from cvserve.images.gpu import read_mark
+from cvserve.runtime.device_rows import read_mark
 from cvserve.runtime.onnx import Runtime
 from cvserve.serving.errors import BadRequest, InferenceFailed
 
@@ -410,6 +410,6 @@ def _batch_error(error: Exception) -> InferenceFailed:
 
 
 def _device_rows(runtime: Runtime, rows: np.ndarray) -> bool:
-    """Whether any row's pixels are on the GPU (a row mark of ``cvserve.images.gpu``)."""
+    """Whether any row's pixels are on the GPU (a row mark, :mod:`cvserve.runtime.device_rows`)."""
     magic = getattr(getattr(runtime, "buffers", None), "magic", None)
     return isinstance(magic, bytes) and any(read_mark(r, magic) is not None for r in rows)
