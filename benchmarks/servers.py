@@ -54,6 +54,11 @@ def main() -> int:
         "default: cvserve with its defaults",
     )  # fmt: skip
     p.add_argument("--no-baseline", action="store_true")
+    p.add_argument(
+        "--no-retry-after", action="store_true",
+        help="after a 429, send the next request at once (as perf_analyzer, hey and locust "
+        "do), not after its Retry-After",
+    )  # fmt: skip
     p.add_argument("--out", default=str(HERE / "results" / "servers.json"))
     a = p.parse_args()
 
@@ -78,6 +83,7 @@ def main() -> int:
                     res = run_bench(BenchConfig(
                         url=srv.url, model=model, images=a.images, concurrency=conc,
                         duration=a.duration, warmup=a.warmup,
+                        honor_retry_after=not a.no_retry_after,
                     ))  # fmt: skip
                 for pt in res.points:
                     row = {
@@ -91,13 +97,24 @@ def main() -> int:
                     print(
                         f"rep {rep} {model:10s} {variant:14s} c={pt.concurrency:<3d} "
                         f"{pt.throughput_rps:6.1f} req/s  p50 {pt.latency_ms['p50']:7.1f} ms  "
-                        f"p99 {pt.latency_ms['p99']:7.1f} ms  batch {pt.mean_batch_size or 0:.2f}",
+                        f"p99 {pt.latency_ms['p99']:7.1f} ms  batch {pt.mean_batch_size or 0:.2f}  "
+                        f"errors {pt.errors['total']}",
                         file=sys.stderr,
                         flush=True,
                     )
 
     table = Table(title="servers side by side (median over repeats [min-max]; ratio to baseline)")
-    for col in ("model", "server", "c", "req/s", "p50 ms", "p99 ms", "x baseline", "batch"):
+    for col in (
+        "model",
+        "server",
+        "c",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "x baseline",
+        "batch",
+        "errors",
+    ):
         table.add_column(col, justify="right" if col not in ("model", "server") else "left")
     summary = []
     for model in models:
@@ -124,6 +141,7 @@ def main() -> int:
                     "p50_ms_median": statistics.median(p50), "p99_ms_median": statistics.median(p99),
                     "ratio_to_baseline_median": statistics.median(ratios) if ratios else None,
                     "ratio_to_baseline_range": [min(ratios), max(ratios)] if ratios else None,
+                    "errors": [r["errors"] for r in sel],
                 }  # fmt: skip
                 summary.append(s)
                 table.add_row(
@@ -133,6 +151,7 @@ def main() -> int:
                     "-" if variant == "baseline" or not ratios
                     else f"{s['ratio_to_baseline_median']:.2f} [{min(ratios):.2f}-{max(ratios):.2f}]",
                     f"{statistics.median([r['mean_batch_size'] or 0 for r in sel]):.2f}",
+                    ",".join(str(r["errors"]) for r in sel),
                 )  # fmt: skip
     Console().print(table)
     out = write_benchmark(a.out, "servers", a, variants=variants, summary=summary, runs=rows)
