@@ -1,5 +1,5 @@
 """The process behind ``cvserve worker``: it serves one pipeline stage from a broker until
-told to stop (the consume loop itself is :mod:`cvserve.brokers.worker`). Two such
+told to stop (the consume loop itself is :mod:`cvserve.brokers.consumer`). Two such
 processes on one stage share its load (one consumer group); one that dies leaves its items
 pending, and another reclaims them."""
 
