@@ -91,7 +91,7 @@ def test_headers_that_cannot_travel_are_refused(headers):
 
 
 def _frame(head: dict, data: bytes = b"") -> bytes:
-    header = json.dumps(head).encode_frame()
+    header = json.dumps(head).encode()
     start = 8 + len(header)
     pad = bytes(-start % ALIGN)
     return MAGIC + len(header).to_bytes(4, "little") + header + pad + data
