@@ -254,8 +254,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _serve_as_worker(args: argparse.Namespace, cfg) -> int:
     """One process of ``serve --workers N`` (its parent made ``cfg``): say "ready" on the
     parent's pipe, count metrics in the parent's multiprocess directory."""
-    from cvserve.serving.server import run_server
     from cvserve.serving.replicas import die_with_parent, metrics_dir
+    from cvserve.serving.server import run_server
 
     die_with_parent()
     ready = os.fdopen(args.ready_fd, "w", buffering=1) if args.ready_fd is not None else None
