@@ -4,7 +4,7 @@ One message at a time (latency, not throughput), in one event loop that both pub
 and consumes, for two payloads: a 224x224x3 float32 model input (588 KiB) and a
 48x320x3 uint8 text crop (45 KiB, what the OCR pipeline sends per region). Brokers and
 payloads are interleaved in rounds on the same arrays; each round's first messages are
-warm-up. Also timed: the codec alone (encode + decode), which Redis pays and the
+warm-up. Also timed: the codec alone (encode_frame + decode_frame), which Redis pays and the
 in-process broker skips (it passes arrays by reference).
 
 Redis is a redis-server started here on a free port (the binary that the test suite
@@ -93,13 +93,13 @@ async def _hops(broker, arrays: dict, n: int, topic: str) -> list[float]:
 
 
 def _codec(arrays: dict, n: int) -> list[float]:
-    from cvserve.brokers import Message, decode, encode
+    from cvserve.brokers import Message, decode_frame, encode_frame
 
     msg = Message("r", arrays=arrays)
     out = []
     for _ in range(n):
         t0 = time.perf_counter()
-        decode(encode(msg, published_at=0.0))
+        decode_frame(encode_frame(msg, published_at=0.0))
         out.append((time.perf_counter() - t0) * 1e6)
     return out
 

@@ -148,6 +148,8 @@ def overload(url: str, model: str, images: str, rate: float, a) -> dict:
 
 
 def main() -> int:
+    from _interleave import median_range, variant_order  # beside this script
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="resnet18")
     p.add_argument("--images", default=str(DATA / "images" / "medium"))
@@ -194,8 +196,7 @@ def main() -> int:
     store.ensure_built(a.model, a.cache_dir, progress=lambda s: print(s, file=sys.stderr))
     runs = []
     for rep in range(a.repeats):
-        order = list(variants) if rep % 2 == 0 else list(reversed(variants))
-        for name in order:
+        for name in variant_order(variants, rep):
             args = ["--model", a.model, *shlex.split(a.serve_args), *shlex.split(variants[name])]
             if a.cache_dir:
                 args += ["--cache-dir", a.cache_dir]
@@ -237,14 +238,6 @@ def main() -> int:
     for col in cols:
         table.add_column(col, justify="left" if col == "variant" else "right")
 
-    def med(values: list) -> str:
-        vals = [v for v in values if v is not None]
-        if not vals:
-            return "-"
-        if len(vals) == 1:
-            return f"{vals[0]:.3g}"
-        return f"{statistics.median(vals):.3g} [{min(vals):.3g}-{max(vals):.3g}]"
-
     summary = []
     for name in variants:
         sel = [r for r in runs if r["variant"] == name]
@@ -267,7 +260,7 @@ def main() -> int:
             ],  # fmt: skip
         }
         summary.append(s)
-        table.add_row(name, *(med(s[k]) for k in (
+        table.add_row(name, *(median_range(s[k]) for k in (
             "capacity_rps", "p99_at_capacity_ms", "goodput_rps", "goodput_ratio",
             "accepted_p99_ms", "p99_ratio", "refused_p50_ms", "refused_p99_ms",
             "refused_share", "server_errors")))  # fmt: skip

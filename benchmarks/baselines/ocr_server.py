@@ -19,7 +19,6 @@ orientation and passes palette images through as gray indices, so on the shared 
 
 from __future__ import annotations
 
-import argparse
 import io
 
 import numpy as np
@@ -53,21 +52,15 @@ def create_app() -> FastAPI:
     app.post("/ocr")(ocr)
     app.post(BENCH_ROUTE)(ocr)
 
-    @app.get("/readyz")
-    def readyz() -> dict:
-        return {"ready": True}
+    from _app import add_readyz  # beside this script
 
-    return app
+    return add_readyz(app)
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8002)
-    a = p.parse_args(argv)
-    import uvicorn
+    from _app import serve_main  # beside this script
 
-    uvicorn.run(create_app(), host=a.host, port=a.port, log_level="warning", access_log=False)
+    serve_main(__doc__, 8002, lambda a: create_app(), argv)
 
 
 if __name__ == "__main__":

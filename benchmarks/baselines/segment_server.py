@@ -114,24 +114,20 @@ def create_app(model: str, cache_dir: str | None = None) -> FastAPI:
     app.post("/segment")(segment)
     app.post(f"/v1/models/{model}:predict")(segment)
 
-    @app.get("/readyz")
-    def readyz() -> dict:
-        return {"ready": True}
+    from _app import add_readyz  # beside this script
 
-    return app
+    return add_readyz(app)
+
+
+def _flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="segformer-b0", help="a zoo segmentation model")
+    p.add_argument("--cache-dir", default=None, help="cvserve's model store")
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    p.add_argument("--model", default="segformer-b0", help="a zoo segmentation model")
-    p.add_argument("--cache-dir", default=None, help="cvserve's model store")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8003)
-    a = p.parse_args(argv)
-    import uvicorn
+    from _app import serve_main  # beside this script
 
-    app = create_app(a.model, a.cache_dir)
-    uvicorn.run(app, host=a.host, port=a.port, log_level="warning", access_log=False)
+    serve_main(__doc__, 8003, lambda a: create_app(a.model, a.cache_dir), argv, _flags)
 
 
 if __name__ == "__main__":

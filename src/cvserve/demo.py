@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +15,7 @@ from PIL import Image
 from cvserve.bench import BenchConfig, BenchImage, BenchResult, run_bench
 from cvserve.models import store
 from cvserve.serving.process import ServerProcess
+from cvserve.trace import Say
 
 DEFAULT_MODEL = "resnet18"
 DEFAULT_CONCURRENCY = (1, 4, 16)
@@ -61,7 +62,7 @@ def run_demo(
     duration: float = 5.0,
     cache_dir: str | None = None,
     serve_args: Sequence[str] = ("--max-batch", "8", "--max-delay-ms", "5"),
-    say: Callable[[str], None] = lambda _: None,
+    say: Say = lambda _: None,
     progress=None,
 ) -> BenchResult:
     """Build ``model`` if needed, serve it, sweep ``concurrency``; returns the result."""

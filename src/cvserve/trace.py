@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+
+#: Where a long step tells its progress: one line of text per call (``print``,
+#: ``log.info``, a console's status line). The event-style callback of the load generator
+#: is another thing (``bench.point.OnProgress``).
+Say = Callable[[str], None]
 
 #: Every stage name cvserve emits, in request order (DESIGN.md, "Stage names").
 STAGES: tuple[str, ...] = (

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cvserve.bench import BenchConfig, run_bench
-from cvserve.bench.loadgen import poisson_arrivals
+from cvserve.bench.point import poisson_arrivals
 
 
 def ks_exponential(samples: np.ndarray, rate: float) -> tuple[float, float]:

@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 
-from cvserve.brokers import Message, StageWorker, broker_from_url
+from cvserve.brokers import Message, StageConsumer, broker_from_url
 
 
 async def main(url: str, topic: str, group: str, idle_ms: int, max_deliveries: int, poison: float):
@@ -23,7 +23,7 @@ async def main(url: str, topic: str, group: str, idle_ms: int, max_deliveries: i
         return [m.reply(arrays={"y": m.arrays["x"] + 1}) for m in batch]
 
     broker = broker_from_url(url)
-    worker = StageWorker(
+    worker = StageConsumer(
         broker, topic, group, handler, block_ms=20, reclaim_idle_ms=idle_ms,
         max_deliveries=max_deliveries,
     )  # fmt: skip

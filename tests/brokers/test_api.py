@@ -14,11 +14,11 @@ from .conftest import run
 
 def test_public_names_are_pinned():
     assert sorted(brokers.__all__) == [
-        "Broker", "BrokerError", "BrokerFull", "BrokerUnavailable", "DEFAULT_MAXLEN",
-        "DEFAULT_MAX_DELIVERIES", "DEFAULT_PUBLISH_TIMEOUT", "DeadLetter", "Delivery",
-        "InProcessBroker", "MalformedMessage", "Message", "RedisStreamsBroker",
-        "ResultRouter", "ResultTimeout", "RouterStats", "StageWorker", "WorkerStats",
-        "broker_from_url", "consumer_name", "dead_topic", "decode", "encode", "redact_url",
+        "Broker", "BrokerError", "BrokerFull", "BrokerUnavailable", "ConsumerStats",
+        "DEFAULT_MAXLEN", "DEFAULT_MAX_DELIVERIES", "DEFAULT_PUBLISH_TIMEOUT", "DeadLetter",
+        "Delivery", "InProcessBroker", "MalformedMessage", "Message", "RedisStreamsBroker",
+        "ResultRouter", "ResultTimeout", "RouterStats", "StageConsumer", "broker_from_url",
+        "consumer_name", "dead_topic", "decode_frame", "encode_frame", "redact_url",
     ]  # fmt: skip
     for name in brokers.__all__:
         assert getattr(brokers, name) is not None

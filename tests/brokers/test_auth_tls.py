@@ -21,7 +21,7 @@ from cvserve.brokers import (
     BrokerUnavailable,
     Message,
     ResultRouter,
-    StageWorker,
+    StageConsumer,
     broker_from_url,
     redact_url,
 )
@@ -49,7 +49,7 @@ async def _round_trip(url: str) -> float:
     async with broker_from_url(url) as b:
         await b.ping()
         router = await ResultRouter(b, ttl_s=5).start()
-        worker = StageWorker(b, "crops", "rec", _plus_one, block_ms=20)
+        worker = StageConsumer(b, "crops", "rec", _plus_one, block_ms=20)
         serving = asyncio.create_task(worker.run())
         fut = await router.publish("crops", [Message("r", arrays={"x": np.array([1.5])})])
         [d] = await asyncio.wait_for(fut, 20)

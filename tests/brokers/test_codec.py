@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import pytest
 
-from cvserve.brokers import MalformedMessage, Message, decode, encode
+from cvserve.brokers import MalformedMessage, Message, decode_frame, encode_frame
 from cvserve.brokers.codec import ALIGN, MAGIC
 
 DTYPES = ["|u1", "|i1", "<u2", "<i2", "<u4", "<i4", "<u8", "<i8", "<f2", "<f4", "<f8",
@@ -21,7 +21,7 @@ def test_every_dtype_and_shape_round_trips_bit_for_bit(dtype, shape):
     rng = np.random.default_rng(1)
     raw = rng.integers(0, 256, int(np.prod(shape)) * np.dtype(dtype).itemsize, dtype=np.uint8)
     arr = raw.view(dtype).reshape(shape)  # arbitrary bits: NaN payloads, denormals, ...
-    out = decode(encode(Message("r", arrays={"a": arr}))).arrays["a"]
+    out = decode_frame(encode_frame(Message("r", arrays={"a": arr}))).arrays["a"]
     assert out.dtype == arr.dtype and out.dtype.str == dtype
     assert out.shape == arr.shape
     assert out.tobytes() == arr.tobytes()
@@ -36,7 +36,7 @@ def test_fields_headers_and_several_arrays_survive():
     }
     headers = {"s": "ü-text", "i": -(2**53), "f": 0.1, "t": True, "z": 0}
     msg = Message("req", index=7, headers=headers, arrays=arrays, reply_to="rep", id="abc")
-    out = decode(encode(msg, published_at=1234.5678))
+    out = decode_frame(encode_frame(msg, published_at=1234.5678))
     assert (out.request_id, out.index, out.reply_to, out.id) == ("req", 7, "rep", "abc")
     assert out.published_at == 1234.5678
     assert out.headers == headers and type(out.headers["t"]) is bool
@@ -47,9 +47,9 @@ def test_fields_headers_and_several_arrays_survive():
 
 
 def test_decoded_arrays_are_aligned_read_only_views_of_the_frame():
-    frame = encode(Message("r", arrays={"a": np.arange(3, dtype=np.uint8),
+    frame = encode_frame(Message("r", arrays={"a": np.arange(3, dtype=np.uint8),
                                         "b": np.arange(5, dtype=np.float64)}))  # fmt: skip
-    out = decode(frame)
+    out = decode_frame(frame)
     for arr in out.arrays.values():
         assert not arr.flags.writeable
         assert not arr.flags.owndata  # a view: no copy was made
@@ -59,7 +59,7 @@ def test_decoded_arrays_are_aligned_read_only_views_of_the_frame():
 
 
 def test_frame_is_not_pickle_and_header_is_plain_json():
-    frame = encode(Message("r", headers={"k": 1}, arrays={"a": np.zeros(2)}))
+    frame = encode_frame(Message("r", headers={"k": 1}, arrays={"a": np.zeros(2)}))
     assert frame[:4] == MAGIC
     assert b"\x80\x04" not in frame[:2]
     hlen = int.from_bytes(frame[4:8], "little")
@@ -77,7 +77,7 @@ def test_frame_is_not_pickle_and_header_is_plain_json():
 )  # fmt: skip
 def test_arrays_that_cannot_travel_are_refused(value):
     with pytest.raises(MalformedMessage):
-        encode(Message("r", arrays={"a": value}))
+        encode_frame(Message("r", arrays={"a": value}))
 
 
 @pytest.mark.parametrize(
@@ -87,7 +87,7 @@ def test_arrays_that_cannot_travel_are_refused(value):
 )  # fmt: skip
 def test_headers_that_cannot_travel_are_refused(headers):
     with pytest.raises(MalformedMessage):
-        encode(Message("r", headers=headers))
+        encode_frame(Message("r", headers=headers))
 
 
 def _frame(head: dict, data: bytes = b"") -> bytes:
@@ -101,7 +101,7 @@ GOOD_HEAD = {"id": "x", "rid": "r", "i": 0, "to": "", "t": 1.0, "h": {}, "a": []
 
 
 def _good_frame() -> bytes:
-    return encode(Message("r", arrays={"a": np.arange(4, dtype=np.int32)}))
+    return encode_frame(Message("r", arrays={"a": np.arange(4, dtype=np.int32)}))
 
 
 @pytest.mark.parametrize(
@@ -132,9 +132,9 @@ def _good_frame() -> bytes:
 )
 def test_malformed_frames_are_rejected_clearly(frame, says):
     with pytest.raises(MalformedMessage, match=says):
-        decode(frame)
+        decode_frame(frame)
 
 
 def test_malformed_message_is_a_value_error():
     with pytest.raises(ValueError):
-        decode(b"junk")
+        decode_frame(b"junk")

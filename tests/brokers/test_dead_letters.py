@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cvserve.brokers import Message, ResultRouter, StageWorker, broker_from_url, dead_topic
-from cvserve.brokers.worker import DEAD_LETTER, ERROR
+from cvserve.brokers import Message, ResultRouter, StageConsumer, broker_from_url, dead_topic
+from cvserve.brokers.consumer import DEAD_LETTER, ERROR
 from cvserve.cli import main as cli_main
 
 from .conftest import run
@@ -47,7 +47,7 @@ async def _die_in_process(b, idle_ms: int) -> None:
 
 
 async def _die_in_subprocess(url: str, idle_ms: int, max_deliveries: int) -> int:
-    """A real StageWorker process that SIGKILLs itself on the poison item."""
+    """A real StageConsumer process that SIGKILLs itself on the poison item."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, str(SUICIDAL_WORKER), url, "crops", "rec", str(idle_ms),
         str(max_deliveries), str(POISON),
@@ -71,7 +71,7 @@ def test_an_item_that_kills_every_worker_is_dead_lettered_and_its_request_answer
                     deaths.append(await _die_in_subprocess(broker_url, idle_ms, max_deliveries))
                 else:
                     await _die_in_process(b, idle_ms)
-            survivor = StageWorker(
+            survivor = StageConsumer(
                 b, "crops", "rec", _plus_one, consumer="survivor", block_ms=20,
                 reclaim_idle_ms=idle_ms, max_deliveries=max_deliveries,
             )  # fmt: skip
@@ -151,4 +151,4 @@ def test_dead_letters_command_refuses_an_in_process_broker(capsys):
 @pytest.mark.parametrize("bad", [0, -1])
 def test_max_deliveries_must_be_positive(bad):
     with pytest.raises(ValueError):
-        StageWorker(None, "t", "g", _plus_one, max_deliveries=bad)  # type: ignore[arg-type]
+        StageConsumer(None, "t", "g", _plus_one, max_deliveries=bad)  # type: ignore[arg-type]

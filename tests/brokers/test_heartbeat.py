@@ -8,7 +8,7 @@ import asyncio
 
 import numpy as np
 
-from cvserve.brokers import Message, ResultRouter, StageWorker
+from cvserve.brokers import Message, ResultRouter, StageConsumer
 
 from .conftest import run
 
@@ -30,8 +30,8 @@ def _slow(seconds: float, calls: list[str], started: asyncio.Event | None = None
     return handler
 
 
-def _worker(b, name: str, handler, **kw) -> StageWorker:
-    return StageWorker(b, "crops", "rec", handler, consumer=name, block_ms=20,
+def _worker(b, name: str, handler, **kw) -> StageConsumer:
+    return StageConsumer(b, "crops", "rec", handler, consumer=name, block_ms=20,
                        reclaim_idle_ms=IDLE_MS, **kw)  # fmt: skip
 
 

@@ -20,7 +20,7 @@ from cvserve.brokers import (
     InProcessBroker,
     Message,
     ResultRouter,
-    StageWorker,
+    StageConsumer,
     broker_from_url,
 )
 
@@ -57,7 +57,7 @@ def test_a_broker_restarted_empty_gets_the_unanswered_items_again(redis_factory)
             while router.stats.republished == 0:
                 await asyncio.sleep(0.02)
             # Only now a worker comes: what it serves can only be the copies sent again.
-            worker = StageWorker(b, "crops", "rec", _plus_one, block_ms=20, retry_s=0.05)
+            worker = StageConsumer(b, "crops", "rec", _plus_one, block_ms=20, retry_s=0.05)
             serving = asyncio.create_task(worker.run())
             got_a = await asyncio.wait_for(a, 20)
             got_half = await asyncio.wait_for(half, 20)
@@ -147,7 +147,7 @@ def test_in_process_replies_to_a_closed_router_are_dropped():
         async with InProcessBroker() as b:
             router = await ResultRouter(b).start()
             fut = await router.publish("crops", _items("r", [1.0]))
-            worker = StageWorker(b, "crops", "rec", _plus_one, block_ms=20)
+            worker = StageConsumer(b, "crops", "rec", _plus_one, block_ms=20)
             serving = asyncio.create_task(worker.run())
             [d] = await asyncio.wait_for(fut, 10)
             await router.close()  # its topic goes

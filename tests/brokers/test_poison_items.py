@@ -7,8 +7,8 @@ import asyncio
 
 import numpy as np
 
-from cvserve.brokers import Message, ResultRouter, StageWorker
-from cvserve.brokers.worker import ERROR, FAILED_ALONE
+from cvserve.brokers import Message, ResultRouter, StageConsumer
+from cvserve.brokers.consumer import ERROR, FAILED_ALONE
 
 from .conftest import run
 
@@ -34,7 +34,7 @@ async def _eight_requests(b, stage: Doubler, poison: set[int]):
     """Eight one-item requests published before the worker starts (one batch of 8);
     item k is malformed when k is in ``poison``. Returns each request's message."""
     async with ResultRouter(b) as router:
-        worker = StageWorker(b, "crops", "rec", stage, batch=8, block_ms=50)
+        worker = StageConsumer(b, "crops", "rec", stage, batch=8, block_ms=50)
         futs = []
         for k in range(8):
             futs.append(router.expect(f"r{k}", 1))

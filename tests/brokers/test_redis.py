@@ -14,7 +14,7 @@ from cvserve.brokers import (
     BrokerUnavailable,
     Message,
     ResultRouter,
-    StageWorker,
+    StageConsumer,
     broker_from_url,
 )
 from cvserve.serving.process import free_port
@@ -55,7 +55,7 @@ def test_outage_raises_broker_unavailable_and_the_same_objects_recover(redis_fac
     async def main():
         async with broker_from_url(server.url) as b:
             router = await ResultRouter(b, retry_s=0.05).start()
-            worker = StageWorker(b, "crops", "rec", _echo, block_ms=50, retry_s=0.05)
+            worker = StageConsumer(b, "crops", "rec", _echo, block_ms=50, retry_s=0.05)
             serving = asyncio.create_task(worker.run())
             before = await _round_trip(b, router, "before")
 

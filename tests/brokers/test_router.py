@@ -7,8 +7,8 @@ import asyncio
 import numpy as np
 import pytest
 
-from cvserve.brokers import BrokerError, Message, ResultRouter, ResultTimeout, StageWorker
-from cvserve.brokers.worker import BROKER_S, ERROR
+from cvserve.brokers import BrokerError, Message, ResultRouter, ResultTimeout, StageConsumer
+from cvserve.brokers.consumer import BROKER_S, ERROR
 
 from .conftest import run
 
@@ -22,7 +22,7 @@ def test_fanned_out_requests_get_their_own_results_in_order(make_broker):
 
     async def main():
         async with make_broker() as b, ResultRouter(b) as router:
-            worker = StageWorker(b, "crops", "rec", _double, consumer="w1", batch=4, block_ms=50)
+            worker = StageConsumer(b, "crops", "rec", _double, consumer="w1", batch=4, block_ms=50)
             serving = asyncio.create_task(worker.run())
 
             async def request(k: int, n: int) -> list:
@@ -149,7 +149,7 @@ def test_a_failing_stage_answers_every_item_with_an_error(make_broker):
 
     async def main():
         async with make_broker() as b, ResultRouter(b) as router:
-            worker = StageWorker(b, "crops", "rec", flaky, batch=2, block_ms=50)
+            worker = StageConsumer(b, "crops", "rec", flaky, batch=2, block_ms=50)
             bad = router.expect("bad", 2)
             for i in range(2):
                 await b.publish(

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cvserve.brokers import Message, ResultRouter, StageWorker
+from cvserve.brokers import Message, ResultRouter, StageConsumer
 
 from .conftest import run
 
@@ -76,7 +76,7 @@ def test_work_of_a_killed_worker_is_reclaimed_and_every_request_answered_once(
                 dead_ids = await _die_in_process(b, "crops", "rec", held)
             pending_after_death = await b.pending("crops", "rec")
 
-            survivor = StageWorker(
+            survivor = StageConsumer(
                 b, "crops", "rec", _double, consumer="survivor", batch=4, block_ms=50,
                 reclaim_idle_ms=200,
             )  # fmt: skip

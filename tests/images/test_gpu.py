@@ -228,7 +228,7 @@ def test_auto_sends_small_images_to_the_cpu_and_large_ones_to_the_device():
     assert AutoPolicy.choose(2_000_000, cpu, gpu) == "gpu"
     # a busy device sends even large images to idle cores, and the reverse
     assert AutoPolicy.choose(2_000_000, cpu, gpu, gpu_queued_s=0.05) == "cpu"
-    assert AutoPolicy.choose(100_000, cpu, gpu, cpu_queued_s=0.04, cpu_workers=4) == "gpu"
+    assert AutoPolicy.choose(100_000, cpu, gpu, cpu_queued_s=0.04, cpu_threads=4) == "gpu"
 
 
 def test_auto_follows_measured_costs():

@@ -226,7 +226,7 @@ class Connection(asyncio.Protocol):
         self.busy = False
         self.t0 = 0.0  # when the request was (meant to be) sent; set by the caller
         self.tag = 0  # caller's bookkeeping (image index)
-        self.slot = 0  # caller's bookkeeping (closed-loop worker)
+        self.slot = 0  # caller's bookkeeping (closed-loop client)
         self.keep_body = False  # probes keep the last body; the load path does not
         self.body = b""
         self._buf = bytearray()

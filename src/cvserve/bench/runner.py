@@ -23,7 +23,8 @@ import cvserve.bench._http as _http
 import cvserve.bench.v2 as v2
 from cvserve.bench.errors import BenchError, ServerUnreachable, TargetNotServed
 from cvserve.bench.inputs import BenchImage, load_images
-from cvserve.bench.loadgen import LoadSettings, OnProgress, PointPlan, PointRecords, run_point
+from cvserve.bench.loadgen import run_point
+from cvserve.bench.point import LoadSettings, OnProgress, PointPlan, PointRecords
 from cvserve.bench.results import BenchResult, PointSummary
 from cvserve.bench.stats import breakdown, latency_summary
 from cvserve.machine import machine_info
@@ -47,7 +48,7 @@ class BenchConfig(LoadSettings):
     """What to measure. Points: one per ``concurrency`` (closed loop), then one per
     ``rates`` entry (open loop, Poisson arrivals per second); neither means ``[1]``.
 
-    The :class:`~cvserve.bench.loadgen.LoadSettings` (keyword-only) apply to every point:
+    The :class:`~cvserve.bench.point.LoadSettings` (keyword-only) apply to every point:
     each point warms up for ``warmup`` s, then measures ``requests`` requests if set, else
     ``duration`` s if set, else ``window``-second windows until three agree within
     ``tolerance`` on throughput and p50 latency, or ``max_duration`` s pass (unstable).

@@ -3,7 +3,7 @@
 ``broker_from_url("inprocess://")`` (the default, no server) or
 ``broker_from_url("redis://[user:password@]host:port/db?maxlen=10000")`` (``rediss://``
 for TLS); every broker has the same asyncio API (``Broker``) and passes the same test
-suite. ``StageWorker`` serves a stage from a topic (and dead-letters what keeps killing
+suite. ``StageConsumer`` serves a stage from a topic (and dead-letters what keeps killing
 its workers); ``ResultRouter`` joins the results back to their requests (and publishes
 them again if the broker loses them). ``redact_url`` is a URL fit for a log line.
 """
@@ -20,13 +20,13 @@ from .base import (
     Broker,
     dead_topic,
 )
-from .codec import decode, encode
+from .codec import decode_frame, encode_frame
+from .consumer import ConsumerStats, StageConsumer, consumer_name
 from .errors import BrokerError, BrokerFull, BrokerUnavailable, MalformedMessage, ResultTimeout
 from .inprocess import InProcessBroker
 from .message import DeadLetter, Delivery, Message
 from .router import ResultRouter, RouterStats
 from .urls import redact_url
-from .worker import StageWorker, WorkerStats, consumer_name
 
 if TYPE_CHECKING:
     from .redis_streams import RedisStreamsBroker
@@ -48,13 +48,13 @@ __all__ = [
     "ResultRouter",
     "ResultTimeout",
     "RouterStats",
-    "StageWorker",
-    "WorkerStats",
+    "StageConsumer",
+    "ConsumerStats",
     "broker_from_url",
     "consumer_name",
     "dead_topic",
-    "decode",
-    "encode",
+    "decode_frame",
+    "encode_frame",
     "redact_url",
 ]
 

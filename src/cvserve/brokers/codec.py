@@ -68,11 +68,11 @@ def _checked_arrays(message: Message) -> list[tuple[str, np.ndarray]]:
 
 
 def validate(message: Message) -> None:
-    """Raise ``MalformedMessage`` where ``encode`` would: the in-process broker's check."""
+    """Raise ``MalformedMessage`` where ``encode_frame`` would: the in-process broker's check."""
     _checked_arrays(message)
 
 
-def encode(message: Message, published_at: float | None = None) -> bytes:
+def encode_frame(message: Message, published_at: float | None = None) -> bytes:
     """One frame for ``message``; ``published_at`` overrides its ``published_at``."""
     specs: list[list[Any]] = []
     blocks: list[np.ndarray] = []
@@ -117,7 +117,7 @@ def _field(head: dict, key: str, kind: type | tuple[type, ...]) -> Any:
     return val
 
 
-def decode(frame: bytes | bytearray | memoryview) -> Message:
+def decode_frame(frame: bytes | bytearray | memoryview) -> Message:
     """The message in ``frame``; raises ``MalformedMessage`` on anything unexpected."""
     try:
         buf = memoryview(frame).cast("B")

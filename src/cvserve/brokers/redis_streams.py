@@ -62,7 +62,7 @@ from .base import (
     Broker,
     dead_topic,
 )
-from .codec import decode, encode
+from .codec import decode_frame, encode_frame
 from .errors import BrokerFull, MalformedMessage
 from .message import DeadLetter, Delivery, Message
 from .redis_guard import Guard, as_str, entry_fields, no_group
@@ -149,7 +149,7 @@ class RedisStreamsBroker(Broker):
     async def _publish(
         self, script: Any, topic: str, message: Message, timeout: float | None, *extra: Any
     ) -> str | None:
-        frame = encode(message, published_at=time.time())
+        frame = encode_frame(message, published_at=time.time())
         key = self._key(topic)
         wait = self.publish_timeout if timeout is None else timeout
         deadline = time.monotonic() + wait
@@ -178,7 +178,7 @@ class RedisStreamsBroker(Broker):
         if len(messages) < 2:
             return await super().publish_many(topic, messages, timeout=timeout)
         now = time.time()
-        frames = [encode(m, published_at=now) for m in messages]
+        frames = [encode_frame(m, published_at=now) for m in messages]
         async with self._guard():
             ids = await self._publish_many_script(
                 keys=[self._key(topic)], args=[self.maxlen, *frames]
@@ -239,7 +239,7 @@ class RedisStreamsBroker(Broker):
                 frame = fields.get(FIELD)
                 if frame is None:
                     raise MalformedMessage(f"entry has no {FIELD!r} field")
-                message = decode(frame)
+                message = decode_frame(frame)
             except MalformedMessage as e:
                 # Redelivering it would fail again forever and nothing can answer it: keep
                 # it where it can be inspected instead.
@@ -418,7 +418,7 @@ def _dead_letter(dead_id: str, fields: dict[bytes, bytes]) -> DeadLetter:
     frame = fields.get(FIELD)
     if frame is not None:
         try:
-            message = decode(frame)
+            message = decode_frame(frame)
         except MalformedMessage:
             pass
     return DeadLetter(

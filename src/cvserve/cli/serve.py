@@ -244,9 +244,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     procs = f" in {cfg.workers} processes" if cfg.workers > 1 else ""
     say(f"cvserve {__version__}: serving {', '.join(names)}{procs}")
     if cfg.workers > 1:
-        from cvserve.serving.workers import run_workers
+        from cvserve.serving.replicas import run_replicas
 
-        return run_workers(cfg, on_ready=lambda url: say(f"ready on {url}"), verbose=args.verbose)
+        return run_replicas(cfg, on_ready=lambda url: say(f"ready on {url}"), verbose=args.verbose)
     run_server(cfg, progress=say, on_ready=lambda url: say(f"ready on {url}"))
     return 0
 
@@ -254,8 +254,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _serve_as_worker(args: argparse.Namespace, cfg) -> int:
     """One process of ``serve --workers N`` (its parent made ``cfg``): say "ready" on the
     parent's pipe, count metrics in the parent's multiprocess directory."""
+    from cvserve.serving.replicas import die_with_parent, metrics_dir
     from cvserve.serving.server import run_server
-    from cvserve.serving.workers import die_with_parent, metrics_dir
 
     die_with_parent()
     ready = os.fdopen(args.ready_fd, "w", buffering=1) if args.ready_fd is not None else None

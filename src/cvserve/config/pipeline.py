@@ -45,7 +45,7 @@ class PipelineConfig:
     #: How long a stage B worker waits for a first item before looking again.
     block_ms: int = 50
     #: Items a worker left unacknowledged and untouched this long are taken over by another
-    #: (live workers touch theirs while they run: ``brokers.worker.DEFAULT_RECLAIM_IDLE_MS``).
+    #: (live workers touch theirs while they run: ``brokers.consumer.DEFAULT_RECLAIM_IDLE_MS``).
     reclaim_idle_ms: int = 5_000
     #: Deliveries of one item before a worker moves it to the dead letters (``<topic>.dead``)
     #: and answers its request with an error, instead of taking it again.

@@ -76,7 +76,7 @@ class AutoPolicy:
     """``--preprocess auto``: each image goes where it would finish sooner.
 
     The estimate of each path is the work already queued on it (seconds, shared by its
-    workers) plus this image's cost from its declared size. Costs start from priors and
+    threads) plus this image's cost from its declared size. Costs start from priors and
     follow the measured times (exponentially weighted fit per path), so the split adapts
     to the machine: small images, cheap on a reduced-scale CPU decode, stay on the CPU
     while the device takes the large ones.
@@ -87,11 +87,11 @@ class AutoPolicy:
         cpu: LinearCost = LinearCost(0.8e-3, 6e-3),
         gpu: LinearCost = LinearCost(0.6e-3, 0.4e-3),
         *,
-        cpu_workers: int = 1,
+        cpu_threads: int = 1,
         alpha: float = 0.05,
     ) -> None:
         self.costs = {"cpu": cpu, "gpu": gpu}
-        self.cpu_workers = max(1, cpu_workers)
+        self.cpu_threads = max(1, cpu_threads)
         self.alpha = alpha
         self._fit = {k: _EwFit() for k in self.costs}
         self._queued = {"cpu": 0.0, "gpu": 0.0}
@@ -100,18 +100,18 @@ class AutoPolicy:
     @staticmethod
     def choose(
         pixels: int, cpu: LinearCost, gpu: LinearCost, cpu_queued_s: float = 0.0,
-        gpu_queued_s: float = 0.0, cpu_workers: int = 1,
+        gpu_queued_s: float = 0.0, cpu_threads: int = 1,
     ) -> str:  # fmt: skip
         """``"gpu"`` when the device finishes this image sooner, else ``"cpu"`` (ties: CPU,
         which keeps the device free for the batch's inference)."""
-        t_cpu = cpu_queued_s / max(1, cpu_workers) + cpu(pixels)
+        t_cpu = cpu_queued_s / max(1, cpu_threads) + cpu(pixels)
         t_gpu = gpu_queued_s + gpu(pixels)
         return "gpu" if t_gpu < t_cpu else "cpu"
 
     def decide(self, pixels: int) -> str:
         with self._lock:
             where = self.choose(pixels, self.costs["cpu"], self.costs["gpu"],
-                                self._queued["cpu"], self._queued["gpu"], self.cpu_workers)  # fmt: skip
+                                self._queued["cpu"], self._queued["gpu"], self.cpu_threads)  # fmt: skip
             self._queued[where] += self.costs[where](pixels)
         return where
 

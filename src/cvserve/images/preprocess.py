@@ -27,7 +27,7 @@ class ImageMeta:
     format: str
     reduced: int  # DCT-domain reduction used while decoding
     stages: dict[str, float] = field(default_factory=dict)  # decode/resize/normalize seconds
-    started: float = 0.0  # perf_counter when the worker picked the image up
+    started: float = 0.0  # perf_counter when a pool thread picked the image up
     finished: float = 0.0
 
 

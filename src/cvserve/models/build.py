@@ -16,7 +16,7 @@ import re
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +25,9 @@ from cvserve.models import store
 from cvserve.models.export_check import TOLERANCES, ExportMismatch, check_export
 from cvserve.models.metadata import ModelMeta
 from cvserve.models.zoo import ZOO, ZooEntry
+from cvserve.trace import Say
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[str], None]
 
 ZOO_EXTRA_HINT = "building models needs the zoo extra: pip install 'cvserve[zoo]'"
 OPSET = 17
@@ -229,7 +228,7 @@ def _zoo_entry(name: str) -> ZooEntry:
 
 
 def build_zoo_model(
-    name: str, cache_dir: Path | str | None = None, progress: Progress | None = None
+    name: str, cache_dir: Path | str | None = None, progress: Say | None = None
 ) -> ModelMeta:
     """Create zoo model ``name`` from its config, export it to ONNX, verify, store it."""
     entry = _zoo_entry(name)
@@ -255,7 +254,7 @@ def build_from_hf_dir(
     directory: Path | str,
     name: str,
     cache_dir: Path | str | None = None,
-    progress: Progress | None = None,
+    progress: Say | None = None,
 ) -> ModelMeta:
     """Export a local ``save_pretrained`` image classifier (real weights) into the store.
 
@@ -305,7 +304,7 @@ def _raise_if_remote_code(directory: Path, error: Exception) -> None:
         ) from error
 
 
-def _say(name: str, progress: Progress | None) -> Progress:
+def _say(name: str, progress: Say | None) -> Say:
     def say(step: str) -> None:
         line = f"building {name}: {step}"
         log.info(line)
@@ -333,7 +332,7 @@ def _export_and_store(
     task: str,
     source: str,
     cache: Path,
-    say: Progress,
+    say: Say,
     t0: float,
     outputs: tuple[str, ...] = ("logits",),
 ) -> ModelMeta:

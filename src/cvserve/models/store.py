@@ -19,7 +19,7 @@ import sys
 import tempfile
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +34,9 @@ from cvserve.models.external_data import (
 )
 from cvserve.models.metadata import ModelMeta
 from cvserve.models.zoo import ZOO
+from cvserve.trace import Say
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[str], None]
 
 CACHE_ENV = "CVSERVE_CACHE"
 ONNX_FILE = "model.onnx"
@@ -240,7 +239,7 @@ def describe(meta: ModelMeta, cache: Path | str | None = None) -> dict[str, Any]
 def ensure_built(
     name: str,
     cache: Path | str | None = None,
-    progress: Progress | None = None,
+    progress: Say | None = None,
     *,
     force: bool = False,
     timeout: float | None = None,
@@ -275,7 +274,7 @@ def build_from_dir(
     directory: Path | str,
     name: str | None = None,
     cache: Path | str | None = None,
-    progress: Progress | None = None,
+    progress: Say | None = None,
     *,
     timeout: float | None = None,
 ) -> ModelMeta:
@@ -302,7 +301,7 @@ def build_from_dir(
 def build_child(
     args: list[str],
     label: str,
-    progress: Progress | None = None,
+    progress: Say | None = None,
     *,
     cache: Path | str | None = None,
     timeout: float | None = None,
@@ -321,7 +320,7 @@ def _name_from(stem: str) -> str:
 
 
 def _run_build_child(
-    args: list[str], name: str, progress: Progress | None, timeout: float | None
+    args: list[str], name: str, progress: Say | None, timeout: float | None
 ) -> None:
     cmd = [sys.executable, "-m", "cvserve.models.build", *args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

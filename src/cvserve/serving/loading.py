@@ -3,7 +3,6 @@ and the state of a server that has loaded nothing yet."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from cvserve.config import ServerConfig
@@ -14,14 +13,13 @@ from cvserve.serving.app import ServerState
 from cvserve.serving.core import PreprocessPool
 from cvserve.serving.metrics import Metrics
 from cvserve.serving.model import ModelServer
+from cvserve.trace import Say
 
 __all__ = ["load_models", "load_servables", "new_state"]
 
-Progress = Callable[[str], None]
-
 
 def load_models(
-    config: ServerConfig, pool: PreprocessPool, metrics: Metrics, progress: Progress | None = None
+    config: ServerConfig, pool: PreprocessPool, metrics: Metrics, progress: Say | None = None
 ) -> dict[str, ModelServer]:
     """Build (in a child process, if needed) and load every configured model."""
     models: dict[str, ModelServer] = {}
@@ -36,7 +34,7 @@ def load_models(
 
 
 def load_servables(
-    config: ServerConfig, pool: PreprocessPool, metrics: Metrics, progress: Progress | None = None
+    config: ServerConfig, pool: PreprocessPool, metrics: Metrics, progress: Say | None = None
 ) -> tuple[dict[str, Any], dict[str, Any], Any]:
     """Every model and pipeline ``config`` serves, loaded (not started), and the broker."""
     models = load_models(config, pool, metrics, progress)

@@ -311,7 +311,7 @@ def _make_gpu_preprocessor(config: ModelConfig, spec, cpu: Preprocessor, runtime
     rt = runtimes[0]
     backend = NvImageCodecBackend(rt.buffers, rt.device.index)
     mode = config.preprocess_device
-    policy = AutoPolicy(cpu_workers=getattr(pool, "threads", 1)) if mode == "auto" else None
+    policy = AutoPolicy(cpu_threads=getattr(pool, "threads", 1)) if mode == "auto" else None
     return GpuPreprocessor(spec, backend, cpu, mode=mode, policy=policy)
 
 

@@ -14,15 +14,13 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 
 from cvserve.config import ServerConfig
 from cvserve.serving.app import ServerState
 from cvserve.serving.server import _Server
+from cvserve.trace import Say
 
 __all__ = ["ServerProcess", "ServerThread", "free_port"]
-
-Progress = Callable[[str], None]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -34,7 +32,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 class ServerThread:
     """A server in a background thread of this process (``cvserve demo``, tests)."""
 
-    def __init__(self, config: ServerConfig, progress: Progress | None = None) -> None:
+    def __init__(self, config: ServerConfig, progress: Say | None = None) -> None:
         self.config = config
         self.server = _Server(config, progress)
         self.state: ServerState = self.server.state

@@ -49,10 +49,9 @@ from cvserve.serving.auth import ApiKeys, check_tls_files
 from cvserve.serving.loading import load_servables, new_state
 from cvserve.serving.protocol import HttpLimits, limited_protocol
 from cvserve.serving.sockets import BACKLOG, HANDSHAKE_WAIT_S, bind_socket, refuse_handshakes
+from cvserve.trace import Say as Progress
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[str], None]
 
 #: How long a keep-alive connection must have been idle before shutdown closes it.
 IDLE_GRACE_S = 1.0

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cvserve.bench.loadgen import OnProgress
+from cvserve.bench.point import OnProgress
 from cvserve.study.plan import SIZES, StudySettings
 
 __all__ = [

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from cvserve.bench.loadgen import OnProgress
+from cvserve.bench.point import OnProgress
 from cvserve.study.context import (
     StudyConfig,
     StudyContext,

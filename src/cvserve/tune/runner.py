@@ -18,7 +18,7 @@ from cvserve.tune.search import DECODERS, Measure, Search, SearchResult
 from cvserve.tune.state import TuneState, images_digest, state_path
 
 if TYPE_CHECKING:
-    from cvserve.bench.loadgen import OnProgress
+    from cvserve.bench.point import OnProgress
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from cvserve.bench.loadgen import OnProgress
+    from cvserve.bench.point import OnProgress
 
 log = logging.getLogger(__name__)
 

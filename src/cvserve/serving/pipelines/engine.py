@@ -25,9 +25,9 @@ from cvserve.brokers import (
     Message,
     ResultRouter,
     ResultTimeout,
-    StageWorker,
+    StageConsumer,
 )
-from cvserve.brokers.worker import DEAD_LETTER, ERROR
+from cvserve.brokers.consumer import DEAD_LETTER, ERROR
 from cvserve.config import PipelineConfig
 from cvserve.runtime.budget import CpuBudget
 from cvserve.serving.core import Admission, Prediction, PreprocessPool
@@ -67,7 +67,7 @@ def runtime_options(config: PipelineConfig) -> dict[str, Any]:
 
 
 class StageBRunner:
-    """Stage B workers of one process: ``instances`` StageWorkers, each with its own model
+    """Stage B workers of one process: ``instances`` StageConsumers, each with its own model
     sessions on its own thread, consuming the stage's topic as members of one group."""
 
     def __init__(self, config: PipelineConfig, broker: Broker, options: StageOptions) -> None:
@@ -83,7 +83,7 @@ class StageBRunner:
             for i in range(config.instances)
         ]
         self.workers = [
-            StageWorker(
+            StageConsumer(
                 broker,
                 self.topic,
                 self.group,

@@ -1,5 +1,5 @@
 """The process behind ``cvserve worker``: it serves one pipeline stage from a broker until
-told to stop (the consume loop itself is :mod:`cvserve.brokers.worker`). Two such
+told to stop (the consume loop itself is :mod:`cvserve.brokers.consumer`). Two such
 processes on one stage share its load (one consumer group); one that dies leaves its items
 pending, and another reclaims them."""
 
@@ -8,13 +8,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
 
 from cvserve.brokers import BrokerUnavailable, broker_from_url, redact_url
 from cvserve.config import PipelineConfig
 from cvserve.serving.pipelines import get_kind
 from cvserve.serving.pipelines.base import StageOptions, describe_runtime
 from cvserve.serving.pipelines.engine import StageBRunner, cpu_budget, runtime_options
+from cvserve.trace import Say
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ def run_stage_process(
     config: PipelineConfig,
     stage: str,
     broker_url: str,
-    say: Callable[[str], None] = log.info,
+    say: Say = log.info,
     cache_dir: str | None = None,
 ) -> int:
     kind = get_kind(config.kind)

@@ -1,7 +1,8 @@
-"""A stage worker: consume a batch, run the stage, publish each result, *then* acknowledge.
+"""A stage consumer: consume a batch, run the stage, publish each result, *then* acknowledge.
 
-Several workers (tasks, processes or hosts) on one topic and group share its load. A
-worker also reclaims entries that another consumer left pending for ``reclaim_idle_ms``
+This is the loop a pipeline worker (``cvserve worker``, a stage process) runs, once per
+instance. Several consumers (tasks, processes or hosts) on one topic and group share its
+load. A consumer also reclaims entries that another consumer left pending for ``reclaim_idle_ms``
 (it died before acknowledging), so no work is lost; that work may then have been done
 twice, and the results are deduplicated where they are joined (``ResultRouter``). While a
 batch runs, its worker touches its entries every ``reclaim_idle_ms / 3`` (``Broker.touch``),
@@ -41,7 +42,7 @@ ERROR = "error"
 #: Result header beside ``error`` when the item was dead-lettered: ``<topic>.dead <id>``.
 DEAD_LETTER = "dead_letter"
 #: Result header beside ``error`` when the item failed run alone (its batch-mates did not
-#: cause it); absent when its whole part of the batch failed (see ``StageWorker``).
+#: cause it); absent when its whole part of the batch failed (see ``StageConsumer``).
 FAILED_ALONE = "failed_alone"
 
 #: Default ``reclaim_idle_ms``: how long an entry is left with a silent consumer before
@@ -61,7 +62,7 @@ def consumer_name() -> str:
 
 
 @dataclass
-class WorkerStats:
+class ConsumerStats:
     processed: int = 0
     reclaimed: int = 0
     failed: int = 0  # items answered with an error header
@@ -70,7 +71,7 @@ class WorkerStats:
     orphaned: int = 0  # results dropped: their reply topic was gone (in-process)
 
 
-class StageWorker:
+class StageConsumer:
     """Serves one stage from ``topic`` as a member of ``group``.
 
     ``handler`` gets a batch of work messages and returns one result per message, in
@@ -112,7 +113,7 @@ class StageWorker:
         self.retry_s = retry_s
         self.max_deliveries = max_deliveries
         self.hang_ms = hang_ms
-        self.stats = WorkerStats()
+        self.stats = ConsumerStats()
         self._stop = asyncio.Event()
         self._next_reclaim = 0.0
 

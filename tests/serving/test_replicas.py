@@ -29,7 +29,7 @@ from cvserve.config import (
     server_config_from_dict,
 )
 from cvserve.serving.process import ServerProcess, free_port
-from cvserve.serving.workers import worker_config
+from cvserve.serving.replicas import replica_config
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
@@ -283,16 +283,16 @@ def test_each_worker_gets_its_share_of_the_cores_unless_set():
         ),
         pipelines=(PipelineConfig("ocr"), PipelineConfig("dc", kind="ocr", cores=-1)),
     )
-    w = worker_config(cfg, cores=8)
+    w = replica_config(cfg, cores=8)
     assert (w.workers, w.reuse_port, w.preprocess_threads) == (1, True, 4)
     assert [m.intra_op_threads for m in w.models] == [4, 2, 3]
     assert [p.cores for p in w.pipelines] == [4, -1]
     assert w.max_pixels_in_flight >= cfg.max_pixels
     assert (
-        worker_config(ServerConfig(workers=4, preprocess_threads=6), cores=2).preprocess_threads
+        replica_config(ServerConfig(workers=4, preprocess_threads=6), cores=2).preprocess_threads
         == 6
     )
-    assert worker_config(ServerConfig(workers=4), cores=2).preprocess_threads == 1
+    assert replica_config(ServerConfig(workers=4), cores=2).preprocess_threads == 1
 
 
 def test_the_settings_a_worker_gets_read_back_the_same():

@@ -1,5 +1,7 @@
 """``cvserve serve --workers N``: N server processes on one port, and a parent that starts,
-watches and stops them (as ``uvicorn --workers`` and gunicorn name it).
+watches and stops them (as ``uvicorn --workers`` and gunicorn name it). In the code each
+such process is a *replica*: "worker" elsewhere in cvserve means a pipeline stage process
+(``cvserve worker``); the flag, the config key and the log lines keep uvicorn's word.
 
 Why SO_REUSEPORT, not a parent that accepts and hands connections out: every process
 listens on the port itself (``--reuse-port``) and the kernel spreads new connections
@@ -16,7 +18,7 @@ The parent:
   process starts), and holds the main port bound (not listening) so that no server
   without SO_REUSEPORT takes it meanwhile;
 - starts N children, each ``cvserve serve`` with the parent's settings (JSON, never
-  pickle; :func:`worker_config`) read from a pipe the child inherits (``--config
+  pickle; :func:`replica_config`) read from a pipe the child inherits (``--config
   /dev/fd/N``): the settings hold the broker URL and its password, so they are never
   written to a file (one in the temporary folder would outlive a SIGKILLed parent) nor put
   on a command line (``ps`` shows it to every user), in a session of their own (a terminal's
@@ -65,7 +67,7 @@ from cvserve.config import ServerConfig, config_to_dict, default_pixels_in_fligh
 
 log = logging.getLogger(__name__)
 
-__all__ = ["die_with_parent", "metrics_dir", "run_workers", "worker_config"]
+__all__ = ["die_with_parent", "metrics_dir", "run_replicas", "replica_config"]
 
 #: Restart delays of a child whose replacements keep dying before they are ready.
 _BACKOFF_S = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
@@ -73,7 +75,7 @@ _TICK_S = 0.1
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def worker_config(config: ServerConfig, cores: int | None = None) -> ServerConfig:
+def replica_config(config: ServerConfig, cores: int | None = None) -> ServerConfig:
     """The settings of each of ``config.workers`` processes: one process on the shared
     port, with the thread counts left at 0 (automatic) sized for ``cores / workers``."""
     from cvserve.runtime.budget import available_cores
@@ -148,10 +150,10 @@ class _Supervisor:
             except OSError:
                 self.port_sock.close()
                 raise
-        self.tmp = Path(tempfile.mkdtemp(prefix="cvserve-workers-"))
+        self.tmp = Path(tempfile.mkdtemp(prefix="cvserve-replicas-"))
         self.metrics_dir = self.tmp / "metrics"
         self.metrics_dir.mkdir()
-        child_cfg = replace(worker_config(config), port=self.port)
+        child_cfg = replace(replica_config(config), port=self.port)
         self.settings = json.dumps(config_to_dict(child_cfg)).encode()
         self.children: dict[int, _Child] = {}
         self.failures = dict.fromkeys(range(self.n), 0)
@@ -347,7 +349,7 @@ def _write_and_close(fd: int, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
     except OSError as e:  # the child died before it read them: its exit is reported
-        log.debug("a worker did not read its settings: %s", e)
+        log.debug("a replica did not read its settings: %s", e)
 
 
 def _handler(sup: _Supervisor) -> type[BaseHTTPRequestHandler]:
@@ -382,7 +384,7 @@ def _handler(sup: _Supervisor) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def run_workers(
+def run_replicas(
     config: ServerConfig,
     on_ready: Callable[[str], None] | None = None,
     verbose: bool = False,
