@@ -71,7 +71,7 @@ class ServerConfig:
     #: Join ``port`` with SO_REUSEPORT (several servers on one port, the kernel spreading
     #: connections); the server joins once its models are loaded.
     reuse_port: bool = False
-    #: Server processes sharing ``port`` (SO_REUSEPORT; ``cvserve.serving.workers``): each
+    #: Server processes sharing ``port`` (SO_REUSEPORT; ``cvserve.serving.replicas``): each
     #: loads every model, and a parent starts, watches and stops them. 1: this process.
     workers: int = 1
     #: A file of API keys, one a line: requests need ``Authorization: Bearer KEY``.

@@ -17,7 +17,7 @@ error (a reset, a connection closed under its request):
    sending its next request right now, and closing under it would reset that request.
 
 A server may be one of the processes of ``serve --workers N``
-(:mod:`cvserve.serving.workers`): its parent then owns the metrics port, and its metrics
+(:mod:`cvserve.serving.replicas`): its parent then owns the metrics port, and its metrics
 go to the parent's multiprocess directory so that every process's ``/metrics`` counts
 them all.
 
@@ -49,7 +49,7 @@ from cvserve.serving.auth import ApiKeys, check_tls_files
 from cvserve.serving.loading import load_servables, new_state
 from cvserve.serving.protocol import HttpLimits, limited_protocol
 from cvserve.serving.sockets import BACKLOG, HANDSHAKE_WAIT_S, bind_socket, refuse_handshakes
-from cvserve.trace import Say as Progress
+from cvserve.trace import Say
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class _Server(uvicorn.Server):
     def __init__(
         self,
         config: ServerConfig,
-        progress: Progress | None = None,
+        progress: Say | None = None,
         on_ready: Callable[[str], None] | None = None,
         *,
         metrics_dir: str | None = None,
@@ -322,7 +322,7 @@ class _Server(uvicorn.Server):
 
 def run_server(
     config: ServerConfig,
-    progress: Progress | None = None,
+    progress: Say | None = None,
     on_ready: Callable[[str], None] | None = None,
     *,
     metrics_dir: str | None = None,
@@ -331,7 +331,7 @@ def run_server(
     """Serve until a signal; blocks the calling (main) thread. OSError or ConfigError when
     the server cannot start (a port in use, a bad key or certificate file), the loading
     error when a model cannot be loaded. ``metrics_dir`` and ``own_metrics_port=False``:
-    one process of ``--workers`` (see :mod:`cvserve.serving.workers`)."""
+    one process of ``--workers`` (see :mod:`cvserve.serving.replicas`)."""
     server = _Server(
         config, progress, on_ready, metrics_dir=metrics_dir, own_metrics_port=own_metrics_port
     )
