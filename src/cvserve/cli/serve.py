@@ -239,7 +239,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = server_config_from_args(args)
     if args.worker_index is not None:
-        return _serve_as_worker(args, cfg)
+        return _serve_as_replica(args, cfg)
     names = [m.name for m in cfg.models] + [p.name for p in cfg.pipelines]
     procs = f" in {cfg.workers} processes" if cfg.workers > 1 else ""
     say(f"cvserve {__version__}: serving {', '.join(names)}{procs}")
@@ -251,7 +251,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve_as_worker(args: argparse.Namespace, cfg) -> int:
+def _serve_as_replica(args: argparse.Namespace, cfg) -> int:
     """One process of ``serve --workers N`` (its parent made ``cfg``): say "ready" on the
     parent's pipe, count metrics in the parent's multiprocess directory."""
     from cvserve.serving.replicas import die_with_parent, metrics_dir
