@@ -344,8 +344,7 @@ def test_memory_is_given_back_after_large_bodies(monkeypatch):
 
     trimmed = []
     monkeypatch.setattr(protocol, "_TRIM_DELAY_S", 0.0)
-    monkeypatch.setattr(protocol.BodyBudget, "_trim", lambda pad: trimmed.append(pad) or 1)
-    monkeypatch.setattr(protocol.BodyBudget, "_trim_loaded", True)
+    monkeypatch.setattr(protocol, "malloc_trim", lambda: lambda pad: trimmed.append(pad) or 1)
 
     async def main() -> None:
         budget = protocol.BodyBudget(0)

@@ -188,9 +188,7 @@ class ServerConfig:
         return self.preprocess_threads or (os.cpu_count() or 1)
 
     def resolved_body_bytes_in_flight(self) -> int:
-        return self.max_body_bytes_in_flight or default_body_bytes_in_flight(
-            self.max_body_bytes
-        )
+        return self.max_body_bytes_in_flight or default_body_bytes_in_flight(self.max_body_bytes)
 
     def resolved_pixels_in_flight(self) -> int:
         return self.max_pixels_in_flight or default_pixels_in_flight(self.max_pixels)

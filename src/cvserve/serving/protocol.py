@@ -51,7 +51,7 @@ from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TRIM_AFTER_BYTES", "BodyBudget", "HttpLimits", "limited_protocol",
+__all__ = ["TRIM_AFTER_BYTES", "BodyBudget", "HttpLimits", "limited_protocol", "malloc_trim",
            "resolved_max_connections"]  # fmt: skip
 
 #: Bytes of bodies let go (received whole or given up) after which free heap pages are
@@ -110,24 +110,27 @@ class HttpLimits:
         )
 
 
-def _malloc_trim():
-    """glibc's ``malloc_trim`` (returns free heap pages of every arena), else None."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl, macOS)
-        return None
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return trim
+_TRIM: list = []
+
+
+def malloc_trim():
+    """glibc's ``malloc_trim`` (it returns the free pages of every arena to the system;
+    ``malloc_trim(0)``), else None (not glibc: musl, macOS)."""
+    if not _TRIM:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            trim = libc.malloc_trim
+            trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+        except (OSError, AttributeError):
+            trim = None
+        _TRIM.append(trim)
+    return _TRIM[0]
 
 
 class BodyBudget:
     """The bytes of request bodies being received, server-wide (module docstring).
 
     ``limit`` 0: counted, never refused."""
-
-    _trim = None
-    _trim_loaded = False
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -160,10 +163,9 @@ class BodyBudget:
     def _trim_now(self, loop: asyncio.AbstractEventLoop) -> None:
         self._trim_timer = None
         self._freed = 0
-        if not BodyBudget._trim_loaded:
-            BodyBudget._trim, BodyBudget._trim_loaded = _malloc_trim(), True
-        if BodyBudget._trim is not None:
-            loop.run_in_executor(None, BodyBudget._trim, 0)
+        trim = malloc_trim()
+        if trim is not None:
+            loop.run_in_executor(None, trim, 0)
 
 
 _REASONS = {408: "Request Timeout", 431: "Request Header Fields Too Large",
