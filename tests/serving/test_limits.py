@@ -265,6 +265,23 @@ def test_a_declared_body_that_does_not_fit_gets_503_before_it_is_sent(budgeted):
     assert b"body_budget_full" in response
 
 
+def test_a_client_that_sends_its_body_at_once_reads_the_503_not_a_reset(budgeted):
+    stalled = _stalled_upload(budgeted, MIB)
+    sock = _connect(budgeted)
+    try:
+        body = b"\xff" * (600 * 1024)  # more than the socket buffers hold: unread by the end
+        try:
+            sock.sendall(_upload_head(len(body)) + body)
+        except OSError:
+            pass
+        response = _read_all(sock)
+    finally:
+        sock.close()
+        stalled.close()
+    assert _status(response) == 503, response[:300]
+    assert b"retry-after: 1" in response.lower()
+
+
 def test_a_small_body_is_served_while_a_large_one_stalls(budgeted, data_dir):
     jpg = (data_dir / "images" / "small" / "dog.jpg").read_bytes()
     stalled = _stalled_upload(budgeted, MIB)
@@ -344,10 +361,9 @@ def test_memory_is_given_back_after_large_bodies(monkeypatch):
 
     trimmed = []
     monkeypatch.setattr(protocol, "_TRIM_DELAY_S", 0.0)
-    monkeypatch.setattr(protocol, "malloc_trim", lambda: lambda pad: trimmed.append(pad) or 1)
 
     async def main() -> None:
-        budget = protocol.BodyBudget(0)
+        budget = protocol.BodyBudget(0, trim=lambda pad: trimmed.append(pad) or 1)
         budget.take(protocol.TRIM_AFTER_BYTES)
         budget.give(protocol.TRIM_AFTER_BYTES // 2)
         await asyncio.sleep(0.05)

@@ -132,8 +132,9 @@ class BodyBudget:
 
     ``limit`` 0: counted, never refused."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, trim=None) -> None:
         self.limit = limit
+        self._trim = trim  # None: glibc's (tests pass their own)
         self.held = 0
         self._freed = 0
         self._trim_timer: asyncio.TimerHandle | None = None
@@ -163,10 +164,14 @@ class BodyBudget:
     def _trim_now(self, loop: asyncio.AbstractEventLoop) -> None:
         self._trim_timer = None
         self._freed = 0
-        trim = malloc_trim()
+        trim = self._trim or malloc_trim()
         if trim is not None:
             loop.run_in_executor(None, trim, 0)
 
+
+#: A refused client that is sending a body: how long what it still sends is read and
+#: dropped before the connection closes (so it reads the answer, not a reset).
+_LINGER_S = 2.0
 
 _REASONS = {408: "Request Timeout", 431: "Request Header Fields Too Large",
             503: "Service Unavailable"}  # fmt: skip
@@ -198,6 +203,7 @@ def limited_protocol(limits: HttpLimits) -> type:
 
     class LimitedHTTP(HttpToolsProtocol):  # type: ignore[misc]
         last_active = 0.0
+        _lingering = False
         #: This server's connections, least recently active first: at the cap, finding
         #: the one to close is O(1) (plus the busy ones at the front), not a scan of all.
         _by_activity: OrderedDict[LimitedHTTP, None] = OrderedDict()
@@ -212,6 +218,8 @@ def limited_protocol(limits: HttpLimits) -> type:
             self._head_exact = 0  # request line and headers parsed so far
             self._header_count = 0
             self._refusal: bytes | None = None
+            self._linger = False  # answer the refusal, then read and drop for a moment
+            self._linger_timer = None
             self._head_timer = None
             self._body_timer = None
             self._body_last = 0.0
@@ -268,10 +276,27 @@ def limited_protocol(limits: HttpLimits) -> type:
             super().connection_lost(exc)
 
         def _cancel_timers(self) -> None:
-            for timer in (self._head_timer, self._body_timer):
+            for timer in (self._head_timer, self._body_timer, self._linger_timer):
                 if timer is not None:
                     timer.cancel()
-            self._head_timer = self._body_timer = None
+            self._head_timer = self._body_timer = self._linger_timer = None
+
+        def _reply_and_linger(self, response: bytes) -> None:
+            """Answer a client that is sending a body, then close only once it has seen
+            the answer: closing with its body unread would reset the connection, and the
+            client would read a reset, not the 503 and its Retry-After. Its writing side
+            is shut (it reads the end), what it still sends is dropped unread, for at
+            most :data:`_LINGER_S` (nginx's lingering close)."""
+            transport = self.transport
+            if transport.is_closing() or not transport.can_write_eof():  # TLS: no half-close
+                self._reply_and_close(response)
+                return
+            self._cancel_timers()
+            self._reading_head = False
+            self._lingering = True
+            transport.write(response)
+            transport.write_eof()
+            self._linger_timer = self.loop.call_later(_LINGER_S, transport.close)
 
         def _reply_and_close(self, response: bytes) -> None:
             self._cancel_timers()
@@ -282,6 +307,8 @@ def limited_protocol(limits: HttpLimits) -> type:
 
         # -- reading --------------------------------------------------------------------
         def data_received(self, data: bytes) -> None:
+            if self._lingering:
+                return  # refused: dropped unread until the close
             self._touch()
             self._body_last = self.last_active
             self._unset_keepalive_if_required()
@@ -296,7 +323,10 @@ def limited_protocol(limits: HttpLimits) -> type:
                 return
             except httptools.HttpParserError:
                 if self._refusal is not None:
-                    self._reply_and_close(self._refusal)
+                    if self._linger:
+                        self._reply_and_linger(self._refusal)
+                    else:
+                        self._reply_and_close(self._refusal)
                     return
                 msg = "Invalid HTTP request received."
                 self.logger.warning(msg)
@@ -365,7 +395,7 @@ def limited_protocol(limits: HttpLimits) -> type:
             if limits.max_body_bytes and declared > limits.max_body_bytes:
                 return  # the app answers 413 without reading it
             if not self.budget.fits(declared):
-                self._refusal = self._budget_full(declared)
+                self._refusal, self._linger = self._budget_full(declared), True
                 raise _Refused
             self._body_held = declared
             self.budget.take(declared)
@@ -390,7 +420,8 @@ def limited_protocol(limits: HttpLimits) -> type:
             if cycle is not None and not cycle.response_started:
                 cycle.disconnected = True  # the app sees the body end; its answer is ours
                 cycle.message_event.set()
-                self.transport.write(self._budget_full(size))
+                self._reply_and_linger(self._budget_full(size))
+                return
             self.transport.close()
 
         def _budget_full(self, size: int) -> bytes:
