@@ -17,6 +17,8 @@ def test_hostile_benchmark_runs_every_attack(model_cache, tmp_path):
         sys.executable, str(BENCHMARKS / "hostile.py"), "--cache-dir", str(model_cache),
         "--duration", "1", "--connections", "40", "--grpc-calls", "2", "--grpc-mb", "1",
         "--header-mb", "8", "--stalled", "2", "--upload-mb", "1", "--out", str(out),
+        # room for one stalled 1 MiB body: the other is refused before it is read
+        "--serve-args", "--max-body-mb 1 --max-body-bytes-in-flight 2097152",
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -34,3 +36,6 @@ def test_hostile_benchmark_runs_every_attack(model_cache, tmp_path):
     assert header["headers"] > 0 and header["refused_mid_header"] == header["headers"], header
     assert header["max_mb_sent"] < 8
     assert rows["idle"]["attack"]["opened"] == 40
+    stalled = rows["stalled-upload"]["attack"]
+    assert stalled["uploads"] == 2 and stalled["refused_503"] == 1, stalled
+    assert "RSS after" in proc.stdout

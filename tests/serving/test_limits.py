@@ -221,3 +221,185 @@ def test_over_the_cap_with_every_connection_busy_a_new_one_gets_503(quick):
             t.join()
         for s in busy:
             s.close()
+
+
+# --- the body budget: bytes of request bodies being received, server-wide --------------
+MIB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def budgeted(model_cache):
+    """Bodies up to 1 MiB, 2 MiB of them being received at once."""
+    srv = _server(model_cache, max_body_bytes=MIB, max_body_bytes_in_flight=2 * MIB)
+    yield srv
+    srv.stop()
+
+
+def _upload_head(length: int | None) -> bytes:
+    size = "Transfer-Encoding: chunked" if length is None else f"Content-Length: {length}"
+    return (
+        f"POST {PREDICT} HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n{size}\r\n\r\n"
+    ).encode()
+
+
+def _stalled_upload(srv: ServerThread, length: int) -> socket.socket:
+    """A body of ``length`` declared, a tenth of it sent, then nothing; once a request on
+    another connection has been answered, the server has read this head."""
+    sock = _connect(srv)
+    sock.sendall(_upload_head(length) + b"\xff" * (length // 10))
+    assert httpx.get(srv.url + "/healthz", timeout=10).status_code == 200
+    return sock
+
+
+def test_a_declared_body_that_does_not_fit_gets_503_before_it_is_sent(budgeted):
+    stalled = _stalled_upload(budgeted, MIB)  # holds 1 MiB of the 2
+    sock = _connect(budgeted)
+    try:
+        sock.sendall(_upload_head(600 * 1024))  # 1 MiB + twice 600 KiB > 2 MiB
+        response = _read_all(sock)  # answered and closed without a byte of the body
+    finally:
+        sock.close()
+        stalled.close()
+    assert _status(response) == 503, response[:300]
+    assert b"retry-after: 1" in response.lower()
+    assert b"body_budget_full" in response
+
+
+def test_a_client_that_sends_its_body_at_once_reads_the_503_not_a_reset(budgeted):
+    stalled = _stalled_upload(budgeted, MIB)
+    sock = _connect(budgeted)
+    try:
+        body = b"\xff" * (600 * 1024)  # more than the socket buffers hold: unread by the end
+        try:
+            sock.sendall(_upload_head(len(body)) + body)
+        except OSError:
+            pass
+        response = _read_all(sock)
+    finally:
+        sock.close()
+        stalled.close()
+    assert _status(response) == 503, response[:300]
+    assert b"retry-after: 1" in response.lower()
+
+
+def test_a_small_body_is_served_while_a_large_one_stalls(budgeted, data_dir):
+    jpg = (data_dir / "images" / "small" / "dog.jpg").read_bytes()
+    stalled = _stalled_upload(budgeted, MIB)
+    try:
+        r = httpx.post(budgeted.url + PREDICT, content=jpg,
+                       headers={"content-type": "image/jpeg"}, timeout=30)  # fmt: skip
+    finally:
+        stalled.close()
+    assert r.status_code == 200, r.text
+
+
+def test_a_chunked_body_that_outgrows_the_room_is_cut_with_503(budgeted):
+    stalled = _stalled_upload(budgeted, MIB)
+    sock = _connect(budgeted)
+    try:
+        sock.sendall(_upload_head(None))
+        chunk = b"%x\r\n" % (64 * 1024) + b"\xff" * (64 * 1024) + b"\r\n"
+        try:
+            for _ in range(16):  # 1 MiB: past the half MiB a body may take now
+                sock.sendall(chunk)
+        except OSError:
+            pass  # cut while sending
+        response = _read_all(sock)
+    finally:
+        sock.close()
+        stalled.close()
+    assert _status(response) == 503, response[:300]
+    assert b"body_budget_full" in response
+
+
+def test_the_budget_is_given_back_when_a_stalled_upload_hangs_up(budgeted):
+    stalled = _stalled_upload(budgeted, MIB)
+    stalled.close()
+    # the same 600 KiB that did not fit next to it fits once the server has seen it go
+    # (not an image: 415 from the app, which means it was let in and read)
+    body = b"\xff" * (600 * 1024)
+    deadline = time.monotonic() + 10
+    while True:
+        r = httpx.post(budgeted.url + PREDICT, content=body,
+                       headers={"content-type": "image/jpeg"}, timeout=30)  # fmt: skip
+        if r.status_code != 503 or time.monotonic() > deadline:
+            break
+    assert r.status_code == 415, r.text
+
+
+def test_a_lone_body_of_the_largest_size_always_fits(model_cache):
+    srv = _server(model_cache, max_body_bytes=MIB, max_body_bytes_in_flight=MIB)
+    try:
+        r = httpx.post(srv.url + PREDICT, content=b"\xff" * MIB,
+                       headers={"content-type": "image/jpeg"}, timeout=30)  # fmt: skip
+    finally:
+        srv.stop()
+    assert r.status_code == 415, r.text  # read whole (not an image), not refused
+
+
+def test_the_body_budget_default_flag_and_config_key():
+    from cvserve.cli import build_parser
+    from cvserve.config import ConfigError
+    from cvserve.config.flags import server_config_from_args
+
+    cfg = ServerConfig(max_body_bytes=MIB)
+    assert MIB <= cfg.resolved_body_bytes_in_flight() <= 2 * MIB
+    assert ServerConfig(max_body_bytes_in_flight=5 * MIB, max_body_bytes=MIB) \
+        .resolved_body_bytes_in_flight() == 5 * MIB  # fmt: skip
+    with pytest.raises(ConfigError, match="max_body_bytes_in_flight"):
+        ServerConfig(max_body_bytes=2 * MIB, max_body_bytes_in_flight=MIB)
+    args = build_parser().parse_args(
+        ["serve", "--model", "m", "--max-body-bytes-in-flight", str(64 * MIB)]
+    )
+    assert server_config_from_args(args).max_body_bytes_in_flight == 64 * MIB
+
+
+def test_memory_is_given_back_after_large_bodies(monkeypatch):
+    import asyncio
+
+    from cvserve.serving import protocol
+
+    trimmed = []
+    monkeypatch.setattr(protocol, "_TRIM_DELAY_S", 0.0)
+
+    async def main() -> None:
+        budget = protocol.BodyBudget(0, trim=lambda pad: trimmed.append(pad) or 1)
+        budget.take(protocol.TRIM_AFTER_BYTES)
+        budget.give(protocol.TRIM_AFTER_BYTES // 2)
+        await asyncio.sleep(0.05)
+        assert trimmed == []  # a small amount let go: no trim
+        budget.give(protocol.TRIM_AFTER_BYTES // 2)
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if trimmed:
+                break
+        assert budget.held == 0
+
+    asyncio.run(main())
+    assert trimmed == [0]
+
+
+def test_the_server_returns_memory_once_it_has_grown(monkeypatch):
+    import asyncio
+
+    from cvserve.serving import server
+
+    mb = 1024 * 1024
+    # resident memory: idle, a burst (trimmed back), live growth (kept: no trim again)
+    readings = iter([100 * mb, 110 * mb, 300 * mb, 120 * mb, 250 * mb, 250 * mb, 250 * mb])
+    trims = []
+    monkeypatch.setattr(server, "MEMORY_CHECK_S", 0.0)
+    monkeypatch.setattr(server, "malloc_trim", lambda: lambda pad: trims.append(pad) or 1)
+
+    def rss() -> int:
+        try:
+            return next(readings)
+        except StopIteration:
+            raise asyncio.CancelledError from None
+
+    monkeypatch.setattr(server, "_rss_bytes", rss)
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(server._return_memory())
+    # 300 MB (mark 100): trimmed, to 120; 250 MB: trimmed, still 250 after it (in use), so
+    # 250 is the new mark and is not trimmed again
+    assert trims == [0, 0]

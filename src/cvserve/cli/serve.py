@@ -111,6 +111,11 @@ def _add_front_args(p: argparse.ArgumentParser) -> None:
                    help="open HTTP connections; over it the least recently active idle one is "
                    "closed (503 when all are busy); default 0: 3/4 of the descriptor limit, "
                    "at most 4096")  # fmt: skip
+    g.add_argument("--max-body-bytes-in-flight", type=int, default=None, metavar="BYTES",
+                   help="request-body bytes being received at once, all connections together; "
+                   "a body that would leave less room than it takes gets 503 + Retry-After "
+                   "before it is read; default 0: twice the body limit, at most 1/8 of the "
+                   "memory available")  # fmt: skip
 
 
 def _queue_wait(text: str) -> float | None:

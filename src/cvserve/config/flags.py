@@ -18,7 +18,7 @@ from cvserve.config.server import ServerConfig
 FRONT_KEYS = ("drain_delay_ms", "drain_timeout_ms", "reuse_port", "workers", "api_key_file",
               "tls_cert", "tls_key", "metrics_port", "max_header_bytes", "max_headers",
               "keep_alive_timeout_ms", "header_timeout_ms", "body_timeout_ms",
-              "max_connections")  # fmt: skip
+              "max_connections", "max_body_bytes_in_flight")  # fmt: skip
 
 
 def server_config_from_args(args: Any) -> ServerConfig:

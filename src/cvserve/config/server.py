@@ -18,6 +18,11 @@ def default_pixels_in_flight(max_pixels: int, bytes_per_pixel: int = 12) -> int:
     """Half the memory available now (``MemAvailable``, or the cgroup's limit if lower) at
     ``bytes_per_pixel`` (a decoded RGB pixel and its working copies), at least one
     ``max_pixels`` image."""
+    return max(max_pixels, _available_memory() // 2 // bytes_per_pixel)
+
+
+def _available_memory() -> int:
+    """Bytes of memory available now (``MemAvailable``, or the cgroup's limit if lower)."""
     avail = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -36,7 +41,15 @@ def default_pixels_in_flight(max_pixels: int, bytes_per_pixel: int = 12) -> int:
             avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (ValueError, OSError, AttributeError):
             avail = 8 << 30
-    return max(max_pixels, avail // 2 // bytes_per_pixel)
+    return avail
+
+
+def default_body_bytes_in_flight(max_body_bytes: int) -> int:
+    """Room for two bodies of ``max_body_bytes`` (64 MiB by default: one largest body, or
+    some 30 ordinary 2 MB photos, arriving at once, while a full one leaves the other
+    half to the rest), but no more than an eighth of the memory available, and at least
+    one ``max_body_bytes`` (a lone upload of the largest body always fits)."""
+    return max(max_body_bytes, min(2 * max_body_bytes, _available_memory() // 8))
 
 
 def _port(key: str, value: object) -> None:
@@ -62,6 +75,12 @@ class ServerConfig:
     #: Decoded pixels in flight at once, server-wide (counted from the headers before
     #: decoding); an image that does not fit gets a 429. 0: ``default_pixels_in_flight``.
     max_pixels_in_flight: int = 0
+    #: Bytes of request bodies being received at once, server-wide (a body's declared
+    #: size from its head on; ``cvserve.serving.protocol``): a body that would leave less
+    #: room than it takes gets 503 and Retry-After before it is read, so stalled uploads
+    #: cannot hold more memory than this. 0: ``default_body_bytes_in_flight`` (twice
+    #: ``max_body_bytes``, at most an eighth of the memory available).
+    max_body_bytes_in_flight: int = 0
     #: How long SIGTERM waits for in-flight requests before exiting anyway (YAML
     #: ``drain_timeout_ms``; ``drain_timeout_s`` is its deprecated spelling in seconds).
     drain_timeout_ms: float = 30_000.0
@@ -132,6 +151,7 @@ class ServerConfig:
             integer("max_body_bytes", self.max_body_bytes, 1)
             integer("max_pixels", self.max_pixels, 1)
             integer("max_pixels_in_flight", self.max_pixels_in_flight, 0)
+            integer("max_body_bytes_in_flight", self.max_body_bytes_in_flight, 0)
             duration_ms("drain_timeout_ms", self.drain_timeout_ms, positive=False)
             duration_ms("drain_delay_ms", self.drain_delay_ms, positive=False)
             flag("reuse_port", self.reuse_port)
@@ -148,6 +168,12 @@ class ServerConfig:
                 f"max_pixels ({self.max_pixels}), or be 0 (from the memory available)"
             )
 
+        if self.max_body_bytes_in_flight and self.max_body_bytes_in_flight < self.max_body_bytes:
+            raise ConfigError(
+                f"max_body_bytes_in_flight ({self.max_body_bytes_in_flight}) must hold one "
+                f"body of max_body_bytes ({self.max_body_bytes}), or be 0 (the default)"
+            )
+
     @property
     def drain_timeout_s(self) -> float:
         """``drain_timeout_ms`` in seconds (what ``asyncio`` waits take)."""
@@ -160,6 +186,9 @@ class ServerConfig:
 
     def resolved_preprocess_threads(self) -> int:
         return self.preprocess_threads or (os.cpu_count() or 1)
+
+    def resolved_body_bytes_in_flight(self) -> int:
+        return self.max_body_bytes_in_flight or default_body_bytes_in_flight(self.max_body_bytes)
 
     def resolved_pixels_in_flight(self) -> int:
         return self.max_pixels_in_flight or default_pixels_in_flight(self.max_pixels)

@@ -16,6 +16,17 @@ uvicorn's httptools protocol, extended with:
   for this long is closed and its memory freed (the app sees the client leave). A slow but
   steady upload of a large image is never cut: each byte restarts the clock, and a pause
   while the app is not reading (flow control) does not count;
+- **request bodies being received** (``max_body_bytes_in_flight``): a server-wide count
+  of the bytes of bodies not yet complete (a ``Content-Length`` body counts its declared
+  size from its head on, a chunked one what has arrived). A body is let in only while it
+  leaves at least as much room as it takes (or when no other body is arriving, so one
+  upload of the largest body always succeeds): a declared body that does not fit is
+  answered ``503`` with ``Retry-After`` at once, before a byte of it is read or the app
+  (and its key check) runs; a chunked one that outgrows the room is cut with ``503``.
+  Stalled or slow uploads, keyless ones included, cannot hold more memory than this;
+- **memory given back**: once bodies worth :data:`TRIM_AFTER_BYTES` have been let go, the
+  C allocator is asked to return its free pages to the system (glibc ``malloc_trim``, a
+  second later, off the event loop): freed bodies otherwise stay in the process's heap;
 - **connections** (``max_connections``): a new connection over the cap closes the
   least recently active connection with no request under way (or still sending
   its head: a slowloris one is the first to go); when every connection has a request in
@@ -28,6 +39,9 @@ only connections that have been idle a moment (see :mod:`cvserve.serving.server`
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
+import ctypes.util
 import json
 import logging
 import resource
@@ -37,7 +51,15 @@ from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HttpLimits", "limited_protocol", "resolved_max_connections"]
+__all__ = ["TRIM_AFTER_BYTES", "BodyBudget", "HttpLimits", "limited_protocol", "malloc_trim",
+           "resolved_max_connections"]  # fmt: skip
+
+#: Bytes of bodies let go (received whole or given up) after which free heap pages are
+#: returned to the system: a few large bodies, not every small one.
+TRIM_AFTER_BYTES = 8 * 1024 * 1024
+#: How long after that the trim runs (bodies are freed by the app a moment after the
+#: protocol lets go of them; a burst is trimmed once).
+_TRIM_DELAY_S = 1.0
 
 #: ``max_connections: 0`` takes this share of the descriptor limit (the rest: model
 #: files, the gRPC door, the metrics port, pipes, logs) ...
@@ -69,6 +91,10 @@ class HttpLimits:
     header_timeout_s: float
     body_timeout_s: float
     max_connections: int
+    #: Bytes of request bodies being received at once, server-wide (0: no limit).
+    max_body_bytes_in_flight: int = 0
+    #: A declared body over this is the app's 413 (it does not read it): not counted.
+    max_body_bytes: int = 0
 
     @classmethod
     def from_config(cls, config) -> HttpLimits:
@@ -79,8 +105,73 @@ class HttpLimits:
             header_timeout_s=config.header_timeout_ms / 1000.0,
             body_timeout_s=config.body_timeout_ms / 1000.0,
             max_connections=resolved_max_connections(config.max_connections),
+            max_body_bytes_in_flight=config.resolved_body_bytes_in_flight(),
+            max_body_bytes=config.max_body_bytes,
         )
 
+
+_TRIM: list = []
+
+
+def malloc_trim():
+    """glibc's ``malloc_trim`` (it returns the free pages of every arena to the system;
+    ``malloc_trim(0)``), else None (not glibc: musl, macOS)."""
+    if not _TRIM:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            trim = libc.malloc_trim
+            trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+        except (OSError, AttributeError):
+            trim = None
+        _TRIM.append(trim)
+    return _TRIM[0]
+
+
+class BodyBudget:
+    """The bytes of request bodies being received, server-wide (module docstring).
+
+    ``limit`` 0: counted, never refused."""
+
+    def __init__(self, limit: int, trim=None) -> None:
+        self.limit = limit
+        self._trim = trim  # None: glibc's (tests pass their own)
+        self.held = 0
+        self._freed = 0
+        self._trim_timer: asyncio.TimerHandle | None = None
+
+    def fits(self, size: int, mine: int = 0) -> bool:
+        """Whether a body of ``size`` bytes (of which it holds ``mine`` already) may be
+        received: it leaves at least as much room as it takes, or no other body is
+        arriving."""
+        others = self.held - mine
+        return not self.limit or others == 0 or others + 2 * size <= self.limit
+
+    def take(self, n: int) -> None:
+        self.held += n
+
+    def give(self, n: int) -> None:
+        if n <= 0:
+            return
+        self.held -= n
+        self._freed += n
+        if self._freed >= TRIM_AFTER_BYTES and self._trim_timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            self._trim_timer = loop.call_later(_TRIM_DELAY_S, self._trim_now, loop)
+
+    def _trim_now(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._trim_timer = None
+        self._freed = 0
+        trim = self._trim or malloc_trim()
+        if trim is not None:
+            loop.run_in_executor(None, trim, 0)
+
+
+#: A refused client that is sending a body: how long what it still sends is read and
+#: dropped before the connection closes (so it reads the answer, not a reset).
+_LINGER_S = 2.0
 
 _REASONS = {408: "Request Timeout", 431: "Request Header Fields Too Large",
             503: "Service Unavailable"}  # fmt: skip
@@ -112,9 +203,12 @@ def limited_protocol(limits: HttpLimits) -> type:
 
     class LimitedHTTP(HttpToolsProtocol):  # type: ignore[misc]
         last_active = 0.0
+        _lingering = False
         #: This server's connections, least recently active first: at the cap, finding
         #: the one to close is O(1) (plus the busy ones at the front), not a scan of all.
         _by_activity: OrderedDict[LimitedHTTP, None] = OrderedDict()
+        #: This server's request bodies being received.
+        budget = BodyBudget(limits.max_body_bytes_in_flight)
 
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
@@ -124,9 +218,13 @@ def limited_protocol(limits: HttpLimits) -> type:
             self._head_exact = 0  # request line and headers parsed so far
             self._header_count = 0
             self._refusal: bytes | None = None
+            self._linger = False  # answer the refusal, then read and drop for a moment
+            self._linger_timer = None
             self._head_timer = None
             self._body_timer = None
             self._body_last = 0.0
+            self._body_held = 0  # bytes of the budget this connection's body holds
+            self._body_declared = False
 
         # -- connections ----------------------------------------------------------------
         def _touch(self) -> None:
@@ -174,13 +272,31 @@ def limited_protocol(limits: HttpLimits) -> type:
         def connection_lost(self, exc) -> None:
             self._by_activity.pop(self, None)
             self._cancel_timers()
+            self._let_go()
             super().connection_lost(exc)
 
         def _cancel_timers(self) -> None:
-            for timer in (self._head_timer, self._body_timer):
+            for timer in (self._head_timer, self._body_timer, self._linger_timer):
                 if timer is not None:
                     timer.cancel()
-            self._head_timer = self._body_timer = None
+            self._head_timer = self._body_timer = self._linger_timer = None
+
+        def _reply_and_linger(self, response: bytes) -> None:
+            """Answer a client that is sending a body, then close only once it has seen
+            the answer: closing with its body unread would reset the connection, and the
+            client would read a reset, not the 503 and its Retry-After. Its writing side
+            is shut (it reads the end), what it still sends is dropped unread, for at
+            most :data:`_LINGER_S` (nginx's lingering close)."""
+            transport = self.transport
+            if transport.is_closing() or not transport.can_write_eof():  # TLS: no half-close
+                self._reply_and_close(response)
+                return
+            self._cancel_timers()
+            self._reading_head = False
+            self._lingering = True
+            transport.write(response)
+            transport.write_eof()
+            self._linger_timer = self.loop.call_later(_LINGER_S, transport.close)
 
         def _reply_and_close(self, response: bytes) -> None:
             self._cancel_timers()
@@ -191,6 +307,8 @@ def limited_protocol(limits: HttpLimits) -> type:
 
         # -- reading --------------------------------------------------------------------
         def data_received(self, data: bytes) -> None:
+            if self._lingering:
+                return  # refused: dropped unread until the close
             self._touch()
             self._body_last = self.last_active
             self._unset_keepalive_if_required()
@@ -205,7 +323,10 @@ def limited_protocol(limits: HttpLimits) -> type:
                 return
             except httptools.HttpParserError:
                 if self._refusal is not None:
-                    self._reply_and_close(self._refusal)
+                    if self._linger:
+                        self._reply_and_linger(self._refusal)
+                    else:
+                        self._reply_and_close(self._refusal)
                     return
                 msg = "Invalid HTTP request received."
                 self.logger.warning(msg)
@@ -255,9 +376,68 @@ def limited_protocol(limits: HttpLimits) -> type:
                 self._head_timer.cancel()
                 self._head_timer = None
             self._check_head()
+            self._let_go()
+            self._take_declared()
             super().on_headers_complete()
 
+        # -- the body budget ------------------------------------------------------------
+        def _take_declared(self) -> None:
+            """A body with a ``Content-Length`` takes its whole size now, or is refused
+            before a byte of it is read (and before the app runs)."""
+            declared = None
+            for name, value in self.headers:
+                if name == b"content-length":
+                    raw = value.strip()
+                    declared = int(raw) if raw.isdigit() else None
+            self._body_declared = declared is not None
+            if not declared:
+                return
+            if limits.max_body_bytes and declared > limits.max_body_bytes:
+                return  # the app answers 413 without reading it
+            if not self.budget.fits(declared):
+                self._refusal, self._linger = self._budget_full(declared), True
+                raise _Refused
+            self._body_held = declared
+            self.budget.take(declared)
+
+        def on_body(self, body: bytes) -> None:
+            cycle = self.cycle
+            done = cycle is None or cycle.response_complete  # answered: dropped unread
+            if not self._body_declared and not done:  # chunked: counted as it arrives
+                size = self._body_held + len(body)
+                if not self.budget.fits(size, mine=self._body_held):
+                    self._cut_chunked(size)
+                    return
+                self.budget.take(len(body))
+                self._body_held = size
+            super().on_body(body)
+
+        def _cut_chunked(self, size: int) -> None:
+            log.info("cutting a chunked body at %d bytes: the body budget is full", size)
+            self._let_go()
+            self._cancel_timers()
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_started:
+                cycle.disconnected = True  # the app sees the body end; its answer is ours
+                cycle.message_event.set()
+                self._reply_and_linger(self._budget_full(size))
+                return
+            self.transport.close()
+
+        def _budget_full(self, size: int) -> bytes:
+            return _response(
+                503, "body_budget_full",
+                f"request bodies being received hold {self.budget.held} bytes of "
+                f"{limits.max_body_bytes_in_flight}; a body of {size} bytes must wait",
+                limit=limits.max_body_bytes_in_flight,
+            )  # fmt: skip
+
+        def _let_go(self) -> None:
+            held, self._body_held = self._body_held, 0
+            self.budget.give(held)
+
         def on_message_complete(self) -> None:
+            self._let_go()  # received whole: no longer being received
             super().on_message_complete()
             if self._body_timer is not None:
                 self._body_timer.cancel()
@@ -310,6 +490,7 @@ def limited_protocol(limits: HttpLimits) -> type:
 
         def on_response_complete(self) -> None:
             self._touch()
+            self._let_go()  # answered without reading the rest (401, 413): not read
             super().on_response_complete()
 
     return LimitedHTTP

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,7 +48,7 @@ from cvserve.serving import logs
 from cvserve.serving.app import create_app, create_metrics_app, refresh_gauges
 from cvserve.serving.auth import ApiKeys, check_tls_files
 from cvserve.serving.loading import load_servables, new_state
-from cvserve.serving.protocol import HttpLimits, limited_protocol
+from cvserve.serving.protocol import HttpLimits, limited_protocol, malloc_trim
 from cvserve.serving.sockets import BACKLOG, HANDSHAKE_WAIT_S, bind_socket, refuse_handshakes
 from cvserve.trace import Say
 
@@ -59,6 +60,11 @@ IDLE_GRACE_S = 1.0
 _IDLE_WAIT_S = 5.0
 #: How often one process of several sets its gauges (queue depth, busy instances).
 GAUGE_REFRESH_S = 0.5
+#: How often the resident memory is read; when it has grown this much since the last
+#: look at the heap, the heap's free pages are returned (``malloc_trim``): what a burst
+#: of large requests (gRPC messages, bodies, decoded images) freed does not stay.
+MEMORY_CHECK_S = 1.0
+TRIM_GROWTH_BYTES = 64 * 1024 * 1024
 
 
 def _uvicorn_config(app, config: ServerConfig, tls: bool = True) -> uvicorn.Config:
@@ -78,6 +84,31 @@ def _uvicorn_config(app, config: ServerConfig, tls: bool = True) -> uvicorn.Conf
         ssl_certfile=config.tls_cert if tls else None,
         ssl_keyfile=config.tls_key if tls else None,
     )
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+async def _return_memory() -> None:
+    """Every :data:`MEMORY_CHECK_S`: resident memory :data:`TRIM_GROWTH_BYTES` over what
+    it was after the last trim (or its lowest since) gets a ``malloc_trim``, off the event
+    loop. Memory still in use stays, and is the new mark: no trim again until it grows."""
+    loop = asyncio.get_running_loop()
+    trim = malloc_trim()
+    try:
+        mark = _rss_bytes()
+    except (OSError, ValueError, IndexError):
+        return  # no /proc
+    while True:
+        await asyncio.sleep(MEMORY_CHECK_S)
+        rss = _rss_bytes()
+        if rss > mark + TRIM_GROWTH_BYTES:
+            await loop.run_in_executor(None, trim, 0)
+            rss = _rss_bytes()
+            log.debug("returned free heap pages: %d MB resident", rss >> 20)
+        mark = min(mark, rss) if rss <= mark + TRIM_GROWTH_BYTES else rss
 
 
 class _Server(uvicorn.Server):
@@ -121,6 +152,7 @@ class _Server(uvicorn.Server):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._metrics_server: uvicorn.Server | None = None
         self._gauges_task: asyncio.Task | None = None
+        self._memory_task: asyncio.Task | None = None
         #: Why the server could not start (raised again by run_server), else None.
         self.failure: BaseException | None = None
         #: The KServe v2 gRPC door while it runs (``config.grpc_port`` set).
@@ -158,6 +190,8 @@ class _Server(uvicorn.Server):
     async def startup(self, sockets=None) -> None:
         if self.state.metrics.multiprocess:
             self._gauges_task = asyncio.create_task(self._refresh_gauges())
+        if malloc_trim() is not None:
+            self._memory_task = asyncio.create_task(_return_memory())
         try:
             await self._start_metrics()
             if not self.cfg.reuse_port:
@@ -305,8 +339,9 @@ class _Server(uvicorn.Server):
 
     async def _close(self) -> None:
         """Whatever started, stopped: gRPC, the metrics port, the models, the pool."""
-        if self._gauges_task is not None:
-            self._gauges_task.cancel()
+        for task in (self._gauges_task, self._memory_task):
+            if task is not None:
+                task.cancel()
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()  # the loading thread finishes on its own
         if self.grpc is not None:
