@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -131,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     a.pytest_args = pytest_args
 
     runs: list[dict] = []
+    # SIGTERM ends the run like Ctrl-C: the suite and the burners stop with it
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     burners = start_burners(a.burners)
     try:
         for i in range(a.runs):
@@ -141,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run {i + 1}/{a.runs}: {r['passed']} passed, {r['failed']} failed, "
                   f"{r['errors']} errors, {r['skipped']} skipped in {r['duration_s']:.0f} s",
                   file=sys.stderr, flush=True)  # fmt: skip
+            for test in r["failed_tests"]:
+                print(f"  failed: {test}", file=sys.stderr, flush=True)
     finally:
         stop_burners(burners)
 
