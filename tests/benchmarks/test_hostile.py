@@ -16,7 +16,7 @@ def test_hostile_benchmark_runs_every_attack(model_cache, tmp_path):
     cmd = [
         sys.executable, str(BENCHMARKS / "hostile.py"), "--cache-dir", str(model_cache),
         "--duration", "1", "--connections", "40", "--grpc-calls", "2", "--grpc-mb", "1",
-        "--header-mb", "8", "--stalled", "2", "--upload-mb", "1", "--out", str(out),
+        "--header-mb", "64", "--stalled", "2", "--upload-mb", "1", "--out", str(out),
         # room for one stalled 1 MiB body: the other is refused before it is read
         "--serve-args", "--max-body-mb 1 --max-body-bytes-in-flight 2097152",
     ]  # fmt: skip
@@ -32,9 +32,12 @@ def test_hostile_benchmark_runs_every_attack(model_cache, tmp_path):
         assert not row.get("server_exited"), name
         assert row["legit_requests"] > 0 and row["healthz_probes"] > 0, (name, row)
     header = rows["huge-header"]["attack"]
-    # every 8 MB header was cut short: the server stopped reading it
+    # every 64 MB header was cut short: the server stopped reading it. (64 MB, more than
+    # the kernel's socket buffers can take on both sides (tcp_rmem max 32 MB + tcp_wmem
+    # 4 MB here): a smaller header fits in them whole while a busy server is slow to
+    # close, and then looks sent.)
     assert header["headers"] > 0 and header["refused_mid_header"] == header["headers"], header
-    assert header["max_mb_sent"] < 8
+    assert header["max_mb_sent"] < 64
     assert rows["idle"]["attack"]["opened"] == 40
     stalled = rows["stalled-upload"]["attack"]
     assert stalled["uploads"] == 2 and stalled["refused_503"] == 1, stalled

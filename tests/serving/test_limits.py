@@ -379,7 +379,7 @@ def test_memory_is_given_back_after_large_bodies(monkeypatch):
     assert trimmed == [0]
 
 
-def test_the_server_returns_memory_once_it_has_grown(monkeypatch):
+def test_the_server_returns_memory_once_it_has_grown():
     import asyncio
 
     from cvserve.serving import server
@@ -388,8 +388,6 @@ def test_the_server_returns_memory_once_it_has_grown(monkeypatch):
     # resident memory: idle, a burst (trimmed back), live growth (kept: no trim again)
     readings = iter([100 * mb, 110 * mb, 300 * mb, 120 * mb, 250 * mb, 250 * mb, 250 * mb])
     trims = []
-    monkeypatch.setattr(server, "MEMORY_CHECK_S", 0.0)
-    monkeypatch.setattr(server, "malloc_trim", lambda: lambda pad: trims.append(pad) or 1)
 
     def rss() -> int:
         try:
@@ -397,9 +395,10 @@ def test_the_server_returns_memory_once_it_has_grown(monkeypatch):
         except StopIteration:
             raise asyncio.CancelledError from None
 
-    monkeypatch.setattr(server, "_rss_bytes", rss)
+    # given as arguments: patching the module would feed these readings to any other
+    # server running in this process too (a fixture's), and race it for them
     with pytest.raises(asyncio.CancelledError):
-        asyncio.run(server._return_memory())
+        asyncio.run(server._return_memory(0.0, rss, lambda pad: trims.append(pad) or 1))
     # 300 MB (mark 100): trimmed, to 120; 250 MB: trimmed, still 250 after it (in use), so
     # 250 is the new mark and is not trimmed again
     assert trims == [0, 0]

@@ -91,22 +91,28 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-async def _return_memory() -> None:
-    """Every :data:`MEMORY_CHECK_S`: resident memory :data:`TRIM_GROWTH_BYTES` over what
-    it was after the last trim (or its lowest since) gets a ``malloc_trim``, off the event
-    loop. Memory still in use stays, and is the new mark: no trim again until it grows."""
+async def _return_memory(
+    every_s: float = MEMORY_CHECK_S,
+    rss_bytes: Callable[[], int] = _rss_bytes,
+    trim: Callable[[int], int] | None = None,
+) -> None:
+    """Every ``every_s``: resident memory (``rss_bytes()``) :data:`TRIM_GROWTH_BYTES` over
+    what it was after the last trim (or its lowest since) gets a ``malloc_trim``, off the
+    event loop. Memory still in use stays, and is the new mark: no trim again until it
+    grows. (Parameters, not module globals, so that a test's readings reach only its own
+    loop and never another server's in the same process.)"""
     loop = asyncio.get_running_loop()
-    trim = malloc_trim()
+    trim = trim or malloc_trim()
     try:
-        mark = _rss_bytes()
+        mark = rss_bytes()
     except (OSError, ValueError, IndexError):
         return  # no /proc
     while True:
-        await asyncio.sleep(MEMORY_CHECK_S)
-        rss = _rss_bytes()
+        await asyncio.sleep(every_s)
+        rss = rss_bytes()
         if rss > mark + TRIM_GROWTH_BYTES:
             await loop.run_in_executor(None, trim, 0)
-            rss = _rss_bytes()
+            rss = rss_bytes()
             log.debug("returned free heap pages: %d MB resident", rss >> 20)
         mark = min(mark, rss) if rss <= mark + TRIM_GROWTH_BYTES else rss
 
