@@ -500,15 +500,12 @@ def _tracked_h11() -> type:
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class TrackedH11(H11Protocol):  # type: ignore[misc]
+        """Only ``last_active`` (what the drain reads): no cap, so no eviction order."""
+
         last_active = 0.0
 
-        def _touch(self) -> None:
-            self.last_active = time.monotonic()
-            self._by_activity[self] = None
-            self._by_activity.move_to_end(self)
-
         def connection_made(self, transport) -> None:
-            self._touch()
+            self.last_active = time.monotonic()
             super().connection_made(transport)
 
         def data_received(self, data: bytes) -> None:
