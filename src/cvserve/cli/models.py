@@ -27,7 +27,13 @@ def add_models_parser(sub: argparse._SubParsersAction) -> None:
     add_cache_arg(ls)
     ls.set_defaults(func=_cmd_models_list)
 
-    sh = msub.add_parser("show", help="a model's metadata: input, preprocessing, labels")
+    sh = msub.add_parser(
+        "show", help="a model's metadata: input, preprocessing, num_labels, parameters, GFLOPs"
+    )
+    sh.add_argument(
+        "--labels", action="store_true",
+        help="also list every label, one a line (default: only their number)",
+    )  # fmt: skip
     sh.add_argument("name")
     add_cache_arg(sh)
     sh.set_defaults(func=_cmd_models_show)
@@ -100,8 +106,10 @@ def _cmd_models_show(args: argparse.Namespace) -> int:
 
     meta = store.load_meta(args.name, args.cache_dir)
     d = store.describe(meta, args.cache_dir)
-    d.pop("labels", None)
+    labels = d.pop("labels", None) or []
     print(json.dumps(d, indent=2, default=str))
+    if args.labels:
+        print("\n".join(f"{i}\t{label}" for i, label in enumerate(labels)))
     return 0
 
 

@@ -33,8 +33,11 @@ def queue_wait_ms(value: Any) -> float | None:
 class BatchConfig:
     """Batching and admission settings of one model."""
 
+    #: Largest batch the batcher builds (flag ``--max-batch``).
     max_batch_size: int = 8
+    #: How long a batch's first request waits for more before the batch runs.
     max_delay_ms: float = 5.0
+    #: Runtime sessions of the model, each running batches on its own thread.
     instances: int = 1
     #: Requests admitted at once (preprocessing, waiting or running); more get a 429.
     max_queue: int = 64
@@ -59,12 +62,14 @@ class BatchConfig:
 class ModelConfig:
     """One served model: where it comes from and how it is batched, run and preprocessed."""
 
+    #: The name requests use (``/v1/models/NAME:predict``).
     name: str
     #: Store name of the model (defaults to ``name``): serve one model under two names.
     model: str | None = None
     batching: BatchConfig = field(default_factory=BatchConfig)
     #: onnxruntime intra-op threads per instance; 0 = cores / instances.
     intra_op_threads: int = 0
+    #: How JPEGs become pixels: ``pil-reduced``, ``simplejpeg``, ``opencv`` or ``pil``.
     decoder: str = "pil-reduced"
     #: Overrides of the model's own PreprocessSpec fields (e.g. ``interpolation``).
     preprocess: dict[str, Any] = field(default_factory=dict)

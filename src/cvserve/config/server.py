@@ -63,14 +63,18 @@ def _port(key: str, value: object) -> None:
 class ServerConfig:
     """The HTTP server and the resources its models share."""
 
+    #: Address to listen on (``0.0.0.0``: every interface).
     host: str = "127.0.0.1"
+    #: HTTP port (``/v1``, ``/v2``, health, metrics); 0: any free port.
     port: int = 8000
     #: KServe v2 gRPC (``tritonclient.grpc``) on this port too, in the same process; None:
     #: off, 0: any free port.
     grpc_port: int | None = None
     #: Threads that decode, resize and normalize (shared by all models); 0 = cores.
     preprocess_threads: int = 0
+    #: Largest request body in bytes (413 above, read from the headers).
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    #: Largest image in pixels (413 above, read from the image header before decoding).
     max_pixels: int = DEFAULT_MAX_PIXELS
     #: Decoded pixels in flight at once, server-wide (counted from the headers before
     #: decoding); an image that does not fit gets a 429. 0: ``default_pixels_in_flight``.
@@ -97,6 +101,7 @@ class ServerConfig:
     api_key_file: str | None = None
     #: TLS certificate chain and private key (PEM files) for HTTP and gRPC.
     tls_cert: str | None = None
+    #: The private key of ``tls_cert``.
     tls_key: str | None = None
     #: ``/metrics`` (and ``/healthz``, ``/readyz``) on this port of its own, plain HTTP and
     #: without API keys; None: ``/metrics`` on the main port.
@@ -121,6 +126,7 @@ class ServerConfig:
     #: way is closed (503 if every one is busy). 0: three quarters of the descriptor
     #: limit, at most 4096 (each idle connection costs about 10 KB).
     max_connections: int = 0
+    #: The model store (default ``$CVSERVE_CACHE`` or ``~/.cache/cvserve``).
     cache_dir: str | None = None
     #: Where pipeline stages meet: ``inprocess://`` (default) or ``redis://host:port``.
     broker: str = "inprocess://"
