@@ -88,7 +88,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     res = report.result
     title = (f"cvserve tune {args.model}: {len(res.candidates)} candidates in "
              f"{report.elapsed_s:.0f} s ({res.stop_reason}), SLO p99 <= {args.slo_p99_ms:g} ms")  # fmt: skip
-    Console(width=100).print(candidates_table(report.rows, args.slo_p99_ms, title))
+    Console().print(candidates_table(report.rows, args.slo_p99_ms, title))
     say(f"state (every candidate): {report.state_path}")
     if res.winner is None:
         say(f"no candidate met the SLO (p99 <= {args.slo_p99_ms:g} ms); {args.out} not written")
