@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format=f"%(asctime)s {prefix()}%(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:  # "generated new fontManager" and the like are not ours to say
+        logging.getLogger("matplotlib").setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
