@@ -43,16 +43,17 @@ async def readyz(request: Request) -> Response:
 
 
 def refresh_gauges(state: ServerState) -> None:
-    """Set the gauges from the models' state now (queue depth, busy instances, admission)."""
-    m, nan = state.metrics, float("nan")
+    """Set the gauges from the models' state now (queue depth, busy instances, admission).
+    Never NaN, which dashboards and alert rules handle badly: 0 until measured."""
+    m = state.metrics
     for name, ms in state.models.items():
         m.queue_depth.labels(name).set(ms.inflight)
         m.busy_instances.labels(name).set(ms.batcher.busy_instances)
         adm = ms.admission
         rate, wait, limit = adm.rate.per_s, adm.expected_wait_s(), adm.wait_limit_s()
-        m.service_rate.labels(name).set(nan if rate is None else rate)
-        m.expected_wait.labels(name).set(nan if wait is None else wait)
-        m.wait_limit.labels(name).set(nan if limit is None else limit)
+        m.service_rate.labels(name).set(rate or 0.0)
+        m.expected_wait.labels(name).set(wait or 0.0)
+        m.wait_limit.labels(name).set(limit or 0.0)
 
 
 async def metrics_endpoint(request: Request) -> Response:

@@ -72,15 +72,15 @@ class Metrics:
         )  # fmt: skip
         # admission (serving.core.Admission): what the server expects, and what it refuses
         self.service_rate = Gauge(
-            "cvserve_service_rate", "Requests a model finishes per second while busy (NaN: "
+            "cvserve_service_rate", "Requests a model finishes per second while busy (0: "
             "not measured yet)", ["model"], registry=r, multiprocess_mode="livesum",
         )  # fmt: skip
         self.expected_wait = Gauge(
             "cvserve_expected_wait_seconds", "A new request's expected time to its answer "
-            "(NaN: no service rate yet)", ["model"], registry=r, multiprocess_mode="livemax",
+            "(0: no service rate yet)", ["model"], registry=r, multiprocess_mode="livemax",
         )  # fmt: skip
         self.wait_limit = Gauge(
-            "cvserve_wait_limit_seconds", "The longest expected wait admitted (NaN: no limit by "
+            "cvserve_wait_limit_seconds", "The longest expected wait admitted (0: no limit by "
             "time now)", ["model"], registry=r, multiprocess_mode="livemax",
         )  # fmt: skip
         self.edge_refusals = Counter(
