@@ -281,11 +281,11 @@ def _make_runtimes(onnx_path: str, config: ModelConfig) -> list:
     n = config.batching.instances
     if config.runtime == "simulated":
         device = SimDevice(config.sim_profile, config.sim_devices, config.sim_h2d_gbps)
-        log.info(
-            "%s: simulated accelerator (%d device(s), profile: %s)",
+        log.info(  # the profile's source is long: GET /v1/models/NAME has it
+            "%s: simulated accelerator, %d device(s), %s",
             config.name,
             config.sim_devices,
-            device.profile.source,
+            device.profile.summary(),
         )
         return open_runtimes(onnx_path, n, sim_device=device)
     if config.device != "cpu":
