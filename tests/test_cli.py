@@ -73,14 +73,28 @@ def test_the_console_script_and_python_m_share_one_main():
     assert r.returncode == 0 and r.stdout.startswith("cvserve ")
 
 
-def test_demo_runs_end_to_end(model_cache, data_dir):
+def test_demo_runs_end_to_end(model_cache, data_dir, tmp_path):
+    out = tmp_path / "demo"
     r = cvserve(
         "demo", "--model", "tiny-resnet", "--concurrency", "1,4", "--duration", "1",
         "--images", str(data_dir / "images" / "small"), "--cache-dir", str(model_cache),
+        "--out", str(out),
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     for word in ("c=1", "c=4", "decode", "infer", "batch_wait", "end to end"):
         assert word in r.stdout, word
+    # it explains: findings, a report with the bench's plots, and what to try next
+    assert "a request took" in r.stdout and f"report: {out / 'report.html'}" in r.stdout
+    for name in ("report.html", "demo.json", "throughput_latency_closed.png", "breakdown.png"):
+        assert (out / name).is_file(), name
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 2 and "What to try next" in page
+    assert "cvserve demo --model tiny-resnet" in page  # how to reproduce it
+    nxt = r.stdout.split("\nnext:\n", 1)[1]
+    assert "cvserve serve --model tiny-resnet" in nxt and "cvserve study --quick" in nxt
+    tail = r.stdout.split("\nreport:", 1)[1].splitlines()
+    # within 80 columns, but for a line that names this test's (long) temporary folder
+    assert all(len(line) <= 80 for line in tail if str(tmp_path) not in line), tail
 
 
 def test_the_serving_path_never_imports_torch():

@@ -13,9 +13,6 @@ if TYPE_CHECKING:
     from cvserve.study.context import StudyContext
 
 
-_OCR_SKIP = "the OCR pipeline needs the ocr extra (pip install 'cvserve[ocr]')"
-
-
 def _broker_config(ctx: StudyContext, broker: str) -> str:
     s = ctx.settings
     lines = [
@@ -57,7 +54,7 @@ def _broker_plans(ctx: StudyContext, result: ExperimentResult) -> list[StudyPoin
                 kind="pipeline",
                 images="ocr",
                 concurrency=c,
-                skip=reason or (None if ctx.has_ocr() else _OCR_SKIP),
+                skip=reason or ctx.ocr_missing(),
             )
         )
         for n in s.fanouts:
