@@ -17,6 +17,9 @@ parsed by the CLI's own parser, and passes ``bash -n``.
 - ``<!-- doc: parse-only: REASON -->``: only parsed, and REASON says why (it serves
   until stopped, needs a GPU, a cluster, minutes ...); a reason is required.
 
+Every ``cvserve serve`` command given by flags also builds its server config, so its
+values pass the checks start-up would make.
+
 ```yaml blocks load with ``cvserve.config.load_config`` unless marked
 ``<!-- doc: not-config: REASON -->``; ```python blocks compile.
 """
@@ -136,6 +139,32 @@ def test_commands_found():
 )
 def test_command_parses(block, argv):
     _parse(argv)
+
+
+def _serve_commands() -> list[tuple[Block, list[str]]]:
+    """``cvserve serve`` commands that name what to serve with flags (not --config), but
+    for one that uses a file an earlier command of its block writes (``--out FILE``)."""
+    out = []
+    for b in BASH:
+        made: set[str] = set()
+        for argv in cvserve_commands(b.text):
+            if argv[:1] == ["serve"] and "--config" not in argv and not made & set(argv):
+                out.append((b, argv))
+            made |= {argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--out"}
+    return out
+
+
+SERVE = _serve_commands()
+
+
+@pytest.mark.parametrize(("block", "argv"), SERVE, ids=[b.id for b, _ in SERVE])
+def test_serve_command_makes_a_valid_config(block, argv):
+    """Beyond parsing: the flags' values pass the config's own checks (ports, profiles,
+    devices, durations), as they would at start-up."""
+    from cvserve.cli import build_parser
+    from cvserve.config.flags import server_config_from_args
+
+    server_config_from_args(build_parser().parse_args(argv))
 
 
 @pytest.mark.parametrize("block", BASH, ids=[b.id for b in BASH])
