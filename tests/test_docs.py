@@ -32,6 +32,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +40,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-FENCE = re.compile(r"^(?:<!--\s*doc:\s*(.*?)\s*-->\n)?```(\w+)[^\n]*\n(.*?)^```", re.M | re.S)
+#: A fenced block (indented too, as inside a list item), with the marker line before it.
+FENCE = re.compile(
+    r"^(?:[ \t]*<!--\s*doc:\s*(.*?)\s*-->\n)?[ \t]*```(\w+)[^\n]*\n(.*?)^[ \t]*```", re.M | re.S
+)
 MARKERS = ("run", "server", "parse-only", "not-config")
 
 
@@ -67,7 +71,7 @@ def _blocks() -> list[Block]:
         for m in FENCE.finditer(text):
             line = text.count("\n", 0, m.start(2 if m.group(1) is None else 1)) + 1
             out.append(Block(str(page.relative_to(REPO)), line, m.group(2), m.group(1) or "",
-                             m.group(3)))  # fmt: skip
+                             textwrap.dedent(m.group(3))))  # fmt: skip
     return out
 
 
