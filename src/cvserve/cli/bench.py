@@ -52,8 +52,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     sec = p.add_argument_group("API key and TLS (a server started with --api-key-file/--tls-cert)")
     sec.add_argument(
         "--api-key-file", metavar="FILE",
-        help="send the key on FILE's first line as 'Authorization: Bearer KEY' (gRPC: "
-        "metadata); default: $CVSERVE_API_KEY if set",
+        help="send FILE's first key (read as the server reads it: blank and # lines "
+        "skipped) as 'Authorization: Bearer KEY' (gRPC: metadata); default: "
+        "$CVSERVE_API_KEY if set",
     )  # fmt: skip
     sec.add_argument(
         "--tls-ca", metavar="FILE",
@@ -188,13 +189,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _bench_api_key(path: str | None) -> str | None:
-    """The bench's API key: ``path``'s first non-empty line, else $CVSERVE_API_KEY."""
+    """The bench's API key: ``path``'s first key, the file read exactly as the server reads
+    it (``#`` comments and blank lines skipped), else $CVSERVE_API_KEY."""
     if path is None:
         return os.environ.get("CVSERVE_API_KEY") or None
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            return line.strip()
-    raise OSError(f"{path} has no key")
+    from cvserve.serving.auth import read_key_file
+
+    return read_key_file(path)[0]
 
 
 def add_report_parser(sub: argparse._SubParsersAction) -> None:
