@@ -4,7 +4,6 @@ errors with the server's own message, and the asyncio twin."""
 from __future__ import annotations
 
 import asyncio
-import io
 
 import numpy as np
 import pytest

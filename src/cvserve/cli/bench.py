@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 from cvserve.cli._common import add_cache_arg, add_seconds_alias, csv_floats, csv_ints, say
 
