@@ -22,7 +22,7 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--duration", type=float, default=5.0, help="seconds measured per point")
     p.add_argument(
-        "--serve-args", default="--max-batch 8 --max-delay-ms 5",
+        "--serve-args", default="--max-batch-size 8 --max-delay-ms 5",
         help="extra `cvserve serve` flags for the demo server",
     )  # fmt: skip
     add_cache_arg(p)
