@@ -112,7 +112,7 @@ class _RenamedFlag(argparse.Action):
         super().__init__(option_strings, dest, **kwargs)
 
     def __call__(self, parser, namespace, value, option_string=None) -> None:  # noqa: ANN001
-        if value is None:  # a switch (nargs=0)
+        if self.convert is None:  # a switch (nargs=0)
             say(f"warning: {option_string} is deprecated: use {self.new}")
             setattr(namespace, self.dest, True)
             return
