@@ -124,6 +124,13 @@ def test_every_help_shows_every_default_and_fits_80_columns():
             shown = formatter._get_help_string(a) % {"default": a.default, "prog": prog}
             if a.default not in (None, False, "", [], argparse.SUPPRESS):
                 assert "default" in shown, (prog, a.option_strings, shown)
+            d = a.default
+            if isinstance(d, int | float) and not isinstance(d, bool) and d != 0:
+                # the value itself (0 means "chosen at start": the help says how), not only the word (e.g. "default request deadline")
+                values = {f"{d:g}", str(d), f"{d:,}", f"{d:_}"}
+                if isinstance(d, int) and d >= 2**20 and d % 2**20 == 0:
+                    values.add(f"{d // 2**20}MiB")
+                assert any(v in shown for v in values), (prog, a.option_strings, shown)
 
 
 def _option_help(text: str) -> dict[str, str]:

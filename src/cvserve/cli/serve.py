@@ -175,7 +175,8 @@ def _add_batching_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument(
         "--timeout-ms", type=float, default=d.timeout_ms, metavar="MS",
-        help="default request deadline (504 after it; header X-Timeout-Ms overrides)",
+        help="a request's deadline when its client sends none (504 after it; the header "
+        "X-Timeout-Ms sets the client's own)",
     )  # fmt: skip
     p.add_argument(
         "--intra-op-threads", type=int, default=0,
