@@ -66,7 +66,7 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
     message = exc.detail
     allow = (exc.headers or {}).get("Allow")
     if exc.status_code == 405 and allow:
-        message = f"{request.method} is not allowed on {request.url.path}; use {allow}"
+        message = f"{exc.detail}: {request.method} {request.url.path}; use {allow}"
     payload: dict[str, Any] = {"error": {"kind": kind, "message": message}}
     if request.url.path.startswith("/v2/") or request.url.path == "/v2":
         payload = {"error": str(message)}  # KServe v2's error shape
