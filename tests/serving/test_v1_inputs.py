@@ -173,3 +173,18 @@ def test_a_wrong_method_is_405_with_allow(client):
     r = client.put("/v1/models")
     assert r.status_code == 405 and "GET" in r.headers["allow"]
     assert client.get("/v1/models/tiny-resnet").status_code == 200
+
+
+def test_heic_without_the_extra_is_a_415_naming_it(client, monkeypatch):
+    import sys
+
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30)).save(buf, "HEIF")
+    monkeypatch.setitem(sys.modules, "pillow_heif", None)  # as if the extra were absent
+    r = client.post(PREDICT, content=buf.getvalue(), headers={"content-type": "image/heic"})
+    assert r.status_code == 415
+    err = r.json()["error"]
+    assert "pip install 'cvserve[heic]'" in err["message"] and "HEIF" not in err["supported"]
