@@ -113,7 +113,11 @@ def _encode(image: ImageLike) -> tuple[bytes, str, str]:
         from PIL import Image
 
         a = np.asarray(image)
-        if a.dtype != np.uint8 or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
+        if (
+            a.dtype != np.uint8
+            or a.ndim not in (2, 3)
+            or (a.ndim == 3 and a.shape[2] not in (3, 4))
+        ):
             raise TypeError(
                 f"an image array is HxW, HxWx3 (RGB) or HxWx4 uint8; got {a.shape} {a.dtype}"
             )
