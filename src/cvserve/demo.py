@@ -71,7 +71,7 @@ def run_demo(
     concurrency: Sequence[int] = DEFAULT_CONCURRENCY,
     duration: float = 5.0,
     cache_dir: str | None = None,
-    serve_args: Sequence[str] = ("--max-batch", "8", "--max-delay-ms", "5"),
+    serve_args: Sequence[str] = ("--max-batch-size", "8", "--max-delay-ms", "5"),
     say: Say = lambda _: None,
     progress=None,
 ) -> BenchResult:

@@ -28,9 +28,9 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
         "--duration", type=float, default=5.0, help="seconds measured per point (default 5)"
     )
     p.add_argument(
-        "--serve-args", default="--max-batch 8 --max-delay-ms 5",
+        "--serve-args", default="--max-batch-size 8 --max-delay-ms 5",
         help="extra `cvserve serve` flags for the demo server "
-        "(default '--max-batch 8 --max-delay-ms 5')",
+        "(default '--max-batch-size 8 --max-delay-ms 5')",
     )  # fmt: skip
     p.add_argument(
         "--out", default="cvserve-demo",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cvserve.cli._common import add_cache_arg, csv_floats, say
+from cvserve.cli._common import add_cache_arg, add_renamed, csv_floats, say
 
 
 def add_models_parser(sub: argparse._SubParsersAction) -> None:
@@ -15,7 +15,7 @@ def add_models_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("name", nargs="?", help="zoo model name (see `cvserve models list`)")
     b.add_argument("--from-dir", help="a local HuggingFace save_pretrained folder (real weights)")
     b.add_argument("--as", dest="store_name", help="store name for --from-dir")
-    b.add_argument("--force", action="store_true", help="rebuild a zoo model that is built")
+    b.add_argument("--force", action="store_true", help="rebuild a model that is built")
     b.add_argument(
         "--fold-normalize", action="store_true",
         help="also store NAME-u8: the same model taking uint8 pixels, normalizing in its graph",
@@ -41,7 +41,8 @@ def add_models_parser(sub: argparse._SubParsersAction) -> None:
     a = msub.add_parser("add", help="register your own ONNX file")
     a.add_argument("file", help="the .onnx file (one NCHW image input)")
     a.add_argument("--name", help="store name (default: the file's stem)")
-    a.add_argument("--task", default="classify", choices=["classify"])
+    a.add_argument("--task", default="classify", choices=["classify"],
+                   help="the model's task head (an added file: classification)")  # fmt: skip
     a.add_argument("--size", type=int, default=224, help="input height and width (default 224)")
     a.add_argument(
         "--resize",
@@ -50,9 +51,13 @@ def add_models_parser(sub: argparse._SubParsersAction) -> None:
     )
     a.add_argument("--mean", type=csv_floats, default=None, help="3 values (default ImageNet)")
     a.add_argument("--std", type=csv_floats, default=None, help="3 values (default ImageNet)")
-    a.add_argument("--interpolation", default="bilinear")
+    a.add_argument("--interpolation", default="bilinear", metavar="FILTER",
+                   choices=["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"],
+                   help="resize filter of the preprocessing: nearest, bilinear, bicubic, "
+                   "lanczos, box or hamming")  # fmt: skip
     a.add_argument("--labels", help="a text file with one label per line")
-    a.add_argument("--overwrite", action="store_true")
+    a.add_argument("--force", action="store_true", help="replace a stored model of that name")
+    add_renamed(a, "--overwrite", "--force", "force", switch=True)
     a.add_argument(
         "--fold-normalize", action="store_true",
         help="also store NAME-u8, taking uint8 pixels and normalizing in its graph",
@@ -144,7 +149,7 @@ def _cmd_models_add(args: argparse.Namespace) -> int:
         spec=spec,
         labels=labels,
         cache=args.cache_dir,
-        overwrite=args.overwrite,
+        overwrite=args.force,
     )
     print(f"added {meta.name}: input {meta.input_name} {meta.input_shape} {meta.input_dtype}")
     if args.fold_normalize:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from cvserve.cli._common import add_cache_arg, say
+from cvserve.cli._common import add_cache_arg, add_renamed, say
 from cvserve.cli.serve import add_cores_arg, add_runtime_args
 
 
@@ -24,8 +24,13 @@ def add_worker_parser(sub: argparse._SubParsersAction) -> None:
         "CVSERVE_BROKER environment variable, which keeps a password out of `ps`",
     )  # fmt: skip
     p.add_argument("--instances", type=int, default=1, help="model instances in this process")
-    p.add_argument("--max-batch", type=int, default=16, help="items per batch")
-    p.add_argument("--intra-op-threads", type=int, default=0)
+    p.add_argument("--max-batch-size", type=int, default=16, metavar="N",
+                   help="items per batch (YAML: max_batch_size)")  # fmt: skip
+    add_renamed(p, "--max-batch", "--max-batch-size", "max_batch_size", int)
+    p.add_argument(
+        "--intra-op-threads", type=int, default=0, metavar="N",
+        help="onnxruntime threads per instance (default 0: cores / instances)",
+    )  # fmt: skip
     add_cores_arg(p)
     p.add_argument(
         "--reclaim-idle-ms", type=int, default=5_000,

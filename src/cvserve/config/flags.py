@@ -41,7 +41,7 @@ def server_config_from_args(args: Any) -> ServerConfig:
         {"max_queue_wait_ms": args.max_queue_wait_ms} if "max_queue_wait_ms" in args else {}
     )
     batching = BatchConfig(
-        max_batch_size=args.max_batch,
+        max_batch_size=args.max_batch_size,
         max_delay_ms=args.max_delay_ms,
         instances=args.instances,
         max_queue=args.max_queue,
@@ -84,8 +84,8 @@ def server_config_from_args(args: Any) -> ServerConfig:
         extra["max_pixels"] = args.max_pixels
     if getattr(args, "max_pixels_in_flight", None):
         extra["max_pixels_in_flight"] = args.max_pixels_in_flight
-    if getattr(args, "max_body_mb", None):
-        extra["max_body_bytes"] = int(args.max_body_mb * 1024 * 1024)
+    if getattr(args, "max_body_bytes", None):
+        extra["max_body_bytes"] = args.max_body_bytes
     return ServerConfig(
         preprocess_threads=args.preprocess_threads,
         models=models,
@@ -101,7 +101,7 @@ def worker_config_from_args(args: Any) -> PipelineConfig:
         name=args.pipeline,
         kind=args.kind or "",
         instances=args.instances,
-        max_batch_size=args.max_batch,
+        max_batch_size=args.max_batch_size,
         intra_op_threads=args.intra_op_threads,
         cores=args.pipeline_cores,
         reclaim_idle_ms=args.reclaim_idle_ms,

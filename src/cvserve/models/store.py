@@ -391,7 +391,9 @@ def add_model(
 
     with _store_lock(cache):
         if _read_built(name, cache) is not None and not overwrite:
-            raise FileExistsError(f"model {name!r} already exists; pass overwrite to replace it")
+            raise FileExistsError(
+                f"model {name!r} already exists; replace it with --force (overwrite=True)"
+            )
         folder = model_dir(name, cache)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / SIDECAR_FILE).unlink(missing_ok=True)
@@ -444,7 +446,7 @@ def fold_normalize(
     with _store_lock(cache):
         if _read_built(new_name, cache) is not None and not overwrite:
             raise FileExistsError(
-                f"model {new_name!r} already exists; pass overwrite to replace it"
+                f"model {new_name!r} already exists; replace it with --force (overwrite=True)"
             )
         folder = model_dir(new_name, cache)
         folder.mkdir(parents=True, exist_ok=True)

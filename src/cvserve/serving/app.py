@@ -64,10 +64,14 @@ async def metrics_endpoint(request: Request) -> Response:
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
     kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    payload: dict[str, Any] = {"error": {"kind": kind, "message": exc.detail}}
+    message = exc.detail
+    allow = (exc.headers or {}).get("Allow")
+    if exc.status_code == 405 and allow:
+        message = f"{exc.detail}: {request.method} {request.url.path}; use {allow}"
+    payload: dict[str, Any] = {"error": {"kind": kind, "message": message}}
     if request.url.path.startswith("/v2/") or request.url.path == "/v2":
-        payload = {"error": str(exc.detail)}  # KServe v2's error shape
-    resp = json_response(payload, exc.status_code)
+        payload = {"error": str(message)}  # KServe v2's error shape
+    resp = json_response(payload, exc.status_code, headers=exc.headers)
     resp.headers["Server-Timing"] = format_server_timing({"encode": 0.0})
     return resp
 

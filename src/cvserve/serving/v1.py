@@ -1,6 +1,12 @@
 """cvserve's own ``/v1`` HTTP door: ``POST /v1/models/{name}:predict`` and
-``/v1/pipelines/{name}:predict`` take the image bytes as the body; ``GET /v1/models``,
+``/v1/pipelines/{name}:predict`` take the image bytes as the body, a multipart form or JSON
+with base64 images (:mod:`cvserve.serving.v1_body`); ``GET /v1/models``,
 ``/v1/models/{name}`` and ``/v1/pipelines`` describe what is served.
+
+One image (raw bytes, one form file, ``{"image": ...}``) gets the usual answer; a list
+(several form files, ``{"images": [...]}``) gets ``{"results": [answer, ...]}`` in the
+order sent. Each image passes admission on its own; if any fails, the request answers
+that error (its message names the image) and no partial list.
 
 It only translates: the body and query to a servable's ``predict`` through
 :func:`cvserve.serving.door.handle`, and the answer or typed error back to a status and a
@@ -9,10 +15,12 @@ JSON (or PNG/npz, by ``Accept``) body, with ``Server-Timing``.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -20,15 +28,18 @@ from starlette.routing import Route
 from cvserve.errors import RequestError
 from cvserve.serving.core import Servable
 from cvserve.serving.door import TIMEOUT_HEADER, handle, internal_message
-from cvserve.serving.errors import NotServed, UnsupportedMediaType, http_status
+from cvserve.serving.errors import NotServed, http_status
 from cvserve.serving.httpwire import json_response, read_body, timed
 from cvserve.serving.state import ServerState
+from cvserve.serving.v1_body import Images, parse_body
 from cvserve.tasks.encode import encode_result
 from cvserve.trace import Trace
 
 __all__ = ["routes"]
 
-_ACCEPTED_TYPES = ("image/", "application/octet-stream")
+_PREDICT = ":predict"
+#: Bodies larger than this are parsed (a form, base64 JSON) in a thread, not on the loop.
+_PARSE_INLINE_BYTES = 1 << 20
 
 
 async def predict(request: Request) -> Response:
@@ -57,26 +68,29 @@ async def _predict(
             )
         return target
 
-    async def receive() -> bytes:
-        ctype = request.headers.get("content-type", "application/octet-stream").lower()
-        if not ctype.startswith(_ACCEPTED_TYPES):
-            raise UnsupportedMediaType(
-                f"content-type {ctype!r}: send the image bytes as image/* or "
-                "application/octet-stream"
-            )
-        return await read_body(request, state.config.max_body_bytes)
+    async def receive() -> Images:
+        body = await read_body(request, state.config.max_body_bytes)
+        ctype = request.headers.get("content-type")
+        if len(body) > _PARSE_INLINE_BYTES:  # base64 JSON: ~5 ms of CPU a MiB, off the loop
+            return await asyncio.to_thread(parse_body, ctype, body)
+        return parse_body(ctype, body)
 
-    async def run(target: Servable, data: bytes, trace: Trace, deadline: float):
+    async def run(target: Servable, images: Images, trace: Trace, deadline: float):
         params = target.parse_params(request.query_params)
-        pred = await target.predict(data, trace, deadline, params)
-        payload = {
-            what: name,
-            "task": target.task,
-            "image_size": list(pred.image_size),
-            "batch_size": pred.batch_size,
-            **pred.result,
-        }
-        return payload, 1
+
+        async def one(data: bytes, t: Trace) -> dict[str, Any]:
+            pred = await target.predict(data, t, deadline, params)
+            return {
+                what: name,
+                "task": target.task,
+                "image_size": list(pred.image_size),
+                "batch_size": pred.batch_size,
+                **pred.result,
+            }
+
+        if not images.many:
+            return await one(images.items[0], trace), 1
+        return {"results": await _each(images, one, trace)}, len(images.items)
 
     encode = partial(_encode, accept=request.headers.get("accept"))
     answer = await handle(
@@ -92,6 +106,28 @@ async def _predict(
             headers["Retry-After"] = str(answer.retry_after_s)
     headers["Server-Timing"] = answer.trace.server_timing()
     return Response(body, status_code=answer.status, media_type=media, headers=headers)
+
+
+async def _each(images: Images, one, trace: Trace) -> list[dict[str, Any]]:
+    """Every image of a list at once (the batcher may batch them), each with its own trace;
+    the request's Server-Timing is the slowest image's (the stages that made it wait)."""
+    traces = [Trace(start=trace.last) for _ in images.items]
+    outs = await asyncio.gather(
+        *(one(data, t) for data, t in zip(images.items, traces, strict=True)),
+        return_exceptions=True,
+    )
+    for i, out in enumerate(outs):
+        if isinstance(out, RequestError):
+            out.args = (f"{images.name(i)}: {out}",)
+            raise out
+        if isinstance(out, BaseException):
+            raise out
+    slowest = max(traces, key=lambda t: t.last)
+    for stage, seconds in slowest.stages.items():
+        trace.add(stage, seconds)
+    trace.simulated = any(t.simulated for t in traces)
+    trace.advance(slowest.last)
+    return outs  # type: ignore[return-value]
 
 
 def _encode(payload: dict[str, Any], accept: str | None) -> tuple[bytes, str]:
@@ -111,6 +147,8 @@ async def list_models(request: Request) -> Response:
 
 async def show_model(request: Request) -> Response:
     state: ServerState = request.app.state.cvserve
+    if request.path_params["name"].endswith(_PREDICT):  # GET on the predict route
+        raise HTTPException(405, headers={"Allow": "POST"})
     ms = state.models.get(request.path_params["name"])
     if ms is None:
         e = NotServed(f"no model named {request.path_params['name']!r}")
@@ -126,8 +164,8 @@ async def list_pipelines(request: Request) -> Response:
 def routes() -> list[Route]:
     """The ``/v1`` routes."""
     return [
-        Route("/v1/models/{name}:predict", predict, methods=["POST"]),
-        Route("/v1/pipelines/{name}:predict", predict_pipeline, methods=["POST"]),
+        Route("/v1/models/{name}" + _PREDICT, predict, methods=["POST"]),
+        Route("/v1/pipelines/{name}" + _PREDICT, predict_pipeline, methods=["POST"]),
         Route("/v1/pipelines", timed(list_pipelines), methods=["GET"]),
         Route("/v1/models", timed(list_models), methods=["GET"]),
         Route("/v1/models/{name}", timed(show_model), methods=["GET"]),

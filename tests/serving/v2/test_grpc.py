@@ -470,7 +470,7 @@ def test_grpc_port_config():
 
 
 # --- a slow (simulated) model: deadlines, overload, draining --------------------------------
-SLOW = ["--runtime", "simulated", "--sim-profile", "1:3000", "--max-batch", "1"]  # 3 s a batch
+SLOW = ["--runtime", "simulated", "--sim-profile", "1:3000", "--max-batch-size", "1"]  # 3 s a batch
 
 
 @pytest.fixture(scope="module")
