@@ -53,6 +53,12 @@ def refresh_gauges(state: ServerState) -> None:
         m.service_rate.labels(name).set(nan if rate is None else rate)
         m.expected_wait.labels(name).set(nan if wait is None else wait)
         m.wait_limit.labels(name).set(nan if limit is None else limit)
+    m.model_memory.clear()  # versions unloaded since the last look go
+    for name, loaded in state.versions.items():
+        for version, ms in loaded.items():
+            for kind, n in getattr(ms, "memory", dict)().items():
+                if n is not None:
+                    m.model_memory.labels(name, version, kind.removesuffix("_bytes")).set(n)
 
 
 async def metrics_endpoint(request: Request) -> Response:

@@ -6,7 +6,10 @@ is :mod:`cvserve.serving.v2.infer` and the core.
 Routes (``routes()``, mounted by ``create_app``): ``GET /v2``, ``/v2/health/live``,
 ``/v2/health/ready``, ``/v2/models/{m}[/versions/{v}]`` (metadata),
 ``.../ready``, ``POST .../infer``, and the statistics extension ``GET /v2/models/stats``,
-``GET /v2/models/{m}[/versions/{v}]/stats``. Every servable has one version, "1".
+``GET /v2/models/{m}[/versions/{v}]/stats``, and the model repository extension as
+Triton routes it: ``POST /v2/repository/index``, ``/v2/repository/models/{m}/load`` and
+``/unload`` (:mod:`cvserve.serving.control`). Without ``/versions/{v}`` a request goes to
+the newest version loaded.
 
 Wire format:
 
@@ -48,6 +51,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from cvserve.errors import RequestError
+from cvserve.serving.control import load_parameters, repository
 from cvserve.serving.core import Servable
 from cvserve.serving.door import TIMEOUT_HEADER, handle, internal_message
 from cvserve.serving.errors import (
@@ -404,7 +408,7 @@ def _answer(fn: Callable[[ServerState, Request], tuple[int, dict[str, Any]]]):
 
 def _servable(state: ServerState, request: Request):
     p = request.path_params
-    return lookup(state.servables, p["model"], p.get("version"))
+    return lookup(state.servables, p["model"], p.get("version"), state.versions)
 
 
 def _server_meta(state: ServerState, request: Request) -> tuple[int, dict[str, Any]]:
@@ -427,7 +431,8 @@ def _model_ready(state: ServerState, request: Request) -> tuple[int, dict[str, A
 
 
 def _model_meta(state: ServerState, request: Request) -> tuple[int, dict[str, Any]]:
-    return 200, model_metadata(_servable(state, request))
+    servable = _servable(state, request)
+    return 200, model_metadata(servable, list(state.versions.get(servable.name, {})) or None)
 
 
 def _all_stats(state: ServerState, request: Request) -> tuple[int, dict[str, Any]]:
@@ -491,7 +496,7 @@ async def _infer_route(request: Request) -> Response:
         return (await infer(target, req, trace, deadline), req), req.images
 
     answer = await handle(
-        state, name, state.servables, lambda: lookup(state.servables, name, version),
+        state, name, state.servables, lambda: lookup(state.servables, name, version, state.versions),
         receive, run, lambda result: encode_response(*result),
         timeout=request.headers.get(TIMEOUT_HEADER),
     )  # fmt: skip
@@ -510,6 +515,52 @@ async def _infer_route(request: Request) -> Response:
     return Response(body, status_code=answer.status, media_type=media, headers=headers)
 
 
+# --- the model repository extension (Triton's routes) -------------------------------------
+async def _repository_json(request: Request, state: ServerState) -> dict[str, Any]:
+    raw = await read_body(request, state.config.max_body_bytes)
+    if not raw.strip():
+        return {}
+    try:
+        doc = json.loads(raw)
+    except ValueError as e:
+        raise BadRequest(f"the request is not valid JSON: {e}", field="body") from None
+    return _object(doc, "body")
+
+
+def _repository_route(action: str):
+    """``POST /v2/repository/index``, ``.../models/{m}/load`` and ``.../unload``: errors
+    as ``{"error": ...}`` with their status; a load or unload answers 200 with no body
+    once done, as Triton's."""
+
+    async def handler(request: Request) -> Response:
+        t0 = time.perf_counter()
+        state: ServerState = request.app.state.cvserve
+        headers: dict[str, str] = {}
+        try:
+            doc = await _repository_json(request, state)
+            repo = repository(state)
+            if action == "index":
+                ready = doc.get("ready", False)
+                if not isinstance(ready, bool):
+                    raise BadRequest("ready must be true or false", field="ready")
+                resp: Response = json_response([r.to_json() for r in repo.index(ready)], 200)
+            else:
+                name = request.path_params["model"]
+                params = _object(doc.get("parameters"), "parameters")
+                if action == "load":
+                    await repo.load(name, load_parameters(params))
+                else:
+                    await repo.unload(name)
+                resp = Response(b"", 200, media_type="application/json")
+        except RequestError as e:
+            status, payload, headers = _v2_error(e)
+            resp = json_response(payload, status, headers)
+        resp.headers["Server-Timing"] = format_server_timing({"encode": time.perf_counter() - t0})
+        return resp
+
+    return handler
+
+
 def routes() -> list[Route]:
     """The v2 routes, in matching order (``/v2/models/stats`` before a model's routes)."""
     model = "/v2/models/{model}"
@@ -520,6 +571,11 @@ def routes() -> list[Route]:
         Route("/v2/health/live", _answer(_live), methods=get),
         Route("/v2/health/ready", _answer(_ready), methods=get),
         Route("/v2/models/stats", _answer(_all_stats), methods=get),
+        Route("/v2/repository/index", _repository_route("index"), methods=["POST"]),
+        Route("/v2/repository/models/{model}/load", _repository_route("load"), methods=["POST"]),
+        Route(
+            "/v2/repository/models/{model}/unload", _repository_route("unload"), methods=["POST"]
+        ),  # fmt: skip
         Route(f"{model}/stats", _answer(_model_stats), methods=get),
         Route(f"{version}/stats", _answer(_model_stats), methods=get),
         Route(f"{model}/ready", _answer(_model_ready), methods=get),
