@@ -41,7 +41,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from cvserve.config import ConfigError, ModelConfig, ServerConfig, model_config_from_dict
+from cvserve.config import (
+    ConfigError,
+    ModelConfig,
+    ServerConfig,
+    model_config_from_dict,
+    server_config_from_dict,
+)
 from cvserve.models import store, versions
 from cvserve.serving.errors import BadRequest, LoadFailed, ModelTooLarge, NotServed
 from cvserve.serving.loading import (
@@ -426,7 +432,9 @@ class Repository:
                     op = json.loads(line)
                     if op["pid"] == os.getpid():
                         continue
-                    if op["op"] == "load":
+                    if op["op"] == "config":
+                        await self.apply_config(server_config_from_dict(op["config"]))
+                    elif op["op"] == "load":
                         await self.ensure(op["name"],
                                           self.settings_for(op["name"], op.get("config")),
                                           reload=False)  # fmt: skip
