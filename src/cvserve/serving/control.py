@@ -75,6 +75,9 @@ log = logging.getLogger(__name__)
 CONTROL_FILE_ENV = "CVSERVE_CONTROL_FILE"
 #: How often a process of ``--workers`` looks at the control file.
 FOLLOW_S = 0.2
+#: A load beside served models warms up at this pace (``ModelServer.warm_up``): it rests
+#: as long as each run took, leaving the served models most of the cores meanwhile.
+WARM_UP_PACE = 1.0
 #: How often a retired version is checked for requests still admitted.
 _IDLE_CHECK_S = 0.01
 
@@ -213,6 +216,8 @@ class Repository:
         already loaded is reopened only when its settings change. Returns the versions
         served."""
         self._check_mode("load")
+        if name in self.state.pipelines:
+            raise LoadFailed(f"{name} is a pipeline: pipelines are not loaded or unloaded")
         served = await self.ensure(name, self.settings_for(name, override), reload=False)
         self._tell_others("load", name, override)
         return served
@@ -274,7 +279,7 @@ class Repository:
                 try:
                     ms = await asyncio.to_thread(
                         open_model, self.config, mc, v, meta, self.state.pool,
-                        self.state.metrics, warm=True,
+                        self.state.metrics, warm=True, pace=WARM_UP_PACE,
                     )  # fmt: skip
                 except Exception as e:  # onnxruntime's own errors: the file is the cause
                     raise LoadFailed(f"cannot load {name} version {v} ({path}): {e}") from e

@@ -103,10 +103,12 @@ def open_model(
     metrics: Metrics,
     *,
     warm: bool = False,
+    pace: float = 0.0,
 ) -> ModelServer:
     """Open version ``version`` of ``mc``'s model (in the calling thread), and with
-    ``warm`` run every batch size through it; the resident memory this took is its
-    ``runtime_bytes`` (an estimate: other threads allocate meanwhile)."""
+    ``warm`` run every batch size through it (at ``pace``: see ``ModelServer.warm_up``);
+    the resident memory this took is its ``runtime_bytes`` (an estimate: other threads
+    allocate meanwhile)."""
     path = store.version_dir(mc.store_name, version, config.cache_dir) / meta.onnx_file
     before = _rss()
     ms = ModelServer(
@@ -114,7 +116,7 @@ def open_model(
         on_batch=metrics.batch_observer(mc.name), version=version,
     )  # fmt: skip
     if warm:
-        ms.warm_up()
+        ms.warm_up(pace)
         ms.warmed = True
     after = _rss()
     if before is not None and after is not None:

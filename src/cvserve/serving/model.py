@@ -132,15 +132,20 @@ class ModelServer:
     warmed = False
     warm_up_s: float | None = None
 
-    def warm_up(self) -> None:
+    def warm_up(self, pace: float = 0.0) -> None:
         """Every batch size the batcher will run (1 to ``max_batch_size``) through every
         instance, so that no request pays for a first run of its size (onnxruntime's
-        allocations and, on a GPU, kernel selection per shape)."""
+        allocations and, on a GPU, kernel selection per shape). ``pace``: after each run,
+        rest ``pace`` times as long as it took (a load beside served models leaves them
+        most of the cores: 1.0 takes at most half of what its threads could)."""
         t0 = time.perf_counter()
         x = np.zeros((self.config.batching.max_batch_size, *self.spec.input_shape), self.spec.dtype)
         for rt in self._runtimes:
             for n in range(len(x), 0, -1):
+                t1 = time.perf_counter()
                 rt.run(x[:n])
+                if pace > 0:
+                    time.sleep((time.perf_counter() - t1) * pace)
         self.warm_up_s = time.perf_counter() - t0
 
     async def start(self) -> None:
