@@ -11,6 +11,7 @@ in the format of the HTTP ``Server-Timing`` header.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import struct
@@ -275,6 +276,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         t0 = time.perf_counter()
         try:
             reply = make()
+            if inspect.isawaitable(reply):  # a repository load or unload
+                reply = await reply
         except RequestError as e:
             await context.abort(
                 grpc_status(e), str(e), _timing({"encode": time.perf_counter() - t0})
@@ -329,17 +332,6 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return await self._answer(context, make)
 
     # -- the model repository extension (serving.control) ------------------------------
-    async def _change(self, context: grpc.aio.ServicerContext, change, reply) -> Any:
-        t0 = time.perf_counter()
-        try:
-            await change()
-        except RequestError as e:
-            await context.abort(
-                grpc_status(e), str(e), _timing({"encode": time.perf_counter() - t0})
-            )
-        context.set_trailing_metadata(_timing({"encode": time.perf_counter() - t0}))
-        return reply
-
     async def RepositoryIndex(self, request, context):
         def make():
             rows = repository(self.state).index(request.ready)
@@ -354,17 +346,19 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return await self._answer(context, make)
 
     async def RepositoryModelLoad(self, request, context):
-        async def change():
+        async def load():
             params = {k: _param(v) for k, v in request.parameters.items()}
             await repository(self.state).load(request.model_name, load_parameters(params))
+            return pb.RepositoryModelLoadResponse()
 
-        return await self._change(context, change, pb.RepositoryModelLoadResponse())
+        return await self._answer(context, load)
 
     async def RepositoryModelUnload(self, request, context):
-        async def change():
+        async def unload():
             await repository(self.state).unload(request.model_name)
+            return pb.RepositoryModelUnloadResponse()
 
-        return await self._change(context, change, pb.RepositoryModelUnloadResponse())
+        return await self._answer(context, unload)
 
     async def ModelInfer(self, request, context):
         state = self.state

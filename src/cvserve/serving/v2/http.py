@@ -35,6 +35,7 @@ parses or raises :class:`BadRequest` naming the field.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -389,17 +390,22 @@ def _v2_error(e: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
     return status, {"error": internal_message(e)}, headers
 
 
-def _answer(fn: Callable[[ServerState, Request], tuple[int, dict[str, Any]]]):
-    """A route that only reads server state: its whole time is ``encode``."""
+def _answer(fn: Callable[[ServerState, Request], Any]):
+    """A route that only reads or changes server state (``fn`` returns, or is a coroutine
+    of, ``(status, payload)``): its whole time is ``encode``."""
 
     async def handler(request: Request) -> Response:
         t0 = time.perf_counter()
         headers: dict[str, str] = {}
         try:
-            status, payload = fn(request.app.state.cvserve, request)
+            result = fn(request.app.state.cvserve, request)
+            status, payload = (await result) if inspect.isawaitable(result) else result
         except RequestError as e:
             status, payload, headers = _v2_error(e)
-        resp = json_response(payload, status, headers)
+        if payload is None:  # a repository load or unload: 200 and no body, as Triton's
+            resp = Response(b"", status, media_type="application/json")
+        else:
+            resp = json_response(payload, status, headers)
         resp.headers["Server-Timing"] = format_server_timing({"encode": time.perf_counter() - t0})
         return resp
 
@@ -527,55 +533,41 @@ async def _repository_json(request: Request, state: ServerState) -> dict[str, An
     return _object(doc, "body")
 
 
-def _repository_route(action: str):
-    """``POST /v2/repository/index``, ``.../models/{m}/load`` and ``.../unload``: errors
-    as ``{"error": ...}`` with their status; a load or unload answers 200 with no body
-    once done, as Triton's."""
+async def _repository_index(state: ServerState, request: Request) -> tuple[int, Any]:
+    """``POST /v2/repository/index`` (``{"ready": true}``: only the loaded)."""
+    ready = (await _repository_json(request, state)).get("ready", False)
+    if not isinstance(ready, bool):
+        raise BadRequest("ready must be true or false", field="ready")
+    return 200, [r.to_json() for r in repository(state).index(ready)]
 
-    async def handler(request: Request) -> Response:
-        t0 = time.perf_counter()
-        state: ServerState = request.app.state.cvserve
-        headers: dict[str, str] = {}
-        try:
-            doc = await _repository_json(request, state)
-            repo = repository(state)
-            if action == "index":
-                ready = doc.get("ready", False)
-                if not isinstance(ready, bool):
-                    raise BadRequest("ready must be true or false", field="ready")
-                resp: Response = json_response([r.to_json() for r in repo.index(ready)], 200)
-            else:
-                name = request.path_params["model"]
-                params = _object(doc.get("parameters"), "parameters")
-                if action == "load":
-                    await repo.load(name, load_parameters(params))
-                else:
-                    await repo.unload(name)
-                resp = Response(b"", 200, media_type="application/json")
-        except RequestError as e:
-            status, payload, headers = _v2_error(e)
-            resp = json_response(payload, status, headers)
-        resp.headers["Server-Timing"] = format_server_timing({"encode": time.perf_counter() - t0})
-        return resp
 
-    return handler
+async def _repository_load(state: ServerState, request: Request) -> tuple[int, None]:
+    """``POST /v2/repository/models/{m}/load``: answers once the model serves."""
+    params = _object((await _repository_json(request, state)).get("parameters"), "parameters")
+    await repository(state).load(request.path_params["model"], load_parameters(params))
+    return 200, None
+
+
+async def _repository_unload(state: ServerState, request: Request) -> tuple[int, None]:
+    """``POST /v2/repository/models/{m}/unload``: every version."""
+    await _repository_json(request, state)
+    await repository(state).unload(request.path_params["model"])
+    return 200, None
 
 
 def routes() -> list[Route]:
     """The v2 routes, in matching order (``/v2/models/stats`` before a model's routes)."""
     model = "/v2/models/{model}"
     version = "/v2/models/{model}/versions/{version}"
-    get = ["GET"]
+    get, post = ["GET"], ["POST"]
     return [
         Route("/v2", _answer(_server_meta), methods=get),
         Route("/v2/health/live", _answer(_live), methods=get),
         Route("/v2/health/ready", _answer(_ready), methods=get),
         Route("/v2/models/stats", _answer(_all_stats), methods=get),
-        Route("/v2/repository/index", _repository_route("index"), methods=["POST"]),
-        Route("/v2/repository/models/{model}/load", _repository_route("load"), methods=["POST"]),
-        Route(
-            "/v2/repository/models/{model}/unload", _repository_route("unload"), methods=["POST"]
-        ),  # fmt: skip
+        Route("/v2/repository/index", _answer(_repository_index), methods=post),
+        Route("/v2/repository/models/{model}/load", _answer(_repository_load), methods=post),
+        Route("/v2/repository/models/{model}/unload", _answer(_repository_unload), methods=post),
         Route(f"{model}/stats", _answer(_model_stats), methods=get),
         Route(f"{version}/stats", _answer(_model_stats), methods=get),
         Route(f"{model}/ready", _answer(_model_ready), methods=get),
