@@ -352,3 +352,40 @@ def test_warm_up_runs_every_batch_size(cache):
         rt.run = lambda x, run=run: (sizes.append(len(x)), run(x))[1]
     ms.warm_up()
     assert sorted(sizes) == sorted([1, 2, 3, 4, 5] * 2)
+
+
+def test_a_pipeline_keeps_answering_while_its_classifier_model_is_swapped(cache, data_dir):
+    """A pipeline's DNNs are its own: a served model of the same store name swapped or
+    unloaded never touches it."""
+    from cvserve.config import PipelineConfig
+
+    store.ensure_built("tiny-yolos", cache)
+    params = {"detector": "tiny-yolos", "classifier": MODEL, "objects": 2}
+    cfg = ServerConfig(
+        port=free_port(), cache_dir=str(cache), preprocess_threads=2, model_control="explicit",
+        models=(ModelConfig(MODEL),),
+        pipelines=(PipelineConfig("dc", kind="detect-classify", block_ms=5, params=params,
+                                  runtime="simulated", sim_profile={"det": "1:5", "cls": "1:5"}),),
+    )  # fmt: skip
+    statuses: list[int] = []
+    with ServerThread(cfg) as srv:
+        body = jpeg(data_dir)
+
+        def ask() -> None:
+            req = urllib.request.Request(f"{srv.url}/v1/pipelines/dc:predict", data=body,
+                                         headers={"Content-Type": "image/jpeg"})  # fmt: skip
+            with urllib.request.urlopen(req, timeout=60) as r:
+                statuses.append(r.status)
+
+        add_version(cache, 2)
+        load = f"{srv.url}/v1/models/{MODEL}:load"
+        loader = threading.Thread(target=get, args=(load, None, b""))
+        loader.start()
+        while loader.is_alive() or len(statuses) < 5:
+            ask()
+        assert list(srv.state.versions[MODEL]) == ["2"]
+        assert get(f"{srv.url}/v1/models/{MODEL}:unload", data=b"")[0] == 200
+        status, answer = get(f"{srv.url}/v1/models/dc:unload", data=b"")
+        assert status == 400 and "pipeline" in answer["error"]["message"]
+        ask()
+    assert set(statuses) == {200}
