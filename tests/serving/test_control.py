@@ -115,6 +115,8 @@ def test_tritonclient_http_index_load_unload_and_versions(cache, data_dir):
         with pytest.raises(InferenceServerException, match="no model named"):
             infer(c)
         assert get(f"{srv.url}/v2/repository/index", data=b'{"ready": true}') == (200, [])
+        with pytest.raises(InferenceServerException, match="sent with the request"):
+            c.load_model(MODEL, config="{}", files={"file:1/model.onnx": b"onnx"})
         c.load_model(MODEL, config=json.dumps({"version_policy": "all"}))
         index = c.get_model_repository_index()
         assert [(r["version"], r["state"]) for r in index] == [("1", "READY"), ("2", "READY")]
@@ -292,20 +294,25 @@ def test_sighup_applies_the_config_file_difference(cache, tmp_path):
         assert "config reload failed" in srv.output()
 
 
-def test_workers_follow_a_load_made_through_one_of_them(cache):
-    args = ["--model", MODEL, "--cache-dir", str(cache), "--workers", "2",
-            "--model-control", "explicit", "--preprocess-threads", "1"]  # fmt: skip
-    with ServerProcess(args) as srv:
+def test_workers_follow_a_load_made_through_one_of_them_and_sighup(cache, tmp_path):
+    conf = tmp_path / "serve.yaml"
+    conf.write_text(json.dumps({"server": {"cache_dir": str(cache), "workers": 2,
+                                           "model_control": "explicit"},
+                                "models": [{"name": MODEL}]}))  # fmt: skip
+    with ServerProcess(["--config", str(conf), "--preprocess-threads", "1"]) as srv:
         status, _ = get(f"{srv.url}/v1/models/{MODEL}:load",
                         data=json.dumps({"max_batch_size": 3}).encode())  # fmt: skip
         assert status == 200
 
-        def every_process_has_it() -> bool:  # new connections spread over both processes
-            return all(
-                _models(srv.url)[MODEL]["batching"]["max_batch_size"] == 3 for _ in range(24)
-            )
+        def every_process(check) -> bool:  # new connections spread over both processes
+            return all(check(_models(srv.url)) for _ in range(24))
 
-        wait_for(every_process_has_it)
+        wait_for(lambda: every_process(lambda m: m[MODEL]["batching"]["max_batch_size"] == 3))
+        # SIGHUP to the parent: it rereads the file, every process applies it
+        conf.write_text(conf.read_text().replace('"models": [', '"models": [{"name": "b", '
+                                                 f'"model": "{MODEL}"}}, '))  # fmt: skip
+        srv.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: every_process(lambda m: set(m) == {MODEL, "b"}))
 
 
 # --- the parts -----------------------------------------------------------------------------
