@@ -220,6 +220,7 @@ class Batcher:
         runtimes they ran)."""
         self._free_buffers.clear()
         self._threads = []
+        self.on_batch = None  # it holds its model: no cycle left for the collector
 
     def _close(self, b: _Batch) -> None:
         b.closed = True

@@ -32,7 +32,6 @@ parent) and every other process applies it within :data:`FOLLOW_S` (see
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import logging
 import os
@@ -337,12 +336,8 @@ class Repository:
     async def _stop(ms: Any) -> None:
         await ms.stop()
         if hasattr(ms, "release"):
-            ms.release()
-        # what was loaded at start-up is frozen out of the collector's way
-        # (ServerState.start): let the collector see it again, once
-        gc.unfreeze()
-        gc.collect()
-        gc.freeze()
+            ms.release()  # the runtimes go with their last reference (no full collection:
+            # one would scan the whole heap, frozen at start-up, on the event loop)
 
     async def close(self) -> None:
         """At shutdown: versions still draining are stopped now."""

@@ -165,6 +165,7 @@ class ModelServer:
         """Drop the runtimes (after :meth:`stop`), so their memory goes with the last
         reference to them."""
         self._runtimes = []
+        self.gpu_preprocessor = None
         self.batcher.drop()
 
     def memory(self) -> dict[str, int | None]:
