@@ -169,12 +169,10 @@ class Repository:
         return [ms.describe() for loaded in self.state.versions.values()
                 for ms in loaded.values()]  # fmt: skip
 
-    def held_bytes(self, exclude: str | None = None) -> int:
+    def held_bytes(self) -> int:
         """Memory the loaded models take, as estimated before each was opened."""
         total = 0
-        for name, loaded in self.state.versions.items():
-            if name == exclude:
-                continue
+        for loaded in self.state.versions.values():
             for ms in loaded.values():
                 if isinstance(ms, ModelServer):
                     total += estimate_bytes(ms.onnx_path, ms.config, ms.meta)
@@ -248,9 +246,7 @@ class Repository:
         try:
             found = await asyncio.to_thread(store_versions, mc, cache)
             wanted = wanted_versions(mc, found)
-        except (LookupError, ValueError) as e:
-            raise LoadFailed(f"cannot load {name}: {e}") from None
-        except store.ModelBuildError as e:
+        except (LookupError, ValueError, store.ModelBuildError) as e:
             raise LoadFailed(f"cannot load {name}: {e}") from None
         current = dict(self.state.versions.get(name, {}))
         changed = (
@@ -264,9 +260,7 @@ class Repository:
             v: current[v] for v in map(str, wanted) if v in current and v not in rewritten
         }  # fmt: skip
         to_open = [v for v in wanted if str(v) not in keep]
-        held = self.held_bytes(exclude=name) + sum(
-            estimate_bytes(ms.onnx_path, ms.config, ms.meta) for ms in keep.values()
-        )
+        held = self.held_bytes()  # the versions replaced stay until their requests finish
         opened: dict[str, ModelServer] = {}
         try:
             for v in to_open:
