@@ -168,7 +168,7 @@ def test_tritonclient_grpc_index_load_unload(cache):
 
 # --- loads that fail: a clear error, and what is served untouched ----------------------
 def test_a_file_that_fails_to_open_or_does_not_fit_leaves_the_served_model(cache):
-    srv = start(cache, model_memory_bytes=200_000)
+    srv = start(cache, model_memory_bytes=400_000)
     try:
         c = http(srv)
         add_version(cache, 3, onnx=b"this is not an ONNX file")
@@ -178,7 +178,7 @@ def test_a_file_that_fails_to_open_or_does_not_fit_leaves_the_served_model(cache
         assert "model.onnx" in e.value.message()
         assert infer(c) == "1"  # still served, untouched
         shutil.rmtree(store.version_dir(MODEL, 3, cache))
-        # 4 instances of max batch 64 take more than the 200 kB the models may hold
+        # 4 instances of max batch 64 take more than the 400 kB the models may hold
         status, body = get(f"{srv.url}/v1/models/{MODEL}:load",
                            data=json.dumps({"instances": 4, "max_batch_size": 64}).encode())  # fmt: skip
         assert status == 507, body
