@@ -17,6 +17,11 @@ def add_models_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--as", dest="store_name", help="store name for --from-dir")
     b.add_argument("--force", action="store_true", help="rebuild a model that is built")
     b.add_argument(
+        "--version", type=int, default=None, metavar="N",
+        help="build a zoo model (fresh random weights) as version N of it (default: the "
+        "model itself, version 1)",
+    )  # fmt: skip
+    b.add_argument(
         "--fold-normalize", action="store_true",
         help="also store NAME-u8: the same model taking uint8 pixels, normalizing in its graph",
     )  # fmt: skip
@@ -59,6 +64,10 @@ def add_models_parser(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--force", action="store_true", help="replace a stored model of that name")
     add_renamed(a, "--overwrite", "--force", "force", switch=True)
     a.add_argument(
+        "--version", type=int, default=None, metavar="N",
+        help="store the file as version N of --name (default: version 1, the model itself)",
+    )  # fmt: skip
+    a.add_argument(
         "--fold-normalize", action="store_true",
         help="also store NAME-u8, taking uint8 pixels and normalizing in its graph",
     )  # fmt: skip
@@ -71,6 +80,13 @@ def _cmd_models_build(args: argparse.Namespace) -> int:
 
     if args.from_dir:
         meta = store.build_from_dir(args.from_dir, args.store_name, args.cache_dir, progress=say)
+    elif args.name and args.version is not None:
+        from cvserve.models.versions import build_version
+
+        meta = build_version(args.name, args.version, args.cache_dir, progress=say)
+        path = store.version_dir(meta.name, args.version, args.cache_dir) / meta.onnx_file
+        print(f"{meta.name} version {args.version}: {path}")
+        return 0
     elif args.name:
         meta = store.ensure_built(args.name, args.cache_dir, progress=say, force=args.force)
     else:
@@ -150,7 +166,12 @@ def _cmd_models_add(args: argparse.Namespace) -> int:
         labels=labels,
         cache=args.cache_dir,
         overwrite=args.force,
+        version=args.version,
     )
+    if args.version is not None:
+        print(f"added {meta.name} version {args.version}: input {meta.input_name} "
+              f"{meta.input_shape} {meta.input_dtype}")  # fmt: skip
+        return 0
     print(f"added {meta.name}: input {meta.input_name} {meta.input_shape} {meta.input_dtype}")
     if args.fold_normalize:
         _print_folded(meta.name, args.cache_dir)

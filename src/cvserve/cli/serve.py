@@ -46,6 +46,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         help="also serve KServe v2 gRPC (tritonclient.grpc) on this port (default: off)",
     )  # fmt: skip
     _add_front_args(p)
+    _add_control_args(p)
     _add_batching_args(p)
     from cvserve.config import ServerConfig
 
@@ -134,6 +135,34 @@ def _add_front_args(p: argparse.ArgumentParser) -> None:
                    "a body that would leave less room than it takes gets 503 + Retry-After "
                    "before it is read; default 0: twice the body limit, at most 1/8 of the "
                    "memory available")  # fmt: skip
+
+
+def _add_control_args(p: argparse.ArgumentParser) -> None:
+    """Models that change while the server runs (``cvserve.serving.control``; a --config
+    file's ``server:`` keys of the same names, which these flags override)."""
+    from cvserve.config import MODEL_CONTROL_MODES
+
+    g = p.add_argument_group("model control (docs/model-control.md)")
+    g.add_argument(
+        "--model-control", default=None, choices=MODEL_CONTROL_MODES,
+        help="none (default): what starts is served until exit; explicit: the repository "
+        "API (POST /v2/repository/models/M/load, /v1/models/M:load) loads and unloads; "
+        "poll: the store is watched and new or removed versions followed",
+    )  # fmt: skip
+    g.add_argument(
+        "--poll-interval-ms", type=float, default=None, metavar="MS",
+        help="with --model-control poll: how often the store is looked at (default 5000)",
+    )  # fmt: skip
+    g.add_argument(
+        "--model-memory-bytes", type=int, default=None, metavar="BYTES",
+        help="memory the loaded models may take together; a load past it is refused (507); "
+        "default 0: the memory available at the time of the load",
+    )  # fmt: skip
+    g.add_argument(
+        "--version-policy", default=None, metavar="POLICY",
+        help="which versions of each --model are served: latest (default), latest:N, all, "
+        "specific:1,3; unversioned requests go to the newest loaded",
+    )  # fmt: skip
 
 
 def _queue_wait(text: str) -> float | None:
@@ -272,11 +301,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     names = [m.name for m in cfg.models] + [p.name for p in cfg.pipelines]
     procs = f" in {cfg.workers} processes" if cfg.workers > 1 else ""
     say(f"cvserve {__version__}: serving {', '.join(names)}{procs}")
+    reread = (lambda: server_config_from_args(args)) if args.config else None
     if cfg.workers > 1:
         from cvserve.serving.replicas import run_replicas
 
-        return run_replicas(cfg, on_ready=lambda url: say(f"ready on {url}"), verbose=args.verbose)
-    run_server(cfg, progress=say, on_ready=lambda url: say(f"ready on {url}"))
+        return run_replicas(cfg, on_ready=lambda url: say(f"ready on {url}"),
+                            verbose=args.verbose, reread=reread)  # fmt: skip
+    run_server(cfg, progress=say, on_ready=lambda url: say(f"ready on {url}"), reread=reread)
     return 0
 
 

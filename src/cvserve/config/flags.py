@@ -18,7 +18,8 @@ from cvserve.config.server import ServerConfig
 FRONT_KEYS = ("drain_delay_ms", "drain_timeout_ms", "reuse_port", "workers", "api_key_file",
               "tls_cert", "tls_key", "metrics_port", "max_header_bytes", "max_headers",
               "keep_alive_timeout_ms", "header_timeout_ms", "body_timeout_ms",
-              "max_connections", "max_body_bytes_in_flight")  # fmt: skip
+              "max_connections", "max_body_bytes_in_flight", "model_control",
+              "poll_interval_ms", "model_memory_bytes")  # fmt: skip
 
 
 def server_config_from_args(args: Any) -> ServerConfig:
@@ -63,6 +64,7 @@ def server_config_from_args(args: Any) -> ServerConfig:
             fp16=getattr(args, "fp16", False),
             trt_cache=getattr(args, "trt_cache", None),
             preprocess_device=getattr(args, "preprocess_device", "cpu"),
+            version_policy=getattr(args, "version_policy", None) or "latest:1",
         )
         for m in args.model or []
     )

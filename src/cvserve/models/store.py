@@ -129,7 +129,10 @@ def model_path(meta: ModelMeta, cache: Path | str | None = None) -> Path:
 
 
 def _read_built(name: str, cache: Path | str | None) -> ModelMeta | None:
-    folder = model_dir(name, cache)
+    return _read_built_in(model_dir(name, cache))
+
+
+def _read_built_in(folder: Path) -> ModelMeta | None:
     sidecar = folder / SIDECAR_FILE
     if not sidecar.is_file():
         return None
@@ -145,7 +148,10 @@ def _read_built(name: str, cache: Path | str | None) -> ModelMeta | None:
 
 def write_meta(meta: ModelMeta, cache: Path | str | None = None) -> Path:
     """Write the sidecar of ``meta`` atomically; returns its path."""
-    folder = model_dir(meta.name, cache)
+    return _write_meta_in(meta, model_dir(meta.name, cache))
+
+
+def _write_meta_in(meta: ModelMeta, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / SIDECAR_FILE
     tmp = folder / f".{SIDECAR_FILE}.tmp-{os.getpid()}"
@@ -372,8 +378,12 @@ def add_model(
     cache: Path | str | None = None,
     *,
     overwrite: bool = False,
+    version: int | None = None,
 ) -> ModelMeta:
     """Register a user's ONNX file: validate it with onnxruntime, copy it in, write a sidecar.
+
+    ``version``: store it as that version of ``name`` (:func:`version_dir`; None or 1: the
+    model's own folder, version 1).
 
     The model needs exactly one image input of rank 4 (``spec.layout``, 3 channels) whose
     fixed dimensions agree with ``spec``; ``spec`` defaults to 224x224 ImageNet
@@ -390,11 +400,10 @@ def add_model(
     info = _inspect_onnx(src, spec, task, labels)
 
     with _store_lock(cache):
-        if _read_built(name, cache) is not None and not overwrite:
-            raise FileExistsError(
-                f"model {name!r} already exists; replace it with --force (overwrite=True)"
-            )
-        folder = model_dir(name, cache)
+        folder = version_dir(name, version or 1, cache)
+        if _read_built_in(folder) is not None and not overwrite:
+            what = f"model {name!r}" + (f" version {version}" if version else "")
+            raise FileExistsError(f"{what} already exists; replace it with --force (overwrite=True)")
         folder.mkdir(parents=True, exist_ok=True)
         (folder / SIDECAR_FILE).unlink(missing_ok=True)
         tmp = folder / f".{ONNX_FILE}.tmp-{os.getpid()}"
@@ -416,7 +425,7 @@ def add_model(
             source=f"user:{src}",
             **info,
         )
-        write_meta(meta, cache)
+        _write_meta_in(meta, folder)
     return meta
 
 
@@ -531,3 +540,14 @@ def _inspect_onnx(
         "input_dtype": dtype,
         "output_names": [o.name for o in outputs],
     }
+
+
+# --- versions (the rest: cvserve.models.versions) ---------------------------------------
+
+
+def version_dir(name: str, version: int, cache: Path | str | None = None) -> Path:
+    """The folder of version ``version`` (>= 1) of model ``name`` (which may not exist)."""
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"a model version is an integer >= 1, not {version!r}")
+    folder = model_dir(name, cache)
+    return folder if version == 1 else folder / str(version)

@@ -54,6 +54,12 @@ def refresh_gauges(state: ServerState) -> None:
         m.service_rate.labels(name).set(rate or 0.0)
         m.expected_wait.labels(name).set(wait or 0.0)
         m.wait_limit.labels(name).set(limit or 0.0)
+    m.model_memory.clear()  # versions unloaded since the last look go
+    for name, loaded in state.versions.items():
+        for version, ms in loaded.items():
+            for kind, n in getattr(ms, "memory", dict)().items():
+                if n is not None:
+                    m.model_memory.labels(name, version, kind.removesuffix("_bytes")).set(n)
 
 
 async def metrics_endpoint(request: Request) -> Response:

@@ -83,6 +83,11 @@ class Metrics:
             "cvserve_wait_limit_seconds", "The longest expected wait admitted (0: no limit by "
             "time now)", ["model"], registry=r, multiprocess_mode="livemax",
         )  # fmt: skip
+        self.model_memory = Gauge(
+            "cvserve_model_memory_bytes", "Memory a loaded model version holds: its weights "
+            "(per instance), the runtime's growth when it opened (an estimate), its batch "
+            "buffers", ["model", "version", "kind"], registry=r, multiprocess_mode="livesum",
+        )  # fmt: skip
         self.edge_refusals = Counter(
             "cvserve_edge_refusals", "Requests the edge answered before any model: no or a "
             "wrong API key (401, 403), models still loading (503)", ["status", "kind"],

@@ -386,6 +386,7 @@ def test_proto_is_wire_compatible_with_tritons():
     assert {m.name for m in service.methods} == {
         "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
         "ModelInfer", "ModelStatistics",
+        "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload",
     }  # fmt: skip
     for m in service.methods:
         r = ref.methods_by_name[m.name]
