@@ -65,3 +65,16 @@ def weights_of_source(source: str) -> str:
     if kind in ("hf-dir", "hf-hub", "timm-dir"):
         return "real"
     return "unknown"
+
+
+def weights_line(name: str, weights: str) -> str:
+    """One sentence saying what model ``name``'s weights are (the demo's first line)."""
+    if weights == "random":
+        return (
+            f"{name} has RANDOM weights (built from an architecture config): its answers mean "
+            "nothing, its timing is real; serve real weights with `cvserve models build "
+            "--from-dir`, `--from-hub` or `cvserve models add` (docs/your-own-model.md)"
+        )
+    if weights == "real":
+        return f"{name} has real (trained) weights"
+    return f"{name}: weights of unknown origin (a user's ONNX file)"

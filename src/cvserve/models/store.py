@@ -91,6 +91,8 @@ class ModelEntry:
     built: bool
     source: str
     path: Path | None  # the ONNX file when built
+    #: "real", "random" or "unknown" (ModelMeta.weights); zoo models are random
+    weights: str = "unknown"
 
 
 # --- layout ---------------------------------------------------------------------------
@@ -192,6 +194,7 @@ def list_models(cache: Path | str | None = None) -> list[ModelEntry]:
                 built=meta is not None,
                 source=meta.source if meta else ZOO[name].source,
                 path=model_path(meta, cache) if meta else None,
+                weights=meta.weights if meta else "random",
             )
         )
     for name in _stored_names(cache):
@@ -199,7 +202,11 @@ def list_models(cache: Path | str | None = None) -> list[ModelEntry]:
             continue
         meta = _read_built(name, cache)
         if meta is not None:
-            entries.append(ModelEntry(name, meta.task, True, meta.source, model_path(meta, cache)))
+            entries.append(
+                ModelEntry(
+                    name, meta.task, True, meta.source, model_path(meta, cache), meta.weights
+                )
+            )
     return entries
 
 
@@ -281,21 +288,48 @@ def build_from_dir(
     """Build a local HuggingFace ``save_pretrained`` folder (real weights) into the store.
 
     Runs ``python -m cvserve.models.build --from-dir`` in a child process, like
-    ensure_built; ``name`` defaults to the folder's name. Rebuilds if it exists.
+    ensure_built; ``name`` defaults to the folder's name. Rebuilds if it exists. The task
+    (classify, segment, detect, depth, embed) comes from the folder's config.
     """
     directory = Path(directory).expanduser().resolve()
     if not directory.is_dir():
         raise FileNotFoundError(f"no such folder: {directory}")
-    name = validate_name(name or _name_from(directory.name))
+    name = name or _name_from(directory.name)
+    return build_from("dir", str(directory), name, cache, progress, timeout=timeout)
+
+
+def build_from(
+    kind: str,
+    ref: str,
+    name: str,
+    cache: Path | str | None = None,
+    progress: Say | None = None,
+    *,
+    timeout: float | None = None,
+) -> ModelMeta:
+    """Build ``ref`` into the store as ``name`` in a child process: ``kind`` ``dir`` (a
+    HF folder), ``hub`` (a HF hub id ``org/name[@revision]``) or ``timm`` (a timm model
+    name or checkpoint folder)."""
+    if kind not in ("dir", "hub", "timm"):
+        raise ValueError(f"unknown model source kind {kind!r}")
+    name = validate_name(name)
     if name in ZOO:
         raise ValueError(f"{name!r} is a zoo model name; pick another name")
     build_child(
-        ["--from-dir", str(directory), "--name", name], name, progress, cache=cache, timeout=timeout
+        [f"--from-{kind}", ref, "--name", name], name, progress, cache=cache, timeout=timeout
     )
     meta = _read_built(name, cache)
     if meta is None:
         raise ModelBuildError(name, 0, "error: the build finished but left no model behind")
     return meta
+
+
+def default_name(kind: str, ref: str) -> str:
+    """The store name of ``ref`` when none is given: folder name, hub repo or timm name."""
+    if kind == "hub":
+        return _name_from(ref.partition("@")[0].rsplit("/", 1)[-1])
+    path = Path(ref).expanduser()
+    return _name_from(path.resolve().name if path.is_dir() else ref)
 
 
 def build_child(
