@@ -56,7 +56,26 @@ def add_models_parser(sub: argparse._SubParsersAction) -> None:
     a = msub.add_parser("add", help="register your own ONNX file")
     a.add_argument("file", help="the .onnx file (one NCHW image input)")
     a.add_argument("--name", help="store name (default: the file's stem)")
-    a.add_argument("--task", default="classify", choices=["classify"])
+    a.add_argument(
+        "--task",
+        default="classify",
+        choices=["classify", "segment", "detect", "depth", "embed"],
+        help="what the model does (default: classify)",
+    )
+    a.add_argument(
+        "--output",
+        action="append",
+        default=[],
+        metavar="ROLE=NAME",
+        help="which graph output is which (classify/segment: logits; detect: logits and "
+        "pred_boxes; depth: predicted_depth; embed: embedding); repeat per role "
+        "(default: by name, else in order when the counts match)",
+    )
+    a.add_argument(
+        "--score",
+        choices=["softmax", "sigmoid"],
+        help="detect: how logits become scores (default: softmax with a last no-object class)",
+    )
     a.add_argument("--size", type=int, default=224, help="input height and width (default 224)")
     a.add_argument(
         "--resize",
@@ -153,6 +172,13 @@ def _cmd_models_add(args: argparse.Namespace) -> int:
         mean=tuple(args.mean or IMAGENET_MEAN),
         std=tuple(args.std or IMAGENET_STD),
     )
+    from cvserve.models.outputs import OutputMismatch, parse_mapping
+
+    try:
+        mapping = parse_mapping(args.output) or None
+    except OutputMismatch as e:
+        say(str(e))
+        return 2
     labels = None
     if args.labels:
         labels = [ln.strip() for ln in Path(args.labels).read_text().splitlines() if ln.strip()]
@@ -164,6 +190,8 @@ def _cmd_models_add(args: argparse.Namespace) -> int:
         labels=labels,
         cache=args.cache_dir,
         overwrite=args.overwrite,
+        outputs=mapping,
+        extra={"score": args.score} if args.score else None,
     )
     print(f"added {meta.name}: input {meta.input_name} {meta.input_shape} {meta.input_dtype}")
     if args.fold_normalize:

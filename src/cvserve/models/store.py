@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from cvserve.images.spec import PreprocessSpec
+from cvserve.models import outputs as output_roles
 from cvserve.models.external_data import (
     DATA_FILE,
     UnsafeExternalData,
@@ -406,12 +407,16 @@ def add_model(
     cache: Path | str | None = None,
     *,
     overwrite: bool = False,
+    outputs: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> ModelMeta:
     """Register a user's ONNX file: validate it with onnxruntime, copy it in, write a sidecar.
 
     The model needs exactly one image input of rank 4 (``spec.layout``, 3 channels) whose
     fixed dimensions agree with ``spec``; ``spec`` defaults to 224x224 ImageNet
-    preprocessing. Raises InvalidModel with the reason otherwise.
+    preprocessing. ``outputs`` maps the task's output roles to graph outputs
+    (:mod:`cvserve.models.outputs`); the stored graph keeps just those, in role order.
+    Raises InvalidModel with the reason otherwise.
     """
     src = Path(onnx_path).expanduser().resolve()
     if not src.is_file():
@@ -421,7 +426,8 @@ def add_model(
         raise ValueError(f"{name!r} is a zoo model name; pick another name")
     spec = spec or PreprocessSpec(height=224, width=224, resize_shortest=256)
     external = _external_data(src)  # checked before onnxruntime follows any of it
-    info = _inspect_onnx(src, spec, task, labels)
+    info = _inspect_onnx(src, spec, task, labels, outputs)
+    keep = info.pop("keep_outputs", None)
 
     with _store_lock(cache):
         if _read_built(name, cache) is not None and not overwrite:
@@ -436,6 +442,8 @@ def add_model(
             else:
                 shutil.copyfile(src, tmp)
                 (folder / DATA_FILE).unlink(missing_ok=True)
+            if keep is not None:
+                _keep_outputs(tmp, keep)
             os.replace(tmp, folder / ONNX_FILE)
         finally:
             tmp.unlink(missing_ok=True)
@@ -446,6 +454,8 @@ def add_model(
             preprocess=spec,
             labels=list(labels or []),
             source=f"user:{src}",
+            weights="unknown",
+            extra=dict(extra or {}),
             **info,
         )
         write_meta(meta, cache)
@@ -515,8 +525,24 @@ def _external_data(src: Path) -> list[Path]:
         raise InvalidModel(f"{src}: {e}") from None
 
 
+def _keep_outputs(path: Path, names: list[str]) -> None:
+    """Rewrite the graph at ``path`` to have exactly the outputs ``names``, in that order."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    by_name = {o.name: o for o in proto.graph.output}
+    chosen = [by_name[n] for n in names]
+    del proto.graph.output[:]
+    proto.graph.output.extend(chosen)
+    onnx.save(proto, str(path))
+
+
 def _inspect_onnx(
-    path: Path, spec: PreprocessSpec, task: str, labels: list[str] | None
+    path: Path,
+    spec: PreprocessSpec,
+    task: str,
+    labels: list[str] | None,
+    mapping: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     import onnxruntime as ort
 
@@ -551,15 +577,22 @@ def _inspect_onnx(
                 f"makes {spec.layout} {list(spec.input_shape)} (axis {axis}: {got} != {want})"
             )
     outputs = session.get_outputs()
-    if task == "classify" and labels:
-        last = outputs[0].shape[-1] if outputs[0].shape else None
-        if isinstance(last, int) and last != len(labels):
-            raise InvalidModel(
-                f"{path}: output {outputs[0].name!r} has {last} classes but {len(labels)} labels"
-            )
+    names = [o.name for o in outputs]
+    keep = None
+    if task in output_roles.ROLES:
+        declared = [(o.name, list(o.shape)) for o in outputs]
+        try:
+            chosen = output_roles.resolve(task, declared, mapping, labels)
+        except output_roles.OutputMismatch as e:
+            raise InvalidModel(f"{path}: {e}") from None
+        if chosen != names:
+            keep, names = chosen, chosen
+    elif mapping:
+        raise InvalidModel(f"{path}: task {task!r} takes no --output mapping")
     return {
         "input_name": inp.name,
         "input_shape": shape,
         "input_dtype": dtype,
-        "output_names": [o.name for o in outputs],
+        "output_names": names,
+        "keep_outputs": keep,
     }
