@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cvserve.models.outputs as output_roles
 from cvserve.images.spec import PreprocessSpec
-from cvserve.models import outputs as output_roles
 from cvserve.models.external_data import (
     DATA_FILE,
     UnsafeExternalData,
