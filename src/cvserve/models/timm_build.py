@@ -7,9 +7,8 @@ The preprocessing comes from timm's own data config
 ``interpolation``, ``mean``/``std``. timm's eval transform is ``Resize(floor(size /
 crop_pct))`` of the shorter side (the longer side truncated), ``CenterCrop(size)``,
 ``ToTensor``, ``Normalize``: the same geometry as a PreprocessSpec
-``shortest_edge_crop``. (torchvision's crop offset rounds ``(h - crop) / 2`` to nearest
-where cvserve floors it, so on odd margins the crop sits one pixel apart; the measured
-distance is in docs/your-own-model.md.)
+``shortest_edge_crop``, with torchvision's crop offsets (``extra["crop_offset"] =
+"round"``: ``int(round((size - crop) / 2))``, where HuggingFace floors).
 
 The model is wrapped so the build's exporter sees what it sees for a transformers model
 (``pixel_values`` in, an object with ``logits`` out, a ``config`` with ``id2label``).
@@ -96,7 +95,10 @@ def spec_from_timm(cfg: dict[str, Any]) -> PreprocessSpec:
         interpolation=interp,  # type: ignore[arg-type]
         mean=tuple(cfg["mean"]),  # type: ignore[arg-type]
         std=tuple(cfg["std"]),  # type: ignore[arg-type]
-        extra={"timm_data_config": {k: _plain(v) for k, v in cfg.items()}},
+        extra={
+            "crop_offset": "round",
+            "timm_data_config": {k: _plain(v) for k, v in cfg.items()},
+        },
     )
 
 
