@@ -28,6 +28,8 @@ from cvserve.models.zoo import ZOO, ZooEntry
 from cvserve.trace import Say
 
 log = logging.getLogger(__name__)
+#: moved to cvserve.models.hf; kept here for callers of the old name
+_processor_class = hf.processor_class
 
 ZOO_EXTRA_HINT = "building models needs the zoo extra: pip install 'cvserve[zoo]'"
 OPSET = 17
@@ -129,11 +131,6 @@ def build_from_hf_dir(
     directory = Path(directory).resolve()
     if not (directory / "config.json").is_file():
         raise BuildError(f"{directory} has no config.json (expected a save_pretrained folder)")
-    if not (directory / "preprocessor_config.json").is_file():
-        raise BuildError(
-            f"{directory} has no preprocessor_config.json; it defines the model's "
-            "preprocessing (save the image processor with save_pretrained next to the model)"
-        )
     return _build_hf(
         str(directory), name, cache_dir, progress, f"hf-dir:{directory}", local_files_only=True
     )
@@ -225,6 +222,12 @@ def _build_hf(
         _raise_if_remote_code(source, e)
         raise BuildError(f"{source}: not a model transformers can load: {_first_line(e)}") from e
     hf_task = hf.task_of(config, source)
+    folder = Path(source)
+    if folder.is_dir() and not (folder / "preprocessor_config.json").is_file():
+        raise BuildError(
+            f"{folder} has no preprocessor_config.json; it defines the model's "
+            "preprocessing (save the image processor with save_pretrained next to the model)"
+        )
     try:
         model = hf.load_model(transformers, source, hf_task, **kwargs)
         processor = hf.load_image_processor(transformers, source, **kwargs)
