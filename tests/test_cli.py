@@ -79,6 +79,7 @@ def test_demo_runs_end_to_end(model_cache, data_dir):
         "--images", str(data_dir / "images" / "small"), "--cache-dir", str(model_cache),
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "tiny-resnet has RANDOM weights" in r.stderr.splitlines()[0]
     for word in ("c=1", "c=4", "decode", "infer", "batch_wait", "end to end"):
         assert word in r.stdout, word
 

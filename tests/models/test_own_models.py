@@ -132,6 +132,16 @@ def _post(srv, model: str, data: bytes, query: str = "", **kw) -> httpx.Response
     return r
 
 
+def both(own, data_dir: Path, photo: str, kind: str, query: str = "", **kw):
+    """(the photo, the library's processor, its model outputs, cvserve's response)."""
+    srv, folders, metas = own
+    data, im = _photo(data_dir, photo)
+    model, proc = _library(folders[kind])
+    with torch.no_grad():
+        outputs = model(**proc(images=im, return_tensors="pt"))
+    return im, proc, outputs, _post(srv, metas[kind].name, data, query, **kw)
+
+
 def test_each_folder_builds_as_its_task_with_its_labels(own) -> None:
     _, _, metas = own
     assert {k: m.task for k, m in metas.items()} == {
@@ -152,13 +162,9 @@ def test_each_folder_builds_as_its_task_with_its_labels(own) -> None:
 
 @pytest.mark.parametrize("photo", PHOTOS)
 def test_classifier_answers_as_transformers(own, data_dir, photo) -> None:
-    srv, folders, metas = own
-    data, im = _photo(data_dir, photo)
-    model, proc = _library(folders["classify"])
-    with torch.no_grad():
-        logits = model(**proc(images=im, return_tensors="pt")).logits[0]
-    probs = torch.softmax(logits.double(), -1).numpy()
-    got = _post(srv, metas["classify"].name, data, "?top_k=5").json()["top_k"]
+    _, _, outputs, r = both(own, data_dir, photo, "classify", "?top_k=5")
+    probs = torch.softmax(outputs.logits[0].double(), -1).numpy()
+    got = r.json()["top_k"]
     want = np.argsort(-probs)
     assert got[0]["label"] == LABELS[int(want[0])]
     for g in got:
@@ -167,13 +173,9 @@ def test_classifier_answers_as_transformers(own, data_dir, photo) -> None:
 
 @pytest.mark.parametrize("photo", PHOTOS)
 def test_segmenter_answers_as_post_process_semantic_segmentation(own, data_dir, photo) -> None:
-    srv, folders, metas = own
-    data, im = _photo(data_dir, photo)
-    model, proc = _library(folders["segment"])
-    with torch.no_grad():
-        outputs = model(**proc(images=im, return_tensors="pt"))
+    im, proc, outputs, r = both(own, data_dir, photo, "segment")
     want = proc.post_process_semantic_segmentation(outputs, target_sizes=[im.size[::-1]])[0]
-    got = decode_array(_post(srv, metas["segment"].name, data).json()["mask"])
+    got = decode_array(r.json()["mask"])
     assert got.shape == tuple(want.shape)
     agreement = float((got == want.numpy()).mean())
     assert agreement >= 0.99, agreement
@@ -181,15 +183,11 @@ def test_segmenter_answers_as_post_process_semantic_segmentation(own, data_dir, 
 
 @pytest.mark.parametrize("photo", PHOTOS)
 def test_detector_answers_as_post_process_object_detection(own, data_dir, photo) -> None:
-    srv, folders, metas = own
-    data, im = _photo(data_dir, photo)
-    model, proc = _library(folders["detect"])
-    with torch.no_grad():
-        outputs = model(**proc(images=im, return_tensors="pt"))
+    im, proc, outputs, r = both(own, data_dir, photo, "detect", "?threshold=0&top_k=5")
     ref = proc.post_process_object_detection(outputs, threshold=0.0, target_sizes=[im.size[::-1]])
     ref = ref[0]
     order = torch.argsort(ref["scores"], descending=True)[:5]
-    got = _post(srv, metas["detect"].name, data, "?threshold=0&top_k=5").json()["detections"]
+    got = r.json()["detections"]
     assert len(got) == len(order)
     for g, i in zip(got, order.tolist(), strict=True):
         assert g["label"] == LABELS[int(ref["labels"][i])]
@@ -199,17 +197,11 @@ def test_detector_answers_as_post_process_object_detection(own, data_dir, photo)
 
 @pytest.mark.parametrize("photo", PHOTOS)
 def test_depth_model_answers_as_post_process_depth_estimation(own, data_dir, photo) -> None:
-    srv, folders, metas = own
-    data, im = _photo(data_dir, photo)
-    model, proc = _library(folders["depth"])
-    with torch.no_grad():
-        outputs = model(**proc(images=im, return_tensors="pt"))
+    npz = {"headers": {"accept": "application/x-npz"}}
+    im, proc, outputs, r = both(own, data_dir, photo, "depth", **npz)
     want = proc.post_process_depth_estimation(outputs, target_sizes=[im.size[::-1]])
     want = want[0]["predicted_depth"].numpy()
-    _, arrays = decode_npz(
-        _post(srv, metas["depth"].name, data, headers={"accept": "application/x-npz"}).content
-    )
-    got = arrays["depth"]
+    got = decode_npz(r.content)[1]["depth"]
     assert got.shape == want.shape
     rel = float(np.abs(got - want).max() / np.abs(want).max())
     assert rel < 1e-3, rel
@@ -218,14 +210,10 @@ def test_depth_model_answers_as_post_process_depth_estimation(own, data_dir, pho
 @pytest.mark.parametrize("kind", ["embed", "embed-dinov2"])
 @pytest.mark.parametrize("photo", PHOTOS)
 def test_image_encoder_answers_as_transformers(own, data_dir, photo, kind) -> None:
-    srv, folders, metas = own
-    data, im = _photo(data_dir, photo)
-    model, proc = _library(folders[kind])
-    with torch.no_grad():
-        out = model(**proc(images=im, return_tensors="pt"))
+    _, _, out, r = both(own, data_dir, photo, kind)
     want = (out.image_embeds if kind == "embed" else out.pooler_output)[0].double().numpy()
     want /= np.linalg.norm(want)
-    body = _post(srv, metas[kind].name, data).json()
+    body = r.json()
     assert set(body) >= {"embedding", "dim"}
     got = np.array(body["embedding"], dtype=np.float64)
     assert body["dim"] == got.size == want.size

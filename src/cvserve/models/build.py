@@ -145,7 +145,7 @@ def build_from_hub(
     """Build hub model ``org/name[@revision]`` through ``from_pretrained``: the HF cache
     is used (with ``HF_HUB_OFFLINE=1`` only the cache); missing files are one line."""
     repo, revision = hf.split_hub_id(ref)
-    name = name or store._name_from(repo.rsplit("/", 1)[-1])
+    name = name or store.default_name("hub", repo)
     source = f"hf-hub:{repo}" + (f"@{revision}" if revision else "")
     try:
         return _build_hf(repo, name, cache_dir, progress, source, revision=revision)
@@ -169,15 +169,8 @@ def build_from_timm(
     progress: Say | None = None,
 ) -> ModelMeta:
     """Build a timm classifier: a model name (random weights) or a checkpoint folder."""
-    folder = Path(source).expanduser()
-    name = name or store._name_from(folder.resolve().name if folder.is_dir() else source)
-    store.validate_name(name)
-    if name in ZOO:
-        raise BuildError(f"{name!r} is a zoo model name; pick another name")
-    say = _say(name, progress)
-    t0 = time.perf_counter()
+    say, t0 = _start(name or store.default_name("timm", source), source, progress)
     torch, _ = _require_zoo()
-    say(f"loading {source}")
     model, tag, weights = timm_build.create(source)
     spec = timm_build.spec_from_timm(timm_build.data_config(model))
     arch = getattr(model, "default_cfg", {}).get("architecture") or type(model).__name__
@@ -195,6 +188,17 @@ def build_from_timm(
     )
 
 
+def _start(name: str, source: str, progress: Say | None) -> tuple[Say, float]:
+    """Check the store name, say what is loaded; (say, start time) of a build."""
+    store.validate_name(name)
+    if name in ZOO:
+        raise BuildError(f"{name!r} is a zoo model name; pick another name")
+    say = _say(name, progress)
+    t0 = time.perf_counter()
+    say(f"loading {source}")
+    return say, t0
+
+
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
@@ -207,13 +211,8 @@ def _build_hf(
     source_tag: str,
     **kwargs: Any,
 ) -> ModelMeta:
-    store.validate_name(name)
-    if name in ZOO:
-        raise BuildError(f"{name!r} is a zoo model name; pick another name")
-    say = _say(name, progress)
-    t0 = time.perf_counter()
+    say, t0 = _start(name, source, progress)
     torch, transformers = _require_zoo()
-    say(f"loading {source}")
     # Never run Python files from the folder (a config's auto_map): transformers would
     # otherwise ask on stdin, and a "y" runs them.
     try:
