@@ -169,7 +169,8 @@ def build_from_timm(
     progress: Say | None = None,
 ) -> ModelMeta:
     """Build a timm classifier: a model name (random weights) or a checkpoint folder."""
-    say, t0 = _start(name or store.default_name("timm", source), source, progress)
+    name = name or store.default_name("timm", source)
+    say, t0 = _start(name, source, progress)
     torch, _ = _require_zoo()
     model, tag, weights = timm_build.create(source)
     spec = timm_build.spec_from_timm(timm_build.data_config(model))
