@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from cvserve.images.spec import PreprocessSpec
@@ -237,7 +236,3 @@ def hub_cache_hint() -> str:
         return str(constants.HF_HUB_CACHE)
     except Exception:  # pragma: no cover - huggingface_hub always comes with transformers
         return "the HuggingFace cache"
-
-
-def is_local(source: str) -> bool:
-    return Path(source).is_dir()
