@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -140,3 +141,15 @@ def _check_together(
             raise OutputMismatch(
                 f"output {chosen[0]!r} has {classes} classes but {len(labels)} labels were given"
             )
+
+
+def keep_only(path: Path, names: list[str]) -> None:
+    """Rewrite the ONNX graph at ``path`` to have exactly the outputs ``names``, in order."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    by_name = {o.name: o for o in proto.graph.output}
+    chosen = [by_name[n] for n in names]
+    del proto.graph.output[:]
+    proto.graph.output.extend(chosen)
+    onnx.save(proto, str(path))

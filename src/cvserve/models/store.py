@@ -443,7 +443,7 @@ def add_model(
                 shutil.copyfile(src, tmp)
                 (folder / DATA_FILE).unlink(missing_ok=True)
             if keep is not None:
-                _keep_outputs(tmp, keep)
+                output_roles.keep_only(tmp, keep)
             os.replace(tmp, folder / ONNX_FILE)
         finally:
             tmp.unlink(missing_ok=True)
@@ -523,18 +523,6 @@ def _external_data(src: Path) -> list[Path]:
         return external_files(proto, src.parent)
     except UnsafeExternalData as e:
         raise InvalidModel(f"{src}: {e}") from None
-
-
-def _keep_outputs(path: Path, names: list[str]) -> None:
-    """Rewrite the graph at ``path`` to have exactly the outputs ``names``, in that order."""
-    import onnx
-
-    proto = onnx.load(str(path))
-    by_name = {o.name: o for o in proto.graph.output}
-    chosen = [by_name[n] for n in names]
-    del proto.graph.output[:]
-    proto.graph.output.extend(chosen)
-    onnx.save(proto, str(path))
 
 
 def _inspect_onnx(
