@@ -82,6 +82,7 @@ def test_demo_runs_end_to_end(model_cache, data_dir, tmp_path):
         "--out", str(out),
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "tiny-resnet has RANDOM weights" in r.stderr.splitlines()[0]
     for word in ("c=1", "c=4", "decode", "infer", "batch_wait", "end to end"):
         assert word in r.stdout, word
     # it explains: findings, a report with the bench's plots, and what to try next

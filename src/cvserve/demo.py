@@ -13,6 +13,8 @@ from pathlib import Path
 from cvserve.bench import BenchConfig, BenchImage, BenchResult, run_bench
 from cvserve.bench.inputs import synthetic_images
 from cvserve.models import store
+from cvserve.models.metadata import weights_line
+from cvserve.models.zoo import ZOO
 from cvserve.serving.process import ServerProcess
 from cvserve.trace import Say
 
@@ -76,7 +78,11 @@ def run_demo(
     progress=None,
 ) -> BenchResult:
     """Build ``model`` if needed, serve it, sweep ``concurrency``; returns the result."""
-    store.ensure_built(model, cache_dir, progress=say)
+    if model in ZOO:
+        say(weights_line(model, "random"))
+    meta = store.ensure_built(model, cache_dir, progress=say)
+    if model not in ZOO:
+        say(weights_line(model, meta.weights))
     if images is None:
         images = default_images()
         if images is None:

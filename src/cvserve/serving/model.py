@@ -301,6 +301,7 @@ class ModelServer:
             "parameters": describe_params(self.head.params),
             "params": m.params,
             "source": m.source,
+            "weights": m.weights,
             "batching": {
                 "max_batch_size": b.max_batch_size,
                 "max_delay_ms": b.max_delay_ms,

@@ -22,7 +22,7 @@ Outputs. ``output_table(servable)`` lists them; each has the batch axis first:
   pixels), ``scores`` FP32 [N, K], ``labels`` INT64 [N, K] (class index), ``count`` INT32
   [N]: K is the most detections of any image, rows past ``count[i]`` are zeros;
   ``segment`` -> ``mask`` UINT8 (UINT16 past 255 classes) [N, H, W]; ``depth`` -> ``depth``
-  FP32 [N, H, W]. A mask or depth map is at the image's original size, so a request whose
+  FP32 [N, H, W]; ``embed`` -> ``embedding`` FP32 [N, D] (L2-normalised). A mask or depth map is at the image's original size, so a request whose
   images differ in size gets 400 for them (ask for the raw outputs, or send one image, or
   images of one size); ``classify`` adds nothing: use the classification extension;
 * a pipeline (a servable without raw outputs) takes images only and answers one output
@@ -215,6 +215,8 @@ def _task_output_specs(servable: Any, raw: list[OutputSpec]) -> list[OutputSpec]
         return [OutputSpec("mask", "UINT8" if classes <= 255 else "UINT16", (-1, -1, -1), False)]
     if task == "depth":
         return [OutputSpec("depth", "FP32", (-1, -1, -1), False)]
+    if task == "embed":
+        return [OutputSpec("embedding", "FP32", (-1, -1), False)]
     return []
 
 
@@ -477,7 +479,7 @@ def _stacked(servable: Servable, name: str, preds: list[Prediction]) -> np.ndarr
         return np.stack([np.asarray(p.outputs[j]) for p in preds])  # type: ignore[index]
     if servable.task == "detect":
         return _detections(name, [p.result["detections"] for p in preds])
-    key = {"segment": "mask", "depth": "depth"}[servable.task]
+    key = {"segment": "mask", "depth": "depth", "embed": "embedding"}[servable.task]
     maps = [np.asarray(p.result[key]) for p in preds]
     sizes = {m.shape for m in maps}
     if len(sizes) > 1:
