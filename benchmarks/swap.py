@@ -156,7 +156,7 @@ def main() -> int:
         add_version(src, cache, a.model, 1)
         state = {"src": src, "cache": cache, "version": 1}
         args = ["--model", a.model, "--cache-dir", str(cache), "--model-control", "explicit",
-                "--max-batch", str(a.max_batch), "--max-delay-ms", "5"]  # fmt: skip
+                "--max-batch-size", str(a.max_batch), "--max-delay-ms", "5"]  # fmt: skip
         with ServerProcess(args) as srv:
             for rep in range(a.repeats):
                 for variant in variant_order(["steady", "swaps"], rep):

@@ -70,7 +70,7 @@ def select_versions(policy: str, available: Any) -> list[int]:
 class BatchConfig:
     """Batching and admission settings of one model."""
 
-    #: Largest batch the batcher builds (flag ``--max-batch``).
+    #: Largest batch the batcher builds (flag ``--max-batch-size``).
     max_batch_size: int = 8
     #: How long a batch's first request waits for more before the batch runs.
     max_delay_ms: float = 5.0
