@@ -35,8 +35,14 @@ def add_models_parser(sub: argparse._SubParsersAction) -> None:
     a = msub.add_parser("add", help="register your own ONNX file")
     a.add_argument("file", help="the .onnx file (one NCHW image input)")
     a.add_argument("--name", help="store name (default: the file's stem)")
-    a.add_argument("--task", default="classify", choices=["classify"])
-    a.add_argument("--size", type=int, default=224, help="input height and width (default 224)")
+    a.add_argument(
+        "--task", default=None, choices=["classify", "yolo_detect", "yolo_segment", "yolo_pose"],
+        help="default: from an Ultralytics export's metadata, else classify",
+    )  # fmt: skip
+    a.add_argument(
+        "--size", type=int, default=None,
+        help="input height and width (default 224, or an Ultralytics export's imgsz)",
+    )  # fmt: skip
     a.add_argument(
         "--resize",
         type=int,
@@ -44,7 +50,7 @@ def add_models_parser(sub: argparse._SubParsersAction) -> None:
     )
     a.add_argument("--mean", type=csv_floats, default=None, help="3 values (default ImageNet)")
     a.add_argument("--std", type=csv_floats, default=None, help="3 values (default ImageNet)")
-    a.add_argument("--interpolation", default="bilinear")
+    a.add_argument("--interpolation", default=None, help="default bilinear")
     a.add_argument("--labels", help="a text file with one label per line")
     a.add_argument("--overwrite", action="store_true")
     a.add_argument(
@@ -116,16 +122,20 @@ def _cmd_models_add(args: argparse.Namespace) -> int:
         if v is not None and len(v) != 3:
             say(f"--{key} needs 3 comma-separated values")
             return 2
-    resize = args.resize if args.resize is not None else int(args.size / 0.875)
-    spec = PreprocessSpec(
-        height=args.size,
-        width=args.size,
-        resize_mode="direct" if resize == 0 else "shortest_edge_crop",
-        resize_shortest=resize or None,
-        interpolation=args.interpolation,
-        mean=tuple(args.mean or IMAGENET_MEAN),
-        std=tuple(args.std or IMAGENET_STD),
-    )
+    spec = None  # no preprocessing flag: the file's own (an Ultralytics export), else ImageNet
+    given = (args.size, args.resize, args.mean, args.std, args.interpolation)
+    if any(v is not None for v in given):
+        size = args.size or 224
+        resize = args.resize if args.resize is not None else int(size / 0.875)
+        spec = PreprocessSpec(
+            height=size,
+            width=size,
+            resize_mode="direct" if resize == 0 else "shortest_edge_crop",
+            resize_shortest=resize or None,
+            interpolation=args.interpolation or "bilinear",
+            mean=tuple(args.mean or IMAGENET_MEAN),
+            std=tuple(args.std or IMAGENET_STD),
+        )
     labels = None
     if args.labels:
         labels = [ln.strip() for ln in Path(args.labels).read_text().splitlines() if ln.strip()]
@@ -138,7 +148,10 @@ def _cmd_models_add(args: argparse.Namespace) -> int:
         cache=args.cache_dir,
         overwrite=args.overwrite,
     )
-    print(f"added {meta.name}: input {meta.input_name} {meta.input_shape} {meta.input_dtype}")
+    print(
+        f"added {meta.name} ({meta.task}): input {meta.input_name} {meta.input_shape} "
+        f"{meta.input_dtype}"
+    )
     if args.fold_normalize:
         _print_folded(meta.name, args.cache_dir)
     return 0

@@ -33,6 +33,7 @@ from cvserve.models.external_data import (
     save_self_contained,
 )
 from cvserve.models.metadata import ModelMeta
+from cvserve.models.yolo import read_export as read_yolo_export
 from cvserve.models.zoo import ZOO
 from cvserve.trace import Say
 
@@ -366,7 +367,7 @@ def _run_build_child(
 def add_model(
     onnx_path: Path | str,
     name: str | None = None,
-    task: str = "classify",
+    task: str | None = None,
     spec: PreprocessSpec | None = None,
     labels: list[str] | None = None,
     cache: Path | str | None = None,
@@ -374,6 +375,10 @@ def add_model(
     overwrite: bool = False,
 ) -> ModelMeta:
     """Register a user's ONNX file: validate it with onnxruntime, copy it in, write a sidecar.
+
+    An Ultralytics YOLO export is recognised by its metadata (:mod:`cvserve.models.yolo`):
+    its task, labels and letterbox preprocessing come from the file unless given. Any other
+    file with ``task`` None is a classifier.
 
     The model needs exactly one image input of rank 4 (``spec.layout``, 3 channels) whose
     fixed dimensions agree with ``spec``; ``spec`` defaults to 224x224 ImageNet
@@ -385,6 +390,14 @@ def add_model(
     name = validate_name(name or _name_from(src.stem))
     if name in ZOO:
         raise ValueError(f"{name!r} is a zoo model name; pick another name")
+    extra: dict[str, Any] = {}
+    try:
+        yolo = read_yolo_export(src)
+    except ValueError as e:
+        raise InvalidModel(str(e)) from None
+    if yolo is not None and task in (None, yolo.task):
+        task, spec, labels, extra = yolo.task, spec or yolo.spec, labels or yolo.labels, yolo.extra
+    task = task or "classify"
     spec = spec or PreprocessSpec(height=224, width=224, resize_shortest=256)
     external = _external_data(src)  # checked before onnxruntime follows any of it
     info = _inspect_onnx(src, spec, task, labels)
@@ -412,6 +425,7 @@ def add_model(
             preprocess=spec,
             labels=list(labels or []),
             source=f"user:{src}",
+            extra=extra,
             **info,
         )
         write_meta(meta, cache)

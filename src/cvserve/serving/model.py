@@ -7,6 +7,7 @@ typed error; nothing a request does can fail another request.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -94,6 +95,12 @@ class ModelServer:
                 f"model {self.name}: preprocessing makes {list(spec.input_shape)}, "
                 f"the ONNX input is {shape}"
             )
+        if isinstance(shape[0], int) and shape[0] < b.max_batch_size:
+            # A fixed batch axis (Ultralytics exports batch 1 by default): batches that big.
+            log.info("model %s: its ONNX batch axis is fixed at %d; max_batch_size %d -> %d",
+                     self.name, shape[0], b.max_batch_size, shape[0])  # fmt: skip
+            b = dataclasses.replace(b, max_batch_size=shape[0])
+            self.config = config = dataclasses.replace(config, batching=b)
         self.stats = ModelStats(self.name)
 
         def observe(info: BatchInfo) -> None:
