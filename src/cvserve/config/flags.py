@@ -63,6 +63,7 @@ def server_config_from_args(args: Any) -> ServerConfig:
             fp16=getattr(args, "fp16", False),
             trt_cache=getattr(args, "trt_cache", None),
             preprocess_device=getattr(args, "preprocess_device", "cpu"),
+            head=getattr(args, "head", None),
         )
         for m in args.model or []
     )

@@ -90,6 +90,9 @@ class ModelConfig:
     #: Where images are decoded and resized: ``cpu``, ``gpu`` (nvJPEG; other formats and
     #: failures fall back to the CPU per image) or ``auto`` (per image, whichever is sooner).
     preprocess_device: str = "cpu"
+    #: A head of your own, ``"package.module:Class"`` (``cvserve.tasks.base.TaskHead``),
+    #: in place of the head of the model's task; imported and checked at start-up.
+    head: str | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -97,6 +100,15 @@ class ModelConfig:
             flag("fp16", self.fp16)
         except ValueError as e:
             raise ConfigError(f"model {self.name!r}: {e}") from None
+        if self.head is not None:
+            from cvserve.tasks.base import HeadError, load_head
+
+            if not isinstance(self.head, str):
+                raise ConfigError(f"model {self.name!r}: head must be 'package.module:Class'")
+            try:
+                load_head(self.head)
+            except HeadError as e:
+                raise ConfigError(f"model {self.name!r}: {e}") from None
         self._check_device()
         if self.runtime not in RUNTIMES:
             raise ConfigError(

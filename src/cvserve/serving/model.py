@@ -36,7 +36,7 @@ from cvserve.serving.core import (
 )
 from cvserve.serving.errors import BadRequest, DeadlineExceeded
 from cvserve.serving.stats import ModelStats
-from cvserve.tasks.base import get_head
+from cvserve.tasks.base import get_head, head_spec
 from cvserve.tasks.params import describe_params, parse_params
 from cvserve.trace import Trace
 
@@ -73,15 +73,15 @@ class ModelServer:
         self.meta = meta
         self.config = config
         self.pool = pool
-        spec = (
-            meta.preprocess.replace(**config.preprocess) if config.preprocess else meta.preprocess
-        )
+        # the model's preprocessing, a head's own, then the config's overrides
+        self.head = get_head(meta, config.head)
+        self.heavy = self.head.heavy
+        spec = head_spec(self.head, meta.preprocess)
+        spec = spec.replace(**config.preprocess) if config.preprocess else spec
         if meta.input_dtype == "uint8" and spec.dtype != "uint8":
             spec = spec.replace(dtype="uint8")
         self.spec = spec
         self.preprocessor = Preprocessor(spec, decoder=config.decoder, max_pixels=max_pixels)
-        self.head = get_head(meta)
-        self.heavy = self.head.heavy
         b = config.batching
         runtimes = _make_runtimes(onnx_path, config)
         #: ``--preprocess gpu|auto``: JPEGs decoded and resized on the device (per image).
@@ -232,7 +232,7 @@ class ModelServer:
 
     @property
     def task(self) -> str:
-        return self.meta.task
+        return self.head.task if self.config.head else self.meta.task
 
     @property
     def timeout_ms(self) -> float:
@@ -244,7 +244,8 @@ class ModelServer:
         return {
             "name": self.name,
             "model": m.name,
-            "task": m.task,
+            "task": self.task,
+            **({"head": self.config.head} if self.config.head else {}),
             "ready": self.ready,
             "input": {"name": m.input_name, "shape": m.input_shape, "dtype": self.spec.dtype},
             "outputs": m.output_names,
