@@ -8,7 +8,7 @@ resize) instead of the model's centre crop.
 
 Serve it with any classifier in the store::
 
-    PYTHONPATH=examples/custom_head python -m cvserve serve --model tiny-resnet \
+    PYTHONPATH=examples/custom_head:$PYTHONPATH python -m cvserve serve --model tiny-resnet \
         --head open_set:OpenSetClassifier
 
 cvserve imports this module at start-up, checks the class against

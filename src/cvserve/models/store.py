@@ -33,7 +33,6 @@ from cvserve.models.external_data import (
     save_self_contained,
 )
 from cvserve.models.metadata import ModelMeta
-from cvserve.models.yolo import read_export as read_yolo_export
 from cvserve.models.zoo import ZOO
 from cvserve.trace import Say
 
@@ -390,6 +389,8 @@ def add_model(
     name = validate_name(name or _name_from(src.stem))
     if name in ZOO:
         raise ValueError(f"{name!r} is a zoo model name; pick another name")
+    from cvserve.models.yolo import read_export as read_yolo_export
+
     extra: dict[str, Any] = {}
     try:
         yolo = read_yolo_export(src)

@@ -14,7 +14,8 @@ Segment: ``outputs[1]`` holds the prototypes ``(32, h/4, w/4)``. Each instance's
 Ultralytics' ``retina_masks`` mask at the photo's size (``process_mask_native``: the
 coefficients times the prototypes, upsampled by 1, 2 or 4, the letterbox content cropped
 and resized bilinearly to the photo, ``> 0``, zero outside the box). Only the pixels inside
-the box are computed, as two small matrix products per instance. ``mask=box`` (default)
+the box are computed, each from 4 prototype pixels per axis (the two bilinear steps
+composed): a few operations per pixel. ``mask=box`` (default)
 answers each instance's mask over its box (``mask_origin``: the photo pixel of its top-left
 corner), ``mask=full`` at the photo's size, ``mask=none`` without masks. Instances whose
 mask is empty are dropped, as Ultralytics drops them.
@@ -133,28 +134,31 @@ class YoloDetectHead:
         }
 
 
-def _bilinear_rows(n_out: int, n_in: int, scale: float, idx: np.ndarray) -> np.ndarray:
-    """Weights ``(len(idx), n_in)`` of torch's bilinear resize (``align_corners=False``,
-    no antialiasing) for output pixels ``idx``; ``scale`` is input pixels per output pixel."""
+def _taps(
+    n_in: int, scale: float, idx: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """torch's bilinear resize (``align_corners=False``, no antialiasing) at output pixels
+    ``idx``: the two input neighbours and their weights; ``scale`` is input pixels per
+    output pixel."""
     src = np.maximum((idx + 0.5) * scale - 0.5, 0.0)
     i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
     i1 = np.minimum(i0 + 1, n_in - 1)
     lam = src - i0
-    w = np.zeros((len(idx), n_in), np.float64)
-    rows = np.arange(len(idx))
-    np.add.at(w, (rows, i0), 1.0 - lam)
-    np.add.at(w, (rows, i1), lam)
-    return w
+    return i0, i1, 1.0 - lam, lam
 
 
-def _axis_weights(
+def _axis_taps(
     n0: int, lo: int, hi: int, proto: int, f: int, start: int, stop: int
-) -> np.ndarray:
-    """Weights from ``proto`` prototype pixels to photo pixels ``[lo, hi)`` on one axis:
-    upsample by ``f``, keep the content ``[start, stop)``, resize it to ``n0`` pixels."""
-    up = _bilinear_rows(proto * f, proto, 1.0 / f, np.arange(start, stop))
-    out = _bilinear_rows(n0, stop - start, (stop - start) / n0, np.arange(lo, hi))
-    return out @ up  # (hi - lo, proto)
+) -> tuple[np.ndarray, np.ndarray]:
+    """Photo pixels ``[lo, hi)`` on one axis as 4 prototype pixels and weights each (indices
+    and weights, ``(hi - lo, 4)``): the prototypes upsampled by ``f``, the letterbox content
+    ``[start, stop)`` kept and resized to ``n0`` pixels, two bilinear steps composed."""
+    a0, a1, wa0, wa1 = _taps(stop - start, (stop - start) / n0, np.arange(lo, hi))
+    b00, b01, w00, w01 = _taps(proto, 1.0 / f, start + a0)
+    b10, b11, w10, w11 = _taps(proto, 1.0 / f, start + a1)
+    idx = np.stack([b00, b01, b10, b11], axis=1)
+    w = np.stack([wa0 * w00, wa0 * w01, wa1 * w10, wa1 * w11], axis=1).astype(np.float32)
+    return idx, w
 
 
 def instance_masks(
@@ -174,6 +178,7 @@ def instance_masks(
     left = round((uw - max(round(w0 * g), 1)) / 2 - 0.1)
     bottom, right = top + max(round(h0 * g), 1), left + max(round(w0 * g), 1)
     flat = np.asarray(protos, np.float32).reshape(c, -1)
+    taps = (0, 2) if f == 1 else (0, 1, 2, 3)  # f == 1: the upsampling is the identity
     out = []
     for k, (x1, y1, x2, y2) in enumerate(np.asarray(boxes, np.float64)):
         # crop_mask keeps columns r with x1 <= r < x2
@@ -182,10 +187,14 @@ def instance_masks(
         if cx1 <= cx0 or cy1 <= cy0:
             out.append((np.zeros((0, 0), np.uint8), cx0, cy0))
             continue
-        m = (np.asarray(coeffs[k], np.float32) @ flat).reshape(mh, mw).astype(np.float64)
-        wy = _axis_weights(h0, cy0, cy1, mh, f, top, bottom)
-        wx = _axis_weights(w0, cx0, cx1, mw, f, left, right)
-        out.append((((wy @ m @ wx.T) > 0).astype(np.uint8), cx0, cy0))
+        m = (np.asarray(coeffs[k], np.float32) @ flat).reshape(mh, mw)
+        iy, wy = _axis_taps(h0, cy0, cy1, mh, f, top, bottom)
+        ix, wx = _axis_taps(w0, cx0, cx1, mw, f, left, right)
+        rows = sum(wy[:, j, None] * m[iy[:, j]] for j in taps)  # (box h, mw)
+        logit = rows[:, ix[:, 0]] * wx[:, 0]
+        for j in taps[1:]:
+            logit += rows[:, ix[:, j]] * wx[:, j]
+        out.append(((logit > 0).view(np.uint8), cx0, cy0))
     return out
 
 
