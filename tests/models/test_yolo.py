@@ -227,3 +227,16 @@ def test_models_add_refuses_what_it_cannot_serve(yolo_files, tmp_path):
     meta = store.add_model(yolo_files["yolo_detect"], task="classify", spec=spec,
                            cache=tmp_path / "c")  # fmt: skip
     assert meta.task == "classify" and meta.preprocess == spec
+
+
+def test_ultralytics_patches_are_undone(yolo_files):
+    """Importing ultralytics patches PIL.Image.open process-wide (a HEIF plugin fetched on
+    the first unidentified image): cvserve's decoding must stay Pillow's own."""
+    from PIL import Image
+
+    from cvserve.images.decode import UndecodableImage, decode
+
+    _ultralytics()
+    assert Image.open.__module__.startswith("PIL")
+    with pytest.raises(UndecodableImage):
+        decode(b"\x89PNG\r\n\x1a\nbroken")

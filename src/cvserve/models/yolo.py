@@ -147,7 +147,8 @@ def ultralytics_offline(config_dir: Path | str | None = None) -> Iterator[None]:
     CUDA build next to torch+cpu: "operator torchvision::nms does not exist"), a stand-in
     module whose ``ops.nms`` is Ultralytics' own ``TorchNMS.nms`` (which matches
     torchvision's) takes its place. ``YOLO_OFFLINE`` stops every download and online check;
-    settings go to ``config_dir`` (a temporary folder by default)."""
+    settings go to ``config_dir`` (a temporary folder by default). The functions the import
+    of ultralytics patches process-wide are restored when the block ends."""
     os.environ["YOLO_OFFLINE"] = "1"
     os.environ.setdefault("YOLO_VERBOSE", "False")
     os.environ.setdefault("YOLO_AUTOINSTALL", "False")
@@ -162,7 +163,30 @@ def ultralytics_offline(config_dir: Path | str | None = None) -> Iterator[None]:
             for name in [m for m in sys.modules if m.startswith("torchvision")]:
                 del sys.modules[name]
             _install_torchvision_stand_in()
-    yield
+    # Importing ultralytics patches PIL.Image.open (to fetch a HEIF plugin), cv2.imread /
+    # imwrite / imshow and torch.save for the whole process: put the originals back when
+    # the block ends, so cvserve's decoding (and anything else here) is untouched.
+    saved = _originals() if "ultralytics" not in sys.modules else {}
+    try:
+        yield
+    finally:
+        for (owner, name), value in saved.items():
+            setattr(owner, name, value)
+
+
+def _originals() -> dict[tuple[Any, str], Any]:
+    from PIL import Image
+
+    saved: dict[tuple[Any, str], Any] = {(Image, "open"): Image.open}
+    with contextlib.suppress(ImportError):
+        import cv2
+
+        saved.update({(cv2, n): getattr(cv2, n) for n in ("imread", "imwrite", "imshow")})
+    with contextlib.suppress(ImportError):
+        import torch
+
+        saved[(torch, "save")] = torch.save
+    return saved
 
 
 def _install_torchvision_stand_in() -> None:
