@@ -240,3 +240,16 @@ def test_ultralytics_patches_are_undone(yolo_files):
     assert Image.open.__module__.startswith("PIL")
     with pytest.raises(UndecodableImage):
         decode(b"\x89PNG\r\n\x1a\nbroken")
+
+
+def test_cli_models_add_needs_no_flags_for_an_export(yolo_files, tmp_path, capsys):
+    from cvserve.cli import main
+    from cvserve.models import store
+
+    cache = tmp_path / "cli"
+    assert main(["models", "add", str(yolo_files["yolo_pose"]), "--name", "pose",
+                 "--cache-dir", str(cache)]) == 0  # fmt: skip
+    assert "added pose (yolo_pose)" in capsys.readouterr().out
+    meta = store.load_meta("pose", cache)
+    assert meta.labels == ["person"] and meta.extra["kpt_shape"] == [17, 3]
+    assert meta.preprocess.extra["pad_value"] == 114
