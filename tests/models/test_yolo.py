@@ -6,6 +6,8 @@ keypoints within 1 px."""
 
 from __future__ import annotations
 
+import sys
+
 import httpx
 import numpy as np
 import pytest
@@ -83,11 +85,12 @@ def yolo_server(yolo_cache):
 
 
 def _reference(path, photo, **kw):
-    from cvserve.models.yolo import read_export
+    from cvserve.models.yolo import read_export, ultralytics_offline
 
     ultralytics = _ultralytics()
-    model = ultralytics.YOLO(str(path), task=read_export(path).extra["ultralytics_task"])
-    return model.predict(str(photo), verbose=False, **kw)[0]
+    with ultralytics_offline():
+        model = ultralytics.YOLO(str(path), task=read_export(path).extra["ultralytics_task"])
+        return model.predict(str(photo), verbose=False, **kw)[0]
 
 
 def _match(ours: list[dict], ref) -> list[tuple[dict, int]]:
@@ -127,11 +130,12 @@ def test_preprocessing_is_ultralytics_letterbox(data_dir):
     """letterbox_center + cv2_linear make the very pixels Ultralytics' LetterBox makes."""
     import cv2
 
-    _ultralytics()
-    from ultralytics.data.augment import LetterBox
-
     from cvserve.images.preprocess import Preprocessor
-    from cvserve.models.yolo import yolo_spec
+    from cvserve.models.yolo import ultralytics_offline, yolo_spec
+
+    _ultralytics()
+    with ultralytics_offline():
+        from ultralytics.data.augment import LetterBox
 
     for size in ((640, 640), (480, 640)):
         spec = yolo_spec(*size)
@@ -238,6 +242,8 @@ def test_ultralytics_patches_are_undone(yolo_files):
 
     _ultralytics()
     assert Image.open.__module__.startswith("PIL")
+    # the torchvision stand-in is gone too: transformers' image processors look for it
+    assert "torchvision" not in sys.modules or sys.modules["torchvision"].__spec__ is not None
     with pytest.raises(UndecodableImage):
         decode(b"\x89PNG\r\n\x1a\nbroken")
 

@@ -36,6 +36,7 @@ TASKS = {"detect": "yolo_detect", "segment": "yolo_segment", "pose": "yolo_pose"
 ARCHS = ("yolo11n", "yolo11n-seg", "yolo11n-pose", "yolov8n", "yolov8n-seg", "yolov8n-pose")
 #: Ultralytics' letterbox padding value.
 PAD_VALUE = 114
+_REAL_VERSION = importlib.metadata.version
 
 
 @dataclass
@@ -148,7 +149,8 @@ def ultralytics_offline(config_dir: Path | str | None = None) -> Iterator[None]:
     module whose ``ops.nms`` is Ultralytics' own ``TorchNMS.nms`` (which matches
     torchvision's) takes its place. ``YOLO_OFFLINE`` stops every download and online check;
     settings go to ``config_dir`` (a temporary folder by default). The functions the import
-    of ultralytics patches process-wide are restored when the block ends."""
+    of ultralytics patches process-wide, and the stand-in, are undone when the block ends:
+    run Ultralytics' predict inside such a block too."""
     os.environ["YOLO_OFFLINE"] = "1"
     os.environ.setdefault("YOLO_VERBOSE", "False")
     os.environ.setdefault("YOLO_AUTOINSTALL", "False")
@@ -156,6 +158,7 @@ def ultralytics_offline(config_dir: Path | str | None = None) -> Iterator[None]:
         config_dir = tempfile.mkdtemp(prefix="cvserve-ultralytics-")
     if config_dir is not None:
         os.environ["YOLO_CONFIG_DIR"] = str(config_dir)
+    stand_in = False
     if "torchvision" not in sys.modules:
         try:
             import torchvision  # noqa: F401
@@ -163,6 +166,7 @@ def ultralytics_offline(config_dir: Path | str | None = None) -> Iterator[None]:
             for name in [m for m in sys.modules if m.startswith("torchvision")]:
                 del sys.modules[name]
             _install_torchvision_stand_in()
+            stand_in = True
     # Importing ultralytics patches PIL.Image.open (to fetch a HEIF plugin), cv2.imread /
     # imwrite / imshow and torch.save for the whole process: put the originals back when
     # the block ends, so cvserve's decoding (and anything else here) is untouched.
@@ -172,6 +176,10 @@ def ultralytics_offline(config_dir: Path | str | None = None) -> Iterator[None]:
     finally:
         for (owner, name), value in saved.items():
             setattr(owner, name, value)
+        if stand_in:  # others (transformers) must not mistake it for torchvision
+            sys.modules.pop("torchvision", None)
+            sys.modules.pop("torchvision.ops", None)
+            importlib.metadata.version = _REAL_VERSION
 
 
 def _originals() -> dict[tuple[Any, str], Any]:
@@ -203,9 +211,7 @@ def _install_torchvision_stand_in() -> None:
     tv.__version__ = "0.0.0"  # type: ignore[attr-defined]
     sys.modules["torchvision"] = tv
     sys.modules["torchvision.ops"] = ops
-    real = importlib.metadata.version
-    if getattr(real, "_cvserve_stand_in", False):
-        return
+    real = _REAL_VERSION
 
     def version(name: str) -> str:
         if name == "torchvision":
@@ -215,7 +221,6 @@ def _install_torchvision_stand_in() -> None:
                 return "0.0.0"
         return real(name)
 
-    version._cvserve_stand_in = True  # type: ignore[attr-defined]
     importlib.metadata.version = version  # type: ignore[assignment]
 
 
