@@ -69,9 +69,18 @@ def add_models_parser(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--name", help="store name (default: the file's stem)")
     a.add_argument(
         "--task",
-        default="classify",
-        choices=["classify", "segment", "detect", "depth", "embed"],
-        help="what the model does (default: classify)",
+        default=None,
+        choices=[
+            "classify",
+            "segment",
+            "detect",
+            "depth",
+            "embed",
+            "yolo_detect",
+            "yolo_segment",
+            "yolo_pose",
+        ],
+        help="what the model does (default: from an Ultralytics export's metadata, else classify)",
     )
     a.add_argument(
         "--output",
@@ -87,7 +96,10 @@ def add_models_parser(sub: argparse._SubParsersAction) -> None:
         choices=["softmax", "sigmoid"],
         help="detect: how logits become scores (default: softmax with a last no-object class)",
     )
-    a.add_argument("--size", type=int, default=224, help="input height and width (default 224)")
+    a.add_argument(
+        "--size", type=int, default=None,
+        help="input height and width (default 224, or an Ultralytics export's imgsz)",
+    )  # fmt: skip
     a.add_argument(
         "--resize",
         type=int,
@@ -95,10 +107,10 @@ def add_models_parser(sub: argparse._SubParsersAction) -> None:
     )
     a.add_argument("--mean", type=csv_floats, default=None, help="3 values (default ImageNet)")
     a.add_argument("--std", type=csv_floats, default=None, help="3 values (default ImageNet)")
-    a.add_argument("--interpolation", default="bilinear", metavar="FILTER",
+    a.add_argument("--interpolation", default=None, metavar="FILTER",
                    choices=["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"],
                    help="resize filter of the preprocessing: nearest, bilinear, bicubic, "
-                   "lanczos, box or hamming")  # fmt: skip
+                   "lanczos, box or hamming (default bilinear)")  # fmt: skip
     a.add_argument("--labels", help="a text file with one label per line")
     a.add_argument("--force", action="store_true", help="replace a stored model of that name")
     add_renamed(a, "--overwrite", "--force", "force", switch=True)
@@ -190,16 +202,20 @@ def _cmd_models_add(args: argparse.Namespace) -> int:
         if v is not None and len(v) != 3:
             say(f"--{key} needs 3 comma-separated values")
             return 2
-    resize = args.resize if args.resize is not None else int(args.size / 0.875)
-    spec = PreprocessSpec(
-        height=args.size,
-        width=args.size,
-        resize_mode="direct" if resize == 0 else "shortest_edge_crop",
-        resize_shortest=resize or None,
-        interpolation=args.interpolation,
-        mean=tuple(args.mean or IMAGENET_MEAN),
-        std=tuple(args.std or IMAGENET_STD),
-    )
+    spec = None  # no preprocessing flag: the file's own (an Ultralytics export), else ImageNet
+    given = (args.size, args.resize, args.mean, args.std, args.interpolation)
+    if any(v is not None for v in given):
+        size = args.size or 224
+        resize = args.resize if args.resize is not None else int(size / 0.875)
+        spec = PreprocessSpec(
+            height=size,
+            width=size,
+            resize_mode="direct" if resize == 0 else "shortest_edge_crop",
+            resize_shortest=resize or None,
+            interpolation=args.interpolation or "bilinear",
+            mean=tuple(args.mean or IMAGENET_MEAN),
+            std=tuple(args.std or IMAGENET_STD),
+        )
     from cvserve.models.outputs import OutputMismatch, parse_mapping
 
     try:
@@ -222,11 +238,11 @@ def _cmd_models_add(args: argparse.Namespace) -> int:
         outputs=mapping,
         extra={"score": args.score} if args.score else None,
     )
+    what = f"{meta.name}" + (f" version {args.version}" if args.version is not None else "")
+    print(f"added {what} ({meta.task}): input {meta.input_name} {meta.input_shape} "
+          f"{meta.input_dtype}")  # fmt: skip
     if args.version is not None:
-        print(f"added {meta.name} version {args.version}: input {meta.input_name} "
-              f"{meta.input_shape} {meta.input_dtype}")  # fmt: skip
         return 0
-    print(f"added {meta.name}: input {meta.input_name} {meta.input_shape} {meta.input_dtype}")
     if args.fold_normalize:
         _print_folded(meta.name, args.cache_dir)
     return 0

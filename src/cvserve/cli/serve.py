@@ -218,6 +218,11 @@ def _add_batching_args(p: argparse.ArgumentParser) -> None:
         "OpenCV, or 'pil' to always decode at full size",
     )  # fmt: skip
     p.add_argument(
+        "--head", metavar="PACKAGE.MODULE:CLASS", default=None,
+        help="post-process every --model with a head of your own (cvserve.tasks.base.TaskHead; "
+        "default: the head of the model's task)",
+    )  # fmt: skip
+    p.add_argument(
         "--preprocess-threads", type=int, default=0,
         help="threads that decode/resize/normalize (default: cores)",
     )  # fmt: skip

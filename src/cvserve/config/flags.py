@@ -65,6 +65,7 @@ def server_config_from_args(args: Any) -> ServerConfig:
             trt_cache=getattr(args, "trt_cache", None),
             preprocess_device=getattr(args, "preprocess_device", "cpu"),
             version_policy=getattr(args, "version_policy", None) or "latest:1",
+            head=getattr(args, "head", None),
         )
         for m in args.model or []
     )

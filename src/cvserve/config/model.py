@@ -136,6 +136,9 @@ class ModelConfig:
     #: ``latest`` / ``latest:N``, ``all``, ``specific:1,3``. Requests without a version go
     #: to the newest one loaded.
     version_policy: str = "latest:1"
+    #: A head of your own, ``"package.module:Class"`` (``cvserve.tasks.base.TaskHead``),
+    #: in place of the head of the model's task; imported and checked at start-up.
+    head: str | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -144,6 +147,15 @@ class ModelConfig:
             parse_version_policy(self.version_policy)
         except ValueError as e:
             raise ConfigError(f"model {self.name!r}: {e}") from None
+        if self.head is not None:
+            from cvserve.tasks.base import HeadError, load_head
+
+            if not isinstance(self.head, str):
+                raise ConfigError(f"model {self.name!r}: head must be 'package.module:Class'")
+            try:
+                load_head(self.head)
+            except HeadError as e:
+                raise ConfigError(f"model {self.name!r}: {e}") from None
         self._check_device()
         if self.runtime not in RUNTIMES:
             raise ConfigError(

@@ -97,7 +97,7 @@ def device_geometry(orig: tuple[int, int], spec: PreprocessSpec) -> DeviceGeomet
     """The resize + crop of the CPU path (HF geometry, :mod:`cvserve.images.transforms`)
     as two weight matrices, or None where the device does not do it (a crop reaching past
     the resized image, which pads; letterbox; nearest)."""
-    if spec.resize_mode == "letterbox" or spec.interpolation not in _FILTERS:
+    if spec.resize_mode in ("letterbox", "letterbox_center") or spec.interpolation not in _FILTERS:
         return None
     w, h = orig
     rw, rh = resized_size(w, h, spec)

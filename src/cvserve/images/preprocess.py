@@ -56,7 +56,11 @@ class Preprocessor:
 
     def _min_decode_size(self, orig: tuple[int, int]) -> tuple[int, int]:
         # The resize step must still be a downscale (or identity): keep at least the
-        # resized size, so the crop loses no detail the model would have seen.
+        # resized size, so the crop loses no detail the model would have seen. OpenCV's
+        # linear resize samples the source without antialiasing: only the full image gives
+        # the pixels it would pick.
+        if self.spec.interpolation == "cv2_linear":
+            return orig
         w, h = resized_size(*orig, self.spec)
         return int(w * self.margin), int(h * self.margin)
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-ResizeMode = Literal["shortest_edge_crop", "direct", "letterbox"]
-Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"]
+ResizeMode = Literal["shortest_edge_crop", "direct", "letterbox", "letterbox_center"]
+RESIZE_MODES = ("shortest_edge_crop", "direct", "letterbox", "letterbox_center")
+Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming", "cv2_linear"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -25,6 +26,12 @@ class PreprocessSpec:
     ``width`` (each side ``round(side * scale)``), placed at the top-left corner and padded
     on the bottom/right with ``extra["pad_value"]`` (an RGB triple or one int, default 0,
     in raw 0..255 pixel values, before normalization), as HuggingFace's ``do_pad`` does.
+    ``letterbox_center``: Ultralytics' letterbox, the same scale with each side
+    ``max(1, round(side * scale))``, centred: padding ``round(d / 2 - 0.1)`` on the left/top
+    and the rest on the right/bottom (``d``: the free pixels on that axis).
+    ``interpolation="cv2_linear"`` resizes with OpenCV's ``INTER_LINEAR`` (no antialiasing,
+    as Ultralytics and many OpenCV-trained models preprocess; needs ``opencv-python``), and
+    JPEGs are then always decoded at full size.
     Pixels are rescaled by ``rescale`` (1/255) then normalized ``(x - mean) / std``;
     with ``dtype='uint8'`` the raw pixels are sent and the model normalizes itself.
     """
@@ -47,7 +54,7 @@ class PreprocessSpec:
             raise ValueError("height and width must be positive")
         if self.resize_mode == "shortest_edge_crop" and self.resize_shortest is None:
             object.__setattr__(self, "resize_shortest", max(self.height, self.width))
-        if self.resize_mode not in ("shortest_edge_crop", "direct", "letterbox"):
+        if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"unknown resize_mode {self.resize_mode!r}")
         if len(self.mean) != 3 or len(self.std) != 3 or any(s == 0 for s in self.std):
             raise ValueError("mean and std need 3 values each, std non-zero")

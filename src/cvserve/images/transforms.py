@@ -29,7 +29,7 @@ def resized_size(width: int, height: int, spec: PreprocessSpec) -> tuple[int, in
     """(width, height) of the full image after the resize step, before any crop."""
     if spec.resize_mode == "direct":
         return spec.width, spec.height
-    if spec.resize_mode == "letterbox":
+    if spec.resize_mode in ("letterbox", "letterbox_center"):
         scale = min(spec.width / width, spec.height / height)
         return (
             min(spec.width, max(1, round(width * scale))),
@@ -46,10 +46,15 @@ def crop_box(width: int, height: int, spec: PreprocessSpec) -> tuple[int, int, i
     """The crop (left, top, right, bottom) in resized-image pixels.
 
     For ``letterbox`` this is ``(0, 0, width, height)`` of the model input: the resized
-    image sits at the top-left and the crop reaches past its bottom/right (the padding)."""
+    image sits at the top-left and the crop reaches past its bottom/right (the padding);
+    for ``letterbox_center`` it starts at minus the left/top padding."""
     rw, rh = resized_size(width, height, spec)
     if spec.resize_mode == "letterbox":
         return 0, 0, spec.width, spec.height
+    if spec.resize_mode == "letterbox_center":  # Ultralytics: round(d / 2 - 0.1) before
+        left = -round((spec.width - rw) / 2 - 0.1)
+        top = -round((spec.height - rh) / 2 - 0.1)
+        return left, top, left + spec.width, top + spec.height
     if spec.resize_mode == "direct":
         return 0, 0, rw, rh
     if spec.extra.get("crop_offset") == "round":  # torchvision's CenterCrop (timm)
@@ -74,6 +79,8 @@ def source_box(orig: tuple[int, int], have: tuple[int, int], spec: PreprocessSpe
 def resize_crop(im: Image.Image, orig: tuple[int, int], spec: PreprocessSpec) -> Image.Image:
     """Resize and crop in one resampling pass (Pillow's ``box``): only the pixels that end
     up in the model input are computed. Crops larger than the image are zero-padded."""
+    if spec.interpolation == "cv2_linear":
+        return _resize_cv2(im, orig, spec)
     box = source_box(orig, im.size, spec)
     x0, y0, x1, y1 = box
     if x0 >= 0 and y0 >= 0 and x1 <= im.size[0] + 1e-6 and y1 <= im.size[1] + 1e-6:
@@ -89,9 +96,35 @@ def resize_crop(im: Image.Image, orig: tuple[int, int], spec: PreprocessSpec) ->
     return canvas
 
 
+def _resize_cv2(im: Image.Image, orig: tuple[int, int], spec: PreprocessSpec) -> Image.Image:
+    """OpenCV's ``INTER_LINEAR`` resize of the whole image, then the crop or padding, as
+    ``cv2.resize`` + ``cv2.copyMakeBorder`` do in Ultralytics' letterbox."""
+    try:
+        import cv2
+    except ImportError:  # pragma: no cover - opencv-python is in the ocr and zoo extras
+        raise RuntimeError(
+            "interpolation 'cv2_linear' needs opencv-python (pip install opencv-python)"
+        ) from None
+    rw, rh = resized_size(*orig, spec)
+    arr = np.asarray(im.convert("RGB") if im.mode != "RGB" else im)
+    if arr.shape[1] != rw or arr.shape[0] != rh:
+        arr = cv2.resize(arr, (rw, rh), interpolation=cv2.INTER_LINEAR)
+    left, top, _, _ = crop_box(*orig, spec)
+    out = np.empty((spec.height, spec.width, 3), np.uint8)
+    out[...] = _pad_fill(spec)
+    # The part of the resized image inside the crop, at its place in the output.
+    sx0, sy0 = max(0, left), max(0, top)
+    dx0, dy0 = max(0, -left), max(0, -top)
+    w = min(rw - sx0, spec.width - dx0)
+    h = min(rh - sy0, spec.height - dy0)
+    if w > 0 and h > 0:
+        out[dy0 : dy0 + h, dx0 : dx0 + w] = arr[sy0 : sy0 + h, sx0 : sx0 + w]
+    return Image.fromarray(out)
+
+
 def _pad_fill(spec: PreprocessSpec) -> tuple[int, int, int]:
-    """Canvas colour for padding: ``extra["pad_value"]`` for letterbox, else black."""
-    if spec.resize_mode != "letterbox":
+    """Canvas colour for padding: ``extra["pad_value"]`` for letterboxes, else black."""
+    if spec.resize_mode not in ("letterbox", "letterbox_center"):
         return (0, 0, 0)
     pad = spec.extra.get("pad_value", 0)
     if isinstance(pad, int | float):

@@ -371,7 +371,7 @@ def _run_build_child(
 def add_model(
     onnx_path: Path | str,
     name: str | None = None,
-    task: str = "classify",
+    task: str | None = None,
     spec: PreprocessSpec | None = None,
     labels: list[str] | None = None,
     cache: Path | str | None = None,
@@ -386,6 +386,10 @@ def add_model(
     ``version``: store it as that version of ``name`` (:func:`version_dir`; None or 1: the
     model's own folder, version 1).
 
+    An Ultralytics YOLO export is recognised by its metadata (:mod:`cvserve.models.yolo`):
+    its task, labels and letterbox preprocessing come from the file unless given. Any other
+    file with ``task`` None is a classifier.
+
     The model needs exactly one image input of rank 4 (``spec.layout``, 3 channels) whose
     fixed dimensions agree with ``spec``; ``spec`` defaults to 224x224 ImageNet
     preprocessing. ``outputs`` maps the task's output roles to graph outputs
@@ -398,6 +402,17 @@ def add_model(
     name = validate_name(name or _name_from(src.stem))
     if name in ZOO:
         raise ValueError(f"{name!r} is a zoo model name; pick another name")
+    from cvserve.models.yolo import read_export as read_yolo_export
+
+    yolo_extra: dict[str, Any] = {}
+    try:
+        yolo = read_yolo_export(src)
+    except ValueError as e:
+        raise InvalidModel(str(e)) from None
+    if yolo is not None and task in (None, yolo.task):
+        task, spec, labels = yolo.task, spec or yolo.spec, labels or yolo.labels
+        yolo_extra = yolo.extra
+    task = task or "classify"
     spec = spec or PreprocessSpec(height=224, width=224, resize_shortest=256)
     external = _external_data(src)  # checked before onnxruntime follows any of it
     info = _inspect_onnx(src, spec, task, labels, outputs)
@@ -432,7 +447,7 @@ def add_model(
             labels=list(labels or []),
             source=f"user:{src}",
             weights="unknown",
-            extra=dict(extra or {}),
+            extra={**yolo_extra, **(extra or {})},
             **info,
         )
         _write_meta_in(meta, folder)

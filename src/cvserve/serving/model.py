@@ -7,6 +7,7 @@ typed error; nothing a request does can fail another request.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -35,7 +36,7 @@ from cvserve.serving.core import (
 )
 from cvserve.serving.errors import BadRequest, DeadlineExceeded, NotServed
 from cvserve.serving.stats import ModelStats
-from cvserve.tasks.base import get_head
+from cvserve.tasks.base import get_head, head_spec
 from cvserve.tasks.params import describe_params, parse_params
 from cvserve.trace import Trace
 
@@ -84,15 +85,15 @@ class ModelServer:
         self.meta = meta
         self.config = config
         self.pool = pool
-        spec = (
-            meta.preprocess.replace(**config.preprocess) if config.preprocess else meta.preprocess
-        )
+        # the model's preprocessing, a head's own, then the config's overrides
+        self.head = get_head(meta, config.head)
+        self.heavy = self.head.heavy
+        spec = head_spec(self.head, meta.preprocess)
+        spec = spec.replace(**config.preprocess) if config.preprocess else spec
         if meta.input_dtype == "uint8" and spec.dtype != "uint8":
             spec = spec.replace(dtype="uint8")
         self.spec = spec
         self.preprocessor = Preprocessor(spec, decoder=config.decoder, max_pixels=max_pixels)
-        self.head = get_head(meta)
-        self.heavy = self.head.heavy
         b = config.batching
         runtimes = _make_runtimes(onnx_path, config)
         #: ``--preprocess gpu|auto``: JPEGs decoded and resized on the device (per image).
@@ -106,6 +107,12 @@ class ModelServer:
                 f"model {self.name}: preprocessing makes {list(spec.input_shape)}, "
                 f"the ONNX input is {shape}"
             )
+        if isinstance(shape[0], int) and shape[0] < b.max_batch_size:
+            # A fixed batch axis (Ultralytics exports batch 1 by default): batches that big.
+            log.info("model %s: its ONNX batch axis is fixed at %d; max_batch_size %d -> %d",
+                     self.name, shape[0], b.max_batch_size, shape[0])  # fmt: skip
+            b = dataclasses.replace(b, max_batch_size=shape[0])
+            self.config = config = dataclasses.replace(config, batching=b)
         self.stats = ModelStats(self.name, self.version)
 
         def observe(info: BatchInfo) -> None:
@@ -278,7 +285,7 @@ class ModelServer:
 
     @property
     def task(self) -> str:
-        return self.meta.task
+        return self.head.task if self.config.head else self.meta.task
 
     @property
     def timeout_ms(self) -> float:
@@ -291,7 +298,8 @@ class ModelServer:
             "name": self.name,
             "version": self.version,
             "model": m.name,
-            "task": m.task,
+            "task": self.task,
+            **({"head": self.config.head} if self.config.head else {}),
             "ready": self.ready,
             "input": {"name": m.input_name, "shape": m.input_shape, "dtype": self.spec.dtype},
             "outputs": m.output_names,

@@ -199,14 +199,23 @@ def _raw_output_specs(servable: Any) -> list[OutputSpec]:
     ]
 
 
+#: Tasks whose answer is ``detections`` (boxes, scores, labels as tensors too).
+DETECTION_TASKS = ("detect", "yolo_detect", "yolo_segment", "yolo_pose")
+#: Tasks answered by tensors only; every other head (YOLO, your own) also answers its
+#: JSON result as the BYTES output ``result``.
+_TENSOR_TASKS = ("classify", "detect", "segment", "depth", "embed")
+
+
 def _task_output_specs(servable: Any, raw: list[OutputSpec]) -> list[OutputSpec]:
     task = servable.task
-    if task == "detect":
+    result = [] if task in _TENSOR_TASKS else [OutputSpec(RESULT_OUTPUT, "BYTES", (-1,), False)]
+    if task in DETECTION_TASKS:
         return [
             OutputSpec("boxes", "FP32", (-1, -1, 4), False),
             OutputSpec("scores", "FP32", (-1, -1), False),
             OutputSpec("labels", "INT64", (-1, -1), False),
             OutputSpec("count", "INT32", (-1,), False),
+            *result,
         ]
     if task == "segment":
         classes = raw[0].shape[1] if raw and len(raw[0].shape) > 1 else -1
@@ -217,7 +226,7 @@ def _task_output_specs(servable: Any, raw: list[OutputSpec]) -> list[OutputSpec]
         return [OutputSpec("depth", "FP32", (-1, -1, -1), False)]
     if task == "embed":
         return [OutputSpec("embedding", "FP32", (-1, -1), False)]
-    return []
+    return result
 
 
 _TABLES: weakref.WeakKeyDictionary[Any, dict[str, OutputSpec]] = weakref.WeakKeyDictionary()
@@ -477,7 +486,9 @@ def _stacked(servable: Servable, name: str, preds: list[Prediction]) -> np.ndarr
     if name in names:
         j = names.index(name)
         return np.stack([np.asarray(p.outputs[j]) for p in preds])  # type: ignore[index]
-    if servable.task == "detect":
+    if name == RESULT_OUTPUT:
+        return [encode_result(p.result)[0] for p in preds]
+    if servable.task in DETECTION_TASKS:
         return _detections(name, [p.result["detections"] for p in preds])
     key = {"segment": "mask", "depth": "depth", "embed": "embedding"}[servable.task]
     maps = [np.asarray(p.result[key]) for p in preds]
