@@ -224,13 +224,14 @@ def test_models_add_refuses_what_it_cannot_serve(yolo_files, tmp_path):
     onnx.save(proto, str(tmp_path / "two.onnx"))
     with pytest.raises(store.InvalidModel, match=r"2 classes should output \(batch, 6, anchors\)"):
         store.add_model(tmp_path / "two.onnx", cache=tmp_path / "c")
-    # an explicit task is the user's choice: the file is then what they say it is
+    # an explicit task is the user's choice, checked against the file's outputs like any
+    # other ONNX file: a detector's [1, 84, 8400] is no classifier's logits
     from cvserve.images.spec import PreprocessSpec
 
     spec = PreprocessSpec(640, 640, resize_mode="direct")
-    meta = store.add_model(yolo_files["yolo_detect"], task="classify", spec=spec,
-                           cache=tmp_path / "c")  # fmt: skip
-    assert meta.task == "classify" and meta.preprocess == spec
+    with pytest.raises(store.InvalidModel, match=r"classify's logits has rank 2"):
+        store.add_model(yolo_files["yolo_detect"], task="classify", spec=spec,
+                        cache=tmp_path / "c")  # fmt: skip
 
 
 def test_ultralytics_patches_are_undone(yolo_files):

@@ -70,18 +70,13 @@ def add_models_parser(sub: argparse._SubParsersAction) -> None:
     a.add_argument(
         "--task",
         default=None,
-        choices=[
-            "classify",
-            "segment",
-            "detect",
-            "depth",
-            "embed",
-            "yolo_detect",
-            "yolo_segment",
-            "yolo_pose",
-        ],
-        help="what the model does (default: from an Ultralytics export's metadata, else classify)",
-    )
+        metavar="TASK",
+        choices=["classify", "segment", "detect", "depth", "embed",
+                 "yolo_detect", "yolo_segment", "yolo_pose"],
+        help="what the model does: classify, segment, detect, depth, embed, yolo_detect, "
+        "yolo_segment or yolo_pose (default: from an Ultralytics export's metadata, else "
+        "classify)",
+    )  # fmt: skip
     a.add_argument(
         "--output",
         action="append",
