@@ -63,6 +63,10 @@ def server_config_from_args(args: Any) -> ServerConfig:
             fp16=getattr(args, "fp16", False),
             trt_cache=getattr(args, "trt_cache", None),
             preprocess_device=getattr(args, "preprocess_device", "cpu"),
+            torch_compile=getattr(args, "torch_compile", False),
+            channels_last=getattr(args, "channels_last", False),
+            precision=getattr(args, "precision", "fp32"),
+            cuda_graphs=getattr(args, "cuda_graphs", False),
         )
         for m in args.model or []
     )
