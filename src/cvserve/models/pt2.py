@@ -97,8 +97,9 @@ def _torch() -> Any:
 
 def export_program(module: Any, example: Any, input_name: str = "pixel_values") -> tuple[Any, bool]:
     """``(ExportedProgram, dynamic)`` of ``module`` called as ``module(example)``: its
-    batch dimension dynamic (1..MAX_BATCH) where it traces so, else fixed at the
-    example's batch size (the runtime then cuts and pads batches to it)."""
+    batch dimension dynamic (1..MAX_BATCH) where it traces so, else fixed at batch 1 (the
+    runtime then runs a batch image by image: RT-DETR's HF code specialises on its batch
+    size, for one)."""
     torch = _torch()
     module = module.eval()
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
@@ -107,8 +108,8 @@ def export_program(module: Any, example: Any, input_name: str = "pixel_values") 
             ep = torch.export.export(module, (example,), dynamic_shapes={input_name: {0: batch}})
             return ep, True
         except Exception as e:  # a model that specialises on its batch size
-            log.warning("dynamic-batch export failed (%s); exporting batch %d", e, example.shape[0])
-            return torch.export.export(module, (example,)), False
+            log.warning("dynamic-batch export failed (%s); exporting batch 1", str(e)[:300])
+            return torch.export.export(module, (example[:1],)), False
 
 
 def verify_program(
@@ -207,6 +208,9 @@ def build_pt2(name: str, cache: Path | str | None = None, progress: Say | None =
     say(f"building {name}: torch.export (dynamic batch)")
     ep, dynamic = export_program(module, torch.randn(*shape))
     say(f"building {name}: verifying against the eager model")
+    if not dynamic:
+        say(f"building {name}: the model fixes its batch size; the program takes batch 1")
+        shape = (1, *shape[1:])
     checked = verify_program(ep, module, meta.task, outputs, shape, score=score, dynamic=dynamic)
     agree = _against_onnx(ep, meta, folder, outputs, shape, score)
     save_program(ep, folder / PT2_FILE)
@@ -363,6 +367,12 @@ def main(argv: list[str] | None = None) -> int:
         build_pt2(args.model, args.cache_dir, lambda line: print(line, flush=True))
     except (Pt2Error, store.ModelNotFound, ValueError, OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # unexpected: keep the traceback, end with the one-line reason
+        import traceback
+
+        traceback.print_exc()
+        print(f"error: exporting failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     return 0
 

@@ -408,4 +408,6 @@ def _check_cuda(torch: Any, device: Device) -> None:
         )
     count = torch.cuda.device_count()
     if device.index >= count:
-        raise DeviceUnavailable(f"--device {device}: this machine has {count} GPU(s)")
+        raise DeviceUnavailable(
+            f"--runtime torch --device {device}: this machine has {count} GPU(s)"
+        )
