@@ -156,7 +156,8 @@ def _add_batching_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument(
         "--intra-op-threads", type=int, default=0,
-        help="onnxruntime threads per instance (default: cores / instances)",
+        help="onnxruntime threads per instance; torch's CPU threads with --runtime torch "
+        "(default: cores / instances)",
     )  # fmt: skip
     p.add_argument(
         "--decoder", default="pil-reduced",
