@@ -33,7 +33,7 @@ from cvserve.bench import BenchConfig, run_bench
 from cvserve.machine import machine_info
 from cvserve.models import store
 from cvserve.models.pt2 import graph_path
-from cvserve.runtime.torchrt import TorchOptions, TorchRuntime
+from cvserve.runtime.torchrt import TorchOptions, TorchRuntime, import_torch
 from cvserve.serving.process import ServerProcess
 from cvserve.trace import parse_server_timing
 
@@ -180,8 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                  "settings": {k: v for k, v in vars(a).items() if k != "out"},
                  "dnn_alone": {}, "end_to_end": {}, "one_request": {}, "skipped": []}  # fmt: skip
     try:
-        import torch
-
+        torch = import_torch()  # as the runtime imports it (its OpenMP threads passive)
         doc["torch"] = {"version": torch.__version__, "cuda": torch.version.cuda,
                         "gpu": torch.cuda.get_device_name() if gpu else None}  # fmt: skip
     except Exception as e:  # pragma: no cover - gpu_check.sh checked it

@@ -13,6 +13,7 @@ import threading
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
+from test_gpu import SPEC, _psnr  # the CPU-path geometry tests' spec and PSNR
 
 from cvserve.images.gpu import GpuPreprocessor, device_geometry, resize_normalize
 from cvserve.images.gpu_torch import BatchedDecoder, resize_normalize_torch
@@ -22,7 +23,6 @@ from cvserve.runtime.device_rows import read_mark
 
 torch = pytest.importorskip("torch", reason="the torch GPU path needs the zoo extra here")
 
-SPEC = PreprocessSpec(224, 224, resize_shortest=256)
 VIT = PreprocessSpec(224, 224, resize_mode="direct", interpolation="bilinear", mean=(0.5,) * 3,
                      std=(0.5,) * 3)  # fmt: skip
 
@@ -34,12 +34,6 @@ def _photos(data_dir) -> list:
 
 def _upright(data: bytes) -> np.ndarray:
     return np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
-
-
-def _psnr(a: np.ndarray, b: np.ndarray, spec: PreprocessSpec) -> float:
-    std = np.asarray(spec.std, dtype=np.float64).reshape(3, 1, 1)
-    err = (a.astype(np.float64) - b.astype(np.float64)) * std
-    return float(10 * np.log10(1.0 / max(np.mean(err**2), 1e-20)))
 
 
 class TorchCpuBackend:

@@ -206,3 +206,22 @@ def test_on_a_gpu_the_program_answers_like_the_cpu_with_stages_timed(programs, o
     rt.buffers.for_host(host)[6].copy_(torch.from_numpy(buf[2]))
     mark_row(host[2], 6, rt.buffers.magic)
     np.testing.assert_allclose(rt.run(host[:5])[0], want, rtol=tol, atol=tol)
+
+
+def test_torchs_openmp_threads_wait_passively_unless_told_otherwise():
+    """Spinning OpenMP threads made resnet50 40x slower on a busy 2-core machine."""
+    code = (
+        "import os\n"
+        "from cvserve.runtime.torchrt import import_torch\n"
+        "import_torch()\n"
+        "print(os.environ.get('OMP_WAIT_POLICY'))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("OMP_WAIT_POLICY", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120, check=True).stdout  # fmt: skip
+    assert out.strip() == "PASSIVE"
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120, check=True).stdout  # fmt: skip
+    assert out.strip() == "ACTIVE"
