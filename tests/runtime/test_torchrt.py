@@ -147,6 +147,10 @@ def test_config_checks_torch_options_and_their_device():
     ):
         with pytest.raises(ConfigError, match=msg):
             ModelConfig("m", **kw)
+    from cvserve.config import PipelineConfig
+
+    with pytest.raises(ConfigError, match="serves models .* only"):
+        PipelineConfig("ocr", runtime="torch")
 
 
 def test_cli_flags_reach_the_config():
