@@ -77,7 +77,7 @@ def _cmd_models_build(args: argparse.Namespace) -> int:
     if args.pt2:
         from cvserve.models.pt2 import ensure_pt2, graph_path
 
-        meta = ensure_pt2(meta.name, args.cache_dir, progress=say)
+        meta = ensure_pt2(meta.name, args.cache_dir, progress=say, force=args.force)
         print(
             f"{meta.name}: {graph_path(meta, store.model_dir(meta.name, args.cache_dir), 'torch')}"
         )

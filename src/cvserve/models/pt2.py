@@ -247,10 +247,17 @@ def _against_onnx(ep, meta, folder, outputs, shape, score) -> dict[str, Any]:  #
 
 
 def ensure_pt2(name: str, cache: Path | str | None = None, progress: Say | None = None,
-               *, timeout: float | None = None) -> ModelMeta:  # fmt: skip
-    """Build model ``name`` (if needed) and its ``.pt2`` in child processes, so the caller
-    never imports torch; returns the sidecar that records it."""
-    meta = store.ensure_built(name, cache, progress=progress, timeout=timeout)
+               *, timeout: float | None = None, force: bool = False) -> ModelMeta:  # fmt: skip
+    """Build model ``name`` (if needed) and its ``.pt2`` (if not recorded yet, or
+    ``force``) in child processes, so the caller never imports torch; returns the sidecar
+    that records it."""
+    meta = store.ensure_built(name, cache, progress=progress, timeout=timeout, force=force)
+    if not force:
+        try:
+            graph_path(meta, store.model_dir(meta.name, cache), "torch")
+            return meta
+        except Pt2Error:
+            pass
     store.build_child([meta.name], meta.name, progress, cache=cache, timeout=timeout,
                       module="cvserve.models.pt2")  # fmt: skip
     return store.load_meta(meta.name, cache)
