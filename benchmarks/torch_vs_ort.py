@@ -8,8 +8,9 @@ repeat (``benchmarks/_interleave.py``), so both see the same (busy) machine.
     python benchmarks/torch_vs_ort.py --quick            # 1 repeat, short points
     python benchmarks/torch_vs_ort.py --cache DIR --model resnet50 --duration 10
 
-Reported per concurrency and runtime: req/s and p50 ms as median [min-max] over the
-repeats, and torch / onnxruntime of each. Writes ``benchmarks/results/torch_vs_ort.json``.
+Reported per concurrency and runtime: req/s, p50 ms and the server's CPU ms per image as
+median [min-max] over the repeats, and torch / onnxruntime of each (median of the
+per-repeat ratios). Writes ``benchmarks/results/torch_vs_ort.json``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import sys
 from pathlib import Path
 
 from _interleave import median_range, variant_order
+from gpu_check import _cpu_s
 
 from cvserve.bench import BenchConfig, run_bench
 from cvserve.bench.results import write_benchmark
@@ -59,11 +61,15 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(a.repeats):
             for c in conc:
                 for rt in variant_order(RUNTIMES, rep + c):
+                    c0 = _cpu_s(servers[rt].proc.pid)
                     res = run_bench(BenchConfig(url=servers[rt].url, model=a.model,
                                                 images=a.images, concurrency=[c],
                                                 duration=a.duration, warmup=a.warmup))  # fmt: skip
                     pt = res.points[0]
+                    cpu = _cpu_s(servers[rt].proc.pid) - c0
+                    answered = max(1, pt.ok) * (pt.measure_s + a.warmup) / max(pt.measure_s, 1e-9)
                     rows[f"{rt}/c={c}"].append({
+                        "server_cpu_ms_per_image": cpu / answered * 1e3,
                         "repeat": rep, "req_per_s": pt.throughput_rps,
                         "p50_ms": pt.latency_ms.get("p50"), "errors": pt.errors.get("total", 0),
                         "mean_batch": pt.mean_batch_size,
@@ -79,13 +85,17 @@ def main(argv: list[str] | None = None) -> int:
         o, t = rows[f"onnxruntime/c={c}"], rows[f"torch/c={c}"]
         ratio_rps = [b["req_per_s"] / x["req_per_s"] for x, b in zip(o, t, strict=True)]
         ratio_p50 = [b["p50_ms"] / x["p50_ms"] for x, b in zip(o, t, strict=True)]
+        ratio_cpu = [b["server_cpu_ms_per_image"] / x["server_cpu_ms_per_image"]
+                     for x, b in zip(o, t, strict=True)]  # fmt: skip
         table[f"c={c}"] = {
-            "onnxruntime": {"req_per_s": median_range(r["req_per_s"] for r in o),
-                            "p50_ms": median_range(r["p50_ms"] for r in o)},
-            "torch": {"req_per_s": median_range(r["req_per_s"] for r in t),
-                      "p50_ms": median_range(r["p50_ms"] for r in t)},
+            **{name: {"req_per_s": median_range(r["req_per_s"] for r in rs),
+                      "p50_ms": median_range(r["p50_ms"] for r in rs),
+                      "server_cpu_ms_per_image": median_range(
+                          r["server_cpu_ms_per_image"] for r in rs)}
+               for name, rs in (("onnxruntime", o), ("torch", t))},
             "torch_over_ort": {"req_per_s": round(statistics.median(ratio_rps), 3),
-                               "p50": round(statistics.median(ratio_p50), 3)},
+                               "p50": round(statistics.median(ratio_p50), 3),
+                               "server_cpu_per_image": round(statistics.median(ratio_cpu), 3)},
         }  # fmt: skip
         print(f"c={c}: {table[f'c={c}']}")
     write_benchmark(a.out, "torch_vs_ort", vars(a), table=table, rows=rows,
