@@ -61,7 +61,8 @@ def test_model_config_defaults_and_store_name():
 
 def test_model_config_refuses_an_unknown_runtime():
     with pytest.raises(
-        ConfigError, match=r"^model 'a': runtime 'tensorrt'; choose one of onnxruntime, simulated$"
+        ConfigError,
+        match=r"^model 'a': runtime 'tensorrt'; choose one of onnxruntime, simulated, torch$",
     ):
         ModelConfig("a", runtime="tensorrt")
 

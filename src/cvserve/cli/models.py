@@ -46,6 +46,11 @@ def add_models_parser(sub: argparse._SubParsersAction) -> None:
         "--fold-normalize", action="store_true",
         help="also store NAME-u8: the same model taking uint8 pixels, normalizing in its graph",
     )  # fmt: skip
+    b.add_argument(
+        "--pt2", action="store_true",
+        help="also write model.pt2 (torch.export, verified against the eager model and the "
+        "ONNX file) for --runtime torch (default: off)",
+    )  # fmt: skip
     add_cache_arg(b)
     b.set_defaults(func=_cmd_models_build)
 
@@ -64,8 +69,11 @@ def add_models_parser(sub: argparse._SubParsersAction) -> None:
     add_cache_arg(sh)
     sh.set_defaults(func=_cmd_models_show)
 
-    a = msub.add_parser("add", help="register your own ONNX file")
-    a.add_argument("file", help="the .onnx file (one NCHW image input)")
+    a = msub.add_parser("add", help="register your own ONNX file or torch.export program")
+    a.add_argument(
+        "file", help="the .onnx file, or a .pt2 (torch.export.save; served with --runtime "
+        "torch); one NCHW image input",
+    )  # fmt: skip
     a.add_argument("--name", help="store name (default: the file's stem)")
     a.add_argument(
         "--task",
@@ -145,6 +153,13 @@ def _cmd_models_build(args: argparse.Namespace) -> int:
         say("name a zoo model (cvserve models list) or pass --from-dir, --from-hub or --from-timm")
         return 2
     print(f"{meta.name}: {store.model_path(meta, args.cache_dir)}")
+    if args.pt2:
+        from cvserve.models.pt2 import ensure_pt2, graph_path
+
+        meta = ensure_pt2(meta.name, args.cache_dir, progress=say, force=args.force)
+        print(
+            f"{meta.name}: {graph_path(meta, store.model_dir(meta.name, args.cache_dir), 'torch')}"
+        )
     if args.fold_normalize:
         _print_folded(meta.name, args.cache_dir)
     return 0
@@ -221,7 +236,10 @@ def _cmd_models_add(args: argparse.Namespace) -> int:
     labels = None
     if args.labels:
         labels = [ln.strip() for ln in Path(args.labels).read_text().splitlines() if ln.strip()]
-    meta = store.add_model(
+    add = store.add_model
+    if str(args.file).endswith(".pt2"):
+        from cvserve.models.pt2 import add_pt2 as add
+    meta = add(
         args.file,
         name=args.name,
         task=args.task,

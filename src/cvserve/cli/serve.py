@@ -209,7 +209,8 @@ def _add_batching_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument(
         "--intra-op-threads", type=int, default=0,
-        help="onnxruntime threads per instance (default: cores / instances)",
+        help="onnxruntime threads per instance; torch's CPU threads with --runtime torch "
+        "(default: cores / instances)",
     )  # fmt: skip
     p.add_argument(
         "--decoder", default="pil-reduced",
@@ -238,7 +239,9 @@ def add_runtime_args(p: argparse.ArgumentParser, *, stage: bool = False) -> None
 
     p.add_argument(
         "--runtime", default="onnxruntime", choices=RUNTIMES,
-        help="onnxruntime (default), or simulated: an accelerator that takes --sim-profile's "
+        help="onnxruntime (default); torch: the model's torch.export program (.pt2: "
+        "`cvserve models build NAME --pt2`, or `models add FILE.pt2`); or simulated: an "
+        "accelerator that takes --sim-profile's "
         "time per batch, burns no host CPU and returns outputs of the right shapes "
         "(responses carry sim=1 in Server-Timing, also from a worker's stage)",
     )  # fmt: skip
@@ -284,6 +287,24 @@ def _add_device_args(p: argparse.ArgumentParser) -> None:
         "--preprocess", dest="preprocess_device", default="cpu", choices=PREPROCESS_DEVICES,
         help="decode/resize on the cpu (default), the gpu (nvJPEG; other formats and "
         "failures fall back to the CPU per image) or auto (per image, whichever is sooner)",
+    )  # fmt: skip
+    from cvserve.runtime.torchrt import PRECISIONS
+
+    p.add_argument(
+        "--torch-compile", action="store_true",
+        help="--runtime torch: torch.compile the program (default: off)",
+    )  # fmt: skip
+    p.add_argument(
+        "--channels-last", action="store_true",
+        help="--runtime torch: channels-last memory format (default: off)",
+    )  # fmt: skip
+    p.add_argument(
+        "--precision", default="fp32", choices=PRECISIONS,
+        help="--runtime torch on a GPU: autocast to fp16 or bf16 (default: fp32)",
+    )  # fmt: skip
+    p.add_argument(
+        "--cuda-graphs", action="store_true",
+        help="--runtime torch on a GPU: one CUDA graph per batch size bucket (default: off)",
     )  # fmt: skip
 
 

@@ -66,6 +66,10 @@ def server_config_from_args(args: Any) -> ServerConfig:
             preprocess_device=getattr(args, "preprocess_device", "cpu"),
             version_policy=getattr(args, "version_policy", None) or "latest:1",
             head=getattr(args, "head", None),
+            torch_compile=getattr(args, "torch_compile", False),
+            channels_last=getattr(args, "channels_last", False),
+            precision=getattr(args, "precision", "fp32"),
+            cuda_graphs=getattr(args, "cuda_graphs", False),
         )
         for m in args.model or []
     )

@@ -10,7 +10,7 @@ from typing import Any
 from cvserve.config.checks import ConfigError, duration_ms, flag, integer, number
 
 #: Runtimes a model can be served with.
-RUNTIMES: tuple[str, ...] = ("onnxruntime", "simulated")
+RUNTIMES: tuple[str, ...] = ("onnxruntime", "simulated", "torch")
 #: Where a model's images can be preprocessed (``--preprocess``).
 PREPROCESS_DEVICES: tuple[str, ...] = ("cpu", "gpu", "auto")
 
@@ -139,6 +139,13 @@ class ModelConfig:
     #: A head of your own, ``"package.module:Class"`` (``cvserve.tasks.base.TaskHead``),
     #: in place of the head of the model's task; imported and checked at start-up.
     head: str | None = None
+    #: ``runtime: torch`` only (``cvserve.runtime.torchrt``): ``torch.compile`` the program,
+    #: channels-last memory format, autocast precision on a GPU (``fp32``, ``fp16``,
+    #: ``bf16``), one CUDA graph per batch size bucket on a GPU.
+    torch_compile: bool = False
+    channels_last: bool = False
+    precision: str = "fp32"
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         try:
@@ -157,6 +164,7 @@ class ModelConfig:
             except HeadError as e:
                 raise ConfigError(f"model {self.name!r}: {e}") from None
         self._check_device()
+        self._check_torch()
         if self.runtime not in RUNTIMES:
             raise ConfigError(
                 f"model {self.name!r}: runtime {self.runtime!r}; choose one of {', '.join(RUNTIMES)}"
@@ -228,6 +236,48 @@ class ModelConfig:
                     f"model {self.name!r}: {', '.join(gpu_only)} need(s) a GPU: add "
                     "--device cuda[:N] (device: cuda in a config file)"
                 )
+
+    def _check_torch(self) -> None:
+        try:
+            for key in ("torch_compile", "channels_last", "cuda_graphs"):
+                flag(key, getattr(self, key))
+        except ValueError as e:
+            raise ConfigError(f"model {self.name!r}: {e}") from None
+        torch_only = [
+            opt
+            for opt, on in (
+                ("--torch-compile", self.torch_compile),
+                ("--channels-last", self.channels_last),
+                (f"--precision {self.precision}", self.precision != "fp32"),
+                ("--cuda-graphs", self.cuda_graphs),
+            )
+            if on
+        ]
+        ort_only = [
+            opt
+            for opt, on in (
+                ("--fp16 (use --precision fp16)", self.fp16),
+                ("--trt-cache", self.trt_cache is not None),
+                (f"--gpu-provider {self.gpu_provider}", self.gpu_provider != "auto"),
+            )
+            if on
+        ]
+        if ort_only and self.runtime == "torch":
+            raise ConfigError(
+                f"model {self.name!r}: {', '.join(ort_only)} are onnxruntime's; the torch "
+                "runtime takes --precision, --torch-compile, --channels-last, --cuda-graphs"
+            )
+        if torch_only and self.runtime != "torch":
+            raise ConfigError(
+                f"model {self.name!r}: {', '.join(torch_only)} need(s) --runtime torch"
+            )
+        from cvserve.runtime.torchrt import TorchOptions
+
+        try:
+            TorchOptions(device=self.device, precision=self.precision,
+                         cuda_graphs=self.cuda_graphs)  # fmt: skip
+        except ValueError as e:
+            raise ConfigError(f"model {self.name!r}: {e}") from None
 
     @property
     def store_name(self) -> str:

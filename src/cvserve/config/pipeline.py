@@ -111,6 +111,9 @@ class PipelineConfig:
             raise ConfigError(
                 f"{where}: runtime {self.runtime!r}; choose one of {', '.join(RUNTIMES)}"
             )
+        if self.runtime == "torch":
+            raise ConfigError(f"{where}: the torch runtime serves models (--model) only; a "
+                              "pipeline's stages run onnxruntime or simulated")  # fmt: skip
         if self.runtime != "simulated":
             if self.sim_profile:
                 raise ConfigError(f"{where}: sim_profile needs the simulated runtime "

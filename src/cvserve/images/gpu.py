@@ -292,7 +292,11 @@ class GpuPreprocessor:
         b.synchronize()
         t1 = time.perf_counter()
         with b.activate():
-            resize_normalize(b.xp, image, geom, self.spec, b.row(host_buffer, index))
+            own = getattr(b, "resize_normalize", None)  # torch's tensors: their own arithmetic
+            if own is not None:
+                own(image, geom, self.spec, b.row(host_buffer, index))
+            else:
+                resize_normalize(b.xp, image, geom, self.spec, b.row(host_buffer, index))
         b.synchronize()  # the row is complete before the batch may run
         t2 = time.perf_counter()
         mark_row(host_buffer[index], index, b.magic)

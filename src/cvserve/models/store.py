@@ -310,14 +310,16 @@ def build_child(
     *,
     cache: Path | str | None = None,
     timeout: float | None = None,
+    module: str = "cvserve.models.build",
 ) -> None:
-    """Run ``python -m cvserve.models.build ARGS --cache-dir CACHE`` under the store lock.
+    """Run ``python -m MODULE ARGS --cache-dir CACHE`` under the store lock (``module``:
+    the ONNX build, or ``cvserve.models.pt2``).
 
     Each stdout line goes to ``progress``; ModelBuildError (named ``label``) on failure.
     """
     root = cache_dir(cache)
     with _store_lock(root):
-        _run_build_child([*args, "--cache-dir", str(root)], label, progress, timeout)
+        _run_build_child([*args, "--cache-dir", str(root)], label, progress, timeout, module)
 
 
 def _name_from(stem: str) -> str:
@@ -325,9 +327,10 @@ def _name_from(stem: str) -> str:
 
 
 def _run_build_child(
-    args: list[str], name: str, progress: Say | None, timeout: float | None
-) -> None:
-    cmd = [sys.executable, "-m", "cvserve.models.build", *args]
+    args: list[str], name: str, progress: Say | None, timeout: float | None,
+    module: str = "cvserve.models.build",
+) -> None:  # fmt: skip
+    cmd = [sys.executable, "-m", module, *args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     log.debug("running %s", cmd)
     # stderr goes to a file: reading two pipes from one thread can deadlock.

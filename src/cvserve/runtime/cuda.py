@@ -26,13 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from cvserve.runtime.device_rows import new_magic, read_mark
+from cvserve.runtime.device_rows import new_magic, upload_plan
 from cvserve.runtime.onnx import OrtOptions, OrtRuntime, check_input
 from cvserve.runtime.providers import DeviceUnavailable, parse_device
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CudaRuntime", "DeviceBuffers", "import_cupy"]
+__all__ = ["CudaRuntime", "CupyOps", "DeviceBuffers", "import_cupy"]
 
 #: Host buffers kept pinned per model (the batcher reuses a few; more are copied unpinned).
 MAX_PINNED = 16
@@ -50,14 +50,39 @@ def import_cupy() -> Any:
     return cupy
 
 
+class CupyOps:
+    """Device memory and page-locking through CuPy (onnxruntime's GPU path)."""
+
+    def __init__(self, device_index: int) -> None:
+        self.cp = import_cupy()
+        self.device_index = device_index
+
+    def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> Any:
+        with self.cp.cuda.Device(self.device_index):
+            return self.cp.empty(shape, dtype=dtype)
+
+    def register(self, ptr: int, nbytes: int) -> None:
+        self.cp.cuda.runtime.hostRegister(ptr, nbytes, 0)
+
+    def unregister(self, ptr: int) -> None:
+        self.cp.cuda.runtime.hostUnregister(ptr)
+
+
 class DeviceBuffers:
     """Device twins of the batcher's host batch buffers, shared by a model's instances and
     its GPU preprocessing: ``for_host(buf)`` is the device buffer of host buffer ``buf``
     (allocated, and ``buf`` pinned, the first time). Holds a reference to every host
-    buffer it has seen, so no address is reused while registered. Not yet run on a GPU."""
+    buffer it has seen, so no address is reused while registered.
 
-    def __init__(self, device_index: int, rows: int, item_shape: tuple[int, ...], dtype: str):
-        self.cp = import_cupy()
+    ``ops`` allocates and pins: CuPy's (:class:`CupyOps`, onnxruntime) or torch's
+    (:class:`cvserve.runtime.torchrt.TorchOps`); the bookkeeping is the same for both.
+    Not yet run on a GPU."""
+
+    def __init__(
+        self, device_index: int, rows: int, item_shape: tuple[int, ...], dtype: str,
+        ops: Any = None,
+    ) -> None:  # fmt: skip
+        self.ops = ops if ops is not None else CupyOps(device_index)
         self.device_index = device_index
         self.rows = rows
         self.item_shape = tuple(item_shape)
@@ -75,8 +100,7 @@ class DeviceBuffers:
         with self._lock:
             entry = self._by_ptr.get(ptr)
             if entry is None or entry[0].nbytes < host.nbytes:
-                with self.cp.cuda.Device(self.device_index):
-                    dev = self.cp.empty((self.rows, *self.item_shape), dtype=self.dtype)
+                dev = self.ops.empty((self.rows, *self.item_shape), self.dtype)
                 pinned = self._pin(host) if len(self._by_ptr) < MAX_PINNED else False
                 entry = (host, dev, pinned)
                 self._by_ptr[ptr] = entry
@@ -90,7 +114,7 @@ class DeviceBuffers:
         if not host.flags.c_contiguous:
             return False
         try:
-            self.cp.cuda.runtime.hostRegister(host.ctypes.data, host.nbytes, 0)
+            self.ops.register(host.ctypes.data, host.nbytes)
             return True
         except Exception as e:  # already registered, or not allowed: copy unpinned
             log.debug("could not pin a %d-byte host buffer: %s", host.nbytes, e)
@@ -101,7 +125,7 @@ class DeviceBuffers:
             for host, _, pinned in self._by_ptr.values():
                 if pinned:
                     try:
-                        self.cp.cuda.runtime.hostUnregister(host.ctypes.data)
+                        self.ops.unregister(host.ctypes.data)
                     except Exception:  # the context may be gone at exit
                         pass
             self._by_ptr.clear()
@@ -177,17 +201,10 @@ class CudaRuntime(OrtRuntime):
             dev = self.cp.empty(host.shape, dtype=host.dtype)
         else:
             dev = buffers.for_host(host)
-        start = None
         with self.stream:
-            for k in range(n + 1):
-                src = read_mark(batch[k], buffers.magic) if k < n else -1
-                if src is None:  # a host row
-                    if start is None:
-                        start = k
-                    continue
-                if start is not None:
-                    dev[start:k].set(batch[start:k], stream=self.stream)
-                    start = None
-                if k < n and src != k:
-                    dev[k][...] = dev[src]  # later rows never read an earlier k (src >= k)
+            for op, a, b in upload_plan(batch, buffers.magic):
+                if op == "host":
+                    dev[a:b].set(batch[a:b], stream=self.stream)
+                else:
+                    dev[a][...] = dev[b]
         return dev[:n]

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-__all__ = ["MARK_BYTES", "mark_row", "new_magic", "read_mark"]
+__all__ = ["MARK_BYTES", "mark_row", "new_magic", "read_mark", "upload_plan"]
 
 #: Bytes a mark takes at the start of a row: 8 of magic, 8 of row index.
 MARK_BYTES = 16
@@ -40,3 +40,26 @@ def read_mark(host_row: np.ndarray, magic: bytes) -> int | None:
     if flat.size < MARK_BYTES or flat[:8].tobytes() != magic:
         return None
     return int.from_bytes(flat[8:16].tobytes(), "little")
+
+
+def upload_plan(batch: np.ndarray, magic: bytes) -> list[tuple[str, int, int]]:
+    """How a batch reaches the device, for every GPU runtime (onnxruntime's and torch's):
+    ``("host", start, stop)`` copies host rows ``[start, stop)`` (contiguous runs, one copy
+    each); ``("move", k, src)`` moves device row ``src`` to row ``k`` (GPU preprocessing
+    wrote it at ``src``; the batcher squeezed its host row down to ``k``, so ``src >= k``
+    and later rows never read an earlier ``k``). Moves with ``src == k`` are left out."""
+    plan: list[tuple[str, int, int]] = []
+    n = int(batch.shape[0])
+    start = None
+    for k in range(n + 1):
+        src = read_mark(batch[k], magic) if k < n else -1
+        if src is None:  # a host row
+            if start is None:
+                start = k
+            continue
+        if start is not None:
+            plan.append(("host", start, k))
+            start = None
+        if k < n and src != k:
+            plan.append(("move", k, src))
+    return plan

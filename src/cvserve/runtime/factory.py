@@ -1,5 +1,6 @@
 """One factory for every runtime kind: onnxruntime on the CPU, onnxruntime on an NVIDIA
-GPU, onnxruntime under a process-wide CPU budget, or the simulated accelerator.
+GPU, onnxruntime under a process-wide CPU budget, the simulated accelerator, or a
+``torch.export`` program (``.pt2``) on the CPU or a GPU.
 
 Callers say what they have (onnxruntime options, a simulated device, a CPU budget) and get
 one runtime per model instance; instances of one model share what must be shared (the
@@ -16,6 +17,7 @@ from cvserve.runtime.onnx import OrtOptions, OrtRuntime, Runtime
 if TYPE_CHECKING:
     from cvserve.runtime.budget import CpuBudget
     from cvserve.runtime.simulated import SimDevice, SimModel
+    from cvserve.runtime.torchrt import TorchOptions
 
 __all__ = ["open_runtime", "open_runtimes", "runtime_kind"]
 
@@ -24,9 +26,12 @@ def runtime_kind(
     options: OrtOptions | None = None,
     sim_device: SimDevice | None = None,
     budget: CpuBudget | None = None,
+    torch_options: TorchOptions | None = None,
 ) -> str:
-    """``simulated``, ``budgeted``, ``cuda`` or ``onnx``: which runtime the same arguments
-    make in :func:`open_runtimes`."""
+    """``simulated``, ``budgeted``, ``cuda``, ``torch`` or ``onnx``: which runtime the same
+    arguments make in :func:`open_runtimes`."""
+    if torch_options is not None:
+        return "torch"
     if sim_device is not None:
         return "simulated"
     if budget is not None:
@@ -46,6 +51,8 @@ def open_runtimes(
     budget: CpuBudget | None = None,
     stage: str = "",
     max_batch: int = 1,
+    torch_options: TorchOptions | None = None,
+    output_names: list[str] | None = None,
 ) -> list[Runtime]:
     """``instances`` runtimes of the model at ``path``.
 
@@ -56,10 +63,23 @@ def open_runtimes(
     - ``options.device`` other than ``cpu``: GPU sessions sharing the device twins of the
       batch buffers (``max_batch`` rows); fails with ``DeviceUnavailable``, never falls back
       to the CPU;
+    - ``torch_options``: torch runtimes of the ``.pt2`` at ``path`` sharing one loaded
+      program (and on a GPU its device buffers, ``max_batch`` rows), their outputs named
+      ``output_names`` (the model's metadata) when given;
     - otherwise onnxruntime sessions on the CPU with ``options``.
     """
-    kind = runtime_kind(options, sim_device, budget)
+    kind = runtime_kind(options, sim_device, budget, torch_options)
     options = options or OrtOptions()
+    if kind == "torch":
+        from cvserve.runtime.torchrt import TorchRuntime
+
+        first = None
+        torch_runtimes: list[Runtime] = []
+        for _ in range(instances):
+            first = TorchRuntime(path, torch_options, shared=first, max_batch=max_batch,
+                                 output_names=output_names)  # fmt: skip
+            torch_runtimes.append(first)
+        return torch_runtimes
     if kind == "simulated":
         from cvserve.runtime.simulated import SimModel, SimulatedRuntime
 

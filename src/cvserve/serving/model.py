@@ -95,7 +95,7 @@ class ModelServer:
         self.spec = spec
         self.preprocessor = Preprocessor(spec, decoder=config.decoder, max_pixels=max_pixels)
         b = config.batching
-        runtimes = _make_runtimes(onnx_path, config)
+        runtimes = _make_runtimes(_graph_file(meta, onnx_path, config), config, meta)
         #: ``--preprocess gpu|auto``: JPEGs decoded and resized on the device (per image).
         self.gpu_preprocessor = _make_gpu_preprocessor(config, spec, self.preprocessor,
                                                        runtimes, pool)  # fmt: skip
@@ -338,11 +338,33 @@ def on_cpu(config: ModelConfig) -> bool:
     return config.runtime != "simulated" and config.device == "cpu"
 
 
-def _make_runtimes(onnx_path: str, config: ModelConfig) -> list:
+def _graph_file(meta: ModelMeta, onnx_path: str, config: ModelConfig) -> str:
+    """The file the configured runtime serves: the ``.pt2`` beside the ONNX file for
+    ``--runtime torch`` (:func:`cvserve.models.pt2.graph_path`), else the ONNX file."""
+    from cvserve.models.pt2 import graph_path
+
+    return str(graph_path(meta, Path(onnx_path).parent, config.runtime)) if (
+        config.runtime == "torch" or onnx_path.endswith(".pt2")
+    ) else onnx_path  # fmt: skip
+
+
+def _make_runtimes(onnx_path: str, config: ModelConfig, meta: ModelMeta | None = None) -> list:
     """One runtime per instance (:func:`cvserve.runtime.open_runtimes`): onnxruntime
-    sessions on the CPU or a GPU, or simulated runtimes sharing one simulated device
-    (``sim_devices`` slots)."""
+    sessions on the CPU or a GPU, torch runtimes of a ``.pt2``, or simulated runtimes
+    sharing one simulated device (``sim_devices`` slots)."""
     n = config.batching.instances
+    if config.runtime == "torch":
+        from cvserve.runtime.torchrt import TorchOptions
+
+        options = TorchOptions(
+            device=config.device,
+            threads=config.intra_op_threads or max(1, (os.cpu_count() or 1) // n),
+            compile=config.torch_compile, channels_last=config.channels_last,
+            precision=config.precision, cuda_graphs=config.cuda_graphs,
+        )  # fmt: skip
+        return open_runtimes(onnx_path, n, torch_options=options,
+                             max_batch=config.batching.max_batch_size,
+                             output_names=meta.output_names if meta else None)  # fmt: skip
     if config.runtime == "simulated":
         device = SimDevice(config.sim_profile, config.sim_devices, config.sim_h2d_gbps)
         log.info(  # the profile's source is long: GET /v1/models/NAME has it
@@ -373,7 +395,12 @@ def _make_gpu_preprocessor(config: ModelConfig, spec, cpu: Preprocessor, runtime
     from cvserve.images.gpu import AutoPolicy, GpuPreprocessor, NvImageCodecBackend
 
     rt = runtimes[0]
-    backend = NvImageCodecBackend(rt.buffers, rt.device.index)
+    if config.runtime == "torch":  # torchvision's nvJPEG, into the torch runtime's buffers
+        from cvserve.images.gpu_torch import TorchvisionBackend
+
+        backend = TorchvisionBackend(rt.buffers, rt.device.index)
+    else:
+        backend = NvImageCodecBackend(rt.buffers, rt.device.index)
     mode = config.preprocess_device
     policy = AutoPolicy(cpu_threads=getattr(pool, "threads", 1)) if mode == "auto" else None
     return GpuPreprocessor(spec, backend, cpu, mode=mode, policy=policy)
