@@ -308,29 +308,39 @@ def inspect_pt2(path: Path, spec: PreprocessSpec, task: str, labels: list[str] |
 def add_pt2(
     path: Path | str,
     name: str | None = None,
-    task: str = "classify",
+    task: str | None = None,
     spec: PreprocessSpec | None = None,
     labels: list[str] | None = None,
     cache: Path | str | None = None,
     *,
     overwrite: bool = False,
+    version: int | None = None,
+    outputs: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> ModelMeta:
     """Register a user's ``.pt2`` (``torch.export.save``): checked like an ONNX file (one
-    rank-4 image input agreeing with ``spec``), copied in, described by a sidecar. Served
-    with ``--runtime torch``."""
+    rank-4 image input agreeing with ``spec``), copied in (as ``version`` of ``name``, as
+    :func:`cvserve.models.store.add_model`), described by a sidecar. Served with
+    ``--runtime torch``. ``outputs`` (an output mapping) is for ONNX files only."""
     src = Path(path).expanduser().resolve()
     if not src.is_file():
         raise FileNotFoundError(f"no such .pt2 file: {src}")
     name = store.validate_name(name or store._name_from(src.stem))
     if name in ZOO:
         raise ValueError(f"{name!r} is a zoo model name; pick another name")
+    if outputs:
+        raise store.InvalidModel(f"{src}: --output maps an ONNX file's outputs, not a .pt2's")
+    task = task or "classify"
     spec = spec or PreprocessSpec(height=224, width=224, resize_shortest=256)
     info = inspect_pt2(src, spec, task, labels)
     dynamic = info.pop("dynamic_batch")
     with store._store_lock(cache):
-        if store._read_built(name, cache) is not None and not overwrite:
-            raise FileExistsError(f"model {name!r} already exists; pass overwrite to replace it")
-        folder = store.model_dir(name, cache)
+        folder = store.version_dir(name, version or 1, cache)
+        if store._read_built_in(folder) is not None and not overwrite:
+            what = f"model {name!r}" + (f" version {version}" if version else "")
+            raise FileExistsError(
+                f"{what} already exists; replace it with --force (overwrite=True)"
+            )
         folder.mkdir(parents=True, exist_ok=True)
         (folder / store.SIDECAR_FILE).unlink(missing_ok=True)
         (folder / store.ONNX_FILE).unlink(missing_ok=True)
@@ -342,10 +352,10 @@ def add_pt2(
             tmp.unlink(missing_ok=True)
         meta = ModelMeta(
             name=name, task=task, onnx_file=PT2_FILE, preprocess=spec,
-            labels=list(labels or []), source=f"user:{src}",
-            extra={"pt2": {"file": PT2_FILE, "dynamic_batch": dynamic}}, **info,
+            labels=list(labels or []), source=f"user:{src}", weights="unknown",
+            extra={**(extra or {}), "pt2": {"file": PT2_FILE, "dynamic_batch": dynamic}}, **info,
         )  # fmt: skip
-        store.write_meta(meta, cache)
+        store._write_meta_in(meta, folder)
     return meta
 
 
