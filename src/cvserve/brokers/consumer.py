@@ -69,6 +69,7 @@ class ConsumerStats:
     reruns: int = 0  # handler calls on part of a failed batch, to find the failing items
     dead_lettered: int = 0  # moved to the dead letters after max_deliveries
     orphaned: int = 0  # results dropped: their reply topic was gone (in-process)
+    expired: int = 0  # items dropped unrun: their request's deadline had passed
 
 
 class StageConsumer:
@@ -159,7 +160,19 @@ class StageConsumer:
         return len(deliveries)
 
     async def serve(self, deliveries: list[Delivery]) -> None:
-        """Run the handler on ``deliveries``, publish the results, then acknowledge."""
+        """Run the handler on ``deliveries``, publish the results, then acknowledge.
+
+        Items whose request deadline (``DEADLINE`` header) has passed are acknowledged
+        unrun and answer nothing: their request has had its answer (a 504) already."""
+        now = time.time()
+        late = [d for d in deliveries if d.message.expired(now)]
+        if late:
+            await self.broker.ack(self.topic, self.group, [d.id for d in late])
+            self.stats.expired += len(late)
+            log.debug("stage %r: dropped %d items past their deadline", self.topic, len(late))
+            deliveries = [d for d in deliveries if not d.message.expired(now)]
+            if not deliveries:
+                return
         messages = [d.message for d in deliveries]
         heartbeat = asyncio.create_task(self._heartbeat([d.id for d in deliveries]))
         try:

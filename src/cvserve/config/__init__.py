@@ -24,7 +24,7 @@ from cvserve.config.model import (
     ModelConfig,
     queue_wait_ms,
 )
-from cvserve.config.pipeline import PIPELINE_DNNS, PIPELINE_KINDS, PipelineConfig
+from cvserve.config.pipeline import PIPELINE_KINDS, PRESETS, PipelineConfig
 from cvserve.config.server import (
     DEFAULT_MAX_BODY_BYTES,
     ServerConfig,
@@ -34,7 +34,7 @@ from cvserve.config.server import (
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
     "DEPRECATED_SERVER_KEYS",
-    "PIPELINE_DNNS",
+    "PRESETS",
     "PIPELINE_KINDS",
     "PREPROCESS_DEVICES",
     "RUNTIMES",
