@@ -45,7 +45,7 @@ def model_meta(step: Step, cache_dir: str | None):
 
     try:
         return store.ensure_built(step.target, cache_dir)
-    except (KeyError, ValueError, FileNotFoundError) as e:
+    except (LookupError, ValueError, FileNotFoundError) as e:
         raise ConfigError(f"step {step.name!r}: model {step.target!r}: {e}") from None
 
 
