@@ -177,6 +177,9 @@ def _check_photos(url: str, built, data_dir: Path, n: int = 2) -> dict:
             _expected(cache, w, gallery, p.read_bytes(), r.json())
             timing = r.headers["server-timing"]
             assert "broker;dur=" in timing and "decode;dur=" in timing
+            # each step named in the stages it spent time in
+            infer = next(e for e in timing.split(", ") if e.startswith("infer;"))
+            assert all(f"{step}=" in infer for step in ("detect", "classify", "embed", "whole"))
         return c.get("/v1/pipelines/people").json()
 
 
@@ -186,6 +189,11 @@ def test_a_yaml_graph_over_the_inprocess_broker_answers_as_its_models_one_by_one
     cache, _, gallery = built
     with _serve(_config(tmp_path, "inprocess://", 1, gallery), cache) as server:
         doc = _check_photos(server.url, built, data_dir)
+        metrics = httpx.get(server.metrics_url or f"{server.url}/metrics").text
+    assert 'cvserve_pipeline_step_items_total{pipeline="people",step="classify"}' in metrics
+    assert 'cvserve_pipeline_step_seconds_count{part="broker",pipeline="people",step="embed"}' in (
+        metrics
+    )
     steps = {s["name"]: s for s in doc["steps"]}
     assert steps["classify"]["via"] == "broker" and steps["classify"]["per_crop_of"] == "crops"
     assert steps["classify"]["stats"]["items"] >= 2  # crops of both photos went through

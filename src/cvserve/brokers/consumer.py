@@ -119,6 +119,8 @@ class StageConsumer:
         self._next_reclaim = 0.0
         #: seconds a batch has taken lately (see ``serve``)
         self.run_s = 0.0
+        #: called with the number of items dropped past their deadline (metrics)
+        self.on_expired: Callable[[int], None] | None = None
 
     def stop(self) -> None:
         """Ask ``run`` to return after the batch in hand."""
@@ -173,6 +175,8 @@ class StageConsumer:
         if late:
             await self.broker.ack(self.topic, self.group, [d.id for d in late])
             self.stats.expired += len(late)
+            if self.on_expired is not None:
+                self.on_expired(len(late))
             log.debug("stage %r: dropped %d items past their deadline", self.topic, len(late))
             deliveries = [d for d in deliveries if not d.message.expired(now)]
             if not deliveries:

@@ -22,8 +22,8 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -35,7 +35,6 @@ from cvserve.brokers import (
     Message,
     ResultRouter,
     ResultTimeout,
-    StageConsumer,
 )
 from cvserve.brokers.consumer import DEAD_LETTER, ERROR
 from cvserve.brokers.message import DEADLINE
@@ -66,14 +65,11 @@ from cvserve.serving.pipelines.steps import (
     make_step,
     model_meta,
 )
+from cvserve.serving.pipelines.workers import StepWorkers, step_options, work_topic
 from cvserve.serving.stats import ModelStats
 from cvserve.trace import Trace
 
 log = logging.getLogger(__name__)
-
-
-def work_topic(pipeline: str, stage: str) -> str:
-    return f"{pipeline}.{stage}"
 
 
 def cpu_budget(
@@ -88,13 +84,6 @@ def runtime_options(config: PipelineConfig) -> dict[str, Any]:
     """The StageOptions fields that say what the steps' DNNs run on."""
     return {"runtime": config.runtime, "sim_profile": config.sim_profile,
             "sim_devices": config.sim_devices}  # fmt: skip
-
-
-def step_options(step: Step, options: StageOptions) -> StageOptions:
-    """``options`` for ``step``: its own CPU budget when it has a share (``cores``)."""
-    if step.cores and options.budget is not None:
-        return replace(options, budget=CpuBudget(step.cores), _sim=options._sim)
-    return options
 
 
 def load_graph(config: PipelineConfig, cache_dir: str | None) -> Graph:
@@ -127,75 +116,6 @@ class StepStats:
         return {"calls": self.calls, "items": self.items, "seconds": round(self.seconds, 6),
                 "broker_seconds": round(self.broker_s, 6), "largest_batch": self.largest_batch,
                 "batch_sizes": {str(k): v for k, v in sorted(self.batches.items())}}  # fmt: skip
-
-
-class StepWorkers:
-    """The workers of one broker step in one process: ``instances`` StageConsumers, each
-    with its own model sessions on its own thread, members of the step's group."""
-
-    def __init__(
-        self, config: PipelineConfig, step: Step, broker: Broker, options: StageOptions,
-        instances: int | None = None,
-    ) -> None:  # fmt: skip
-        self.step = step
-        self.topic = work_topic(config.name, step.name)
-        self.group = step.name
-        self.options = step_options(step, options)
-        n = instances or step.instances or config.instances
-        self.impls = [make_step(step, self.options) for _ in range(n)]
-        self.executors = [
-            ThreadPoolExecutor(1, thread_name_prefix=f"{config.name}-{step.name}-{i}")
-            for i in range(n)
-        ]
-        self.workers = [
-            StageConsumer(
-                broker,
-                self.topic,
-                self.group,
-                self._handler(i),
-                batch=step.max_batch_size or config.max_batch_size,
-                block_ms=config.block_ms,
-                reclaim_idle_ms=config.reclaim_idle_ms,
-                max_deliveries=config.max_deliveries,
-            )  # fmt: skip
-            for i in range(n)
-        ]
-        self._tasks: list[asyncio.Task] = []
-
-    def _handler(self, i: int):
-        impl, executor = self.impls[i], self.executors[i]
-        simulated = self.options.simulated
-
-        async def handle(messages: list[Message]) -> list[Message]:
-            results = await asyncio.get_running_loop().run_in_executor(
-                executor, impl.run_messages, messages
-            )
-            if simulated:  # the server marks the request sim=1 (Server-Timing)
-                for r in results:
-                    r.headers[SIMULATED] = 1
-            return results
-
-        return handle
-
-    def counts(self) -> dict[str, int]:
-        keys = ("processed", "expired", "failed", "reclaimed", "dead_lettered")
-        return {k: sum(getattr(w.stats, k) for w in self.workers) for k in keys}
-
-    async def start(self) -> None:
-        self._tasks = [
-            asyncio.create_task(w.run(), name=f"worker {self.topic}") for w in self.workers
-        ]
-
-    async def stop(self) -> None:
-        for w in self.workers:
-            w.stop()
-        for t in self._tasks:
-            try:
-                await asyncio.wait_for(t, 10)
-            except (TimeoutError, asyncio.CancelledError):
-                t.cancel()
-        for ex in self.executors:
-            ex.shutdown(wait=True)
 
 
 @dataclass
@@ -235,8 +155,12 @@ class PipelineServer:
         *,
         max_pixels: int = 64_000_000,
         cache_dir: str | None = None,
+        metrics: Any = None,
     ) -> None:
         self.name = config.name
+        #: ``on_step(step, items, batch, parts)`` and ``on_expired(step, n)`` (``/metrics``)
+        self.on_step = metrics.step_observer(config.name) if metrics is not None else None
+        on_expired = metrics.expired_observer(config.name) if metrics is not None else None
         self.config = config
         self.pool = pool
         self.broker = broker
@@ -286,6 +210,10 @@ class PipelineServer:
         )  # fmt: skip
         self.stats = ModelStats(self.name)
         self.step_stats = {s.name: StepStats() for s in self.graph.steps}
+        for w in self.local:
+            for c in w.workers:
+                if on_expired is not None:
+                    c.on_expired = partial(on_expired, w.step.name)
         self.params = ()
         self.ready = False
 
@@ -384,7 +312,9 @@ class PipelineServer:
             def detect() -> _Timed:
                 return _Timed(*impl.run_image(req.array()))
 
-            return (await self.pool.submit(req.trace, detect, deadline=req.deadline)).value
+            timed = await self.pool.submit(req.trace, detect, deadline=req.deadline)
+            self._record(req, s.name, 1, 1, timed.stages)
+            return timed.value
         model = self.impls.get(s.name)
 
         def prepare() -> tuple[list[np.ndarray], list[tuple[int, int]]]:
@@ -402,17 +332,29 @@ class PipelineServer:
                 resized = time.perf_counter() - t0
                 answers, st = model.run(pixels, sizes)
                 st["resize"] = resized
-                self.step_stats[s.name].record(len(pixels), st["infer"] + st["postprocess"],
-                                               len(pixels))  # fmt: skip
                 return _Timed(answers, st)
 
-            answers = (await self.pool.submit(req.trace, run, deadline=req.deadline)).value
+            timed = await self.pool.submit(req.trace, run, deadline=req.deadline)
+            answers, st = timed.value, timed.stages
+            n = 1 if crops is None else len(crops.items)
+            self._record(req, s.name, n, n, {k: st.get(k, 0.0) for k in ("infer", "postprocess")})
         else:
             pixels, sizes = await self.pool.submit(
                 req.trace, prepare, deadline=req.deadline, stage="resize"
             )
             answers = await self._over_broker(s, req, pixels, sizes)
         return answers if per_crop else answers[0]
+
+    def _record(
+        self, req: _Request, step: str, items: int, batch: int, parts: dict[str, float]
+    ) -> None:
+        """One call of ``step``: its stats, its share of the trace, and ``/metrics``."""
+        broker = parts.get("broker", 0.0)
+        work = sum(v for k, v in parts.items() if k != "broker")
+        self.step_stats[step].record(items, work, batch, broker)
+        req.trace.note_step(step, parts)
+        if self.on_step is not None:
+            self.on_step(step, items, batch, parts)
 
     async def _over_broker(
         self, s: Step, req: _Request, pixels: list[np.ndarray], sizes: list[tuple[int, int]]
@@ -483,9 +425,9 @@ class PipelineServer:
         trace.add("infer", infer)
         trace.add("postprocess", post)
         trace.advance(done)
-        self.step_stats[s.name].record(
-            len(items), infer + post, max(int(r.headers.get(BATCH, 1)) for r in results), broker_s
-        )
+        batch = max(int(r.headers.get(BATCH, 1)) for r in results)
+        self._record(req, s.name, len(items), batch,
+                     {"infer": infer, "postprocess": post, "broker": broker_s})  # fmt: skip
         if s.kind == "op":  # ocr_rec: text and score
             return [{"text": str(r.headers.get("text", "")),
                      "score": float(r.headers.get("score", 0.0))} for r in results]  # fmt: skip

@@ -12,7 +12,8 @@ import signal
 from cvserve.brokers import BrokerUnavailable, broker_from_url, redact_url
 from cvserve.config import PipelineConfig
 from cvserve.serving.pipelines.base import StageOptions, describe_runtime
-from cvserve.serving.pipelines.engine import StepWorkers, cpu_budget, load_graph, runtime_options
+from cvserve.serving.pipelines.engine import cpu_budget, load_graph, runtime_options
+from cvserve.serving.pipelines.workers import StepWorkers
 from cvserve.trace import Say
 
 log = logging.getLogger(__name__)
