@@ -540,7 +540,10 @@ def test_the_presets_open_the_dnns_their_profiles_name():
     want = {"ocr": {"det", "cls", "rec"}, "detect-classify": {"det", "cls"},
             "detect-embed": {"det", "emb"}}  # fmt: skip
     for kind in KINDS:
-        assert PipelineConfig(kind).dnns() == want[kind]
+        params = {"embedder": "mine"} if kind == "detect-embed" else {}
+        assert PipelineConfig(kind, params=params).dnns() == want[kind]
+    with pytest.raises(ConfigError, match="detect-embed needs params: {embedder: NAME}"):
+        PipelineConfig("faces", kind="detect-embed")
 
 
 def test_worker_flags_map_to_the_stages_pipeline_config():

@@ -252,3 +252,27 @@ def test_an_invalid_graph_is_one_line_naming_the_step(built, tmp_path, steps, er
     with pytest.raises(ConfigError) as e:
         load_graph(load_config(path).pipelines[0], str(cache))
     assert error in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_detect_embed_preset_names_each_crop_from_the_gallery(built, data_dir, tmp_path):
+    """The paper's pipeline as a preset: detect -> crops (10% margin, square) -> embed over
+    the broker -> the gallery's nearest names, each crop's answer nested in its entry."""
+    cache, w, gallery = built
+    path = tmp_path / "faces.yaml"
+    path.write_text(
+        "pipelines:\n  - name: faces\n    kind: detect-embed\n    params: {detector: tiny-yolos, "
+        f"embedder: standin-embed, objects: 3, gallery: '{gallery}', neighbours: 2}}\n"
+    )
+    photo = (data_dir / "images/small/person.jpg").read_bytes()
+    with _serve(path, cache) as server:
+        r = httpx.post(f"{server.url}/v1/pipelines/faces:predict", content=photo, timeout=120)
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert 0 < len(answer["crops"]) <= 3
+    with np.load(gallery) as f:
+        names = set(f["names"])
+    for crop in answer["crops"]:
+        assert len(crop["embed"]["embedding"]) == EMBED_DIM
+        got = crop["gallery"]["neighbours"]
+        assert len(got) == 2 and {n["name"] for n in got} <= names
+        assert got[0]["distance"] <= got[1]["distance"]
