@@ -36,7 +36,7 @@ class StageOptions:
     #: profile's time per batch and burns no host CPU (``cvserve.runtime.simulated``).
     runtime: str = "onnxruntime"
     #: The simulated runtime's latency profile: one spec for every DNN, or one per DNN
-    #: name (``{"det": "1:5", "cls": "1:20,16:100"}``; see ``PipelineKind.dnns``).
+    #: name (``{"det": "1:5", "cls": "1:20,16:100"}``; see ``config.graph.Step.dnns``).
     sim_profile: str | Mapping[str, str] | None = None
     #: Simulated devices per DNN, shared by every stage opened with these options.
     sim_devices: int = 1
