@@ -276,3 +276,37 @@ def test_the_detect_embed_preset_names_each_crop_from_the_gallery(built, data_di
         got = crop["gallery"]["neighbours"]
         assert len(got) == 2 and {n["name"] for n in got} <= names
         assert got[0]["distance"] <= got[1]["distance"]
+
+
+def test_ocr_steps_all_in_process_answer_as_the_preset_over_the_broker(data_dir, tmp_path):
+    """The ``ocr`` preset's steps with ``rec`` in the request's thread instead of behind
+    the broker: the same lines, boxes and scores."""
+    pytest.importorskip("cv2", reason="the ocr ops need the ocr extra")
+    path = tmp_path / "ocr.yaml"
+    path.write_text(
+        "pipelines:\n"
+        "  - {name: ocr}\n"
+        "  - name: here\n    answer: ocr\n    steps:\n"
+        "      - {name: det, op: ocr_det}\n"
+        "      - {name: regions, crop: det, output: false}\n"
+        "      - {name: rec, op: ocr_rec, input: regions}\n"
+    )
+    cfg = dataclasses.replace(load_config(path), port=free_port())
+    images = sorted((data_dir / "ocr").glob("*"))[:2]
+    assert images
+    with ServerThread(cfg) as server, httpx.Client(base_url=server.url, timeout=120) as c:
+        for image in images:
+            a = c.post("/v1/pipelines/ocr:predict", content=image.read_bytes())
+            b = c.post("/v1/pipelines/here:predict", content=image.read_bytes())
+            assert a.status_code == b.status_code == 200, (a.text, b.text)
+            want, got = a.json(), b.json()
+            assert want["regions"] == got["regions"] > 0
+            # the recognizer pads the crops of one call to a common width: calls made of
+            # other crops (the broker's batches of 16) move scores by up to ~1%
+            assert [ln["box"] for ln in want["lines"]] == [ln["box"] for ln in got["lines"]]
+            same = [
+                a["text"] == b["text"] for a, b in zip(want["lines"], got["lines"], strict=True)
+            ]
+            assert np.mean(same) >= 0.9
+            np.testing.assert_allclose([ln["score"] for ln in want["lines"]],
+                                       [ln["score"] for ln in got["lines"]], atol=0.03)  # fmt: skip

@@ -210,6 +210,13 @@ class PipelineServer:
         )  # fmt: skip
         self.stats = ModelStats(self.name)
         self.step_stats = {s.name: StepStats() for s in self.graph.steps}
+        #: the step run with decoding in one trip to the pool: the first in-process model or
+        #: op on the image (the detector of most pipelines)
+        self.first = next(
+            (s for s in self.graph.steps
+             if s.source == IMAGE and s.via == "inprocess" and s.kind in ("model", "op")),
+            None,
+        )  # fmt: skip
         for w in self.local:
             for c in w.workers:
                 if on_expired is not None:
@@ -270,20 +277,29 @@ class PipelineServer:
         self, data: bytes, trace: Trace, deadline: float, params: dict[str, Any]
     ) -> Prediction:
         with self.admission.admit(deadline):
-            dec = await self.pool.submit(
-                trace, self._decode, data, deadline=deadline, stage="decode"
-            )
+            # Decoding and the first step on the image share one trip to the pool (a
+            # second trip would queue each request behind every other's decoding).
+            first = await self.pool.submit(trace, self._decode_first, data, deadline=deadline,
+                                           fail_stage="decode")  # fmt: skip
+            dec, value, parts = first.value
             if self.options.simulated:
                 trace.simulated = True
             req = _Request(dec.image, trace, deadline, uuid.uuid4().hex)
             tasks: dict[str, asyncio.Future] = {}
+            if self.first is not None:
+                self._record(req, self.first.name, 1, 1, parts)
+                tasks[self.first.name] = asyncio.get_running_loop().create_future()
+                tasks[self.first.name].set_result(value)
             for s in self.graph.steps:
-                tasks[s.name] = asyncio.ensure_future(self._step(req, s, tasks.get(s.source)))
+                if s.name not in tasks:
+                    tasks[s.name] = asyncio.ensure_future(self._step(req, s, tasks.get(s.source)))
             try:
                 values = {name: await t for name, t in tasks.items()}
             finally:
                 for t in tasks.values():  # a failed or cancelled step stops its siblings
                     t.cancel()
+                    if t.done() and not t.cancelled():
+                        t.exception()  # retrieved: the first failure is what answers
             t0 = time.perf_counter()
             result = join_answer(self.config.answer, self.graph, values)
             trace.add("postprocess", time.perf_counter() - t0)
@@ -291,6 +307,27 @@ class PipelineServer:
             batch = max((self.step_stats[s.name].largest_batch for s in self.graph.steps),
                         default=1)  # fmt: skip
             return Prediction(result=result, batch_size=max(1, batch), image_size=dec.orig_size)
+
+    def _decode_first(self, data: bytes) -> _Timed:
+        """Decode, then run ``self.first`` (an in-process step on the image) if any."""
+        t0 = time.perf_counter()
+        dec = self._decode(data)
+        t1 = time.perf_counter()
+        stages: dict[str, float] = {"decode": t1 - t0}
+        value, parts = None, {}
+        s = self.first
+        if s is not None and s.kind == "op":
+            value, parts = self.impls[s.name].run_image(np.asarray(dec.image))
+        elif s is not None:
+            model = self.impls[s.name]
+            pixels = model.prepare_image(dec.image)
+            parts = {"resize": time.perf_counter() - t1}
+            answers, st = model.run([pixels], [dec.image.size])
+            value = answers[0]
+            parts.update(st)
+        for k, v in parts.items():
+            stages[k] = stages.get(k, 0.0) + v
+        return _Timed((dec, value, parts), stages)
 
     async def _step(self, req: _Request, s: Step, source: asyncio.Future | None) -> Any:
         value = req.image if source is None else await source
@@ -320,7 +357,7 @@ class PipelineServer:
         def prepare() -> tuple[list[np.ndarray], list[tuple[int, int]]]:
             if crops is None:
                 return [model.prepare_image(req.image)], [req.image.size]
-            size = model.size if model is not None else None
+            size = model.size if isinstance(model, ModelStep) else None
             return ([c.pixels(req.image, size) for c in crops.items],
                     [(c.box[2] - c.box[0], c.box[3] - c.box[1]) for c in crops.items])  # fmt: skip
 
@@ -338,6 +375,28 @@ class PipelineServer:
             answers, st = timed.value, timed.stages
             n = 1 if crops is None else len(crops.items)
             self._record(req, s.name, n, n, {k: st.get(k, 0.0) for k in ("infer", "postprocess")})
+        elif s.via == "inprocess":  # op: ocr_rec, on this request's crops in one call
+            impl = self.impls[s.name]
+
+            def read() -> _Timed:
+                t0 = time.perf_counter()
+                pixels, _ = prepare()
+                resized = time.perf_counter() - t0
+                out = impl.run_messages(
+                    [
+                        Message(request_id=req.rid, index=i, arrays={"crop": p})
+                        for i, p in enumerate(pixels)
+                    ]  # fmt: skip
+                )
+                st = {"resize": resized, "infer": float(out[0].headers.get(INFER_S, 0.0)),
+                      "postprocess": float(out[0].headers.get(POST_S, 0.0))}  # fmt: skip
+                return _Timed([{"text": str(r.headers.get("text", "")),
+                                "score": float(r.headers.get("score", 0.0))} for r in out], st)  # fmt: skip
+
+            timed = await self.pool.submit(req.trace, read, deadline=req.deadline)
+            answers = timed.value
+            n = len(answers)
+            self._record(req, s.name, n, n, {k: timed.stages[k] for k in ("infer", "postprocess")})
         else:
             pixels, sizes = await self.pool.submit(
                 req.trace, prepare, deadline=req.deadline, stage="resize"
@@ -348,11 +407,12 @@ class PipelineServer:
     def _record(
         self, req: _Request, step: str, items: int, batch: int, parts: dict[str, float]
     ) -> None:
-        """One call of ``step``: its stats, its share of the trace, and ``/metrics``."""
-        broker = parts.get("broker", 0.0)
-        work = sum(v for k, v in parts.items() if k != "broker")
-        self.step_stats[step].record(items, work, batch, broker)
+        """One call of ``step``: its stats, its share of the trace (every stage it
+        spent time in), and ``/metrics`` (infer, postprocess, broker)."""
         req.trace.note_step(step, parts)
+        parts = {k: parts[k] for k in ("infer", "postprocess", "broker") if k in parts}
+        broker = parts.get("broker", 0.0)
+        self.step_stats[step].record(items, sum(parts.values()) - broker, batch, broker)
         if self.on_step is not None:
             self.on_step(step, items, batch, parts)
 
