@@ -38,18 +38,38 @@ def point(src: str, name: str, spec: dict, conc: list[int], a, tmp: str) -> list
     os.environ["PYTHONPATH"] = src  # the server's copy of cvserve
     try:
         with ServerProcess(["--config", str(cfg)]) as srv:
+            cpu0, n0 = _cpu_s(srv.proc.pid), _answered(srv.url, name)
             res = run_bench(BenchConfig(
                 url=srv.url, model=name, kind="pipeline", images=str(spec["images"]),
                 concurrency=conc, duration=a.duration, warmup=a.warmup,
             ))  # fmt: skip
+            cpu1, n1 = _cpu_s(srv.proc.pid), _answered(srv.url, name)
     finally:
         if old is None:
             os.environ.pop("PYTHONPATH", None)
         else:
             os.environ["PYTHONPATH"] = old
+    # server CPU seconds per answered request over the whole run (every concurrency):
+    # what a busy machine changes least
+    cpu = (cpu1 - cpu0) / (n1 - n0) if n1 > n0 else None
     return [{"concurrency": p.concurrency, "throughput_rps": p.throughput_rps,
-             "p50_ms": p.latency_ms["p50"], "errors": p.errors["total"]}
-            for p in res.points]  # fmt: skip
+             "p50_ms": p.latency_ms["p50"], "errors": p.errors["total"],
+             "server_cpu_s_per_request": cpu} for p in res.points]  # fmt: skip
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _answered(url: str, name: str) -> int:
+    import re
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    pat = rf'cvserve_requests_total{{model="{re.escape(name)}",status="(\d+)"}} ([0-9.e+]+)'
+    return int(sum(float(v) for _, v in re.findall(pat, text)))
 
 
 def main() -> int:
@@ -90,6 +110,8 @@ def main() -> int:
                 "before_p50_ms": median_range(of("before", "p50_ms")),
                 "after_p50_ms": median_range(of("after", "p50_ms")),
                 "after_over_before": median_range(ratios),
+                "before_cpu_s_per_request": median_range(of("before", "server_cpu_s_per_request")),
+                "after_cpu_s_per_request": median_range(of("after", "server_cpu_s_per_request")),
                 "ratio_median": statistics.median(ratios) if ratios else None,
             })  # fmt: skip
             s = summary[-1]
