@@ -113,9 +113,9 @@ for m in $MODELS; do
     for pre in cpu gpu; do
       say "end to end: $m, $size photos, $pre preprocessing, concurrency $CONC"
       timeout 150 cvserve bench --inprocess --model "$m" --images "$DATA/images/$size" \
-        --concurrency "$CONC" --duration 2 --warmup 1 --cache-dir "$CACHE" \
+        --concurrency "$CONC" --duration 2 --warmup-ms 1000 --cache-dir "$CACHE" \
         --label "$m/$size/$pre" --out "$WORK/e2e-$m-$size-$pre.json" \
-        --serve-args "--device cuda --preprocess $pre --max-batch 64 --max-delay-ms 2 --trt-cache $CACHE/trt" \
+        --serve-args "--device cuda --preprocess $pre --max-batch-size 64 --max-delay-ms 2 --trt-cache $CACHE/trt" \
         >"$WORK/e2e-$m-$size-$pre.log" 2>&1 \
         || { tail -20 "$WORK/e2e-$m-$size-$pre.log" >&2; die "end-to-end run $m/$size/$pre failed"; }
     done

@@ -22,7 +22,7 @@ are compared line list to line list (similarity: ``difflib`` ratio of the joined
     python benchmarks/heavy.py                               # ~15 minutes on 2 cores
     python benchmarks/heavy.py --duration 20 --repeats 1     # ~7 minutes
     python benchmarks/heavy.py --workloads ocr --ocr-arg=--stage-workers=2
-    python benchmarks/heavy.py --cvserve-arg='--max-batch 4' --segment-arg=--instances=2
+    python benchmarks/heavy.py --cvserve-arg='--max-batch-size 4' --segment-arg=--instances=2
 
 ``--cvserve-arg`` (repeatable; each value is split like a shell line) goes to both cvserve
 servers, ``--ocr-arg``/``--segment-arg`` to one. The issue's goals (issue 11) are checked

@@ -23,7 +23,8 @@ in one buffer, so ``tune.bufsize`` is sized to the largest image.
     python benchmarks/lb_replicas.py --replicas 3 --model resnet18 --repeats 3
     python benchmarks/lb_replicas.py --quick
 
-Writes benchmarks/results/lb_replicas.json and prints a table.
+Writes benchmarks/results/lb_replicas.json (--quick: a file in the temporary folder,
+never the committed result) and prints a table within 80 columns.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from collections import Counter
@@ -44,14 +46,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 from rolling_restart import LOST, load, serve_args  # a sibling script: benchmarks/ is sys.path[0]
 
+from cvserve.bench.console import fit_table
 from cvserve.bench.results import write_benchmark
 from cvserve.models import store
 from cvserve.serving.process import ServerProcess, free_port
 
 HERE = Path(__file__).resolve().parent
+RESULT = HERE / "results" / "lb_replicas.json"
+#: --quick is a smoke test: its result goes beside the system's temporary files
+QUICK_RESULT = Path(tempfile.gettempdir()) / "lb_replicas-quick.json"
 BACKEND = "replicas"
 FRONTEND = "cvserve"
 FALL = RISE = 2
@@ -314,14 +319,43 @@ def run_once(a: argparse.Namespace, exe: str, images: list[bytes]) -> dict:
         "haproxy_cfg": config,
     }
     replica_5xx = sum(s.get("hrsp_5xx", 0) for s in row["haproxy"]["servers"].values())
-    print(
+    print(_summary_line(row, be, fe, replica_5xx), file=sys.stderr, flush=True)
+    return row
+
+
+def results_table(rows: list[dict], title: str):  # noqa: ANN201
+    """One line per run, within 80 columns (the caption names the short headers)."""
+    cells = []
+    for i, r in enumerate(rows):
+        h = r["haproxy"]
+        downs = [x["haproxy_down_after_s"] for x in r["restarts"]
+                 if x["haproxy_down_after_s"] is not None]  # fmt: skip
+        cells.append([
+            i + 1, r["requests"], r["throughput_rps"], r["ok"], r["non_200"], r["refused"],
+            r["lost"], h["backend"].get("wretr", 0), h["backend"].get("wredis", 0),
+            sum(s.get("hrsp_5xx", 0) for s in h["servers"].values()),
+            h["frontend"].get("hrsp_5xx", 0), f"{max(downs):.2f}" if downs else "-",
+        ])  # fmt: skip
+    headers = ("run", "reqs", "req/s", "200", "other", "refused", "lost", "retry", "redisp",
+               "5xx in", "5xx out", "out s")  # fmt: skip
+    caption = [
+        "other: answers that were not 200; refused: connections refused; lost: no answer.",
+        "retry, redisp: HAProxy's retries and redispatches; 5xx in: from the replicas, 5xx "
+        "out: to the clients; out s: the longest time from a replica's SIGTERM to HAProxy "
+        "taking it out of the rotation.",
+    ]
+    return fit_table(headers, cells, title=title, caption=caption)
+
+
+def _summary_line(row: dict, be: dict, fe: dict, replica_5xx: int) -> str:
+    """The run's outcome, wrapped at 80 columns."""
+    return textwrap.fill(
         f"{row['requests']} requests through haproxy, {row['ok']} ok, {row['non_200']} other "
         f"status, {row['transport_errors']} transport errors ({row['lost']} lost); haproxy: "
         f"{be.get('wretr', 0)} retries, {be.get('wredis', 0)} redispatches, {replica_5xx} x 5xx "
         f"from replicas, {fe.get('hrsp_5xx', 0)} x 5xx to clients",
-        file=sys.stderr, flush=True,
-    )  # fmt: skip
-    return row
+        80,
+    )
 
 
 def main() -> int:
@@ -343,11 +377,14 @@ def main() -> int:
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--quick", action="store_true",
                    help="2 replicas, 4 clients, 1 s drain delay, 1 repeat (a smoke test)")  # fmt: skip
-    p.add_argument("--out", default=str(HERE / "results" / "lb_replicas.json"))
+    p.add_argument("--out", default=None,
+                   help=f"result file (default {RESULT}; with --quick {QUICK_RESULT}, so a "
+                   "smoke test never replaces the committed result)")  # fmt: skip
     a = p.parse_args()
     if a.quick:
         a.replicas, a.concurrency, a.drain_delay = 2, 4, 1.0
         a.before, a.after, a.repeats = 1.0, 1.0, 1
+    a.out = a.out or str(QUICK_RESULT if a.quick else RESULT)
     if a.replicas < 2:
         p.error("--replicas: at least 2 (one must serve while another restarts)")
     try:
@@ -364,27 +401,7 @@ def main() -> int:
 
     title = (f"rolling restart of {a.replicas} replicas behind HAProxy {version}, {a.model}, "
              f"c={a.concurrency}, drain delay {a.drain_delay:g} s")  # fmt: skip
-    table = Table(title=title)
-    for col in ("run", "requests", "req/s", "200", "other status", "refused", "lost",
-                "retries", "redispatches", "5xx from replicas", "5xx to clients",
-                "out after s (max)"):  # fmt: skip
-        table.add_column(col, justify="right")
-    for i, r in enumerate(rows):
-        h = r["haproxy"]
-        downs = [
-            x["haproxy_down_after_s"]
-            for x in r["restarts"]
-            if x["haproxy_down_after_s"] is not None
-        ]
-        table.add_row(
-            str(i + 1), str(r["requests"]), f"{r['throughput_rps']:.1f}", str(r["ok"]),
-            str(r["non_200"]), str(r["refused"]), str(r["lost"]),
-            str(h["backend"].get("wretr", 0)), str(h["backend"].get("wredis", 0)),
-            str(sum(s.get("hrsp_5xx", 0) for s in h["servers"].values())),
-            str(h["frontend"].get("hrsp_5xx", 0)),
-            f"{max(downs):.2f}" if downs else "-",
-        )  # fmt: skip
-    Console(width=140).print(table)  # 12 columns: wider than a pipe's default 80
+    Console().print(results_table(rows, title))
     summary = {
         "haproxy_version": version,
         "runs": len(rows),

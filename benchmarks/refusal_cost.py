@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 MEDIUM = HERE.parent.parent / "shared" / "data" / "images"
 PHOTOS = (MEDIUM / "medium" / "demo01.jpg", MEDIUM / "small" / "demo08.jpg")
 SERVE = ["--model", "tiny-resnet", "--runtime", "simulated", "--sim-profile", "1:2000",
-         "--max-batch", "1", "--max-queue", "2"]  # fmt: skip
+         "--max-batch-size", "1", "--max-queue", "2"]  # fmt: skip
 
 
 def _cpu_s(pid: int) -> float:

@@ -257,7 +257,7 @@ def params(a) -> dict:
 
 def worker_argv(broker: str, a) -> list[str]:
     argv = [sys.executable, "-m", "cvserve", "worker", "--pipeline", PIPELINE, "--kind",
-            "detect-classify", "--stage", "classify", "--broker", broker, "--max-batch",
+            "detect-classify", "--stage", "classify", "--broker", broker, "--max-batch-size",
             str(a.max_batch), "--runtime", "simulated", "--sim-profile", a.cls_profile]  # fmt: skip
     for k, v in params(a).items():
         argv += ["--param", f"{k}={v}"]

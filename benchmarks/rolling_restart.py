@@ -76,7 +76,7 @@ def load(url: str, model: str, images: list[bytes], k: int, stop: threading.Even
 
 
 def serve_args(a: argparse.Namespace, mode: str, metrics_port: int) -> list[str]:
-    args = ["--model", a.model, "--max-batch", "8", "--max-delay-ms", "5"]
+    args = ["--model", a.model, "--max-batch-size", "8", "--max-delay-ms", "5"]
     if a.cache_dir:
         args += ["--cache-dir", a.cache_dir]
     if a.drain_delay:

@@ -8,6 +8,11 @@ from pathlib import Path
 import pytest
 
 from cvserve.brokers.redis_server import RedisServer, find_redis_server
+from cvserve.models import torchvision_compat
+
+# PyPI's torchvision (timm's dependency, in the zoo extra) is built for the CUDA torch; it
+# imports beside torch+cpu only with this hook (free until something imports torchvision).
+torchvision_compat.install()
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -551,7 +551,7 @@ def test_worker_flags_map_to_the_stages_pipeline_config():
     from cvserve.config import worker_config_from_args
 
     argv = ["worker", "--pipeline", "dc", "--kind", "detect-classify", "--stage", "classify",
-            "--broker", "redis://h:6379", "--max-batch", "4", "--reclaim-idle-ms", "900",
+            "--broker", "redis://h:6379", "--max-batch-size", "4", "--reclaim-idle-ms", "900",
             "--param", "classifier=resnet18", "--param", "objects=3",
             "--runtime", "simulated", "--sim-profile", "1:2"]  # fmt: skip
     cfg = worker_config_from_args(build_parser().parse_args(argv))

@@ -36,17 +36,18 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 def image_processor(model: str) -> Any:
     """The HF image processor of zoo model ``model``, built from its zoo settings."""
+    from cvserve.models import torchvision_compat
+
+    torchvision_compat.install()  # transformers imports torchvision where one is installed
     import transformers
 
+    from cvserve.models.hf import processor_class
     from cvserve.models.zoo import ZOO
 
     entry = ZOO[model]
     # transformers 5 names the PIL/numpy backend "<Name>Pil" (the plain name wants
     # torchvision and falls back to it, with a warning, when that is missing).
-    cls = getattr(transformers, f"{entry.processor_class}Pil", None) or getattr(
-        transformers, entry.processor_class
-    )
-    return cls(**entry.processor)
+    return processor_class(transformers, entry.processor_class)(**entry.processor)
 
 
 def mask_png(mask: np.ndarray) -> dict[str, Any]:

@@ -23,9 +23,9 @@ def test_sweep_against_real_server_then_report(model_cache, data_dir, tmp_path):
     out = tmp_path / "tiny.json"
     r = _cli(
         "bench", "--inprocess", "--model", "tiny-resnet", "--cache-dir", str(model_cache),
-        "--serve-args", "--max-batch 4 --max-delay-ms 2",
+        "--serve-args", "--max-batch-size 4 --max-delay-ms 2",
         "--images", str(data_dir / "images" / "small"),
-        "--concurrency", "1,4", "--duration", "1.5", "--warmup", "0.5", "--out", str(out),
+        "--concurrency", "1,4", "--duration", "1.5", "--warmup-ms", "500", "--out", str(out),
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     doc = json.loads(out.read_text())

@@ -353,7 +353,7 @@ def test_cli_inprocess_grpc(model_cache, data_dir, tmp_path):
             sys.executable, "-m", "cvserve", "bench", "--inprocess", "--model", MODEL,
             "--cache-dir", str(model_cache), "--protocol", "v2-grpc", "--input-tensor",
             "--images", str(data_dir / "images" / "small"), "--concurrency", "2",
-            "--requests", "10", "--warmup", "0.2", "--out", str(out),
+            "--requests", "10", "--warmup-ms", "200", "--out", str(out),
         ],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip

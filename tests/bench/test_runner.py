@@ -49,7 +49,8 @@ def sweep(fake_url, small_images, tmp_path_factory):
 def test_public_names():
     assert sorted(bench.__all__) == sorted(
         [
-            "SCHEMA_VERSION", "BenchConfig", "BenchError", "BenchImage", "BenchResult",
+            "SCHEMA_VERSION", "BenchConfig", "BenchError", "BenchImage", "BenchInterrupted",
+            "BenchResult",
             "ImageSourceError", "TargetNotServed", "PointSummary", "ProgressReporter",
             "ResultError", "ServerUnreachable", "breakdown_table", "load_images", "load_result",
             "report", "run_bench", "save_result", "summary_table", "validate",

@@ -134,7 +134,7 @@ def test_heavy_benchmark_runs_end_to_end(seg_cache, data_dir, tmp_path):
         "--ocr-images", str(data_dir / "ocr" / "ger_1.jpg"),
         "--segment-images", str(data_dir / "images" / "small" / "dog.jpg"),
         "--concurrency", "1", "--duration", "2", "--warmup", "0", "--repeats", "1",
-        "--cvserve-arg=--max-batch 2", "--out", str(out),
+        "--cvserve-arg=--max-batch-size 2", "--out", str(out),
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -153,7 +153,7 @@ def test_heavy_benchmark_runs_end_to_end(seg_cache, data_dir, tmp_path):
         else:
             assert s["breakdown_ms_median"] == {}  # the baselines send no Server-Timing
     assert doc["servers"]["ocr"]["cvserve"] == "cvserve serve --pipeline ocr " + (
-        f"--cache-dir {seg_cache} --max-batch 2"
+        f"--cache-dir {seg_cache} --max-batch-size 2"
     )
     ocr = doc["checks"]["ocr"]
     assert ocr["min_similarity"] == 1.0 and ocr["differ"] == []

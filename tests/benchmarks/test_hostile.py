@@ -21,7 +21,7 @@ def test_hostile_benchmark_runs_every_attack(model_cache, tmp_path):
         # (a body is let in while it leaves as much room as it takes: 2.5 MiB holds one
         # 1 MiB body and a photo arriving at once), so the other is refused before it is
         # read. (2 MiB refused both under load whenever a photo was arriving.)
-        "--serve-args", "--max-body-mb 1 --max-body-bytes-in-flight 2621440",
+        "--serve-args", "--max-body-bytes 1MiB --max-body-bytes-in-flight 2621440",
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import io
 import resource
+import sys
 
 import numpy as np
 import pytest
-from bad_files import KIND, OPENCV_LENIENT, STATUS
+from bad_files import BY_EXTRA, KIND, OPENCV_LENIENT, STATUS
 from PIL import Image, ImageFilter
 
 from cvserve.images.decode import (
@@ -17,6 +18,7 @@ from cvserve.images.decode import (
     UndecodableImage,
     UnsupportedImageType,
     decode,
+    sniff_format,
 )
 
 # What each file in shared/data/bad must give: a decoded image of this (w, h), or an error.
@@ -27,7 +29,7 @@ EXPECTED = {
     "decompression_bomb.gif": ImageTooLarge,
     "f006e96f3b27fdfaa075322d759ea2e8.jpg": UndecodableImage,
     "hopper.bmp": (128, 128),
-    "hopper.heif": UnsupportedImageType,
+    "hopper.heif": (128, 128),  # by the heic extra
     "hopper.webp": (128, 128),
     "hopper_16bit_qtables.jpg": (128, 128),
     "hopper_bad_exif.jpg": (500, 500),
@@ -81,7 +83,8 @@ def test_the_status_table_agrees_with_the_manifest_and_the_decoder(data_dir):
     }
     assert sorted(notes) == sorted(STATUS)
     for name, status in STATUS.items():
-        assert ("Pillow 13.0.0: decodes OK" in notes[name]) == (status == 200), name
+        decodes = "Pillow 13.0.0: decodes OK" in notes[name] or name in BY_EXTRA
+        assert decodes == (status == 200), name
         want = EXPECTED[name]
         assert status == (200 if isinstance(want, tuple) else want.status), name
         if "DecompressionBombError" in notes[name]:
@@ -247,3 +250,41 @@ def test_pixel_limit_is_checked_before_decoding():
 def test_errors_are_image_errors():
     with pytest.raises(ImageError):
         decode(b"not an image at all")
+
+
+def _encoded(fmt: str, size=(96, 64)) -> bytes:
+    if fmt == "HEIF":
+        import pillow_heif
+
+        pillow_heif.register_heif_opener()
+    im = Image.new("RGB", size, (200, 30, 60))
+    buf = io.BytesIO()
+    im.save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["AVIF", "HEIF"])
+def test_avif_and_heic_decode_under_the_same_limits(fmt):
+    data = _encoded(fmt)
+    assert sniff_format(data) == fmt
+    d = decode(data)
+    assert d.format == fmt and d.image.size == (96, 64) and d.image.mode == "RGB"
+    r, g, b = np.asarray(d.image).reshape(-1, 3).mean(axis=0)
+    assert abs(r - 200) < 12 and abs(g - 30) < 12 and abs(b - 60) < 12
+    with pytest.raises(ImageTooLarge, match="96x64"):  # from the header, before decoding
+        decode(data, max_pixels=96 * 64 - 1)
+
+
+def test_heic_without_the_extra_is_a_415_naming_it(monkeypatch):
+    data = _encoded("HEIF")
+    monkeypatch.setitem(sys.modules, "pillow_heif", None)  # import fails as if absent
+    with pytest.raises(UnsupportedImageType, match=r"pip install 'cvserve\[heic\]'") as info:
+        decode(data)
+    assert info.value.status == 415 and "HEIF" not in info.value.detail["supported"]
+
+
+def test_an_mp4_is_not_an_image():
+    mp4 = b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2" + bytes(64)
+    assert sniff_format(mp4) is None
+    with pytest.raises(UnsupportedImageType, match="unknown"):
+        decode(mp4)

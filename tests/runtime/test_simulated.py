@@ -311,3 +311,32 @@ def test_outputs_match_the_real_model_and_feed_every_head(task_paths, name, data
         assert result  # every head turns the simulated rows into an answer
     with pytest.raises(ValueError):
         got[0][0].flat[0] = 1  # nobody can change the shared arrays
+
+
+def test_start_up_line_is_short(caplog):
+    """The log line a simulated model starts with names the device and its latency range,
+    not the profile's whole source (which ``GET /v1/models/NAME`` has)."""
+    import logging
+
+    from cvserve.runtime.sim_profile import SimProfile
+
+    a100 = SimProfile.parse("resnet50-trt-a100")
+    assert len(a100.source) > 200  # what the line used to carry
+    line = a100.summary()
+    assert len(line) <= 80 and "A100" in line and "batch 1 2.13 ms" in line, line
+    assert "batch 128 48.1 ms" in line
+    assert SimProfile.parse("1:0.9,8:2.4").summary() == "batch 1 0.9 ms .. batch 8 2.4 ms"
+    long = SimProfile.from_pairs("1:1", device="x" * 200)
+    assert len(long.summary()) <= 80 and long.summary().startswith("xxx")
+
+    from cvserve.config import ModelConfig
+    from cvserve.serving import model as served
+
+    cfg = ModelConfig("m", runtime="simulated", sim_profile="resnet50-trt-a100")
+    caplog.set_level(logging.INFO, logger="cvserve.serving.model")
+    try:
+        served._make_runtimes("/nonexistent.onnx", cfg)
+    except Exception:  # noqa: BLE001 - no model file: only the line is under test
+        pass
+    (msg,) = [r.getMessage() for r in caplog.records if "simulated accelerator" in r.getMessage()]
+    assert len(msg) <= 140 and "github.com" not in msg, msg

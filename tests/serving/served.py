@@ -18,7 +18,7 @@ from cvserve.serving.process import free_port
 MODEL = "tiny-resnet"
 PREDICT = f"/v1/models/{MODEL}:predict"
 #: The simulated accelerator at 1.5 s a batch of one: a request stays in flight long enough.
-SLOW = ["--runtime", "simulated", "--sim-profile", "1:1500", "--max-batch", "1"]
+SLOW = ["--runtime", "simulated", "--sim-profile", "1:1500", "--max-batch-size", "1"]
 
 
 def stop_processes(*procs: subprocess.Popen) -> None:

@@ -91,6 +91,7 @@ def test_expected_wait_past_max_queue_wait_is_refused_at_once(model_cache, photo
     srv = _slow_server(model_cache, max_queue_wait_ms=700)
     try:
         before = _admission(srv.url)
+        fresh = httpx.get(f"{srv.url}/metrics", timeout=10).text
         first, late = _queue_then(srv.url, photo, 8, lambda: _post(srv.url, photo))
         after = _post(srv.url, photo)  # the queue has drained
         described = _admission(srv.url)
@@ -104,6 +105,10 @@ def test_expected_wait_past_max_queue_wait_is_refused_at_once(model_cache, photo
         for line in metrics.splitlines() if line.startswith(f'{name}{{model="{MODEL}"}}')
     )  # fmt: skip
     assert rate == pytest.approx(2.0, rel=0.25) and limit == 0.7
+    # before any request: gauges read 0, never NaN (dashboards and alerts choke on it)
+    assert "NaN" not in fresh
+    assert f'cvserve_service_rate{{model="{MODEL}"}} 0.0' in fresh
+    assert f'cvserve_expected_wait_seconds{{model="{MODEL}"}} 0.0' in fresh
     assert wait == pytest.approx(0.5, rel=0.25)  # an idle model: its own batch only
     # no rate before any request: only the count limit (64) applied, so all 8 got in
     assert before["service_rate_per_s"] is None and before["wait_limit_ms"] == 700

@@ -147,7 +147,7 @@ def test_bench_cli_reads_the_key_from_a_file(secured, data_dir, tmp_path, monkey
     img = str(data_dir / "images" / "small" / "dog.jpg")
     out = tmp_path / "r.json"
     args = ["bench", "--url", secured.url, "--model", MODEL, "--images", img,
-            "--requests", "3", "--warmup", "0", "--out", str(out)]  # fmt: skip
+            "--requests", "3", "--warmup-ms", "0", "--out", str(out)]  # fmt: skip
     assert main([*args, "--api-key-file", str(key_file)]) == 0
     import json
 

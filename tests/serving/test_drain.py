@@ -39,7 +39,7 @@ def _outcome(c: httpx.Client, body: bytes) -> str:
 
 def test_sigterm_under_load_answers_every_request(model_cache, data_dir, tmp_path):
     images = _photos(data_dir)
-    with Served(tmp_path, model_cache, "--max-batch", "4", "--max-delay-ms", "10") as srv:
+    with Served(tmp_path, model_cache, "--max-batch-size", "4", "--max-delay-ms", "10") as srv:
         srv.wait_ready()
         outcomes: list[str] = []
         lock = threading.Lock()
@@ -152,7 +152,7 @@ def test_rolling_restart_on_a_shared_port_loses_nothing(model_cache, data_dir, t
     """A replacement joins the port (SO_REUSEPORT) once loaded; then the old one drains."""
     images = _photos(data_dir)
     port = free_port()
-    flags = ("--reuse-port", "--drain-delay", "1", "--max-batch", "4", "--metrics-port")
+    flags = ("--reuse-port", "--drain-delay", "1", "--max-batch-size", "4", "--metrics-port")
     outcomes: list[str] = []
     lock, stop = threading.Lock(), threading.Event()
 

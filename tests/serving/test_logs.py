@@ -63,7 +63,7 @@ def test_one_line_per_failed_request(server, data_dir):
     bad = data_dir / "bad"
     cases = {
         "f-trunc": (PREDICT, (bad / "truncated_jpeg.jpg").read_bytes(), 400, "undecodable_image"),
-        "f-heif": (PREDICT, (bad / "hopper.heif").read_bytes(), 415, "unsupported_media_type"),
+        "f-12bit": (PREDICT, (bad / "monkey12.jpg").read_bytes(), 415, "unsupported_media_type"),
         "f-big": (PREDICT, (bad / "max_size.jpg").read_bytes(), 413, "image_too_large"),
         "f-none": ("/v1/models/nope:predict", b"x", 404, "model_not_found"),
         "f-v2": ("/v2/models/tiny-resnet/infer", b"{", 400, "bad_request"),

@@ -146,6 +146,7 @@ def test_the_text_is_prometheus_exposition_format(filled):
         "cvserve_service_rate": "gauge",
         "cvserve_expected_wait_seconds": "gauge",
         "cvserve_wait_limit_seconds": "gauge",
+        "cvserve_model_memory_bytes": "gauge",
         "cvserve_edge_refusals": "counter",
     }
     names = [f.name for f in families]

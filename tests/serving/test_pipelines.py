@@ -159,3 +159,25 @@ def test_detect_classify_fans_out_the_configured_objects(model_cache, data_dir, 
             assert obj["label"].startswith("class_") and 0 <= obj["score"] <= 1
         stages, _ = parse_server_timing(r.headers["server-timing"])
         assert {"decode", "infer", "broker"} <= set(stages)
+
+
+def test_the_readmes_curl_and_forms_reach_a_pipeline(ocr_server, data_dir):
+    """``curl --data-binary @receipt.jpg`` sends application/x-www-form-urlencoded: the
+    bytes are an image, so they are served (it was a 415); a form of two gets two."""
+    from cvserve.client import Client
+
+    receipt = sorted((data_dir / "ocr").iterdir())[0].read_bytes()
+    with httpx.Client(base_url=ocr_server.url, timeout=180) as c:
+        want = c.post(PREDICT, content=receipt).json()["lines"]
+        curl = c.post(PREDICT, content=receipt,
+                      headers={"content-type": "application/x-www-form-urlencoded"})  # fmt: skip
+        assert curl.status_code == 200 and [x["text"] for x in curl.json()["lines"]] == [
+            x["text"] for x in want
+        ]
+        both = c.post(PREDICT, files=[("image", ("a.jpg", receipt)), ("image", ("b.jpg", receipt))])
+        assert both.status_code == 200, both.text
+        assert [len(r["lines"]) for r in both.json()["results"]] == [len(want)] * 2
+    with Client(ocr_server.url, timeout_s=180) as client:
+        answer = client.pipeline("ocr", receipt)
+    assert answer.result["pipeline"] == "ocr" and len(answer["lines"]) == len(want)
+    assert "broker" in answer.timings or not want

@@ -35,7 +35,7 @@ DYING_WORKER = Path(__file__).parents[1] / "brokers" / "_dying_worker.py"
 def _worker(url: str, cache, reclaim_ms: int = 1500, max_deliveries: int = 3) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "cvserve", "worker", "--pipeline", "dc", "--kind", "detect-classify",
-         "--stage", "classify", "--broker", url, "--cache-dir", str(cache), "--max-batch", "4",
+         "--stage", "classify", "--broker", url, "--cache-dir", str(cache), "--max-batch-size", "4",
          "--reclaim-idle-ms", str(reclaim_ms), "--max-deliveries", str(max_deliveries),
          *[a for k, v in PARAMS.items() for a in ("--param", f"{k}={v}")]],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -43,8 +43,10 @@ def test_a_port_in_use_is_a_one_line_error_before_any_model_loads(door, taken, t
 
 def test_while_loading_health_answers_and_work_gets_503(model_cache, data_dir, tmp_path):
     jpg = (data_dir / "images" / "small" / "dog.jpg").read_bytes()
-    # The simulated accelerator takes 1.5 s a batch: warming the model up takes a while.
-    with Served(tmp_path, model_cache, *SLOW) as srv:
+    # The simulated accelerator takes 3 s a batch: warming the model up (one run per batch
+    # size, here only 1) takes a while.
+    slow_load = [*SLOW[:3], "1:3000", *SLOW[4:]]
+    with Served(tmp_path, model_cache, *slow_load) as srv:
         seen: dict[str, httpx.Response] = {}
 
         def loading() -> bool:

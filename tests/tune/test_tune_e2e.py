@@ -15,7 +15,7 @@ def test_tune_writes_a_config_that_serves(model_cache, data_dir, tmp_path, capsy
     out = tmp_path / "tuned.yaml"
     images = data_dir / "images" / "small"
     args = ["tune", "tiny-resnet", "--images", str(images), "--slo-p99-ms", "2000",
-            "--budget", "30", "--out", str(out), "--point-duration", "1", "--warmup", "0.3",
+            "--budget", "30", "--out", str(out), "--point-duration", "1", "--warmup-ms", "300",
             "--max-concurrency", "8", "--cache-dir", str(model_cache)]  # fmt: skip
     assert main(args) == 0
     printed = capsys.readouterr()

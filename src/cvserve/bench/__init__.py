@@ -21,6 +21,7 @@ from cvserve.bench.results import (
 from cvserve.bench.runner import (
     BenchConfig,
     BenchError,
+    BenchInterrupted,
     ServerUnreachable,
     TargetNotServed,
     run_bench,
@@ -31,6 +32,7 @@ __all__ = [
     "BenchConfig",
     "BenchError",
     "BenchImage",
+    "BenchInterrupted",
     "BenchResult",
     "ImageSourceError",
     "TargetNotServed",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["BenchError", "ServerUnreachable", "TargetNotServed"]
+from typing import Any
+
+__all__ = ["BenchError", "BenchInterrupted", "ServerUnreachable", "TargetNotServed"]
 
 
 class BenchError(Exception):
@@ -16,3 +18,12 @@ class ServerUnreachable(BenchError):
 
 class TargetNotServed(BenchError):
     """The server does not serve the model (or pipeline) asked for: 404 / NOT_FOUND."""
+
+
+class BenchInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a sweep: ``result`` holds the points that finished (None if none did),
+    so the caller can keep them; ``--resume`` measures the rest."""
+
+    def __init__(self, result: Any) -> None:
+        super().__init__("interrupted")
+        self.result = result

@@ -11,7 +11,14 @@ from typing import NamedTuple
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BenchImage", "ImageSourceError", "load_images", "sniff_content_type"]
+__all__ = [
+    "BenchImage",
+    "ImageSourceError",
+    "load_images",
+    "sniff_content_type",
+    "synthetic_images",
+    "write_synthetic_photos",
+]
 
 
 class ImageSourceError(ValueError):
@@ -102,3 +109,48 @@ def load_images(
         extra = f" ({len(skipped)} non-image file(s) skipped)" if skipped else ""
         raise ImageSourceError(f"no image files in {what}{extra}")
     return images
+
+
+#: Sizes of the synthetic photos, by the shared data set's classes (its medium photos are
+#: 1352x900 to 2048x1362, its large ones 3024x2268 to 4608x1976).
+SYNTHETIC_SIZES = {"small": (640, 480), "medium": (1600, 1200), "large": (3200, 2400)}
+
+
+def synthetic_images(
+    n: int = 8, size: tuple[int, int] = (1600, 1200), prefix: str = "synthetic"
+) -> list[BenchImage]:
+    """Photo-sized JPEGs with smooth structure and noise, for machines without the data set
+    (seeded: the same bytes every time)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    out = []
+    for i in range(n):
+        f = 0.002 + 0.002 * i
+        base = np.stack(
+            [np.sin(xx * f + i), np.cos(yy * f * 1.3 - i), np.sin((xx + yy) * f * 0.7)], -1
+        )
+        px = ((base * 0.5 + 0.5) * 200 + rng.normal(0, 12, base.shape)).clip(0, 255)
+        buf = io.BytesIO()
+        Image.fromarray(px.astype(np.uint8)).save(buf, "JPEG", quality=90)
+        out.append(BenchImage(f"{prefix}-{i}.jpg", buf.getvalue(), "image/jpeg"))
+    return out
+
+
+def write_synthetic_photos(root: str | os.PathLike[str], n: int = 3) -> Path:
+    """``root/small``, ``root/medium`` and ``root/large`` of synthetic JPEGs (kept when
+    already there); returns ``root``."""
+    root = Path(root)
+    for name, size in SYNTHETIC_SIZES.items():
+        folder = root / name
+        if folder.is_dir() and len(list(folder.glob("*.jpg"))) >= n:
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        for image in synthetic_images(n, size, prefix=f"synthetic-{name}"):
+            (folder / image.name).write_bytes(image.data)
+    return root

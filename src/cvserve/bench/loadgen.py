@@ -238,8 +238,12 @@ class _Point:
         )
 
     def _count_errors(self) -> int:
+        """Errors since the warm-up ended (the warm-up's are not the table's)."""
+        if self.measure_lo < 0:
+            return 0
         records = self.records
-        self._errors += sum(1 for r in records[self._err_seen :] if not 200 <= r[2] < 300)
+        start = max(self._err_seen, self.measure_lo)
+        self._errors += sum(1 for r in records[start:] if not 200 <= r[2] < 300)
         self._err_seen = len(records)
         return self._errors
 
@@ -350,7 +354,13 @@ class _Point:
         finally:
             self._stop()
         result = self._result(warm_end, measure_end, stable)
-        self._emit("end", perf_counter(), stop_reason=self.stop_reason, stable=stable)
+        # the end's count is the table's: errors in the measured interval only (with the
+        # stability rule, the last three windows)
+        measured_errors = int(
+            (result.measured & ((result.status < 200) | (result.status >= 300))).sum()
+        )
+        self._emit("end", perf_counter(), stop_reason=self.stop_reason, stable=stable,
+                   errors=measured_errors)  # fmt: skip
         return result
 
     def _stop(self) -> None:

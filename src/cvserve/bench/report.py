@@ -21,7 +21,7 @@ import numpy as np
 from cvserve.bench.results import BenchResult, PointSummary, load_result
 from cvserve.trace import STAGES
 
-__all__ = ["report"]
+__all__ = ["log2_axis", "report"]
 
 _DPI = 110
 
@@ -57,6 +57,16 @@ def _stage_colors() -> dict[str, tuple]:
     return {s: cmap(i % 20) for i, s in enumerate(STAGES)}
 
 
+def log2_axis(ax, xs: Sequence[float]) -> None:  # noqa: ANN001
+    """A base-2 log x axis with a tick at each measured value (1, 2, 4 ... not 1.5, 2.5)."""
+    xs = sorted({x for x in xs if x > 0})
+    if not xs:
+        return
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [f"{x:g}" for x in xs])
+    ax.minorticks_off()
+
+
 def _plot_load(results: list[BenchResult], labels: list[str], mode: str, path: Path) -> Path | None:
     series = []
     for r, label in zip(results, labels, strict=True):
@@ -80,6 +90,10 @@ def _plot_load(results: list[BenchResult], labels: list[str], mode: str, path: P
         rates = [p.rate for _, pts in series for p in pts]
         lim = [min(rates), max(rates)]
         ax_tp.plot(lim, lim, ":", color="gray", label="offered")
+    else:  # concurrencies double (1, 2, 4 ...): a log2 axis ticked where measured
+        xlabel += ", log2 scale"
+        for ax in (ax_tp, ax_lat):
+            log2_axis(ax, [p.concurrency for _, pts in series for p in pts])
     ax_tp.set(xlabel=xlabel, ylabel="throughput (req/s)", title="throughput")
     ax_lat.set(xlabel=xlabel, ylabel="ms", title="latency and queue time (queue + batch_wait)")
     for ax in (ax_tp, ax_lat):

@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from time import monotonic, perf_counter
 from typing import Any
@@ -21,7 +21,7 @@ import numpy as np
 
 import cvserve.bench._http as _http
 import cvserve.bench.v2 as v2
-from cvserve.bench.errors import BenchError, ServerUnreachable, TargetNotServed
+from cvserve.bench.errors import BenchError, BenchInterrupted, ServerUnreachable, TargetNotServed
 from cvserve.bench.inputs import BenchImage, load_images
 from cvserve.bench.loadgen import run_point
 from cvserve.bench.point import LoadSettings, OnProgress, PointPlan, PointRecords
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "BenchConfig",
     "BenchError",
+    "BenchInterrupted",
     "OnProgress",
     "TargetNotServed",
     "ServerUnreachable",
@@ -376,12 +377,45 @@ async def _probe(config: BenchConfig, target: _http.Target, images: list[BenchIm
     return {"url": config.url, "models": models}
 
 
+@dataclass
+class _Sweep:
+    """What a sweep has measured so far: kept when it is interrupted, and the points a
+    resumed sweep skips."""
+
+    server: dict = field(default_factory=dict)
+    points: list[PointSummary] = field(default_factory=list)
+    rows: list[dict[str, np.ndarray]] = field(default_factory=list)
+
+    def resumed_from(self, config: BenchConfig, prior: BenchResult, plans: list[PointPlan]) -> None:
+        """Take ``prior``'s points when they are points of this sweep, else refuse."""
+        if prior.config.get("model") != config.model or prior.config.get("url") != config.url:
+            raise BenchError(
+                f"--resume: the result holds a run of {prior.config.get('model')!r} at "
+                f"{prior.config.get('url')}, not of {config.model!r} at {config.url}"
+            )
+        by_index = {p.index: p for p in plans}
+        for point in prior.points:
+            plan = by_index.get(point.index)
+            if plan is None or (plan.concurrency, plan.rate) != (point.concurrency, point.rate):
+                raise BenchError(
+                    f"--resume: point {point.load_label} of the result is not a point of this "
+                    "sweep (pass the same --concurrency/--rate)"
+                )
+        self.points = list(prior.points)
+        self.rows = [prior.rows] if prior.rows else []
+
+    def done(self) -> set[int]:
+        return {p.index for p in self.points}
+
+
 async def _sweep(
     config: BenchConfig,
     images: list[BenchImage],
     progress: OnProgress | None,
     max_in_flight: int,
-) -> tuple[dict, list[PointSummary], dict[str, np.ndarray]]:
+    sweep: _Sweep,
+    on_point: Callable[[], None] | None,
+) -> None:
     target: _http.Transport
     if config.protocol == "v1":
         target = config.http_target()
@@ -406,8 +440,9 @@ async def _sweep(
             ready_timeout=config.ready_timeout,
         )
         target, server, requests = setup.target, setup.server, setup.requests
+    sweep.server = server
     try:
-        return await _run_points(config, target, requests, server, progress, max_in_flight)
+        await _run_points(config, target, requests, sweep, progress, max_in_flight, on_point)
     finally:
         close = getattr(target, "close", None)  # a gRPC channel
         if close is not None:
@@ -418,26 +453,30 @@ async def _run_points(
     config: BenchConfig,
     target: _http.Transport,
     requests: list[Any],
-    server: dict,
+    sweep: _Sweep,
     progress: OnProgress | None,
     max_in_flight: int,
-) -> tuple[dict, list[PointSummary], dict[str, np.ndarray]]:
+    on_point: Callable[[], None] | None,
+) -> None:
     plans = config.plans(max_in_flight)
+    done = sweep.done()
 
     def report(event: dict[str, Any]) -> None:
         event["points"] = len(plans)
         progress(event)  # type: ignore[misc]
 
     run_t0 = perf_counter()
-    summaries, rows = [], []
     for plan in plans:
+        if plan.index in done:
+            continue  # measured by the run this one resumes
         rec = await run_point(plan, target, requests, report if progress else None)
         summary, point_rows = summarize_point(rec, run_t0)
         for warning in summary.warnings:
             log.warning("point %s: %s", summary.load_label, warning)
-        summaries.append(summary)
-        rows.append(point_rows)
-    return server, summaries, _concat_rows(rows)
+        sweep.points.append(summary)
+        sweep.rows.append(point_rows)
+        if on_point is not None:
+            on_point()
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
@@ -452,8 +491,16 @@ def run_bench(
     config: BenchConfig,
     progress: OnProgress | None = None,
     command: Sequence[str] | None = None,
+    *,
+    resume: BenchResult | None = None,
+    on_point: Callable[[BenchResult], None] | None = None,
 ) -> BenchResult:
     """Run the sweep ``config`` describes and return its result (nothing is printed).
+
+    ``resume``: a result of an earlier, unfinished run of the same sweep; its points are
+    kept and not measured again. ``on_point(result so far)`` after each point (to save it:
+    nothing finished is lost to a crash). Ctrl-C raises :class:`BenchInterrupted`
+    holding the finished points.
 
     ``progress`` receives dicts (``event``: start/tick/window/end, ``point``, ``points``,
     ``elapsed``, ``expected_seconds``, ``completed``, ``errors`` ...) from the bench's
@@ -477,15 +524,28 @@ def run_bench(
     if max_in_flight < config.max_in_flight:
         log.warning("max_in_flight lowered to %d by the open-file limit", max_in_flight)
     created = datetime.now(UTC).isoformat(timespec="seconds")
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        server, points, rows = runner.run(_sweep(config, images, progress, max_in_flight))
-    return BenchResult(
-        command=list(sys.argv if command is None else command),
-        config=_config_dict(config, images, max_in_flight),
-        machine=machine_info(),
-        server=server,
-        points=points,
-        rows=rows,
-        created=created,
-        label=config.label,
-    )
+    sweep = _Sweep()
+    if resume is not None:
+        sweep.resumed_from(config, resume, config.plans(max_in_flight))
+        sweep.server = resume.server
+
+    def result() -> BenchResult:
+        order = sorted(range(len(sweep.points)), key=lambda i: sweep.points[i].index)
+        return BenchResult(
+            command=list(sys.argv if command is None else command),
+            config=_config_dict(config, images, max_in_flight),
+            machine=machine_info(),
+            server=sweep.server,
+            points=[sweep.points[i] for i in order],
+            rows=_concat_rows(sweep.rows),
+            created=created,
+            label=config.label,
+        )
+
+    after = None if on_point is None else (lambda: on_point(result()))
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(_sweep(config, images, progress, max_in_flight, sweep, after))
+    except KeyboardInterrupt:
+        raise BenchInterrupted(result() if sweep.points else None) from None
+    return result()

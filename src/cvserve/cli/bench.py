@@ -25,7 +25,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--url", default="http://127.0.0.1:8000",
-        help="server base URL (grpc://host:port for --protocol v2-grpc)",
+        help="server base URL (grpc://host:port for --protocol v2-grpc; default "
+        "%(default)s)",
     )  # fmt: skip
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--model", help="model name on the server")
@@ -52,8 +53,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     sec = p.add_argument_group("API key and TLS (a server started with --api-key-file/--tls-cert)")
     sec.add_argument(
         "--api-key-file", metavar="FILE",
-        help="send the key on FILE's first line as 'Authorization: Bearer KEY' (gRPC: "
-        "metadata); default: $CVSERVE_API_KEY if set",
+        help="send FILE's first key (read as the server reads it: blank and # lines "
+        "skipped) as 'Authorization: Bearer KEY' (gRPC: metadata); default: "
+        "$CVSERVE_API_KEY if set",
     )  # fmt: skip
     sec.add_argument(
         "--tls-ca", metavar="FILE",
@@ -67,9 +69,19 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--concurrency", type=csv_ints, help="closed loop: e.g. 1,2,4,8,16,32")
     p.add_argument("--rate", type=csv_floats, help="open loop, requests/s: e.g. 20,40,80")
     stop = p.add_mutually_exclusive_group()
-    stop.add_argument("--duration", type=float, help="seconds measured per point")
-    stop.add_argument("--requests", type=int, help="requests measured per point")
-    p.add_argument("--warmup", type=float, default=d.warmup, help="seconds before measuring")
+    stop.add_argument(
+        "--duration", type=float, metavar="S",
+        help="seconds measured per point (default: until three --window windows agree)",
+    )  # fmt: skip
+    stop.add_argument(
+        "--requests", type=int, metavar="N",
+        help="requests measured per point (default: see --duration)",
+    )  # fmt: skip
+    p.add_argument(
+        "--warmup-ms", type=float, default=d.warmup * 1000, metavar="MS",
+        help="load before each point is measured",
+    )  # fmt: skip
+    add_seconds_alias(p, "--warmup", "--warmup-ms", "warmup_ms")
     p.add_argument(
         "--window", type=float, default=d.window,
         help="stability window (s) when neither --duration nor --requests is given",
@@ -85,7 +97,10 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     add_seconds_alias(p, "--timeout", "--timeout-ms", "timeout_ms")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the open-loop arrivals")
-    p.add_argument("--max-in-flight", type=int, default=d.max_in_flight)
+    p.add_argument(
+        "--max-in-flight", type=int, default=d.max_in_flight, metavar="N",
+        help="open loop: arrivals still unanswered at once; more are dropped and counted",
+    )  # fmt: skip
     p.add_argument(
         "--no-retry-after", action="store_true",
         help="after a 429, send the next request at once, as perf_analyzer, hey and locust "
@@ -97,14 +112,21 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     add_seconds_alias(p, "--ready-timeout", "--ready-timeout-ms", "ready_timeout_ms")
     p.add_argument("--label", help="name of this run in reports")
-    p.add_argument("--out", help="write the result here (JSON, with per-request rows in .npz)")
+    p.add_argument(
+        "--out", metavar="FILE.json",
+        help="write the result here (JSON, per-request rows in .npz), after every point",
+    )  # fmt: skip
+    p.add_argument(
+        "--resume", action="store_true",
+        help="keep the points an interrupted run left in --out; measure only the rest",
+    )  # fmt: skip
     p.add_argument(
         "--inprocess", action="store_true",
         help="start `cvserve serve` with --serve-args for this run, then stop it",
     )  # fmt: skip
     p.add_argument(
         "--serve-args", default="",
-        help="flags for the --inprocess server, e.g. '--max-batch 8 --max-delay-ms 5'",
+        help="flags for the --inprocess server, e.g. '--max-batch-size 8 --max-delay-ms 5'",
     )  # fmt: skip
     add_cache_arg(p)
     p.set_defaults(func=_cmd_bench)
@@ -119,15 +141,25 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from cvserve.bench import (
         BenchConfig,
         BenchError,
+        BenchInterrupted,
         ImageSourceError,
         ProgressReporter,
         breakdown_table,
+        load_result,
         run_bench,
         save_result,
         summary_table,
     )
 
     api_key = _bench_api_key(args.api_key_file)
+    prior = None
+    if args.resume:
+        if not args.out:
+            say("error: --resume needs --out (the result of the run to resume)")
+            return 2
+        if Path(args.out).exists():
+            prior = load_result(args.out)
+            say(f"resuming {args.out}: {len(prior.points)} points measured already")
     server = contextlib.nullcontext()
     url = args.url
     if args.inprocess:
@@ -155,7 +187,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 rates=args.rate,
                 duration=args.duration,
                 requests=args.requests,
-                warmup=args.warmup,
+                warmup=args.warmup_ms / 1000,
                 window=args.window,
                 tolerance=args.tolerance,
                 max_duration=args.max_duration,
@@ -174,8 +206,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 tls_ca=args.tls_ca,
                 tls_insecure=args.tls_insecure,
             )
+            save = (lambda r: save_result(r, args.out)) if args.out else None
             with ProgressReporter(Console(stderr=True)) as progress:
-                result = run_bench(config, progress=progress, command=sys.argv)
+                result = run_bench(
+                    config, progress=progress, command=sys.argv, resume=prior, on_point=save
+                )
+    except BenchInterrupted as e:
+        return _interrupted(e.result, args.out)
     except (BenchError, ImageSourceError) as e:
         say(f"error: {e}")
         return 2
@@ -184,17 +221,50 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     console.print(breakdown_table(result))
     if args.out:
         say(f"wrote {save_result(result, args.out)}")
-    return 0
+    return _all_failed(result)
+
+
+def _interrupted(result, out: str | None) -> int:  # noqa: ANN001
+    """Ctrl-C: keep the finished points (in --out, else bench-partial.json), say where and
+    how to go on; exit 130."""
+    from rich.console import Console
+
+    from cvserve.bench import save_result, summary_table
+
+    if result is None:
+        say("interrupted before any point finished: nothing to keep")
+        return 130
+    Console().print(summary_table(result))
+    path = save_result(result, out or "bench-partial.json")
+    say(f"interrupted: kept {len(result.points)} finished points in {path}; the same command "
+        f"with --resume --out {path} measures the rest")  # fmt: skip
+    return 130
+
+
+def _all_failed(result) -> int:  # noqa: ANN001
+    """1 when every measured request failed (a wrong key: every one a 403), else 0."""
+    requests = sum(p.requests for p in result.points)
+    if requests == 0 or any(p.ok for p in result.points):
+        return 0
+    statuses: dict[str, int] = {}
+    for p in result.points:
+        for status, n in p.errors["by_status"].items():
+            statuses[status] = statuses.get(status, 0) + n
+        for kind, n in p.errors["by_kind"].items():
+            statuses[kind] = statuses.get(kind, 0) + n
+    seen = ", ".join(f"{k} x{n}" for k, n in sorted(statuses.items(), key=lambda kv: -kv[1]))
+    say(f"error: every one of {requests} requests failed ({seen})")
+    return 1
 
 
 def _bench_api_key(path: str | None) -> str | None:
-    """The bench's API key: ``path``'s first non-empty line, else $CVSERVE_API_KEY."""
+    """The bench's API key: ``path``'s first key, the file read exactly as the server reads
+    it (``#`` comments and blank lines skipped), else $CVSERVE_API_KEY."""
     if path is None:
         return os.environ.get("CVSERVE_API_KEY") or None
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            return line.strip()
-    raise OSError(f"{path} has no key")
+    from cvserve.serving.auth import read_key_file
+
+    return read_key_file(path)[0]
 
 
 def add_report_parser(sub: argparse._SubParsersAction) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cvserve.cli._common import add_cache_arg, csv_ints, say
+from cvserve.cli._common import add_cache_arg, add_renamed, csv_ints, say
 
 
 def add_profile_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,7 +22,11 @@ def add_profile_parser(sub: argparse._SubParsersAction) -> None:
         help="batch sizes to measure (default 1,2,4,8,16,32)",
     )  # fmt: skip
     p.add_argument("--repeats", type=int, default=5, help="timed runs per batch size (default 5)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs per batch size first")
+    p.add_argument(
+        "--warmup-runs", type=int, default=1, metavar="N",
+        help="untimed runs per batch size first (default 1)",
+    )  # fmt: skip
+    add_renamed(p, "--warmup", "--warmup-runs", "warmup_runs", int)
     p.add_argument(
         "--intra-op-threads", type=int, default=0,
         help="onnxruntime threads (default: onnxruntime's choice, one per core)",
@@ -52,7 +56,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         args.batch_sizes,
         repeats=args.repeats,
         threads=args.intra_op_threads,
-        warmup=args.warmup,
+        warmup=args.warmup_runs,
         item_shape=item_shape,
         model=name,
         progress=lambda b, s: say(f"  batch {b}: {s * 1000:.2f} ms"),

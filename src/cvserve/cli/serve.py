@@ -7,7 +7,14 @@ import argparse
 import os
 
 from cvserve import __version__
-from cvserve.cli._common import add_cache_arg, add_seconds_alias, say
+from cvserve.cli._common import (
+    add_cache_arg,
+    add_renamed,
+    add_seconds_alias,
+    byte_size,
+    port_number,
+    say,
+)
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -30,19 +37,31 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     add_cores_arg(p)
     p.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
     p.add_argument(
-        "--grpc-port", type=int, default=None,
+        "--port", type=port_number, default=None,
+        help="HTTP port, 1-65535, 0: any free one (default 8000)",
+    )  # fmt: skip
+    p.add_argument(
+        "--grpc-port", type=port_number, default=None, metavar="PORT",
         help="also serve KServe v2 gRPC (tritonclient.grpc) on this port (default: off)",
     )  # fmt: skip
     _add_front_args(p)
+    _add_control_args(p)
     _add_batching_args(p)
+    from cvserve.config import ServerConfig
+
+    d = ServerConfig()
     p.add_argument(
-        "--max-body-mb", type=float, default=32.0, help="largest request body (413 above it)"
-    )
+        "--max-body-bytes", type=byte_size, default=None, metavar="BYTES",
+        help="largest request body: bytes, or 32MiB, 500KB (413 above it; default "
+        f"{d.max_body_bytes // 2**20}MiB)",
+    )  # fmt: skip
+    add_renamed(p, "--max-body-mb", "--max-body-bytes", "max_body_bytes",
+                lambda mb: int(float(mb) * 2**20))  # fmt: skip
     p.add_argument(
         "--max-pixels", type=int, default=None,
-        help="largest decoded image in pixels (413 above it; checked before decoding)",
+        help="largest decoded image in pixels (413 above it; checked before decoding; "
+        f"default {d.max_pixels})",
     )  # fmt: skip
     p.add_argument(
         "--max-pixels-in-flight", type=int, default=0, metavar="PIXELS",
@@ -92,7 +111,7 @@ def _add_front_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tls-cert", metavar="FILE", help="TLS certificate chain (PEM), HTTP and gRPC")
     g.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
     g.add_argument(
-        "--metrics-port", type=int, default=None, metavar="PORT",
+        "--metrics-port", type=port_number, default=None, metavar="PORT",
         help="/metrics (and /healthz, /readyz) on this port instead, plain HTTP, no API key",
     )  # fmt: skip
     g.add_argument("--max-header-bytes", type=int, default=None, metavar="N",
@@ -118,6 +137,34 @@ def _add_front_args(p: argparse.ArgumentParser) -> None:
                    "memory available")  # fmt: skip
 
 
+def _add_control_args(p: argparse.ArgumentParser) -> None:
+    """Models that change while the server runs (``cvserve.serving.control``; a --config
+    file's ``server:`` keys of the same names, which these flags override)."""
+    from cvserve.config import MODEL_CONTROL_MODES
+
+    g = p.add_argument_group("model control (docs/model-control.md)")
+    g.add_argument(
+        "--model-control", default=None, choices=MODEL_CONTROL_MODES,
+        help="none (default): what starts is served until exit; explicit: the repository "
+        "API (POST /v2/repository/models/M/load, /v1/models/M:load) loads and unloads; "
+        "poll: the store is watched and new or removed versions followed",
+    )  # fmt: skip
+    g.add_argument(
+        "--poll-interval-ms", type=float, default=None, metavar="MS",
+        help="with --model-control poll: how often the store is looked at (default 5000)",
+    )  # fmt: skip
+    g.add_argument(
+        "--model-memory-bytes", type=int, default=None, metavar="BYTES",
+        help="memory the loaded models may take together; a load past it is refused (507); "
+        "default 0: the memory available at the time of the load",
+    )  # fmt: skip
+    g.add_argument(
+        "--version-policy", default=None, metavar="POLICY",
+        help="which versions of each --model are served: latest (default), latest:N, all, "
+        "specific:1,3; unversioned requests go to the newest loaded",
+    )  # fmt: skip
+
+
 def _queue_wait(text: str) -> float | None:
     from cvserve.config import queue_wait_ms
 
@@ -131,14 +178,19 @@ def _add_batching_args(p: argparse.ArgumentParser) -> None:
     from cvserve.config import BatchConfig
 
     d = BatchConfig()
-    p.add_argument("--max-batch", type=int, default=d.max_batch_size, help="max batch size")
     p.add_argument(
-        "--max-delay-ms", type=float, default=d.max_delay_ms,
+        "--max-batch-size", type=int, default=d.max_batch_size, metavar="N",
+        help="largest batch (YAML: max_batch_size)",
+    )  # fmt: skip
+    add_renamed(p, "--max-batch", "--max-batch-size", "max_batch_size", int)
+    p.add_argument(
+        "--max-delay-ms", type=float, default=d.max_delay_ms, metavar="MS",
         help="longest wait for a batch to fill, from its first request",
     )  # fmt: skip
-    p.add_argument("--instances", type=int, default=d.instances, help="model instances")
+    p.add_argument("--instances", type=int, default=d.instances, metavar="N",
+                   help="model instances")  # fmt: skip
     p.add_argument(
-        "--max-queue", type=int, default=d.max_queue,
+        "--max-queue", type=int, default=d.max_queue, metavar="N",
         help="requests admitted per model before new ones get 429",
     )  # fmt: skip
     p.add_argument(
@@ -151,8 +203,9 @@ def _add_batching_args(p: argparse.ArgumentParser) -> None:
         "deadline and --max-queue count",
     )  # fmt: skip
     p.add_argument(
-        "--timeout-ms", type=float, default=d.timeout_ms,
-        help="default request deadline (504 after it; header X-Timeout-Ms overrides)",
+        "--timeout-ms", type=float, default=d.timeout_ms, metavar="MS",
+        help="a request's deadline when its client sends none (504 after it; the header "
+        "X-Timeout-Ms sets the client's own)",
     )  # fmt: skip
     p.add_argument(
         "--intra-op-threads", type=int, default=0,
@@ -248,11 +301,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     names = [m.name for m in cfg.models] + [p.name for p in cfg.pipelines]
     procs = f" in {cfg.workers} processes" if cfg.workers > 1 else ""
     say(f"cvserve {__version__}: serving {', '.join(names)}{procs}")
+    reread = (lambda: server_config_from_args(args)) if args.config else None
     if cfg.workers > 1:
         from cvserve.serving.replicas import run_replicas
 
-        return run_replicas(cfg, on_ready=lambda url: say(f"ready on {url}"), verbose=args.verbose)
-    run_server(cfg, progress=say, on_ready=lambda url: say(f"ready on {url}"))
+        return run_replicas(cfg, on_ready=lambda url: say(f"ready on {url}"),
+                            verbose=args.verbose, reread=reread)  # fmt: skip
+    run_server(cfg, progress=say, on_ready=lambda url: say(f"ready on {url}"), reread=reread)
     return 0
 
 

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from cvserve.cli._common import add_cache_arg, say
+from cvserve.cli._common import add_cache_arg, add_seconds_alias, say
 
 
 def add_tune_parser(sub: argparse._SubParsersAction) -> None:
@@ -43,8 +43,9 @@ def add_tune_parser(sub: argparse._SubParsersAction) -> None:
         help="seconds measured per concurrency point (default 5; more for slow models: a "
         "p99 wants a few hundred requests)",
     )  # fmt: skip
-    p.add_argument("--warmup", type=float, default=1.0, metavar="S",
-                   help="seconds of load before each point is measured (default 1)")  # fmt: skip
+    p.add_argument("--warmup-ms", type=float, default=1000.0, metavar="MS",
+                   help="load before each point is measured (default 1000)")  # fmt: skip
+    add_seconds_alias(p, "--warmup", "--warmup-ms", "warmup_ms")
     p.add_argument(
         "--max-concurrency", type=int, default=64,
         help="highest closed-loop concurrency tried (default 64, the default --max-queue)",
@@ -74,7 +75,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         fresh=args.fresh,
         cache_dir=args.cache_dir,
         point_s=args.point_duration,
-        warmup_s=args.warmup,
+        warmup_s=args.warmup_ms / 1000,
         max_concurrency=args.max_concurrency,
         min_gain=args.min_gain,
         command=["cvserve", *sys.argv[1:]] if sys.argv[1:2] == ["tune"] else ["cvserve", "tune"],
@@ -88,7 +89,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     res = report.result
     title = (f"cvserve tune {args.model}: {len(res.candidates)} candidates in "
              f"{report.elapsed_s:.0f} s ({res.stop_reason}), SLO p99 <= {args.slo_p99_ms:g} ms")  # fmt: skip
-    Console(width=100).print(candidates_table(report.rows, args.slo_p99_ms, title))
+    Console().print(candidates_table(report.rows, args.slo_p99_ms, title))
     say(f"state (every candidate): {report.state_path}")
     if res.winner is None:
         say(f"no candidate met the SLO (p99 <= {args.slo_p99_ms:g} ms); {args.out} not written")

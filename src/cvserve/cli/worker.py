@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from cvserve.cli._common import add_cache_arg, say
+from cvserve.cli._common import add_cache_arg, add_renamed, say
 from cvserve.cli.serve import add_cores_arg, add_runtime_args
 
 
@@ -36,10 +36,14 @@ def add_worker_parser(sub: argparse._SubParsersAction) -> None:
         help="model instances in this process (default: the step's, else 1)",
     )  # fmt: skip
     p.add_argument(
-        "--max-batch", type=int, default=None,
-        help="items per batch (default: the step's max_batch_size, else 16)",
+        "--max-batch-size", type=int, default=None, metavar="N",
+        help="items per batch (YAML: max_batch_size; default: the step's, else 16)",
     )  # fmt: skip
-    p.add_argument("--intra-op-threads", type=int, default=0)
+    add_renamed(p, "--max-batch", "--max-batch-size", "max_batch_size", int)
+    p.add_argument(
+        "--intra-op-threads", type=int, default=0, metavar="N",
+        help="onnxruntime threads per instance (default 0: cores / instances)",
+    )  # fmt: skip
     add_cores_arg(p)
     p.add_argument(
         "--reclaim-idle-ms", type=int, default=5_000,

@@ -22,18 +22,23 @@ from cvserve.config.model import (
     RUNTIMES,
     BatchConfig,
     ModelConfig,
+    parse_version_policy,
     queue_wait_ms,
+    select_versions,
 )
 from cvserve.config.pipeline import PIPELINE_KINDS, PRESETS, PipelineConfig
 from cvserve.config.server import (
     DEFAULT_MAX_BODY_BYTES,
+    MODEL_CONTROL_MODES,
     ServerConfig,
+    available_memory,
     default_pixels_in_flight,
 )
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
     "DEPRECATED_SERVER_KEYS",
+    "MODEL_CONTROL_MODES",
     "PRESETS",
     "PIPELINE_KINDS",
     "PREPROCESS_DEVICES",
@@ -43,12 +48,15 @@ __all__ = [
     "ModelConfig",
     "PipelineConfig",
     "ServerConfig",
+    "available_memory",
     "config_to_dict",
     "default_pixels_in_flight",
     "load_config",
     "model_config_from_dict",
+    "parse_version_policy",
     "pipeline_config_from_dict",
     "queue_wait_ms",
+    "select_versions",
     "server_config_from_args",
     "server_config_from_dict",
     "worker_config_from_args",

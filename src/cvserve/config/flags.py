@@ -18,7 +18,8 @@ from cvserve.config.server import ServerConfig
 FRONT_KEYS = ("drain_delay_ms", "drain_timeout_ms", "reuse_port", "workers", "api_key_file",
               "tls_cert", "tls_key", "metrics_port", "max_header_bytes", "max_headers",
               "keep_alive_timeout_ms", "header_timeout_ms", "body_timeout_ms",
-              "max_connections", "max_body_bytes_in_flight")  # fmt: skip
+              "max_connections", "max_body_bytes_in_flight", "model_control",
+              "poll_interval_ms", "model_memory_bytes")  # fmt: skip
 
 
 def server_config_from_args(args: Any) -> ServerConfig:
@@ -41,7 +42,7 @@ def server_config_from_args(args: Any) -> ServerConfig:
         {"max_queue_wait_ms": args.max_queue_wait_ms} if "max_queue_wait_ms" in args else {}
     )
     batching = BatchConfig(
-        max_batch_size=args.max_batch,
+        max_batch_size=args.max_batch_size,
         max_delay_ms=args.max_delay_ms,
         instances=args.instances,
         max_queue=args.max_queue,
@@ -63,6 +64,7 @@ def server_config_from_args(args: Any) -> ServerConfig:
             fp16=getattr(args, "fp16", False),
             trt_cache=getattr(args, "trt_cache", None),
             preprocess_device=getattr(args, "preprocess_device", "cpu"),
+            version_policy=getattr(args, "version_policy", None) or "latest:1",
         )
         for m in args.model or []
     )
@@ -84,8 +86,8 @@ def server_config_from_args(args: Any) -> ServerConfig:
         extra["max_pixels"] = args.max_pixels
     if getattr(args, "max_pixels_in_flight", None):
         extra["max_pixels_in_flight"] = args.max_pixels_in_flight
-    if getattr(args, "max_body_mb", None):
-        extra["max_body_bytes"] = int(args.max_body_mb * 1024 * 1024)
+    if getattr(args, "max_body_bytes", None):
+        extra["max_body_bytes"] = args.max_body_bytes
     return ServerConfig(
         preprocess_threads=args.preprocess_threads,
         models=models,
@@ -106,13 +108,13 @@ def worker_config_from_args(args: Any) -> PipelineConfig:
         found = [p for p in load_config(args.config).pipelines if p.name == args.pipeline]
         if not found:
             raise ConfigError(f"{args.config} serves no pipeline {args.pipeline!r}")
-        over = {"instances": args.instances, "max_batch_size": args.max_batch}
+        over = {"instances": args.instances, "max_batch_size": args.max_batch_size}
         return replace(found[0], **{k: v for k, v in over.items() if v is not None})
     return PipelineConfig(
         name=args.pipeline,
         kind=args.kind or "",
         instances=args.instances or 1,
-        max_batch_size=args.max_batch or 16,
+        max_batch_size=args.max_batch_size or 16,
         intra_op_threads=args.intra_op_threads,
         cores=args.pipeline_cores,
         reclaim_idle_ms=args.reclaim_idle_ms,

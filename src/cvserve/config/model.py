@@ -29,12 +29,52 @@ def queue_wait_ms(value: Any) -> float | None:
     return float(value)
 
 
+def parse_version_policy(text: Any) -> tuple[str, tuple[int, ...]]:
+    """A ``version_policy`` setting, as Triton's: ``latest`` or ``latest:N`` (the N newest
+    versions in the store), ``all``, or ``specific:1,3`` (those versions). Returns
+    ``(kind, numbers)``: ``("latest", (N,))``, ``("all", ())``, ``("specific", (1, 3))``."""
+    if not isinstance(text, str):
+        raise ValueError(f"version_policy must be a string, not {text!r}")
+    kind, _, arg = text.strip().partition(":")
+    try:
+        if kind == "all" and not arg:
+            return "all", ()
+        if kind == "latest":
+            n = int(arg) if arg else 1
+            if n >= 1:
+                return "latest", (n,)
+        if kind == "specific" and arg:
+            nums = tuple(sorted({int(x) for x in arg.split(",")}))
+            if all(v >= 1 for v in nums):
+                return "specific", nums
+    except ValueError:
+        pass
+    raise ValueError(
+        f"version_policy {text!r}: use latest, latest:N, all or specific:V1,V2 (versions >= 1)"
+    )
+
+
+def select_versions(policy: str, available: Any) -> list[int]:
+    """The versions of ``available`` (version numbers in the store) that ``policy`` serves,
+    oldest first."""
+    kind, nums = parse_version_policy(policy)
+    have = sorted(set(available))
+    if kind == "all":
+        return have
+    if kind == "latest":
+        return have[-nums[0] :]
+    return [v for v in have if v in nums]
+
+
 @dataclass(frozen=True)
 class BatchConfig:
     """Batching and admission settings of one model."""
 
+    #: Largest batch the batcher builds (flag ``--max-batch-size``).
     max_batch_size: int = 8
+    #: How long a batch's first request waits for more before the batch runs.
     max_delay_ms: float = 5.0
+    #: Runtime sessions of the model, each running batches on its own thread.
     instances: int = 1
     #: Requests admitted at once (preprocessing, waiting or running); more get a 429.
     max_queue: int = 64
@@ -59,12 +99,14 @@ class BatchConfig:
 class ModelConfig:
     """One served model: where it comes from and how it is batched, run and preprocessed."""
 
+    #: The name requests use (``/v1/models/NAME:predict``).
     name: str
     #: Store name of the model (defaults to ``name``): serve one model under two names.
     model: str | None = None
     batching: BatchConfig = field(default_factory=BatchConfig)
     #: onnxruntime intra-op threads per instance; 0 = cores / instances.
     intra_op_threads: int = 0
+    #: How JPEGs become pixels: ``pil-reduced``, ``simplejpeg``, ``opencv`` or ``pil``.
     decoder: str = "pil-reduced"
     #: Overrides of the model's own PreprocessSpec fields (e.g. ``interpolation``).
     preprocess: dict[str, Any] = field(default_factory=dict)
@@ -90,11 +132,16 @@ class ModelConfig:
     #: Where images are decoded and resized: ``cpu``, ``gpu`` (nvJPEG; other formats and
     #: failures fall back to the CPU per image) or ``auto`` (per image, whichever is sooner).
     preprocess_device: str = "cpu"
+    #: Which of the model's versions in the store are served (Triton's version policy):
+    #: ``latest`` / ``latest:N``, ``all``, ``specific:1,3``. Requests without a version go
+    #: to the newest one loaded.
+    version_policy: str = "latest:1"
 
     def __post_init__(self) -> None:
         try:
             integer("intra_op_threads", self.intra_op_threads, 0)
             flag("fp16", self.fp16)
+            parse_version_policy(self.version_policy)
         except ValueError as e:
             raise ConfigError(f"model {self.name!r}: {e}") from None
         self._check_device()

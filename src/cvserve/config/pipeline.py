@@ -70,6 +70,7 @@ ANSWERS = ("graph", "ocr", "detect-classify")
 class PipelineConfig:
     """One served multi-DNN pipeline (see ``cvserve.serving.pipelines``)."""
 
+    #: The name requests use (``/v1/pipelines/NAME:predict``).
     name: str
     #: A preset ("ocr", "detect-classify", "detect-embed"; default: ``name``), or "graph"
     #: (the default where ``steps`` are given): what the steps are when none are given.
@@ -86,6 +87,7 @@ class PipelineConfig:
     stage_workers: int | None = None
     #: Stage B model instances per worker process (``cvserve worker``).
     instances: int = 1
+    #: Largest batch of stage B items a worker takes at once.
     max_batch_size: int = 16
     #: How long a stage B worker waits for a first item before looking again.
     block_ms: int = 50
@@ -100,7 +102,9 @@ class PipelineConfig:
     #: Requests waiting for results fail with 503 once the broker stays unreachable this
     #: long (a broker that comes back without their items gets them published again).
     broker_outage_ms: int = 5_000
+    #: Requests admitted at once; more get a 429.
     max_queue: int = 64
+    #: Default per-request deadline; a request past it gets a 504.
     timeout_ms: float = 30_000.0
     #: As a model's (``BatchConfig.max_queue_wait_ms``), but off (0) by default: a
     #: pipeline's requests fan out into a number of items that varies per image, so
@@ -112,6 +116,7 @@ class PipelineConfig:
     #: Cores the stages' DNN calls share in each process (``runtime.budget``): 0, all this
     #: process may use; -1, no budget (every session takes onnxruntime's own threads).
     cores: int = 0
+    #: The kind's own parameters (detect-classify: ``objects``, ``classifier`` ...).
     params: dict[str, Any] = field(default_factory=dict)
     #: As a model's: ``"onnxruntime"``, or ``"simulated"`` for every DNN of the stages this
     #: process runs (stage A in the server, stage B in its workers or ``cvserve worker``).

@@ -12,16 +12,18 @@ from cvserve.config.pipeline import PipelineConfig
 from cvserve.images.decode import DEFAULT_MAX_PIXELS
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+#: ``model_control`` modes (``--model-control``), as Triton's.
+MODEL_CONTROL_MODES = ("none", "explicit", "poll")
 
 
 def default_pixels_in_flight(max_pixels: int, bytes_per_pixel: int = 12) -> int:
     """Half the memory available now (``MemAvailable``, or the cgroup's limit if lower) at
     ``bytes_per_pixel`` (a decoded RGB pixel and its working copies), at least one
     ``max_pixels`` image."""
-    return max(max_pixels, _available_memory() // 2 // bytes_per_pixel)
+    return max(max_pixels, available_memory() // 2 // bytes_per_pixel)
 
 
-def _available_memory() -> int:
+def available_memory() -> int:
     """Bytes of memory available now (``MemAvailable``, or the cgroup's limit if lower)."""
     avail = None
     try:
@@ -49,7 +51,7 @@ def default_body_bytes_in_flight(max_body_bytes: int) -> int:
     some 30 ordinary 2 MB photos, arriving at once, while a full one leaves the other
     half to the rest), but no more than an eighth of the memory available, and at least
     one ``max_body_bytes`` (a lone upload of the largest body always fits)."""
-    return max(max_body_bytes, min(2 * max_body_bytes, _available_memory() // 8))
+    return max(max_body_bytes, min(2 * max_body_bytes, available_memory() // 8))
 
 
 def _port(key: str, value: object) -> None:
@@ -63,14 +65,18 @@ def _port(key: str, value: object) -> None:
 class ServerConfig:
     """The HTTP server and the resources its models share."""
 
+    #: Address to listen on (``0.0.0.0``: every interface).
     host: str = "127.0.0.1"
+    #: HTTP port (``/v1``, ``/v2``, health, metrics); 0: any free port.
     port: int = 8000
     #: KServe v2 gRPC (``tritonclient.grpc``) on this port too, in the same process; None:
     #: off, 0: any free port.
     grpc_port: int | None = None
     #: Threads that decode, resize and normalize (shared by all models); 0 = cores.
     preprocess_threads: int = 0
+    #: Largest request body in bytes (413 above, read from the headers).
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    #: Largest image in pixels (413 above, read from the image header before decoding).
     max_pixels: int = DEFAULT_MAX_PIXELS
     #: Decoded pixels in flight at once, server-wide (counted from the headers before
     #: decoding); an image that does not fit gets a 429. 0: ``default_pixels_in_flight``.
@@ -97,6 +103,7 @@ class ServerConfig:
     api_key_file: str | None = None
     #: TLS certificate chain and private key (PEM files) for HTTP and gRPC.
     tls_cert: str | None = None
+    #: The private key of ``tls_cert``.
     tls_key: str | None = None
     #: ``/metrics`` (and ``/healthz``, ``/readyz``) on this port of its own, plain HTTP and
     #: without API keys; None: ``/metrics`` on the main port.
@@ -121,7 +128,18 @@ class ServerConfig:
     #: way is closed (503 if every one is busy). 0: three quarters of the descriptor
     #: limit, at most 4096 (each idle connection costs about 10 KB).
     max_connections: int = 0
+    #: The model store (default ``$CVSERVE_CACHE`` or ``~/.cache/cvserve``).
     cache_dir: str | None = None
+    #: Models that change while the server runs (``cvserve.serving.control``), as Triton's
+    #: ``--model-control-mode``: ``none`` (what starts is served until exit), ``explicit``
+    #: (the repository API loads and unloads) or ``poll`` (the store is watched).
+    model_control: str = "none"
+    #: ``poll``: how often the store is looked at.
+    poll_interval_ms: float = 5_000.0
+    #: Memory the loaded models may take together (their weights, runtime and batch
+    #: buffers, as estimated before a load); a load past it is refused (507).
+    #: 0: whatever memory is available at the time of the load.
+    model_memory_bytes: int = 0
     #: Where pipeline stages meet: ``inprocess://`` (default) or ``redis://host:port``.
     broker: str = "inprocess://"
     models: tuple[ModelConfig, ...] = ()
@@ -144,6 +162,11 @@ class ServerConfig:
                 f"grpc_port with workers {self.workers}: the gRPC port is not shared between "
                 "server processes; serve gRPC with workers 1 (or one server per gRPC port)"
             )
+        if self.model_control not in MODEL_CONTROL_MODES:
+            raise ConfigError(
+                f"model_control {self.model_control!r}; choose one of "
+                f"{', '.join(MODEL_CONTROL_MODES)}"
+            )
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("TLS needs both a certificate (tls_cert) and its key (tls_key)")
         try:
@@ -160,6 +183,8 @@ class ServerConfig:
             integer("max_header_bytes", self.max_header_bytes, 1024)
             integer("max_headers", self.max_headers, 1)
             integer("max_connections", self.max_connections, 0)
+            duration_ms("poll_interval_ms", self.poll_interval_ms, positive=True)
+            integer("model_memory_bytes", self.model_memory_bytes, 0)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if self.max_pixels_in_flight and not self.max_pixels_in_flight >= self.max_pixels:

@@ -22,6 +22,12 @@ DEFAULT_MAX_PIXELS = 64_000_000
 
 # Formats we decode; anything else is a 415. Names are Pillow's format names.
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")  # MPO opens as JPEG
+#: Formats decoded where the installed libraries can: AVIF by Pillow's own plugin (wheels
+#: since 11.3), HEIF/HEIC by pillow-heif (the ``heic`` extra).
+OPTIONAL_FORMATS = ("AVIF", "HEIF")
+#: ISOBMFF ``ftyp`` brands (major or compatible) of each still-image format.
+_AVIF_BRANDS = frozenset((b"avif", b"avis"))
+_HEIC_BRANDS = frozenset((b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"))
 
 # EXIF orientation values whose transpose swaps width and height.
 _SWAPS_AXES = {5, 6, 7, 8}
@@ -71,8 +77,50 @@ def sniff_format(data: bytes) -> str | None:
     if head[:4] in (b"II*\x00", b"MM\x00*"):
         return "TIFF"
     if head[4:8] == b"ftyp":
-        return "ISOBMFF"  # HEIF/AVIF/MP4 family
+        return _isobmff_format(data)
     return None
+
+
+def _isobmff_format(data: bytes) -> str | None:
+    """AVIF or HEIF from an ``ftyp`` box's brands (an MP4 video is neither: None)."""
+    size = int.from_bytes(data[:4], "big")
+    box = data[8 : min(max(size, 16), 256)]
+    brands = {box[i : i + 4] for i in range(0, len(box) - 3, 4) if i != 4}  # i=4: version
+    if brands & _AVIF_BRANDS:
+        return "AVIF"
+    if brands & _HEIC_BRANDS:
+        return "HEIF"
+    return None
+
+
+def decodable_formats() -> tuple[str, ...]:
+    """Pillow format names this installation decodes: the core ones, and AVIF and HEIF
+    where their decoders are installed."""
+    return SUPPORTED_FORMATS + tuple(f for f in OPTIONAL_FORMATS if _optional_decoder(f) is None)
+
+
+def _optional_decoder(fmt: str) -> str | None:
+    """None when ``fmt`` can be decoded here, else what to install for it."""
+    if fmt == "AVIF":
+        from PIL import features
+
+        return None if features.check("avif") else "a Pillow built with AVIF (pillow>=11.3)"
+    try:
+        import pillow_heif
+    except ImportError:
+        return "the heic extra: pip install 'cvserve[heic]'"
+    _register_heif(pillow_heif)
+    return None
+
+
+_heif_registered = False
+
+
+def _register_heif(pillow_heif) -> None:
+    global _heif_registered
+    if not _heif_registered:
+        pillow_heif.register_heif_opener()
+        _heif_registered = True
 
 
 #: JPEG frame headers (SOF markers): every coding process, Huffman and arithmetic.
@@ -186,17 +234,25 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image
     if not data:
         raise UndecodableImage("empty request body: expected image bytes")
     fmt = sniff_format(data)
-    if fmt is None or fmt == "ISOBMFF":
-        what = "HEIF/AVIF" if fmt == "ISOBMFF" else "unknown"
+    formats = decodable_formats()
+    if fmt is None:
         raise UnsupportedImageType(
-            f"unsupported image format ({what}); supported: {', '.join(SUPPORTED_FORMATS)}",
-            supported=list(SUPPORTED_FORMATS),
+            f"unsupported image format (unknown); supported: {', '.join(formats)}",
+            supported=list(formats),
+        )
+    if fmt in OPTIONAL_FORMATS and fmt not in formats:
+        raise UnsupportedImageType(
+            f"{fmt} images need {_optional_decoder(fmt)}; supported here: {', '.join(formats)}",
+            supported=list(formats),
         )
     Image.init()  # registers every plugin named in SUPPORTED_FORMATS (idempotent)
     try:
         # No warnings.catch_warnings() here: it is not thread-safe. Pillow only warns about
         # sizes far above DEFAULT_MAX_PIXELS, which the check below refuses anyway.
-        im = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
+        # AVIF and HEIF: only their plugin reads the bytes; like every format here, it reads
+        # the header only, so the size check below runs before any pixel is decoded.
+        only = (fmt,) if fmt in OPTIONAL_FORMATS else SUPPORTED_FORMATS
+        im = Image.open(io.BytesIO(data), formats=only)
     except Image.DecompressionBombError as e:
         raise ImageTooLarge(f"image declares too many pixels: {e}", max_pixels=max_pixels) from None
     except UnidentifiedImageError:

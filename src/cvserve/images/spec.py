@@ -18,7 +18,9 @@ class PreprocessSpec:
 
     ``shortest_edge_crop``: scale so the shorter side is ``resize_shortest`` (keeping the
     aspect ratio, longer side truncated as HuggingFace does), then center-crop to
-    ``height`` x ``width``. ``direct``: resize straight to ``height`` x ``width``.
+    ``height`` x ``width`` (offsets ``(size - crop) // 2`` as HuggingFace; with
+    ``extra["crop_offset"] = "round"``, ``int(round((size - crop) / 2))`` as torchvision's
+    CenterCrop, which timm uses). ``direct``: resize straight to ``height`` x ``width``.
     ``letterbox``: scale keeping the aspect ratio so the whole image fits in ``height`` x
     ``width`` (each side ``round(side * scale)``), placed at the top-left corner and padded
     on the bottom/right with ``extra["pad_value"]`` (an RGB triple or one int, default 0,

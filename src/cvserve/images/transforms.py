@@ -52,8 +52,12 @@ def crop_box(width: int, height: int, spec: PreprocessSpec) -> tuple[int, int, i
         return 0, 0, spec.width, spec.height
     if spec.resize_mode == "direct":
         return 0, 0, rw, rh
-    top = (rh - spec.height) // 2
-    left = (rw - spec.width) // 2
+    if spec.extra.get("crop_offset") == "round":  # torchvision's CenterCrop (timm)
+        top = int(round((rh - spec.height) / 2.0))
+        left = int(round((rw - spec.width) / 2.0))
+    else:  # HuggingFace's center_crop
+        top = (rh - spec.height) // 2
+        left = (rw - spec.width) // 2
     return left, top, left + spec.width, top + spec.height
 
 

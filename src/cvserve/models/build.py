@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import re
 import sys
 import time
 import warnings
@@ -21,13 +20,16 @@ from pathlib import Path
 from typing import Any
 
 from cvserve.images.spec import PreprocessSpec
-from cvserve.models import store
+from cvserve.models import hf, store, timm_build, torchvision_compat
 from cvserve.models.export_check import TOLERANCES, ExportMismatch, check_export
+from cvserve.models.hf import labels_from_config, preprocess_spec_from_hf  # noqa: F401
 from cvserve.models.metadata import ModelMeta
 from cvserve.models.zoo import ZOO, ZooEntry
 from cvserve.trace import Say
 
 log = logging.getLogger(__name__)
+#: moved to cvserve.models.hf; kept here for callers of the old name
+_processor_class = hf.processor_class
 
 ZOO_EXTRA_HINT = "building models needs the zoo extra: pip install 'cvserve[zoo]'"
 OPSET = 17
@@ -35,10 +37,6 @@ OPSET = 17
 # (cvserve.models.export_check); beyond that, no output may differ by more than this
 # fraction of its largest |value| (a loose bound that float noise on any CPU stays far under).
 MAX_EXPORT_REL_ERROR = TOLERANCES.gross
-
-# PIL.Image.Resampling values -> PreprocessSpec.interpolation
-_PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
-_PLACEHOLDER_LABEL = re.compile(r"LABEL_\d+")
 
 
 class BuildError(RuntimeError):
@@ -54,6 +52,7 @@ class MissingZooExtra(BuildError):
 
 def _require_zoo() -> tuple[Any, Any]:
     """Import torch and transformers, or raise MissingZooExtra."""
+    torchvision_compat.install()  # before transformers imports a foreign torchvision
     try:
         import torch
         import transformers
@@ -62,140 +61,7 @@ def _require_zoo() -> tuple[Any, Any]:
     return torch, transformers
 
 
-# --- preprocessing --------------------------------------------------------------------
-def _interpolation(resample: Any) -> str:
-    if resample is None:
-        return "bilinear"
-    try:
-        return _PIL_RESAMPLE[int(resample)]
-    except (KeyError, TypeError, ValueError):
-        raise ValueError(f"unsupported resample {resample!r}") from None
-
-
-def _triple(v: Any, default: float) -> tuple[float, float, float]:
-    if v is None:
-        return (default,) * 3
-    if isinstance(v, int | float):
-        return (float(v),) * 3
-    return tuple(float(x) for x in v)  # type: ignore[return-value]
-
-
-def _processor_kind(processor: Any, d: dict[str, Any]) -> str:
-    kind = d.get("image_processor_type") or type(processor).__name__
-    return re.sub(r"(Pil|Fast)$", "", kind)
-
-
-def preprocess_spec_from_hf(processor: Any) -> PreprocessSpec:
-    """Translate a HuggingFace image processor's settings into a PreprocessSpec.
-
-    ConvNextImageProcessor (used by the ResNet checkpoints): below 384 the shortest edge is
-    resized to ``int(shortest_edge / crop_pct)`` then center-cropped to a square of
-    ``shortest_edge``; at 384 and above the image is warped to a square. Other processors
-    (ViT, MobileNetV2, ...): ``size`` height/width is a direct resize, ``size``
-    shortest_edge plus ``crop_size`` is resize-then-center-crop.
-    """
-    d = processor.to_dict()
-    kind = _processor_kind(processor, d)
-    size = d.get("size") or {}
-    if d.get("do_resize") is False:
-        raise ValueError(f"{kind} does not resize, so its input size is not fixed")
-    crop = d.get("crop_size") if d.get("do_center_crop") else None
-
-    if kind == "ConvNextImageProcessor":
-        if crop:
-            raise ValueError("ConvNextImageProcessor with do_center_crop is not supported")
-        se = size.get("shortest_edge")
-        if not se:
-            raise ValueError(f"ConvNextImageProcessor needs size.shortest_edge, got {size}")
-        crop_pct = d.get("crop_pct") or 224 / 256
-        if se < 384:
-            geometry = dict(
-                height=se,
-                width=se,
-                resize_mode="shortest_edge_crop",
-                resize_shortest=int(se / crop_pct),
-            )
-        else:
-            geometry = dict(height=se, width=se, resize_mode="direct")
-    elif "height" in size and "width" in size:
-        h, w = int(size["height"]), int(size["width"])
-        if d.get("keep_aspect_ratio"):
-            # DPT / Depth Anything: the output shape follows each image's aspect ratio.
-            raise ValueError(
-                f"{kind} with keep_aspect_ratio has no fixed input size; "
-                "set keep_aspect_ratio=False for a fixed square"
-            )
-        if d.get("do_pad") and d.get("size_divisor"):
-            raise ValueError(f"{kind} with do_pad and size_divisor has no fixed input size")
-        multiple = int(d.get("ensure_multiple_of") or 1)
-        if multiple > 1:  # DPT rounds each side to the nearest multiple
-            h = max(multiple, round(h / multiple) * multiple)
-            w = max(multiple, round(w / multiple) * multiple)
-        if crop and (crop.get("height"), crop.get("width")) != (h, w):
-            raise ValueError(f"{kind}: resize to {h}x{w} then crop to {crop} is not supported")
-        geometry = dict(height=h, width=w, resize_mode="direct")
-    elif size.get("shortest_edge") and not size.get("longest_edge"):
-        if not crop:
-            raise ValueError(
-                f"{kind}: shortest-edge resize without a center crop has no fixed size"
-            )
-        geometry = dict(
-            height=int(crop["height"]),
-            width=int(crop["width"]),
-            resize_mode="shortest_edge_crop",
-            resize_shortest=int(size["shortest_edge"]),
-        )
-    else:
-        raise ValueError(f"{kind}: unsupported size {size}")
-
-    normalize = d.get("do_normalize", True)
-    return PreprocessSpec(
-        **geometry,
-        interpolation=_interpolation(d.get("resample")),
-        rescale=float(d.get("rescale_factor", 1 / 255)) if d.get("do_rescale", True) else 1.0,
-        mean=_triple(d.get("image_mean"), 0.5) if normalize else (0.0, 0.0, 0.0),
-        std=_triple(d.get("image_std"), 0.5) if normalize else (1.0, 1.0, 1.0),
-        extra={"hf_processor": kind},
-    )
-
-
-def _processor_class(transformers: Any, name: str) -> Any:
-    # transformers 5 names the PIL/numpy backend "<Name>Pil" (the plain name wants
-    # torchvision); in transformers 4 the plain name is the slow PIL/numpy processor.
-    cls = getattr(transformers, f"{name}Pil", None) or getattr(transformers, name, None)
-    if cls is None:
-        raise BuildError(f"transformers has no image processor {name!r}")
-    return cls
-
-
-def _load_image_processor(transformers: Any, directory: Path) -> Any:
-    if not (directory / "preprocessor_config.json").is_file():
-        raise BuildError(
-            f"{directory} has no preprocessor_config.json; it defines the model's "
-            "preprocessing (save the image processor with save_pretrained next to the model)"
-        )
-    major = int(transformers.__version__.split(".")[0])
-    kwargs = {"backend": "pil"} if major >= 5 else {"use_fast": False}
-    try:
-        return transformers.AutoImageProcessor.from_pretrained(
-            str(directory), local_files_only=True, trust_remote_code=False, **kwargs
-        )
-    except ValueError as e:
-        _raise_if_remote_code(directory, e)
-        raise
-
-
 # --- models ---------------------------------------------------------------------------
-def labels_from_config(config: Any) -> list[str]:
-    """Class names from ``config.id2label``; HF's ``LABEL_i`` placeholders become ``class_i``."""
-    id2label = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
-    n = int(getattr(config, "num_labels", 0) or len(id2label))
-    names = [id2label.get(i, f"LABEL_{i}") for i in range(n)]
-    if all(_PLACEHOLDER_LABEL.fullmatch(x) for x in names):
-        return [f"class_{i}" for i in range(n)]
-    return names
-
-
 def create_zoo_model(name: str, seed: int = 0) -> tuple[Any, Any]:
     """The zoo model ``name`` as (torch model in eval mode, image processor).
 
@@ -208,7 +74,7 @@ def create_zoo_model(name: str, seed: int = 0) -> tuple[Any, Any]:
     model = getattr(transformers, entry.model_class)(config).eval()
     if entry.break_ties:
         _redraw_constant_weights(torch, model)
-    processor = _processor_class(transformers, entry.processor_class)(**entry.processor)
+    processor = hf.processor_class(transformers, entry.processor_class)(**entry.processor)
     return model, processor
 
 
@@ -256,45 +122,137 @@ def build_from_hf_dir(
     cache_dir: Path | str | None = None,
     progress: Say | None = None,
 ) -> ModelMeta:
-    """Export a local ``save_pretrained`` image classifier (real weights) into the store.
+    """Export a local ``save_pretrained`` folder (real weights) into the store.
 
-    The directory needs config.json, the weights and preprocessor_config.json; nothing is
+    The task comes from the config's architecture (:func:`cvserve.models.hf.task_of`);
+    the folder needs config.json, the weights and preprocessor_config.json. Nothing is
     downloaded (``local_files_only``).
     """
-    store.validate_name(name)
-    if name in ZOO:
-        raise BuildError(f"{name!r} is a zoo model name; pick another name")
     directory = Path(directory).resolve()
     if not (directory / "config.json").is_file():
         raise BuildError(f"{directory} has no config.json (expected a save_pretrained folder)")
+    return _build_hf(
+        str(directory), name, cache_dir, progress, f"hf-dir:{directory}", local_files_only=True
+    )
+
+
+def build_from_hub(
+    ref: str,
+    name: str | None = None,
+    cache_dir: Path | str | None = None,
+    progress: Say | None = None,
+) -> ModelMeta:
+    """Build hub model ``org/name[@revision]`` through ``from_pretrained``: the HF cache
+    is used (with ``HF_HUB_OFFLINE=1`` only the cache); missing files are one line."""
+    repo, revision = hf.split_hub_id(ref)
+    name = name or store.default_name("hub", repo)
+    source = f"hf-hub:{repo}" + (f"@{revision}" if revision else "")
+    try:
+        return _build_hf(repo, name, cache_dir, progress, source, revision=revision)
+    except OSError as e:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        where = hf.hub_cache_hint()
+        if offline:
+            raise BuildError(
+                f"{ref}: not in the HuggingFace cache ({where}) and HF_HUB_OFFLINE is set; "
+                "download it once online, or build from a local folder with --from-dir"
+            ) from e
+        raise BuildError(
+            f"{ref}: cannot fetch it from the HuggingFace hub: {_first_line(e)}"
+        ) from e
+
+
+def build_from_timm(
+    source: str,
+    name: str | None = None,
+    cache_dir: Path | str | None = None,
+    progress: Say | None = None,
+) -> ModelMeta:
+    """Build a timm classifier: a model name (random weights) or a checkpoint folder."""
+    name = name or store.default_name("timm", source)
+    say, t0 = _start(name, source, progress)
+    torch, _ = _require_zoo()
+    model, tag, weights = timm_build.create(source)
+    spec = timm_build.spec_from_timm(timm_build.data_config(model))
+    arch = getattr(model, "default_cfg", {}).get("architecture") or type(model).__name__
+    wrapped = timm_build.as_hf_like(torch, model, arch)
+    return _export_and_store(
+        wrapped,
+        spec,
+        name=name,
+        task="classify",
+        source=tag,
+        cache=store.cache_dir(cache_dir),
+        say=say,
+        t0=t0,
+        weights=weights,
+    )
+
+
+def _start(name: str, source: str, progress: Say | None) -> tuple[Say, float]:
+    """Check the store name, say what is loaded; (say, start time) of a build."""
+    store.validate_name(name)
+    if name in ZOO:
+        raise BuildError(f"{name!r} is a zoo model name; pick another name")
     say = _say(name, progress)
     t0 = time.perf_counter()
+    say(f"loading {source}")
+    return say, t0
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _build_hf(
+    source: str,
+    name: str,
+    cache_dir: Path | str | None,
+    progress: Say | None,
+    source_tag: str,
+    **kwargs: Any,
+) -> ModelMeta:
+    say, t0 = _start(name, source, progress)
     torch, transformers = _require_zoo()
-    say(f"loading {directory}")
+    # Never run Python files from the folder (a config's auto_map): transformers would
+    # otherwise ask on stdin, and a "y" runs them.
     try:
-        # Never run Python files from the folder (a config's auto_map): transformers would
-        # otherwise ask on stdin, and a "y" runs them.
-        model = transformers.AutoModelForImageClassification.from_pretrained(
-            str(directory), local_files_only=True, trust_remote_code=False
+        config = transformers.AutoConfig.from_pretrained(source, trust_remote_code=False, **kwargs)
+    except ValueError as e:  # unknown model_type, or remote code
+        _raise_if_remote_code(source, e)
+        raise BuildError(f"{source}: not a model transformers can load: {_first_line(e)}") from e
+    hf_task = hf.task_of(config, source)
+    folder = Path(source)
+    if folder.is_dir() and not (folder / "preprocessor_config.json").is_file():
+        raise BuildError(
+            f"{folder} has no preprocessor_config.json; it defines the model's "
+            "preprocessing (save the image processor with save_pretrained next to the model)"
         )
-    except ValueError as e:  # unknown / non-classification architecture, or remote code
-        _raise_if_remote_code(directory, e)
-        raise BuildError(f"{directory}: not an image classifier transformers can load: {e}") from e
+    try:
+        model = hf.load_model(transformers, source, hf_task, **kwargs)
+        processor = hf.load_image_processor(transformers, source, **kwargs)
+    except ValueError as e:
+        _raise_if_remote_code(source, e)
+        raise BuildError(
+            f"{source}: cannot load its {hf_task.architecture}: {_first_line(e)}"
+        ) from e
     model = model.float().eval()
-    spec = preprocess_spec_from_hf(_load_image_processor(transformers, directory))
+    spec = preprocess_spec_from_hf(processor)
     return _export_and_store(
         model,
         spec,
         name=name,
-        task="classify",
-        source=f"hf-dir:{directory}",
+        task=hf_task.task,
+        source=source_tag,
         cache=store.cache_dir(cache_dir),
         say=say,
         t0=t0,
+        outputs=hf_task.outputs,
+        weights="real",
     )
 
 
-def _raise_if_remote_code(directory: Path, error: Exception) -> None:
+def _raise_if_remote_code(directory: Path | str, error: Exception) -> None:
     """A clear BuildError when loading failed because the folder wants its own code run."""
     if "trust_remote_code" in str(error) or "auto_map" in str(error):
         raise BuildError(
@@ -335,6 +293,7 @@ def _export_and_store(
     say: Say,
     t0: float,
     outputs: tuple[str, ...] = ("logits",),
+    weights: str = "random",
 ) -> ModelMeta:
     torch, transformers = _require_zoo()
     import onnxruntime as ort
@@ -408,9 +367,10 @@ def _export_and_store(
         input_dtype="float32",
         output_names=output_names,
         preprocess=spec,
-        labels=labels_from_config(model.config),
+        labels=hf.labels_for(task, model.config),
         params=sum(p.numel() for p in model.parameters()),
         source=source,
+        weights=weights,
         extra={
             "gflops": gflops,
             "flops_convention": "FLOPs = 2 x multiply-accumulates, batch 1",
@@ -476,10 +436,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("model", nargs="?", help=f"zoo model: {', '.join(sorted(ZOO))}")
     p.add_argument("--cache-dir", help="store root (default: $CVSERVE_CACHE or ~/.cache/cvserve)")
     p.add_argument("--from-dir", help="a local save_pretrained folder with real weights")
-    p.add_argument("--name", help="store name for --from-dir (default: the folder's name)")
+    p.add_argument("--from-hub", help="a HuggingFace hub id, org/name[@revision]")
+    p.add_argument("--from-timm", help="a timm model name (random weights) or checkpoint folder")
+    p.add_argument("--name", help="store name for --from-* (default: the folder's name)")
     args = p.parse_args(argv)
-    if args.from_dir is None and args.model is None:
-        p.error("give a zoo model name or --from-dir DIR")
+    if args.model is None and not (args.from_dir or args.from_hub or args.from_timm):
+        p.error("give a zoo model name or --from-dir DIR / --from-hub ID / --from-timm NAME")
     return args
 
 
@@ -492,15 +454,20 @@ def main(argv: list[str] | None = None) -> int:
         print(line, flush=True)
 
     try:
-        if args.from_dir is None:
+        own = args.from_dir or args.from_hub or args.from_timm
+        if not own:
             _zoo_entry(args.model)  # an unknown name fails before the slow imports
         _quiet_libraries()
         if args.from_dir is not None:
             name = args.name or args.model or store._name_from(Path(args.from_dir).resolve().name)
             build_from_hf_dir(args.from_dir, name, args.cache_dir, progress)
+        elif args.from_hub is not None:
+            build_from_hub(args.from_hub, args.name, args.cache_dir, progress)
+        elif args.from_timm is not None:
+            build_from_timm(args.from_timm, args.name, args.cache_dir, progress)
         else:
             build_zoo_model(args.model, args.cache_dir, progress)
-    except (BuildError, store.ModelNotFound, ValueError, OSError) as e:
+    except (BuildError, store.ModelNotFound, ValueError, OSError) as e:  # incl. hf / timm
         print(f"error: {e}", file=sys.stderr)
         return 1
     except ImportError as e:  # e.g. onnx, which the exporter imports on its own

@@ -16,6 +16,8 @@ that such noise stays far inside and a wrong graph does not:
 * ``segment``: the argmax class maps agree on at least ``min_agreement`` of the pixels,
   and every pixel that differs is a near-tie in torch's logits.
 * ``depth``: the largest error is at most ``depth_rel`` of the largest depth.
+* ``embed``: each image's L2-normalised vectors have a cosine similarity of at least
+  ``min_cosine``.
 
 Every output is also held to a loose bound on its raw values (``gross``), which catches
 a broken output the task's answer does not look at. The error says what differed, where,
@@ -61,6 +63,8 @@ class Tolerances:
     min_agreement: float = 0.98
     #: depth: largest |error| over the largest |depth|
     depth_rel: float = 0.01
+    #: embeddings: cosine similarity of torch's and ONNX's vector of each image
+    min_cosine: float = 0.999
     #: any output: largest |diff| over its largest |value|
     gross: float = 0.05
 
@@ -103,6 +107,8 @@ def check_export(
         summary = _segment(refs[0], gots[0], tol)
     elif task == "depth":
         summary = _depth(refs[0], gots[0], tol)
+    elif task == "embed":
+        summary = _embed(refs[0], gots[0], tol)
     else:
         summary = {}
     max_abs = rel = 0.0
@@ -288,3 +294,17 @@ def _depth(ref: np.ndarray, got: np.ndarray, tol: Tolerances) -> dict[str, Any]:
             )
         worst = max(worst, err)
     return {"depth_rel_error": worst}
+
+
+def _embed(ref: np.ndarray, got: np.ndarray, tol: Tolerances) -> dict[str, Any]:
+    r = ref.reshape(len(ref), -1)
+    g = got.reshape(len(got), -1)
+    rn = np.linalg.norm(r, axis=1) * np.linalg.norm(g, axis=1)
+    cos = np.einsum("ij,ij->i", r, g) / np.maximum(rn, 1e-300)
+    worst = int(cos.argmin()) if cos.size else 0
+    if cos.size and not cos[worst] >= tol.min_cosine:
+        raise ExportMismatch(
+            f"image {worst}: embedding cosine similarity {float(cos[worst]):.6f} "
+            f"(limit {tol.min_cosine})"
+        )
+    return {"embedding_min_cosine": float(cos.min()) if cos.size else 1.0}

@@ -25,7 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cvserve.models.outputs as output_roles
 from cvserve.images.spec import PreprocessSpec
+from cvserve.models.errors import InvalidModel, ModelBuildError, ModelNotBuilt, ModelNotFound
 from cvserve.models.external_data import (
     DATA_FILE,
     UnsafeExternalData,
@@ -45,43 +47,6 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _ONNX_DTYPES = {"tensor(float)": "float32", "tensor(uint8)": "uint8"}
 
 
-class ModelNotFound(LookupError):
-    """No model of that name in the zoo or the store."""
-
-    def __init__(self, name: str, available: list[str] | None = None) -> None:
-        self.name = name
-        self.available = sorted(available) if available is not None else []
-        listed = ", ".join(self.available) or "none"
-        super().__init__(f"unknown model {name!r}; available: {listed}")
-
-
-class ModelNotBuilt(ModelNotFound):
-    """A zoo model that has not been built into this store yet."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.available = []
-        LookupError.__init__(
-            self, f"model {name!r} is not built yet: run `cvserve models build {name}`"
-        )
-
-
-class ModelBuildError(RuntimeError):
-    """The build child process failed; ``stderr_tail`` holds the end of its stderr."""
-
-    def __init__(self, name: str, returncode: int, stderr_tail: str) -> None:
-        self.name = name
-        self.returncode = returncode
-        self.stderr_tail = stderr_tail
-        lines = [x for x in stderr_tail.strip().splitlines() if x.strip()]
-        reason = lines[-1].removeprefix("error: ") if lines else f"exit status {returncode}"
-        super().__init__(f"building {name} failed: {reason}")
-
-
-class InvalidModel(ValueError):
-    """A user's ONNX file cannot be served as the given task / preprocessing."""
-
-
 @dataclass(frozen=True)
 class ModelEntry:
     """One row of ``cvserve models list``."""
@@ -91,6 +56,8 @@ class ModelEntry:
     built: bool
     source: str
     path: Path | None  # the ONNX file when built
+    #: "real", "random" or "unknown" (ModelMeta.weights); zoo models are random
+    weights: str = "unknown"
 
 
 # --- layout ---------------------------------------------------------------------------
@@ -129,7 +96,10 @@ def model_path(meta: ModelMeta, cache: Path | str | None = None) -> Path:
 
 
 def _read_built(name: str, cache: Path | str | None) -> ModelMeta | None:
-    folder = model_dir(name, cache)
+    return _read_built_in(model_dir(name, cache))
+
+
+def _read_built_in(folder: Path) -> ModelMeta | None:
     sidecar = folder / SIDECAR_FILE
     if not sidecar.is_file():
         return None
@@ -145,7 +115,10 @@ def _read_built(name: str, cache: Path | str | None) -> ModelMeta | None:
 
 def write_meta(meta: ModelMeta, cache: Path | str | None = None) -> Path:
     """Write the sidecar of ``meta`` atomically; returns its path."""
-    folder = model_dir(meta.name, cache)
+    return _write_meta_in(meta, model_dir(meta.name, cache))
+
+
+def _write_meta_in(meta: ModelMeta, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / SIDECAR_FILE
     tmp = folder / f".{SIDECAR_FILE}.tmp-{os.getpid()}"
@@ -192,6 +165,7 @@ def list_models(cache: Path | str | None = None) -> list[ModelEntry]:
                 built=meta is not None,
                 source=meta.source if meta else ZOO[name].source,
                 path=model_path(meta, cache) if meta else None,
+                weights=meta.weights if meta else "random",
             )
         )
     for name in _stored_names(cache):
@@ -199,7 +173,11 @@ def list_models(cache: Path | str | None = None) -> list[ModelEntry]:
             continue
         meta = _read_built(name, cache)
         if meta is not None:
-            entries.append(ModelEntry(name, meta.task, True, meta.source, model_path(meta, cache)))
+            entries.append(
+                ModelEntry(
+                    name, meta.task, True, meta.source, model_path(meta, cache), meta.weights
+                )
+            )
     return entries
 
 
@@ -281,21 +259,48 @@ def build_from_dir(
     """Build a local HuggingFace ``save_pretrained`` folder (real weights) into the store.
 
     Runs ``python -m cvserve.models.build --from-dir`` in a child process, like
-    ensure_built; ``name`` defaults to the folder's name. Rebuilds if it exists.
+    ensure_built; ``name`` defaults to the folder's name. Rebuilds if it exists. The task
+    (classify, segment, detect, depth, embed) comes from the folder's config.
     """
     directory = Path(directory).expanduser().resolve()
     if not directory.is_dir():
         raise FileNotFoundError(f"no such folder: {directory}")
-    name = validate_name(name or _name_from(directory.name))
+    name = name or _name_from(directory.name)
+    return build_from("dir", str(directory), name, cache, progress, timeout=timeout)
+
+
+def build_from(
+    kind: str,
+    ref: str,
+    name: str,
+    cache: Path | str | None = None,
+    progress: Say | None = None,
+    *,
+    timeout: float | None = None,
+) -> ModelMeta:
+    """Build ``ref`` into the store as ``name`` in a child process: ``kind`` ``dir`` (a
+    HF folder), ``hub`` (a HF hub id ``org/name[@revision]``) or ``timm`` (a timm model
+    name or checkpoint folder)."""
+    if kind not in ("dir", "hub", "timm"):
+        raise ValueError(f"unknown model source kind {kind!r}")
+    name = validate_name(name)
     if name in ZOO:
         raise ValueError(f"{name!r} is a zoo model name; pick another name")
     build_child(
-        ["--from-dir", str(directory), "--name", name], name, progress, cache=cache, timeout=timeout
+        [f"--from-{kind}", ref, "--name", name], name, progress, cache=cache, timeout=timeout
     )
     meta = _read_built(name, cache)
     if meta is None:
         raise ModelBuildError(name, 0, "error: the build finished but left no model behind")
     return meta
+
+
+def default_name(kind: str, ref: str) -> str:
+    """The store name of ``ref`` when none is given: folder name, hub repo or timm name."""
+    if kind == "hub":
+        return _name_from(ref.partition("@")[0].rsplit("/", 1)[-1])
+    path = Path(ref).expanduser()
+    return _name_from(path.resolve().name if path.is_dir() else ref)
 
 
 def build_child(
@@ -372,12 +377,20 @@ def add_model(
     cache: Path | str | None = None,
     *,
     overwrite: bool = False,
+    version: int | None = None,
+    outputs: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> ModelMeta:
     """Register a user's ONNX file: validate it with onnxruntime, copy it in, write a sidecar.
 
+    ``version``: store it as that version of ``name`` (:func:`version_dir`; None or 1: the
+    model's own folder, version 1).
+
     The model needs exactly one image input of rank 4 (``spec.layout``, 3 channels) whose
     fixed dimensions agree with ``spec``; ``spec`` defaults to 224x224 ImageNet
-    preprocessing. Raises InvalidModel with the reason otherwise.
+    preprocessing. ``outputs`` maps the task's output roles to graph outputs
+    (:mod:`cvserve.models.outputs`); the stored graph keeps just those, in role order.
+    Raises InvalidModel with the reason otherwise.
     """
     src = Path(onnx_path).expanduser().resolve()
     if not src.is_file():
@@ -387,12 +400,16 @@ def add_model(
         raise ValueError(f"{name!r} is a zoo model name; pick another name")
     spec = spec or PreprocessSpec(height=224, width=224, resize_shortest=256)
     external = _external_data(src)  # checked before onnxruntime follows any of it
-    info = _inspect_onnx(src, spec, task, labels)
+    info = _inspect_onnx(src, spec, task, labels, outputs)
+    keep = info.pop("keep_outputs", None)
 
     with _store_lock(cache):
-        if _read_built(name, cache) is not None and not overwrite:
-            raise FileExistsError(f"model {name!r} already exists; pass overwrite to replace it")
-        folder = model_dir(name, cache)
+        folder = version_dir(name, version or 1, cache)
+        if _read_built_in(folder) is not None and not overwrite:
+            what = f"model {name!r}" + (f" version {version}" if version else "")
+            raise FileExistsError(
+                f"{what} already exists; replace it with --force (overwrite=True)"
+            )
         folder.mkdir(parents=True, exist_ok=True)
         (folder / SIDECAR_FILE).unlink(missing_ok=True)
         tmp = folder / f".{ONNX_FILE}.tmp-{os.getpid()}"
@@ -402,6 +419,8 @@ def add_model(
             else:
                 shutil.copyfile(src, tmp)
                 (folder / DATA_FILE).unlink(missing_ok=True)
+            if keep is not None:
+                output_roles.keep_only(tmp, keep)
             os.replace(tmp, folder / ONNX_FILE)
         finally:
             tmp.unlink(missing_ok=True)
@@ -412,9 +431,11 @@ def add_model(
             preprocess=spec,
             labels=list(labels or []),
             source=f"user:{src}",
+            weights="unknown",
+            extra=dict(extra or {}),
             **info,
         )
-        write_meta(meta, cache)
+        _write_meta_in(meta, folder)
     return meta
 
 
@@ -444,7 +465,7 @@ def fold_normalize(
     with _store_lock(cache):
         if _read_built(new_name, cache) is not None and not overwrite:
             raise FileExistsError(
-                f"model {new_name!r} already exists; pass overwrite to replace it"
+                f"model {new_name!r} already exists; replace it with --force (overwrite=True)"
             )
         folder = model_dir(new_name, cache)
         folder.mkdir(parents=True, exist_ok=True)
@@ -482,7 +503,11 @@ def _external_data(src: Path) -> list[Path]:
 
 
 def _inspect_onnx(
-    path: Path, spec: PreprocessSpec, task: str, labels: list[str] | None
+    path: Path,
+    spec: PreprocessSpec,
+    task: str,
+    labels: list[str] | None,
+    mapping: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     import onnxruntime as ort
 
@@ -517,15 +542,33 @@ def _inspect_onnx(
                 f"makes {spec.layout} {list(spec.input_shape)} (axis {axis}: {got} != {want})"
             )
     outputs = session.get_outputs()
-    if task == "classify" and labels:
-        last = outputs[0].shape[-1] if outputs[0].shape else None
-        if isinstance(last, int) and last != len(labels):
-            raise InvalidModel(
-                f"{path}: output {outputs[0].name!r} has {last} classes but {len(labels)} labels"
-            )
+    names = [o.name for o in outputs]
+    keep = None
+    if task in output_roles.ROLES:
+        declared = [(o.name, list(o.shape)) for o in outputs]
+        try:
+            chosen = output_roles.resolve(task, declared, mapping, labels)
+        except output_roles.OutputMismatch as e:
+            raise InvalidModel(f"{path}: {e}") from None
+        if chosen != names:
+            keep, names = chosen, chosen
+    elif mapping:
+        raise InvalidModel(f"{path}: task {task!r} takes no --output mapping")
     return {
         "input_name": inp.name,
         "input_shape": shape,
         "input_dtype": dtype,
-        "output_names": [o.name for o in outputs],
+        "output_names": names,
+        "keep_outputs": keep,
     }
+
+
+# --- versions (the rest: cvserve.models.versions) ---------------------------------------
+
+
+def version_dir(name: str, version: int, cache: Path | str | None = None) -> Path:
+    """The folder of version ``version`` (>= 1) of model ``name`` (which may not exist)."""
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"a model version is an integer >= 1, not {version!r}")
+    folder = model_dir(name, cache)
+    return folder if version == 1 else folder / str(version)

@@ -450,6 +450,110 @@ _ENTRIES.append(
     )
 )
 
+# --- image embeddings ------------------------------------------------------------------
+# openai/clip-vit-base-patch32's vision tower with its projection: shortest edge 224,
+# center-crop 224, bicubic, CLIP's mean/std; the answer is the 512-d image embedding.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_CLIP_PROCESSOR: dict[str, Any] = {
+    "size": {"shortest_edge": 224},
+    "crop_size": {"height": 224, "width": 224},
+    "do_center_crop": True,
+    "resample": _BICUBIC,
+    "image_mean": list(CLIP_MEAN),
+    "image_std": list(CLIP_STD),
+}
+# facebook/dinov2-small: BitImageProcessor, shortest edge 256, center-crop 224, bicubic,
+# ImageNet mean/std; the answer is the CLS token after the last layer norm (384-d).
+_DINOV2_PROCESSOR: dict[str, Any] = {
+    "size": {"shortest_edge": 256},
+    "crop_size": {"height": 224, "width": 224},
+    "do_center_crop": True,
+    "resample": _BICUBIC,
+    "image_mean": list(IMAGENET_MEAN),
+    "image_std": list(IMAGENET_STD),
+    "do_convert_rgb": True,
+}
+_ENTRIES += [
+    ZooEntry(
+        name="clip-vit-b32",
+        task="embed",
+        model_class="CLIPVisionModelWithProjection",
+        config_class="CLIPVisionConfig",
+        config={"projection_dim": 512},
+        processor_class="CLIPImageProcessor",
+        processor=_CLIP_PROCESSOR,
+        description="CLIP ViT-B/32 image encoder with projection (88M params), 224x224, "
+        "512-d embedding, like openai/clip-vit-base-patch32",
+        outputs=("image_embeds",),
+    ),
+    ZooEntry(
+        name="tiny-clip",
+        task="embed",
+        model_class="CLIPVisionModelWithProjection",
+        config_class="CLIPVisionConfig",
+        config={
+            "image_size": 32,
+            "patch_size": 8,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "projection_dim": 16,
+        },
+        processor_class="CLIPImageProcessor",
+        processor={
+            **_CLIP_PROCESSOR,
+            "size": {"shortest_edge": 32},
+            "crop_size": {"height": 32, "width": 32},
+        },  # fmt: skip
+        description="a tiny CLIP image encoder for tests: 32x32, 16-d embedding",
+        tiny=True,
+        outputs=("image_embeds",),
+    ),
+    ZooEntry(
+        name="dinov2-small",
+        task="embed",
+        model_class="Dinov2Model",
+        config_class="Dinov2Config",
+        config={
+            "hidden_size": 384,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 6,
+            "image_size": 518,
+            "patch_size": 14,
+        },  # fmt: skip
+        processor_class="BitImageProcessor",
+        processor=_DINOV2_PROCESSOR,
+        description="DINOv2-S/14 (22M params), 224x224, 384-d CLS embedding, "
+        "like facebook/dinov2-small",
+        outputs=("pooler_output",),
+    ),
+    ZooEntry(
+        name="tiny-dinov2",
+        task="embed",
+        model_class="Dinov2Model",
+        config_class="Dinov2Config",
+        config={
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "mlp_ratio": 2,
+            "image_size": 28,
+            "patch_size": 14,
+        },  # fmt: skip
+        processor_class="BitImageProcessor",
+        processor={
+            **_DINOV2_PROCESSOR,
+            "size": {"shortest_edge": 32},
+            "crop_size": {"height": 28, "width": 28},
+        },  # fmt: skip
+        description="a tiny DINOv2 for tests: 28x28 (2x2 patches of 14), 32-d CLS embedding",
+        tiny=True,
+        outputs=("pooler_output",),
+    ),
+]
+
 ZOO: dict[str, ZooEntry] = {e.name: e for e in _ENTRIES}
 
 

@@ -187,6 +187,20 @@ class SimProfile:
             source=f"{self.source} ({note})" if self.source else note,
         )
 
+    def summary(self, width: int = 80) -> str:
+        """One short line for a log: the device and the latency range, e.g. ``A100 80GB
+        (DGX A100): batch 1 2.13 ms .. batch 128 48.1 ms`` (``describe`` has the source)."""
+        sizes = list(self.latency_ms)
+        lo, hi = sizes[0], sizes[-1]
+        span = f"batch {lo} {self.latency_ms[lo]:.3g} ms"
+        if hi != lo:
+            span += f" .. batch {hi} {self.latency_ms[hi]:.3g} ms"
+        what = self.device or self.model or ""
+        room = max(0, width - len(span) - 2)
+        if len(what) > room:
+            what = what[: max(0, room - 3)].rstrip() + "..." if room > 3 else ""
+        return f"{what}: {span}" if what else span
+
     def describe(self) -> dict[str, Any]:
         """The short form servers and results report."""
         return {

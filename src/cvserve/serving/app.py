@@ -43,16 +43,23 @@ async def readyz(request: Request) -> Response:
 
 
 def refresh_gauges(state: ServerState) -> None:
-    """Set the gauges from the models' state now (queue depth, busy instances, admission)."""
-    m, nan = state.metrics, float("nan")
+    """Set the gauges from the models' state now (queue depth, busy instances, admission).
+    Never NaN, which dashboards and alert rules handle badly: 0 until measured."""
+    m = state.metrics
     for name, ms in state.models.items():
         m.queue_depth.labels(name).set(ms.inflight)
         m.busy_instances.labels(name).set(ms.batcher.busy_instances)
         adm = ms.admission
         rate, wait, limit = adm.rate.per_s, adm.expected_wait_s(), adm.wait_limit_s()
-        m.service_rate.labels(name).set(nan if rate is None else rate)
-        m.expected_wait.labels(name).set(nan if wait is None else wait)
-        m.wait_limit.labels(name).set(nan if limit is None else limit)
+        m.service_rate.labels(name).set(rate or 0.0)
+        m.expected_wait.labels(name).set(wait or 0.0)
+        m.wait_limit.labels(name).set(limit or 0.0)
+    m.model_memory.clear()  # versions unloaded since the last look go
+    for name, loaded in state.versions.items():
+        for version, ms in loaded.items():
+            for kind, n in getattr(ms, "memory", dict)().items():
+                if n is not None:
+                    m.model_memory.labels(name, version, kind.removesuffix("_bytes")).set(n)
 
 
 async def metrics_endpoint(request: Request) -> Response:
@@ -63,10 +70,14 @@ async def metrics_endpoint(request: Request) -> Response:
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
     kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    payload: dict[str, Any] = {"error": {"kind": kind, "message": exc.detail}}
+    message = exc.detail
+    allow = (exc.headers or {}).get("Allow")
+    if exc.status_code == 405 and allow:
+        message = f"{exc.detail}: {request.method} {request.url.path}; use {allow}"
+    payload: dict[str, Any] = {"error": {"kind": kind, "message": message}}
     if request.url.path.startswith("/v2/") or request.url.path == "/v2":
-        payload = {"error": str(exc.detail)}  # KServe v2's error shape
-    resp = json_response(payload, exc.status_code)
+        payload = {"error": str(message)}  # KServe v2's error shape
+    resp = json_response(payload, exc.status_code, headers=exc.headers)
     resp.headers["Server-Timing"] = format_server_timing({"encode": 0.0})
     return resp
 

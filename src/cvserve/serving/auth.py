@@ -18,7 +18,7 @@ from pathlib import Path
 
 from cvserve.config import ConfigError
 
-__all__ = ["ApiKeys", "check_tls_files"]
+__all__ = ["ApiKeys", "check_tls_files", "read_key_file"]
 
 log = logging.getLogger(__name__)
 
@@ -37,30 +37,7 @@ class ApiKeys:
 
     @classmethod
     def from_file(cls, path: str | Path) -> ApiKeys:
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8-sig")  # -sig: a leading BOM is not the key's
-            mode = path.stat().st_mode
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"cannot read the API key file {path}: {e}") from None
-        keys = [s for s in (line.strip() for line in text.splitlines()) if s and s[0] != "#"]
-        if not keys:
-            raise ConfigError(f"the API key file {path} holds no key (one key a line)")
-        if any(len(k.split()) > 1 for k in keys):
-            raise ConfigError(f"the API key file {path}: a key may not contain spaces")
-        for n, key in enumerate(keys, 1):
-            # a header carries ASCII: a key with other characters could never match
-            if not (key.isascii() and key.isprintable()):
-                raise ConfigError(
-                    f"the API key file {path}: key {n} has a character that is not printable "
-                    "ASCII (an HTTP header cannot carry it)"
-                )
-        if mode & 0o044:
-            log.warning(
-                "the API key file %s can be read by %s (mode %o): chmod 600 it",
-                path, "others" if mode & 0o004 else "its group", mode & 0o777,
-            )  # fmt: skip
-        return cls(keys)
+        return cls(read_key_file(path))
 
     def __len__(self) -> int:
         return len(self._digests)
@@ -84,6 +61,35 @@ class ApiKeys:
         for known in self._digests:  # every key, no early exit
             ok |= hmac.compare_digest(digest, known)
         return None if ok else 403
+
+
+def read_key_file(path: str | Path) -> list[str]:
+    """The keys of an API key file, read as the server reads it (the module's docstring):
+    the server's keys, and the key a client (``bench``, :mod:`cvserve.client`) sends."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a leading BOM is not the key's
+        mode = path.stat().st_mode
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read the API key file {path}: {e}") from None
+    keys = [s for s in (line.strip() for line in text.splitlines()) if s and s[0] != "#"]
+    if not keys:
+        raise ConfigError(f"the API key file {path} holds no key (one key a line)")
+    if any(len(k.split()) > 1 for k in keys):
+        raise ConfigError(f"the API key file {path}: a key may not contain spaces")
+    for n, key in enumerate(keys, 1):
+        # a header carries ASCII: a key with other characters could never match
+        if not (key.isascii() and key.isprintable()):
+            raise ConfigError(
+                f"the API key file {path}: key {n} has a character that is not printable "
+                "ASCII (an HTTP header cannot carry it)"
+            )
+    if mode & 0o044:
+        log.warning(
+            "the API key file %s can be read by %s (mode %o): chmod 600 it",
+            path, "others" if mode & 0o004 else "its group", mode & 0o777,
+        )  # fmt: skip
+    return keys
 
 
 #: What a door answers for each status :meth:`ApiKeys.check` returns.

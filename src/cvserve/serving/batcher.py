@@ -128,6 +128,8 @@ class Batcher:
             for i, rt in enumerate(runtimes)
         ]
         self._started = False
+        #: Batch buffers allocated (they are reused, never freed while serving).
+        self.buffers_made = 0
         #: Requests on their way (``incoming``) that have not yet committed or released a
         #: slot. Nobody upstream, no waiting.
         self._upstream = 0
@@ -204,7 +206,21 @@ class Batcher:
             buf = self._free_buffers.pop()
         else:
             buf = np.empty((self.config.max_batch_size, *self.item_shape), dtype=self.dtype)
+            self.buffers_made += 1
         return _Batch(buf)
+
+    @property
+    def buffer_bytes(self) -> int:
+        """Bytes of the batch buffers made so far (each ``max_batch_size`` rows)."""
+        row = int(np.prod(self.item_shape)) * self.dtype.itemsize
+        return self.buffers_made * self.config.max_batch_size * row
+
+    def drop(self) -> None:
+        """After :meth:`stop`: drop the buffers and the threads (and with them the
+        runtimes they ran)."""
+        self._free_buffers.clear()
+        self._threads = []
+        self.on_batch = None  # it holds its model: no cycle left for the collector
 
     def _close(self, b: _Batch) -> None:
         b.closed = True

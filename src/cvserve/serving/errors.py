@@ -16,6 +16,8 @@ name in the JSON body)::
         ├── Draining               503  draining                shutting down
         ├── BrokerDown             503  broker_unavailable
         ├── DeadlineExceeded       504  deadline_exceeded
+        ├── LoadFailed             400  load_failed             a model load the API asked for failed
+        ├── ModelTooLarge          507  insufficient_memory     a load that would not fit in memory
         ├── InferenceFailed        500  inference_failed        the runtime failed on a batch
         └── StageFailed            500  stage_failed            a pipeline stage failed
 
@@ -43,6 +45,8 @@ __all__ = [
     "DeadlineExceeded",
     "Draining",
     "InferenceFailed",
+    "LoadFailed",
+    "ModelTooLarge",
     "NotServed",
     "Overloaded",
     "ServingError",
@@ -118,6 +122,21 @@ class InferenceFailed(ServingError):
 class StageFailed(ServingError):
     status = 500
     kind = "stage_failed"
+
+
+class LoadFailed(ServingError):
+    """A load or unload the repository API asked for cannot be done (not in the store, its
+    file fails to open, model control is off); what is served is untouched."""
+
+    status = 400
+    kind = "load_failed"
+
+
+class ModelTooLarge(ServingError):
+    """A load whose estimated memory would not fit; what is served is untouched."""
+
+    status = 507
+    kind = "insufficient_memory"
 
 
 def http_status(error: BaseException) -> int:

@@ -72,15 +72,15 @@ class Metrics:
         )  # fmt: skip
         # admission (serving.core.Admission): what the server expects, and what it refuses
         self.service_rate = Gauge(
-            "cvserve_service_rate", "Requests a model finishes per second while busy (NaN: "
+            "cvserve_service_rate", "Requests a model finishes per second while busy (0: "
             "not measured yet)", ["model"], registry=r, multiprocess_mode="livesum",
         )  # fmt: skip
         self.expected_wait = Gauge(
             "cvserve_expected_wait_seconds", "A new request's expected time to its answer "
-            "(NaN: no service rate yet)", ["model"], registry=r, multiprocess_mode="livemax",
+            "(0: no service rate yet)", ["model"], registry=r, multiprocess_mode="livemax",
         )  # fmt: skip
         self.wait_limit = Gauge(
-            "cvserve_wait_limit_seconds", "The longest expected wait admitted (NaN: no limit by "
+            "cvserve_wait_limit_seconds", "The longest expected wait admitted (0: no limit by "
             "time now)", ["model"], registry=r, multiprocess_mode="livemax",
         )  # fmt: skip
         # pipelines (serving.pipelines.engine): each step's work, named
@@ -102,6 +102,11 @@ class Metrics:
             "cvserve_pipeline_step_expired_items", "Items a worker here dropped unrun: their "
             "request's deadline had passed, or would before they finished",
             ["pipeline", "step"], registry=r,
+        )  # fmt: skip
+        self.model_memory = Gauge(
+            "cvserve_model_memory_bytes", "Memory a loaded model version holds: its weights "
+            "(per instance), the runtime's growth when it opened (an estimate), its batch "
+            "buffers", ["model", "version", "kind"], registry=r, multiprocess_mode="livesum",
         )  # fmt: skip
         self.edge_refusals = Counter(
             "cvserve_edge_refusals", "Requests the edge answered before any model: no or a "

@@ -33,7 +33,7 @@ from cvserve.serving.core import (
     PreprocessPool,
     remaining,
 )
-from cvserve.serving.errors import BadRequest, DeadlineExceeded
+from cvserve.serving.errors import BadRequest, DeadlineExceeded, NotServed
 from cvserve.serving.stats import ModelStats
 from cvserve.tasks.base import get_head
 from cvserve.tasks.params import describe_params, parse_params
@@ -67,8 +67,20 @@ class ModelServer:
         *,
         max_pixels: int,
         on_batch=None,
+        version: int = 1,
     ) -> None:
         self.name = config.name
+        #: The store version this server runs (v2: ``/versions/{v}``; /v1: ``name@v``).
+        self.version = str(version)
+        #: Set when a newer version replaced this one (``serving.control``): a request
+        #: that found this server but was not admitted yet goes there instead.
+        self.successor: ModelServer | None = None
+        #: Set when unloaded: a request not admitted yet is refused (404).
+        self.retired = False
+        self.onnx_path = onnx_path
+        #: Resident memory the runtimes took to open and warm up (an estimate: the
+        #: process's growth meanwhile), set by whoever measured it.
+        self.runtime_bytes: int | None = None
         self.meta = meta
         self.config = config
         self.pool = pool
@@ -94,7 +106,7 @@ class ModelServer:
                 f"model {self.name}: preprocessing makes {list(spec.input_shape)}, "
                 f"the ONNX input is {shape}"
             )
-        self.stats = ModelStats(self.name)
+        self.stats = ModelStats(self.name, self.version)
 
         def observe(info: BatchInfo) -> None:
             self.stats.observe_batch(info.size, info.infer_end - info.infer_start)
@@ -116,21 +128,58 @@ class ModelServer:
         self.ready = False
 
     # -- lifecycle -----------------------------------------------------------------------
-    def warm_up(self) -> None:
-        """One full batch through every instance, so the first request pays nothing extra."""
+    #: Whether :meth:`warm_up` has run, and how long it took (s).
+    warmed = False
+    warm_up_s: float | None = None
+
+    def warm_up(self, pace: float = 0.0) -> None:
+        """Every batch size the batcher will run (1 to ``max_batch_size``) through every
+        instance, so that no request pays for a first run of its size (onnxruntime's
+        allocations and, on a GPU, kernel selection per shape). ``pace``: after each run,
+        rest ``pace`` times as long as it took (a load beside served models leaves them
+        most of the cores: 1.0 takes at most half of what its threads could)."""
+        t0 = time.perf_counter()
         x = np.zeros((self.config.batching.max_batch_size, *self.spec.input_shape), self.spec.dtype)
         for rt in self._runtimes:
-            rt.run(x)
-            rt.run(x[:1])
+            for n in range(len(x), 0, -1):
+                t1 = time.perf_counter()
+                rt.run(x[:n])
+                if pace > 0:
+                    time.sleep((time.perf_counter() - t1) * pace)
+        self.warm_up_s = time.perf_counter() - t0
 
     async def start(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self.warm_up)
+        if not self.warmed:  # else warmed where it was opened (serving.loading)
+            await asyncio.get_running_loop().run_in_executor(None, self.warm_up)
+            log.info("%s version %s: warmed up (batch sizes 1-%d) in %.2f s", self.name,
+                     self.version, self.config.batching.max_batch_size, self.warm_up_s)  # fmt: skip
+            self.warmed = True
         self.batcher.start()
         self.ready = True
 
     async def stop(self) -> None:
         self.ready = False
         self.batcher.stop()
+
+    def release(self) -> None:
+        """Drop the runtimes (after :meth:`stop`), so their memory goes with the last
+        reference to them."""
+        self._runtimes = []
+        self.gpu_preprocessor = None
+        self.batcher.drop()
+
+    def memory(self) -> dict[str, int | None]:
+        """What this model holds, in bytes: its weights file (once per instance), the
+        runtime's arena as measured when it opened (an estimate), the batch buffers."""
+        try:
+            weights = os.path.getsize(self.onnx_path)
+        except OSError:
+            weights = 0
+        return {
+            "weights_bytes": weights * self.config.batching.instances,
+            "runtime_bytes": self.runtime_bytes,
+            "batch_buffer_bytes": self.batcher.buffer_bytes,
+        }
 
     # -- requests ------------------------------------------------------------------------
     @property
@@ -147,6 +196,10 @@ class ModelServer:
 
         ``data`` is the encoded image, or one row of the model's own input (an ndarray of
         ``input_shape`` and ``input_dtype``), which skips preprocessing."""
+        if self.successor is not None:  # replaced since this request found it
+            return await self.successor.predict(data, trace, deadline, params)
+        if self.retired:
+            raise NotServed(f"model {self.name!r} version {self.version} was unloaded")
         fill = self._fill
         if isinstance(data, np.ndarray):
             self.check_tensor(data)
@@ -236,6 +289,7 @@ class ModelServer:
         b = self.config.batching
         return {
             "name": self.name,
+            "version": self.version,
             "model": m.name,
             "task": m.task,
             "ready": self.ready,
@@ -247,6 +301,7 @@ class ModelServer:
             "parameters": describe_params(self.head.params),
             "params": m.params,
             "source": m.source,
+            "weights": m.weights,
             "batching": {
                 "max_batch_size": b.max_batch_size,
                 "max_delay_ms": b.max_delay_ms,
@@ -256,6 +311,7 @@ class ModelServer:
             },
             "admission": self.admission.describe(),
             "runtime": self.runtime_description(),
+            "memory": self.memory(),
         }
 
     def runtime_description(self) -> dict[str, Any]:
@@ -281,11 +337,11 @@ def _make_runtimes(onnx_path: str, config: ModelConfig) -> list:
     n = config.batching.instances
     if config.runtime == "simulated":
         device = SimDevice(config.sim_profile, config.sim_devices, config.sim_h2d_gbps)
-        log.info(
-            "%s: simulated accelerator (%d device(s), profile: %s)",
+        log.info(  # the profile's source is long: GET /v1/models/NAME has it
+            "%s: simulated accelerator, %d device(s), %s",
             config.name,
             config.sim_devices,
-            device.profile.source,
+            device.profile.summary(),
         )
         return open_runtimes(onnx_path, n, sim_device=device)
     if config.device != "cpu":

@@ -27,6 +27,10 @@ The parent:
   preprocessing threads, onnxruntime intra-op threads and a pipeline's CPU budget default
   to cores / N each (at least 1), unless set;
 - says ``ready on URL`` once every child has loaded and joined the port;
+- keeps every child's models the same (``serving.control``): a load or unload made
+  through one child's API, and the settings the parent rereads on SIGHUP, are lines of a
+  control file (``CVSERVE_CONTROL_FILE``) that every child follows within 0.2 s, and that
+  a replacement child replays from the first line;
 - forwards SIGTERM/SIGINT to every child, each of which drains as one server does (see
   :mod:`cvserve.serving.server`), and exits once all are gone: 0 when every child
   exited 0;
@@ -64,6 +68,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from cvserve.config import ServerConfig, config_to_dict, default_pixels_in_flight
+from cvserve.serving.control import CONTROL_FILE_ENV
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +158,10 @@ class _Supervisor:
         self.tmp = Path(tempfile.mkdtemp(prefix="cvserve-replicas-"))
         self.metrics_dir = self.tmp / "metrics"
         self.metrics_dir.mkdir()
+        #: Model changes every child follows (``serving.control``): one JSON line each.
+        self.control = self.tmp / "control"
+        self.control.touch()
+        self.reread: Callable[[], ServerConfig] | None = None
         child_cfg = replace(replica_config(config), port=self.port)
         self.settings = json.dumps(config_to_dict(child_cfg)).encode()
         self.children: dict[int, _Child] = {}
@@ -172,7 +181,8 @@ class _Supervisor:
         cmd = [sys.executable, "-m", "cvserve", *(["-v"] if self.verbose else []), "serve",
                "--config", f"/dev/fd/{settings_r}", "--host", self.config.host,
                "--port", str(self.port), "--worker-index", str(index), "--ready-fd", str(w)]  # fmt: skip
-        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)}
+        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir),
+               CONTROL_FILE_ENV: str(self.control)}  # fmt: skip
         try:
             proc = subprocess.Popen(cmd, pass_fds=(w, settings_r), env=env, start_new_session=True)
         except BaseException:
@@ -253,7 +263,7 @@ class _Supervisor:
         self.signals.append(signum)
 
     def run(self, on_ready: Callable[[str], None] | None) -> int:
-        handled = (signal.SIGTERM, signal.SIGINT)
+        handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         previous = {s: signal.signal(s, self._on_signal) for s in handled}
         try:
             for i in range(self.n):
@@ -285,6 +295,9 @@ class _Supervisor:
     def _handle_signals(self) -> None:
         while self.signals:
             signum = self.signals.pop(0)
+            if signum == signal.SIGHUP:
+                self._reload()
+                continue
             if not self.stopping:
                 log.info("stopping: draining %d workers", len(self.children))
             self.stopping = True
@@ -294,6 +307,22 @@ class _Supervisor:
                     child.proc.send_signal(signum)
                 except ProcessLookupError:
                     pass
+
+    def _reload(self) -> None:
+        """SIGHUP: reread the settings and hand them to every child through the control
+        file; each applies the difference to its models (``Repository.apply_config``)."""
+        if self.reread is None:
+            log.warning("SIGHUP: no config file to reread (serve --config FILE)")
+            return
+        try:
+            new = replace(replica_config(self.reread()), port=self.port)
+        except Exception as e:  # a bad file: the children keep serving what they serve
+            log.error("config reload failed, nothing changed: %s", e)
+            return
+        line = json.dumps({"pid": 0, "op": "config", "config": config_to_dict(new)})
+        with open(self.control, "a") as f:
+            f.write(line + "\n")
+        log.info("config reloaded: every worker applies it")
 
     def _announce(self, on_ready: Callable[[str], None] | None) -> None:
         log.info("%d workers ready on port %d (SO_REUSEPORT)", self.n, self.port)
@@ -388,8 +417,11 @@ def run_replicas(
     config: ServerConfig,
     on_ready: Callable[[str], None] | None = None,
     verbose: bool = False,
+    reread: Callable[[], ServerConfig] | None = None,
 ) -> int:
     """Serve ``config`` with ``config.workers`` processes until a signal; blocks the main
     thread and returns the exit status (see the module docstring). OSError when a port
-    cannot be had (before any process starts)."""
-    return _Supervisor(config, verbose).run(on_ready)
+    cannot be had (before any process starts). ``reread``: the settings again, on SIGHUP."""
+    sup = _Supervisor(config, verbose)
+    sup.reread = reread
+    return sup.run(on_ready)

@@ -37,6 +37,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -129,6 +131,7 @@ class _Server(uvicorn.Server):
         *,
         metrics_dir: str | None = None,
         own_metrics_port: bool = True,
+        reread: Callable[[], ServerConfig] | None = None,
     ) -> None:
         # Everything that can be wrong with the settings or the ports fails here, before
         # a model is built or loaded.
@@ -163,6 +166,9 @@ class _Server(uvicorn.Server):
         self.failure: BaseException | None = None
         #: The KServe v2 gRPC door while it runs (``config.grpc_port`` set).
         self.grpc = None
+        #: Rereads the settings on SIGHUP (None: nothing to reread).
+        self._reread = reread
+        self._control_tasks: list[asyncio.Task] = []
 
     # -- addresses ------------------------------------------------------------------------
     @property
@@ -186,8 +192,10 @@ class _Server(uvicorn.Server):
         super().run(sockets=[self.sock])
 
     async def serve(self, sockets=None) -> None:
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
         logs.capture_warnings()
+        if threading.current_thread() is threading.main_thread():  # SIGHUP: reload
+            signal.signal(signal.SIGHUP, lambda *_: loop.call_soon_threadsafe(self.reload_config))
         try:
             await super().serve(sockets)
         finally:
@@ -252,17 +260,39 @@ class _Server(uvicorn.Server):
         self.grpc = grpc_server
 
     async def _load(self) -> None:
+        from cvserve.serving.control import Repository
+
         try:
-            loaded = await asyncio.to_thread(
+            models, pipelines, broker, versions = await asyncio.to_thread(
                 load_servables, self.cfg, self.state.pool, self.state.metrics, self._progress
             )
-            await self.state.start(*loaded)
+            self.state.repository = Repository(self.state, self.cfg)
+            await self.state.start(models, pipelines, broker, versions)
+            self._control_tasks = self.state.repository.start_background()
         except Exception as e:
             self.failure = e
             self.should_exit = True
             return
         if not self.cfg.reuse_port:
             self._announce()
+
+    def reload_config(self) -> None:
+        """``SIGHUP``: reread the config file and apply what changed to the models
+        (:meth:`cvserve.serving.control.Repository.apply_config`)."""
+        if self._reread is None or self.state.repository is None or self.state.loading:
+            log.warning("SIGHUP: no config file to reread (serve --config FILE)")
+            return
+
+        async def apply() -> None:
+            try:
+                new = await asyncio.to_thread(self._reread)
+                done = await self.state.repository.apply_config(new)
+                log.info("config reloaded: %s", done)
+            except Exception as e:  # a bad file: keep serving what is served
+                log.error("config reload failed, nothing changed: %s", e)
+
+        task = asyncio.ensure_future(apply())
+        self._control_tasks.append(task)
 
     def _announce(self) -> None:
         if self._on_ready is None:
@@ -345,7 +375,7 @@ class _Server(uvicorn.Server):
 
     async def _close(self) -> None:
         """Whatever started, stopped: gRPC, the metrics port, the models, the pool."""
-        for task in (self._gauges_task, self._memory_task):
+        for task in (self._gauges_task, self._memory_task, *self._control_tasks):
             if task is not None:
                 task.cancel()
         if self._load_task is not None and not self._load_task.done():
@@ -368,14 +398,17 @@ def run_server(
     *,
     metrics_dir: str | None = None,
     own_metrics_port: bool = True,
+    reread: Callable[[], ServerConfig] | None = None,
 ) -> None:
     """Serve until a signal; blocks the calling (main) thread. OSError or ConfigError when
-    the server cannot start (a port in use, a bad key or certificate file), the loading
-    error when a model cannot be loaded. ``metrics_dir`` and ``own_metrics_port=False``:
-    one process of ``--workers`` (see :mod:`cvserve.serving.replicas`)."""
+        the server cannot start (a port in use, a bad key or certificate file), the loading
+        error when a model cannot be loaded. ``metrics_dir`` and ``own_metrics_port=False``:
+        one process of ``--workers`` (see :mod:`cvserve.serving.replicas`). ``reread``: how
+    ``SIGHUP`` gets the settings again (the config file)."""
     server = _Server(
-        config, progress, on_ready, metrics_dir=metrics_dir, own_metrics_port=own_metrics_port
-    )
+        config, progress, on_ready, metrics_dir=metrics_dir, own_metrics_port=own_metrics_port,
+        reread=reread,
+    )  # fmt: skip
     server.run()
     if server.failure is not None:
         raise server.failure

@@ -44,6 +44,14 @@ class ServerState:
         self.pool = pool if pool is not None else PreprocessPool(1)
         self.metrics = metrics or Metrics()
         self.broker = broker
+        #: Every loaded version of each model, by name then version (oldest first);
+        #: ``models`` holds the newest of each, what a request without a version gets.
+        self.versions: dict[str, dict[str, Servable]] = {
+            n: {getattr(s, "version", "1"): s} for n, s in self.models.items()
+        }
+        #: What loads and unloads models while the server runs
+        #: (:class:`cvserve.serving.control.Repository`); None: nothing does.
+        self.repository: Any = None
         self.loading = True
         self.stopping = False
         self.draining = False
@@ -83,16 +91,38 @@ class ServerState:
     def model_ready(self, servable: Servable) -> bool:
         return self.not_ready_reason(servable) is None
 
+    def publish(self, name: str, versions: Mapping[str, Servable]) -> None:
+        """From now on, ``name`` is served by ``versions`` (started; none: not served):
+        requests without a version go to the newest, at once."""
+        if versions:
+            ordered = dict(sorted(versions.items(), key=lambda kv: _version_key(kv[0])))
+            self.versions[name] = ordered
+            self.models[name] = list(ordered.values())[-1]
+        else:
+            self.versions.pop(name, None)
+            self.models.pop(name, None)
+
     async def start(
         self,
         models: Mapping[str, Servable],
         pipelines: Mapping[str, Servable] | None = None,
         broker: Any = None,
+        versions: Mapping[str, Mapping[str, Servable]] | None = None,
     ) -> None:
-        """Take the loaded servables, start (warm) each, and stop ``loading``."""
-        self.models, self.pipelines = dict(models), dict(pipelines or {})
+        """Take the loaded servables (``versions``: every version of each model, when
+        some model has several; ``models``: the newest of each), start (warm) each, and
+        stop ``loading``."""
+        if versions is None:
+            versions = {n: {getattr(s, "version", "1"): s} for n, s in models.items()}
+        self.models, self.versions = {}, {}
+        for name, loaded in versions.items():
+            self.publish(name, loaded)
+        self.pipelines = dict(pipelines or {})
         self.broker = broker
-        for servable in self.servables.values():
+        for loaded in self.versions.values():
+            for servable in loaded.values():
+                await servable.start()
+        for servable in self.pipelines.values():
             await servable.start()
         # Everything loaded so far (modules, sessions, protobuf descriptors) lives as
         # long as the server: out of the collector's way, a full collection scans only
@@ -109,8 +139,11 @@ class ServerState:
             await p.stop()
         if self.broker is not None:
             await self.broker.close()
-        for ms in self.models.values():
-            await ms.stop()
+        if self.repository is not None:
+            await self.repository.close()
+        for loaded in self.versions.values():
+            for ms in loaded.values():
+                await ms.stop()
         self.pool.shutdown()
 
     def observe(
@@ -150,3 +183,7 @@ class ServerState:
             return True
         except TimeoutError:
             return False
+
+
+def _version_key(version: str) -> tuple[int, str]:
+    return (int(version), "") if version.isdigit() else (-1, version)

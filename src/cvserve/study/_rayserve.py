@@ -54,8 +54,8 @@ class BaselineDeployment:
             result, stages = await run_in_threadpool(self.model.handle, data, top_k)
         except ValueError as e:  # an undecodable image or a bad top_k
             return _json(error_body("bad_request", str(e)), 400)
-        # The time from the proxy to this replica is not seen here: it lands in the
-        # client's "network".
+        # The time from the proxy to this replica is not seen here: the study shows it
+        # as "unreported" (the client's latency beyond the reported stages).
         timing = {"recv": t1 - t0, **stages}
         timing["queue"] = max(0.0, time.perf_counter() - t0 - sum(timing.values()))
         return timed_response(result, timing)

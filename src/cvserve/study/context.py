@@ -111,13 +111,20 @@ class StudyContext:
         return self._images[which]
 
     def has_ocr(self) -> bool:
+        return self.ocr_missing() is None
+
+    def ocr_missing(self) -> str | None:
+        """Why the OCR pipeline cannot run here (the reason goes in the report), or None."""
         try:
             from cvserve.models.ocr_files import ocr_model_files
 
             ocr_model_files()
-            return (self.images_root.parent / "ocr").is_dir()
-        except Exception:  # the extra is not installed: the reason is in the report
-            return False
+        except Exception:  # noqa: BLE001 - the extra is not installed
+            return "the OCR pipeline needs the ocr extra (pip install 'cvserve[ocr]')"
+        folder = self.images_root.parent / "ocr"
+        if not folder.is_dir():
+            return f"no OCR images: {folder} is not there (synthetic photos have no text)"
+        return None
 
     def peers(self) -> dict[str, str | None]:
         if self._peers is None:

@@ -23,8 +23,9 @@ body, ``GET /readyz``, ``GET /v1/models`` and ``GET /v1/models/{name}``, with cv
 JSON shape (errors too) and a ``Server-Timing`` header, so ``cvserve bench`` drives and
 breaks down all of them alike. The framework's own time outside the handler is
 ``queue``: for LitServe the front measures it (its queue to the worker and back); for
-Ray Serve the proxy-to-replica hop is not seen by the replica and lands in the client's
-``network``.
+Ray Serve the proxy-to-replica hop is not seen by the replica and lands in what the
+client sees beyond the reported stages, which the study calls ``unreported`` for a peer
+(``network`` for cvserve and the baseline, whose every step is reported).
 
 Install with ``pip install 'cvserve[peers]'`` (neither pulls torch);
 :func:`available_peers` says which peers can run here.

@@ -1,5 +1,6 @@
 """The study's report: CSV tables, PNG and SVG plots, and one self-contained HTML page.
 
+``write_bench_page`` is the same page for one bench result (``cvserve demo``).
 ``write_report(OUT)`` reads every ``OUT/<experiment>.json`` and writes ``OUT/csv/``,
 ``OUT/plots/`` and ``OUT/report.html``. The page needs nothing but itself: plots are
 inlined as base64 PNG, the style sheet is inline, and there is no script. Each experiment's
@@ -21,6 +22,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from cvserve.bench.results import BenchResult
 from cvserve.study.csv_table import write_csv
 from cvserve.study.plots import Plot, plot_experiment
 from cvserve.study.report_style import CSS
@@ -32,7 +34,7 @@ from cvserve.study.results import (
     load_experiment,
 )
 
-__all__ = ["DEFAULT_TITLE", "SIMULATED_NOTE", "write_report"]
+__all__ = ["DEFAULT_TITLE", "SIMULATED_NOTE", "write_bench_page", "write_report"]
 
 log = logging.getLogger(__name__)
 
@@ -470,19 +472,82 @@ def write_report(
         drawn, error = _save_plots(result, out / "plots")
         sections.append(_section(result, drawn, error))
     versions = next(iter(by_name.values())).machine.get("versions", {}) if by_name else {}
+    body = _header(title, by_name, problems, run_info) + "".join(sections)
+    return _write_page(out / "report.html", title, body, versions)
+
+
+def _write_page(path: Path, title: str, body: str, versions: dict[str, Any]) -> Path:
+    """The self-contained page around ``body`` (inline style, no script), written atomically."""
     footer = ", ".join(f"{k} {v}" for k, v in versions.items() if v)
     page = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{_e(title)}</title><style>{CSS}</style></head><body><main>"
-        + _header(title, by_name, problems, run_info)
-        + "".join(sections)
+        + body
         + f"<footer>Written by cvserve on {_e(time.strftime('%Y-%m-%d %H:%M'))}"
         + (f" \u00b7 {_e(footer)}" if footer else "")
         + "</footer></main></body></html>\n"
     )
-    path = out / "report.html"
     tmp = path.with_suffix(".html.tmp")
     tmp.write_text(page, encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def write_bench_page(
+    path: str | os.PathLike[str],
+    result: BenchResult,
+    plots: Sequence[str | os.PathLike[str]],
+    *,
+    title: str,
+    findings: Sequence[str],
+    next_steps: Sequence[tuple[str, str]] = (),
+    command: str | None = None,
+) -> Path:
+    """One bench result as a page in the study report's style (``cvserve demo``): its
+    findings, its plots inline (PNG files from :func:`cvserve.bench.report.report`), its
+    points, how to reproduce it and ``next_steps`` ((what, command) pairs)."""
+    path = Path(path)
+    meta = [
+        ("Machine", _e(_machine(result.machine)) if result.machine else "\u2013"),
+        ("Date", _e(result.created or "\u2013")),
+        ("Reproduce", f"<code>{_e(command or _command(result.command))}</code>"),
+    ]
+    parts = [
+        f"<header><h1>{_e(title)}</h1>",
+        '<dl class="meta">' + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in meta) + "</dl>",
+        '</header><section class="experiment"><h2>What it found</h2>',
+        '<div class="findings">'
+        + "".join(f'<p class="finding">{_e(f)}</p>' for f in findings)
+        + "</div>",
+    ]
+    figures = []
+    for plot in plots:
+        plot = Path(plot)
+        data = base64.b64encode(plot.read_bytes()).decode("ascii")
+        name = plot.stem.replace("_", " ")
+        figures.append(
+            f'<figure><img alt="{_a(name)}" src="data:image/png;base64,{data}">'
+            f'<figcaption>{_e(name)} (<a href="{_a(plot.name)}">PNG</a>)</figcaption></figure>'
+        )
+    parts.append(f'<div class="evidence"><div class="plots">{"".join(figures)}</div></div>')
+    head = ["load", "req/s", "mean ms", "p50 ms", "p99 ms", "errors", "mean batch"]
+    rows = []
+    for pt in result.points:
+        lat = pt.latency_ms
+        cells = [pt.load_label, pt.throughput_rps, lat.get("mean"), lat.get("p50"),
+                 lat.get("p99"), pt.errors.get("total", 0), pt.mean_batch_size]  # fmt: skip
+        rows.append("<tr>" + "".join(f'<td class="num">{_e(_fmt(c))}</td>' for c in cells)
+                    + "</tr>")  # fmt: skip
+    parts.append(
+        '<div class="tablewrap"><table class="points"><caption>Points</caption><thead><tr>'
+        + "".join(f"<th>{_e(h)}</th>" for h in head)
+        + f"</tr></thead><tbody>{''.join(rows)}</tbody></table></div>"
+    )
+    if next_steps:
+        parts.append("<h3>What to try next</h3><ul>")
+        parts += [f"<li>{_e(what)}<pre><code>{_e(cmd)}</code></pre></li>"
+                  for what, cmd in next_steps]  # fmt: skip
+        parts.append("</ul>")
+    parts.append("</section>")
+    return _write_page(path, title, "".join(parts), result.machine.get("versions", {}))

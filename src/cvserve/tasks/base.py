@@ -43,6 +43,6 @@ def get_head(model: ModelMeta) -> TaskHead:
     if head is None:
         raise ValueError(
             f"model {model.name!r} has task {task!r}, and no module cvserve.tasks.{task} "
-            "defines its HEAD (classify, segment, detect and depth do)"
+            "defines its HEAD (classify, segment, detect, depth and embed do)"
         )
     return head(model)

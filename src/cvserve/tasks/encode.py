@@ -16,6 +16,7 @@
     ``min + q / 65535 * (max - min)``; error at most ``(max - min) / 131070``. Non-finite
     values are stored as 0 and listed as ``"nan_count"`` (they can't round-trip).
   - any other array: a plain JSON list (``"encoding": "list"``).
+  - an array marked with :func:`as_json_list` (an embedding): just the list of numbers.
 
 * ``application/x-npz``: an uncompressed ``np.savez`` archive (no pickled objects:
   ``np.load(..., allow_pickle=False)`` reads it). Each ndarray is stored under its key path
@@ -135,11 +136,21 @@ def decode_array(obj: dict[str, Any]) -> np.ndarray:
     raise ValueError(f"unknown array encoding {enc!r}")
 
 
+class JsonList(np.ndarray):
+    """An array that JSON answers as a plain list of numbers (npz keeps it an array):
+    ``as_json_list(vec)``, for small vectors such as an embedding."""
+
+
+def as_json_list(arr: np.ndarray) -> np.ndarray:
+    """``arr`` marked to be a plain JSON list (a view, no copy)."""
+    return np.asarray(arr).view(JsonList)
+
+
 def _jsonable(x: Any, arrays: dict[str, np.ndarray] | None, path: str) -> Any:
     if isinstance(x, np.ndarray):
         if arrays is None:
-            return encode_array(x)
-        arrays[path] = x
+            return x.tolist() if isinstance(x, JsonList) else encode_array(x)
+        arrays[path] = np.asarray(x) if isinstance(x, JsonList) else x
         return {"npz": path, "dtype": str(x.dtype), "shape": list(x.shape)}
     if isinstance(x, dict):
         return {

@@ -89,8 +89,8 @@ def candidates_table(rows: list[dict[str, Any]], slo_p99_ms: float, title: str) 
             f"c: the concurrency of the best point with p99 <= {slo_p99_ms:g} ms and no "
             "errors; req/s, p99: that point's; (p99): at c=1, of a candidate that met the SLO "
             "nowhere.",
+            "delay, p99: ms; inst: instances x intra-op threads; prep: preprocessing threads.",
             "x default: throughput / the defaults' (row 1); * the winner; r reused from the "
             "state file.",
         ],
-        width=100,
     )

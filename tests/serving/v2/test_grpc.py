@@ -386,6 +386,7 @@ def test_proto_is_wire_compatible_with_tritons():
     assert {m.name for m in service.methods} == {
         "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
         "ModelInfer", "ModelStatistics",
+        "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload",
     }  # fmt: skip
     for m in service.methods:
         r = ref.methods_by_name[m.name]
@@ -470,7 +471,7 @@ def test_grpc_port_config():
 
 
 # --- a slow (simulated) model: deadlines, overload, draining --------------------------------
-SLOW = ["--runtime", "simulated", "--sim-profile", "1:3000", "--max-batch", "1"]  # 3 s a batch
+SLOW = ["--runtime", "simulated", "--sim-profile", "1:3000", "--max-batch-size", "1"]  # 3 s a batch
 
 
 @pytest.fixture(scope="module")

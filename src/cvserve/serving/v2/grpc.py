@@ -11,6 +11,7 @@ in the format of the HTTP ``Server-Timing`` header.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import struct
@@ -22,6 +23,7 @@ import grpc
 import numpy as np
 
 from cvserve.errors import RequestError
+from cvserve.serving.control import load_parameters, repository
 from cvserve.serving.core import Servable
 from cvserve.serving.door import CLIENT_CLOSED, Answer, handle
 from cvserve.serving.errors import BadRequest, http_status
@@ -69,6 +71,7 @@ GRPC_STATUS: dict[int, grpc.StatusCode] = {
     499: grpc.StatusCode.CANCELLED,
     503: grpc.StatusCode.UNAVAILABLE,
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
+    507: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 #: Trailing-metadata key of the stage times (the value is a Server-Timing header value).
@@ -265,7 +268,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self.state = state
 
     def _find(self, name: str, version: str = "") -> Servable:
-        return v2.lookup(self.state.servables, name, version)
+        return v2.lookup(self.state.servables, name, version, self.state.versions)
 
     async def _answer(self, context: grpc.aio.ServicerContext, make) -> Any:
         """A call that is not an inference: its whole time is ``encode``; a typed error
@@ -273,6 +276,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         t0 = time.perf_counter()
         try:
             reply = make()
+            if inspect.isawaitable(reply):  # a repository load or unload
+                reply = await reply
         except RequestError as e:
             await context.abort(
                 grpc_status(e), str(e), _timing({"encode": time.perf_counter() - t0})
@@ -301,7 +306,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request, context):
         def make():
-            meta = v2.model_metadata(self._find(request.name, request.version))
+            target = self._find(request.name, request.version)
+            loaded = list(self.state.versions.get(target.name, {})) or None
+            meta = v2.model_metadata(target, loaded)
             return pb.ModelMetadataResponse(
                 name=meta["name"],
                 versions=meta["versions"],
@@ -323,6 +330,35 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             )
 
         return await self._answer(context, make)
+
+    # -- the model repository extension (serving.control) ------------------------------
+    async def RepositoryIndex(self, request, context):
+        def make():
+            rows = repository(self.state).index(request.ready)
+            entry = pb.RepositoryIndexResponse.ModelIndex
+            return pb.RepositoryIndexResponse(
+                models=[
+                    entry(name=r.name, version=r.version, state=r.state, reason=r.reason)
+                    for r in rows
+                ]  # fmt: skip
+            )
+
+        return await self._answer(context, make)
+
+    async def RepositoryModelLoad(self, request, context):
+        async def load():
+            params = {k: _param(v) for k, v in request.parameters.items()}
+            await repository(self.state).load(request.model_name, load_parameters(params))
+            return pb.RepositoryModelLoadResponse()
+
+        return await self._answer(context, load)
+
+    async def RepositoryModelUnload(self, request, context):
+        async def unload():
+            await repository(self.state).unload(request.model_name)
+            return pb.RepositoryModelUnloadResponse()
+
+        return await self._answer(context, unload)
 
     async def ModelInfer(self, request, context):
         state = self.state

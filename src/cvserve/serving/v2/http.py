@@ -6,7 +6,10 @@ is :mod:`cvserve.serving.v2.infer` and the core.
 Routes (``routes()``, mounted by ``create_app``): ``GET /v2``, ``/v2/health/live``,
 ``/v2/health/ready``, ``/v2/models/{m}[/versions/{v}]`` (metadata),
 ``.../ready``, ``POST .../infer``, and the statistics extension ``GET /v2/models/stats``,
-``GET /v2/models/{m}[/versions/{v}]/stats``. Every servable has one version, "1".
+``GET /v2/models/{m}[/versions/{v}]/stats``, and the model repository extension as
+Triton routes it: ``POST /v2/repository/index``, ``/v2/repository/models/{m}/load`` and
+``/unload`` (:mod:`cvserve.serving.control`). Without ``/versions/{v}`` a request goes to
+the newest version loaded.
 
 Wire format:
 
@@ -32,6 +35,7 @@ parses or raises :class:`BadRequest` naming the field.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -48,6 +52,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from cvserve.errors import RequestError
+from cvserve.serving.control import load_parameters, repository
 from cvserve.serving.core import Servable
 from cvserve.serving.door import TIMEOUT_HEADER, handle, internal_message
 from cvserve.serving.errors import (
@@ -385,17 +390,22 @@ def _v2_error(e: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
     return status, {"error": internal_message(e)}, headers
 
 
-def _answer(fn: Callable[[ServerState, Request], tuple[int, dict[str, Any]]]):
-    """A route that only reads server state: its whole time is ``encode``."""
+def _answer(fn: Callable[[ServerState, Request], Any]):
+    """A route that only reads or changes server state (``fn`` returns, or is a coroutine
+    of, ``(status, payload)``): its whole time is ``encode``."""
 
     async def handler(request: Request) -> Response:
         t0 = time.perf_counter()
         headers: dict[str, str] = {}
         try:
-            status, payload = fn(request.app.state.cvserve, request)
+            result = fn(request.app.state.cvserve, request)
+            status, payload = (await result) if inspect.isawaitable(result) else result
         except RequestError as e:
             status, payload, headers = _v2_error(e)
-        resp = json_response(payload, status, headers)
+        if payload is None:  # a repository load or unload: 200 and no body, as Triton's
+            resp = Response(b"", status, media_type="application/json")
+        else:
+            resp = json_response(payload, status, headers)
         resp.headers["Server-Timing"] = format_server_timing({"encode": time.perf_counter() - t0})
         return resp
 
@@ -404,7 +414,7 @@ def _answer(fn: Callable[[ServerState, Request], tuple[int, dict[str, Any]]]):
 
 def _servable(state: ServerState, request: Request):
     p = request.path_params
-    return lookup(state.servables, p["model"], p.get("version"))
+    return lookup(state.servables, p["model"], p.get("version"), state.versions)
 
 
 def _server_meta(state: ServerState, request: Request) -> tuple[int, dict[str, Any]]:
@@ -427,7 +437,8 @@ def _model_ready(state: ServerState, request: Request) -> tuple[int, dict[str, A
 
 
 def _model_meta(state: ServerState, request: Request) -> tuple[int, dict[str, Any]]:
-    return 200, model_metadata(_servable(state, request))
+    servable = _servable(state, request)
+    return 200, model_metadata(servable, list(state.versions.get(servable.name, {})) or None)
 
 
 def _all_stats(state: ServerState, request: Request) -> tuple[int, dict[str, Any]]:
@@ -491,7 +502,7 @@ async def _infer_route(request: Request) -> Response:
         return (await infer(target, req, trace, deadline), req), req.images
 
     answer = await handle(
-        state, name, state.servables, lambda: lookup(state.servables, name, version),
+        state, name, state.servables, lambda: lookup(state.servables, name, version, state.versions),
         receive, run, lambda result: encode_response(*result),
         timeout=request.headers.get(TIMEOUT_HEADER),
     )  # fmt: skip
@@ -510,16 +521,53 @@ async def _infer_route(request: Request) -> Response:
     return Response(body, status_code=answer.status, media_type=media, headers=headers)
 
 
+# --- the model repository extension (Triton's routes) -------------------------------------
+async def _repository_json(request: Request, state: ServerState) -> dict[str, Any]:
+    raw = await read_body(request, state.config.max_body_bytes)
+    if not raw.strip():
+        return {}
+    try:
+        doc = json.loads(raw)
+    except ValueError as e:
+        raise BadRequest(f"the request is not valid JSON: {e}", field="body") from None
+    return _object(doc, "body")
+
+
+async def _repository_index(state: ServerState, request: Request) -> tuple[int, Any]:
+    """``POST /v2/repository/index`` (``{"ready": true}``: only the loaded)."""
+    ready = (await _repository_json(request, state)).get("ready", False)
+    if not isinstance(ready, bool):
+        raise BadRequest("ready must be true or false", field="ready")
+    return 200, [r.to_json() for r in repository(state).index(ready)]
+
+
+async def _repository_load(state: ServerState, request: Request) -> tuple[int, None]:
+    """``POST /v2/repository/models/{m}/load``: answers once the model serves."""
+    params = _object((await _repository_json(request, state)).get("parameters"), "parameters")
+    await repository(state).load(request.path_params["model"], load_parameters(params))
+    return 200, None
+
+
+async def _repository_unload(state: ServerState, request: Request) -> tuple[int, None]:
+    """``POST /v2/repository/models/{m}/unload``: every version."""
+    await _repository_json(request, state)
+    await repository(state).unload(request.path_params["model"])
+    return 200, None
+
+
 def routes() -> list[Route]:
     """The v2 routes, in matching order (``/v2/models/stats`` before a model's routes)."""
     model = "/v2/models/{model}"
     version = "/v2/models/{model}/versions/{version}"
-    get = ["GET"]
+    get, post = ["GET"], ["POST"]
     return [
         Route("/v2", _answer(_server_meta), methods=get),
         Route("/v2/health/live", _answer(_live), methods=get),
         Route("/v2/health/ready", _answer(_ready), methods=get),
         Route("/v2/models/stats", _answer(_all_stats), methods=get),
+        Route("/v2/repository/index", _answer(_repository_index), methods=post),
+        Route("/v2/repository/models/{model}/load", _answer(_repository_load), methods=post),
+        Route("/v2/repository/models/{model}/unload", _answer(_repository_unload), methods=post),
         Route(f"{model}/stats", _answer(_model_stats), methods=get),
         Route(f"{version}/stats", _answer(_model_stats), methods=get),
         Route(f"{model}/ready", _answer(_model_ready), methods=get),

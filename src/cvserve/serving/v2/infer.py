@@ -22,7 +22,7 @@ Outputs. ``output_table(servable)`` lists them; each has the batch axis first:
   pixels), ``scores`` FP32 [N, K], ``labels`` INT64 [N, K] (class index), ``count`` INT32
   [N]: K is the most detections of any image, rows past ``count[i]`` are zeros;
   ``segment`` -> ``mask`` UINT8 (UINT16 past 255 classes) [N, H, W]; ``depth`` -> ``depth``
-  FP32 [N, H, W]. A mask or depth map is at the image's original size, so a request whose
+  FP32 [N, H, W]; ``embed`` -> ``embedding`` FP32 [N, D] (L2-normalised). A mask or depth map is at the image's original size, so a request whose
   images differ in size gets 400 for them (ask for the raw outputs, or send one image, or
   images of one size); ``classify`` adds nothing: use the classification extension;
 * a pipeline (a servable without raw outputs) takes images only and answers one output
@@ -82,16 +82,19 @@ __all__ = [
     "model_metadata",
     "output_table",
     "server_metadata",
+    "version_of",
 ]
 
 #: The name the metadata gives the encoded-images input (any BYTES input name is taken).
 IMAGE_INPUT = "IMAGE"
 #: A pipeline's one output: its JSON answer per image.
 RESULT_OUTPUT = "result"
-#: Every servable has exactly one version.
+#: The version of a servable that has no other (a pipeline; a model stored before versions).
 VERSIONS = ("1",)
 #: v2 protocol extensions both doors implement.
-EXTENSIONS = ("classification", "binary_tensor_data", "parameters", "statistics")
+EXTENSIONS = (
+    "classification", "binary_tensor_data", "parameters", "statistics", "model_repository",
+)  # fmt: skip
 #: Request parameters of the protocol (and Triton's), not the head's.
 RESERVED_PARAMETERS = frozenset(
     {
@@ -127,24 +130,43 @@ def server_metadata() -> dict[str, Any]:
     return {"name": "cvserve", "version": __version__, "extensions": list(EXTENSIONS)}
 
 
-def lookup(servables: Mapping[str, Servable], name: str, version: str | None = None) -> Servable:
-    """The servable called ``name`` at ``version`` (None or "" = the only one), else
-    :class:`NotServed` (404)."""
+def lookup(
+    servables: Mapping[str, Servable],
+    name: str,
+    version: str | None = None,
+    versions: Mapping[str, Mapping[str, Servable]] | None = None,
+) -> Servable:
+    """The servable called ``name`` at ``version`` (None or "": the newest loaded) among
+    ``servables`` (the newest of each name) and ``versions`` (every loaded version of
+    each model, by name), else :class:`NotServed` (404)."""
     servable = servables.get(name)
     if servable is None:
         raise NotServed(
             f"no model named {name!r}; serving: {', '.join(servables) or 'none'}",
             models=list(servables),
         )
-    check_version(servable, version)
-    return servable
+    if version in (None, "", version_of(servable)):
+        return servable
+    loaded = (versions or {}).get(name) or {version_of(servable): servable}
+    found = loaded.get(version)
+    if found is None:
+        raise NotServed(
+            f"model {name!r} has no version {version!r} loaded; versions: {', '.join(loaded)}",
+            versions=list(loaded),
+        )
+    return found
+
+
+def version_of(servable: Servable) -> str:
+    """The version a servable runs ("1" for a pipeline, which has one)."""
+    return getattr(servable, "version", VERSIONS[0])
 
 
 def check_version(servable: Servable, version: str | None) -> None:
-    if version not in (None, "", *VERSIONS):
+    if version not in (None, "", version_of(servable)):
         raise NotServed(
-            f"model {servable.name!r} has no version {version!r}; versions: {', '.join(VERSIONS)}",
-            versions=list(VERSIONS),
+            f"model {servable.name!r} has no version {version!r}; versions: {version_of(servable)}",
+            versions=[version_of(servable)],
         )
 
 
@@ -193,6 +215,8 @@ def _task_output_specs(servable: Any, raw: list[OutputSpec]) -> list[OutputSpec]
         return [OutputSpec("mask", "UINT8" if classes <= 255 else "UINT16", (-1, -1, -1), False)]
     if task == "depth":
         return [OutputSpec("depth", "FP32", (-1, -1, -1), False)]
+    if task == "embed":
+        return [OutputSpec("embedding", "FP32", (-1, -1), False)]
     return []
 
 
@@ -219,11 +243,12 @@ def output_table(servable: Servable) -> dict[str, OutputSpec]:
     return table
 
 
-def model_metadata(servable: Servable) -> dict[str, Any]:
-    """``GET /v2/models/{name}`` (gRPC ``ModelMetadata``)."""
+def model_metadata(servable: Servable, versions: list[str] | None = None) -> dict[str, Any]:
+    """``GET /v2/models/{name}`` (gRPC ``ModelMetadata``); ``versions``: every version of
+    it loaded (default: its own)."""
     return {
         "name": servable.name,
-        "versions": list(VERSIONS),
+        "versions": versions or [version_of(servable)],
         "platform": "cvserve",
         "inputs": _input_specs(servable),
         "outputs": [s.to_json() for s in output_table(servable).values()],
@@ -246,7 +271,9 @@ async def infer(
     preds = await _predict_all(servable, input_name, items, trace, deadline, params)
     outputs = [_output(servable, want, preds) for want in wanted]
     trace.mark("postprocess")
-    return InferResponse(model=servable.name, version=VERSIONS[0], outputs=outputs, id=request.id)
+    return InferResponse(
+        model=servable.name, version=version_of(servable), outputs=outputs, id=request.id
+    )
 
 
 def _parameters(
@@ -452,7 +479,7 @@ def _stacked(servable: Servable, name: str, preds: list[Prediction]) -> np.ndarr
         return np.stack([np.asarray(p.outputs[j]) for p in preds])  # type: ignore[index]
     if servable.task == "detect":
         return _detections(name, [p.result["detections"] for p in preds])
-    key = {"segment": "mask", "depth": "depth"}[servable.task]
+    key = {"segment": "mask", "depth": "depth", "embed": "embedding"}[servable.task]
     maps = [np.asarray(p.result[key]) for p in preds]
     sizes = {m.shape for m in maps}
     if len(sizes) > 1:

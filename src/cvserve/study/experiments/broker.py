@@ -13,9 +13,6 @@ if TYPE_CHECKING:
     from cvserve.study.context import StudyContext
 
 
-_OCR_SKIP = "the OCR pipeline needs the ocr extra (pip install 'cvserve[ocr]')"
-
-
 def user_pipelines(ctx: StudyContext) -> list[dict]:
     """The pipelines of ``--pipeline FILE`` as config entries (checked as start-up would)."""
     if ctx.config.pipelines is None:
@@ -70,7 +67,7 @@ def _broker_plans(ctx: StudyContext, result: ExperimentResult) -> list[StudyPoin
                 kind="pipeline",
                 images="ocr",
                 concurrency=c,
-                skip=reason or (None if ctx.has_ocr() else _OCR_SKIP),
+                skip=reason or ctx.ocr_missing(),
             )
         )
         for n in s.fanouts:

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 _SETUPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     # (id, display name, cvserve serve flags); "baseline" and peers are their own servers
     ("full-size-decode", "full-size decode", ("--decoder", "pil")),
-    ("no-batching", "no batching", ("--max-batch", "1")),
+    ("no-batching", "no batching", ("--max-batch-size", "1")),
     ("2-instances", "2 instances", ("--instances", "2", "--intra-op-threads", "1")),
     ("cvserve", "cvserve", ()),
 )

@@ -141,12 +141,3 @@ def _stacked_stages(
 
 def _finish(fig, result: ExperimentResult, text: str, simulated: bool) -> None:  # noqa: ANN001
     fig.suptitle(_title(f"{result.title}: {text}", simulated), fontsize="medium")
-
-
-def _log2_axis(ax, xs: Sequence[float]) -> None:  # noqa: ANN001
-    xs = sorted({x for x in xs if x > 0})
-    if not xs:
-        return
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(xs, [f"{x:g}" for x in xs])
-    ax.minorticks_off()

@@ -7,12 +7,11 @@ import re
 
 import numpy as np
 
-from cvserve.bench.report import _colors, _figure
+from cvserve.bench.report import _colors, _figure, log2_axis
 from cvserve.study.plots._kit import (
     Plot,
     _finish,
     _legend,
-    _log2_axis,
     _m,
     _name,
     _num,
@@ -41,7 +40,7 @@ def _broker_lines(ax_sh, ax_tp, pts: list[Point], sim: bool) -> None:  # noqa: A
         ax_tp.plot(x, tp, "o-", color=color, label=label)
     for ax in (ax_sh, ax_tp):
         if xs_all and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 8:
-            _log2_axis(ax, xs_all)
+            log2_axis(ax, xs_all)
         else:
             ax.set_xticks(sorted(set(xs_all)))
         ax.set_xlabel("fan-out (crops per image)")

@@ -6,12 +6,11 @@ import math
 
 import numpy as np
 
-from cvserve.bench.report import _colors, _figure
+from cvserve.bench.report import _colors, _figure, log2_axis
 from cvserve.study.plots._kit import (
     Plot,
     _finish,
     _legend,
-    _log2_axis,
     _m,
     _name,
     _num,
@@ -69,7 +68,7 @@ def plot_concurrency(result: ExperimentResult) -> list[Plot]:
     )
     ax_q.set_ylim(0, 100)
     for ax in (ax_tp, ax_lat, ax_q):
-        _log2_axis(ax, xs_all)
+        log2_axis(ax, xs_all)
         _style(ax)
         ax.set_ylim(bottom=0)
         _legend(ax)
