@@ -31,6 +31,7 @@ from cvserve.serving.pipelines.base import (
     open_stage_model,
     waited_for_cores,
 )
+from cvserve.tasks.encode import encode_result
 
 #: Result header of a model step: its answer for the item, as JSON.
 ANSWER = "answer"
@@ -115,7 +116,7 @@ class ModelStep:
         return [
             m.reply(
                 headers={
-                    ANSWER: json.dumps(a),
+                    ANSWER: encode_result(a)[0].decode(),
                     INFER_S: st["infer"],
                     POST_S: st["normalize"] + st["postprocess"],
                     BATCH: n,
