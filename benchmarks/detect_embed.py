@@ -4,9 +4,9 @@ concurrency 1 and 16.
 ``detect-embed``: YOLOS-tiny detects (the top ``--objects`` boxes, random weights), each
 crop (10% margin, square) goes through Redis Streams to an embedding step in a
 ``cvserve worker`` process, and a gallery of ``--identities`` random named vectors names
-each crop's 3 nearest. The zoo has no embedding model yet, so the embedder is a stand-in:
-``resnet18``'s ONNX registered as task ``embed`` (its 1000 logits as the vector; the cost
-of a ResNet-18 per crop is what matters here). Reported per concurrency: throughput,
+each crop's 3 nearest. The embedder stands in for a face network: ``resnet18``'s ONNX
+registered as task ``embed`` (its 1000 logits as the vector; the cost of a ResNet-18 per
+crop is what matters here; the preset's default is the zoo's ``dinov2-small``). Reported per concurrency: throughput,
 p50/p99 and the mean time per stage from ``Server-Timing`` (``broker``: both hops and the
 time queued for the worker), and per step from ``GET /v1/pipelines/faces``.
 

@@ -542,8 +542,7 @@ def test_the_presets_open_the_dnns_their_profiles_name():
     for kind in KINDS:
         params = {"embedder": "mine"} if kind == "detect-embed" else {}
         assert PipelineConfig(kind, params=params).dnns() == want[kind]
-    with pytest.raises(ConfigError, match="detect-embed needs params: {embedder: NAME}"):
-        PipelineConfig("faces", kind="detect-embed")
+    assert PipelineConfig("faces", kind="detect-embed").graph_steps[2].target == "dinov2-small"
 
 
 def test_worker_flags_map_to_the_stages_pipeline_config():

@@ -52,9 +52,6 @@ def preset(kind: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
     if kind == "detect-embed" and (params or {}).get("gallery"):
         doc["steps"].append({"name": "gallery", "gallery": "embed", "file": str(params["gallery"]),
                              "k": int(params.get("neighbours", 1))})  # fmt: skip
-    if kind == "detect-embed" and not (params or {}).get("embedder"):
-        raise ValueError("preset detect-embed needs params: {embedder: NAME}, a model of task "
-                         "embed (the zoo has none)")  # fmt: skip
     unknown = set(params or {}) - set(known)
     if unknown:
         raise ValueError(f"unknown params {sorted(unknown)} of preset {kind}; "
