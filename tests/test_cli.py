@@ -103,7 +103,7 @@ def test_the_serving_path_never_imports_torch():
     code = (
         "import sys\n"
         "import cvserve.cli, cvserve.serving.server, cvserve.serving.pipelines.engine\n"
-        "import cvserve.serving.pipelines.ocr, cvserve.serving.pipelines.detect_classify\n"
+        "import cvserve.serving.pipelines.ocr, cvserve.serving.pipelines.steps\n"
         "import cvserve.tasks, cvserve.bench, cvserve.demo\n"
         "cvserve.cli.build_parser()\n"
         "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]\n"

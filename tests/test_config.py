@@ -162,7 +162,7 @@ def test_a_full_config():
                 {"name": "b", "model": "a", "runtime": "simulated", "sim_profile": "1:1,8:4",
                  "sim_devices": 2, "sim_h2d_gbps": 20, "instances": 3},
             ],
-            "pipelines": [{"name": "ocr", "stage_workers": 0, "params": {"k": 1}}],
+            "pipelines": [{"name": "ocr", "stage_workers": 0, "params": {"use_cls": False}}],
         }
     )  # fmt: skip
     assert (cfg.port, cfg.max_pixels, cfg.broker) == (9000, 1000, "redis://h:6379")
@@ -179,7 +179,7 @@ def test_a_full_config():
         20,
     )
     (p,) = cfg.pipelines
-    assert (p.name, p.kind, p.stage_workers, p.params) == ("ocr", "ocr", 0, {"k": 1})
+    assert (p.name, p.kind, p.stage_workers, p.params) == ("ocr", "ocr", 0, {"use_cls": False})
 
 
 def test_pipelines_alone_are_enough():
@@ -532,14 +532,18 @@ def test_bench_timeouts_are_milliseconds_and_the_old_seconds_still_parse(capsys)
     ]
 
 
-def test_pipeline_dnns_are_the_serving_kinds_own():
-    """config checks per-DNN profiles against the same table the pipelines open."""
-    from cvserve.config import PIPELINE_DNNS, PIPELINE_KINDS
-    from cvserve.serving.pipelines import KINDS, get_kind
+def test_the_presets_open_the_dnns_their_profiles_name():
+    """A per-DNN simulated profile names the DNNs the preset's steps open (their ``dnn``)."""
+    from cvserve.config import PIPELINE_KINDS, PipelineConfig
+    from cvserve.serving.pipelines import KINDS
 
-    assert set(PIPELINE_KINDS) == set(KINDS)
+    assert set(KINDS) == set(PIPELINE_KINDS) - {"graph"}
+    want = {"ocr": {"det", "cls", "rec"}, "detect-classify": {"det", "cls"},
+            "detect-embed": {"det", "emb"}}  # fmt: skip
     for kind in KINDS:
-        assert get_kind(kind).dnns == PIPELINE_DNNS[kind]
+        params = {"embedder": "mine"} if kind == "detect-embed" else {}
+        assert PipelineConfig(kind, params=params).dnns() == want[kind]
+    assert PipelineConfig("faces", kind="detect-embed").graph_steps[2].target == "dinov2-small"
 
 
 def test_worker_flags_map_to_the_stages_pipeline_config():
@@ -548,13 +552,16 @@ def test_worker_flags_map_to_the_stages_pipeline_config():
 
     argv = ["worker", "--pipeline", "dc", "--kind", "detect-classify", "--stage", "classify",
             "--broker", "redis://h:6379", "--max-batch-size", "4", "--reclaim-idle-ms", "900",
-            "--param", "classifier=resnet18", "--param", "objects=3", "--param", "score=0.5",
+            "--param", "classifier=resnet18", "--param", "objects=3",
             "--runtime", "simulated", "--sim-profile", "1:2"]  # fmt: skip
     cfg = worker_config_from_args(build_parser().parse_args(argv))
     assert (cfg.name, cfg.kind, cfg.max_batch_size, cfg.reclaim_idle_ms) == (
         "dc", "detect-classify", 4, 900,
     )  # fmt: skip
-    assert cfg.params == {"classifier": "resnet18", "objects": 3, "score": 0.5}
+    assert cfg.params == {"classifier": "resnet18", "objects": 3}
+    assert cfg.graph_steps[0].params["top_k"] == 3  # the preset's steps take the params
+    with pytest.raises(ValueError, match="unknown params \\['score'\\] of preset"):
+        worker_config_from_args(build_parser().parse_args([*argv, "--param", "score=0.5"]))
     assert (cfg.runtime, cfg.sim_profile) == ("simulated", "1:2")
     with pytest.raises(ValueError, match="expected KEY=VALUE, got 'oops'"):
         worker_config_from_args(build_parser().parse_args([*argv, "--param", "oops"]))

@@ -55,13 +55,23 @@ class Trace:
     ``simulated`` is set when the request's inference ran on the simulated accelerator;
     its Server-Timing then flags the ``infer`` entry with ``sim=1``."""
 
-    __slots__ = ("start", "last", "stages", "simulated")
+    __slots__ = ("start", "last", "stages", "simulated", "steps")
 
     def __init__(self, start: float | None = None) -> None:
         self.start = time.perf_counter() if start is None else start
         self.last = self.start
         self.stages: dict[str, float] = {}
         self.simulated = False
+        #: stage -> {pipeline step: seconds}: which step of a pipeline the time went to
+        self.steps: dict[str, dict[str, float]] = {}
+
+    def note_step(self, step: str, stages: Mapping[str, float]) -> None:
+        """Record that ``step`` of a pipeline spent ``stages`` (already charged with
+        :meth:`add`): Server-Timing names it in each stage's ``desc``."""
+        for stage, seconds in stages.items():
+            if stage in _KNOWN and seconds > 0:
+                per = self.steps.setdefault(stage, {})
+                per[step] = per.get(step, 0.0) + seconds
 
     def add(self, stage: str, seconds: float) -> None:
         """Charge ``seconds`` to ``stage`` (a stage may be charged more than once)."""
@@ -85,17 +95,30 @@ class Trace:
         return sum(self.stages.values())
 
     def server_timing(self) -> str:
-        return format_server_timing(self.stages, simulated=self.simulated)
+        return format_server_timing(self.stages, simulated=self.simulated, steps=self.steps)
 
 
-def format_server_timing(stages: Mapping[str, float], simulated: bool = False) -> str:
+def format_server_timing(
+    stages: Mapping[str, float],
+    simulated: bool = False,
+    steps: Mapping[str, Mapping[str, float]] | None = None,
+) -> str:
     """Encode stage durations (seconds) as a ``Server-Timing`` header value (milliseconds).
 
     ``simulated`` adds ``sim=1`` to the ``infer`` entry (see :func:`server_timing_simulated`).
+    ``steps`` (a pipeline's): a stage's time per step, as its ``desc``
+    (``infer;dur=9.1;desc="detect=3.0 classify=6.1"``).
     """
     flag = f";{SIMULATED_PARAM}=1" if simulated else ""
+
+    def desc(name: str) -> str:
+        per = (steps or {}).get(name)
+        if not per:
+            return ""
+        return ';desc="' + " ".join(f"{s}={v * 1000.0:.3f}" for s, v in per.items()) + '"'
+
     return ", ".join(
-        f"{name};dur={seconds * 1000.0:.3f}{flag if name == 'infer' else ''}"
+        f"{name};dur={seconds * 1000.0:.3f}{flag if name == 'infer' else ''}{desc(name)}"
         for name, seconds in stages.items()
     )
 

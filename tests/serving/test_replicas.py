@@ -300,7 +300,7 @@ def test_the_settings_a_worker_gets_read_back_the_same():
         port=9000, workers=2, metrics_port=9100, drain_delay_ms=1500,
         models=(ModelConfig("a", batching=BatchConfig(max_batch_size=4, max_queue_wait_ms=None),
                             preprocess={"interpolation": "bilinear"}),),
-        pipelines=(PipelineConfig("ocr", stage_workers=0, params={"k": 1}),),
+        pipelines=(PipelineConfig("ocr", stage_workers=0, params={"use_cls": False}),),
     )  # fmt: skip
     assert server_config_from_dict(config_to_dict(cfg)) == cfg
 

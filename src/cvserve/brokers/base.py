@@ -80,6 +80,11 @@ class Broker(abc.ABC):
         """
         return [await self.publish(topic, m, timeout=timeout) for m in messages]
 
+    async def withdraw(self, topic: str, ids: Iterable[str]) -> int:
+        """Remove the entries ``ids`` that no consumer has taken yet (their request was
+        answered or cancelled); returns how many went. Entries being worked on stay."""
+        return 0
+
     @abc.abstractmethod
     async def publish_reply(
         self, topic: str, message: Message, *, timeout: float | None = None

@@ -69,6 +69,7 @@ class ConsumerStats:
     reruns: int = 0  # handler calls on part of a failed batch, to find the failing items
     dead_lettered: int = 0  # moved to the dead letters after max_deliveries
     orphaned: int = 0  # results dropped: their reply topic was gone (in-process)
+    expired: int = 0  # items dropped unrun: their request's deadline had passed
 
 
 class StageConsumer:
@@ -116,6 +117,10 @@ class StageConsumer:
         self.stats = ConsumerStats()
         self._stop = asyncio.Event()
         self._next_reclaim = 0.0
+        #: seconds a batch has taken lately (see ``serve``)
+        self.run_s = 0.0
+        #: called with the number of items dropped past their deadline (metrics)
+        self.on_expired: Callable[[int], None] | None = None
 
     def stop(self) -> None:
         """Ask ``run`` to return after the batch in hand."""
@@ -159,11 +164,32 @@ class StageConsumer:
         return len(deliveries)
 
     async def serve(self, deliveries: list[Delivery]) -> None:
-        """Run the handler on ``deliveries``, publish the results, then acknowledge."""
+        """Run the handler on ``deliveries``, publish the results, then acknowledge.
+
+        Items whose request deadline (``DEADLINE`` header) has passed, or will have
+        passed by the time a batch like the recent ones finishes (``run_s``), are
+        acknowledged unrun and answer nothing: their request has (or will have) its
+        answer, a 504, before their result could reach it."""
+        now = time.time() + self.run_s
+        late = [d for d in deliveries if d.message.expired(now)]
+        if late:
+            await self.broker.ack(self.topic, self.group, [d.id for d in late])
+            self.stats.expired += len(late)
+            if self.on_expired is not None:
+                self.on_expired(len(late))
+            log.debug("stage %r: dropped %d items past their deadline", self.topic, len(late))
+            deliveries = [d for d in deliveries if not d.message.expired(now)]
+            if not deliveries:
+                return
         messages = [d.message for d in deliveries]
         heartbeat = asyncio.create_task(self._heartbeat([d.id for d in deliveries]))
         try:
+            t0 = time.monotonic()
             results = await self._results(messages)
+            # what a batch takes, recently (smoothed): an item that cannot finish before its
+            # deadline is not started
+            took = time.monotonic() - t0
+            self.run_s = took if self.run_s == 0 else 0.7 * self.run_s + 0.3 * took
             for d, result in zip(deliveries, results, strict=True):
                 # The result answers this item, whatever the handler put in its fields.
                 result.request_id, result.index = d.message.request_id, d.message.index

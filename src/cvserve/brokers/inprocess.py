@@ -147,6 +147,23 @@ class InProcessBroker(Broker):
         _wake(t.arrivals)
         return str(entry_id)
 
+    async def withdraw(self, topic: str, ids: Iterable[str]) -> int:
+        t = self._topics.get(topic)
+        if t is None:
+            return 0
+        gone = []
+        for s in ids:
+            try:
+                entry_id = int(s)
+            except ValueError:
+                continue
+            if entry_id in t.entries and not any(entry_id in g.pending for g in t.groups.values()):
+                del t.entries[entry_id]
+                gone.append(entry_id)
+        if gone:
+            _wake(t.room)
+        return len(gone)
+
     async def publish_reply(
         self, topic: str, message: Message, *, timeout: float | None = None
     ) -> str | None:

@@ -9,6 +9,10 @@ import numpy as np
 
 HeaderValue = str | int | float | bool
 
+#: Work header: the wall clock (``time.time()``) by which its request must be answered.
+#: A worker drops an item past it unrun: its request has been answered already (504).
+DEADLINE = "deadline"
+
 
 def new_id() -> str:
     return uuid.uuid4().hex
@@ -31,6 +35,15 @@ class Message:
     reply_to: str = ""
     id: str = field(default_factory=new_id)
     published_at: float | None = None
+
+    def expired(self, now: float) -> bool:
+        """True when the item's request deadline (``DEADLINE``, wall clock) has passed."""
+        deadline = self.headers.get(DEADLINE)
+        return (
+            isinstance(deadline, int | float)
+            and not isinstance(deadline, bool)
+            and (now >= deadline)
+        )
 
     def reply(
         self,

@@ -187,6 +187,15 @@ class RedisStreamsBroker(Broker):
             return [as_str(i) for i in ids]
         return await super().publish_many(topic, messages, timeout=timeout)
 
+    async def withdraw(self, topic: str, ids: Iterable[str]) -> int:
+        # Entries already delivered are skipped by whoever reclaims them (deleted while
+        # pending); the worker running one acknowledges it as usual.
+        ids = list(ids)
+        if not ids:
+            return 0
+        async with self._guard():
+            return int(await self._redis.xdel(self._key(topic), *ids))
+
     async def create_group(self, topic: str, group: str) -> None:
         async with self._guard():
             try:

@@ -44,6 +44,7 @@ class RouterStats:
     late: int = 0  # the request had timed out or been forgotten
     unknown: int = 0  # no such request was expected, or an index out of range
     republished: int = 0  # items published again after the broker lost them
+    withdrawn: int = 0  # unstarted items taken back: their request timed out or went away
     abandoned: int = 0  # requests failed because the broker stayed unreachable
 
 
@@ -54,6 +55,7 @@ class _Waiting:
     results: dict[int, Delivery] = field(default_factory=dict)
     topic: str = ""  # where ``items`` were published (by ``publish``)
     items: list[Message] | None = None  # kept to publish again if the broker loses them
+    ids: list[str] = field(default_factory=list)  # their entry ids (to withdraw them)
 
 
 class ResultRouter:
@@ -95,6 +97,7 @@ class ResultRouter:
         self._unclaimed: OrderedDict[str, asyncio.Future[list[Delivery]]] = OrderedDict()
         self._remember = remember
         self._unacked: list[str] = []
+        self._background: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._epoch: str | None = None
@@ -147,13 +150,13 @@ class ResultRouter:
             m.reply_to = self.topic
         fut = self.expect(request_id, len(messages))
         try:
-            await self.broker.publish_many(topic, messages, timeout=timeout)
+            ids = await self.broker.publish_many(topic, messages, timeout=timeout)
         except BaseException:
             self.forget(request_id)
             raise
         waiting = self._waiting.get(request_id)
         if waiting is not None:  # not answered in the meantime
-            waiting.topic, waiting.items = topic, messages
+            waiting.topic, waiting.items, waiting.ids = topic, messages, list(ids or [])
         return fut
 
     async def wait(
@@ -187,13 +190,35 @@ class ResultRouter:
         return results
 
     def forget(self, request_id: str) -> None:
-        """Stop waiting for a request; its results, if they come, are counted as late."""
+        """Stop waiting for a request; its results, if they come, are counted as late.
+        Its items no worker has taken yet are withdrawn from the broker (in the
+        background): nobody waits for their results any more."""
         self._unclaimed.pop(request_id, None)
         waiting = self._waiting.pop(request_id, None)
         if waiting is not None:
             if not waiting.future.done():
                 waiting.future.cancel()
             self._finish(request_id, answered=False)
+            missing = [
+                i for m, i in zip(waiting.items or [], waiting.ids, strict=False)
+                if m.index not in waiting.results
+            ]  # fmt: skip
+            if missing and waiting.topic:
+                self._withdraw(waiting.topic, missing)
+
+    def _withdraw(self, topic: str, ids: list[str]) -> None:
+        async def go() -> None:
+            try:
+                self.stats.withdrawn += await self.broker.withdraw(topic, ids)
+            except BrokerError as e:  # the deadline header still stops them at a worker
+                log.debug("withdrawing %d items from %r failed: %s", len(ids), topic, e)
+
+        try:
+            task = asyncio.get_running_loop().create_task(go())
+        except RuntimeError:  # no loop (closing): the deadline header does the rest
+            return
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     @property
     def waiting(self) -> int:
@@ -320,6 +345,7 @@ class ResultRouter:
             except BrokerFull as e:
                 self._fail(request_id, e)
                 continue
+            waiting.ids = []  # new entries: not withdrawn (their deadline stops them)
             items += len(missing)
             requests += 1
         self.stats.republished += items

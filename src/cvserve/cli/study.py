@@ -48,6 +48,11 @@ def add_study_parser(sub: argparse._SubParsersAction) -> None:
         "--report-only", action="store_true",
         help="run nothing: rewrite the report from the JSON files in --out",
     )  # fmt: skip
+    p.add_argument(
+        "--pipeline", metavar="FILE",
+        help="a config file whose pipelines the broker experiment also measures, over each "
+        "broker, with each step's time in Server-Timing (default: only the paper's)",
+    )  # fmt: skip
     add_cache_arg(p)
     p.set_defaults(func=_cmd_study)
 
@@ -79,6 +84,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
             model=args.model,
             duration=args.duration,
             sim_profiles=args.sim_profile,
+            pipelines=Path(args.pipeline) if args.pipeline else None,
         )
         try:
             with StudyProgress(Console(stderr=True)) as progress:

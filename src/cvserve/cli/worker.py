@@ -16,16 +16,29 @@ def add_worker_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--pipeline", required=True, help="pipeline name as served (e.g. ocr)")
     p.add_argument("--kind", help="pipeline kind (default: the pipeline's name)")
-    p.add_argument("--stage", required=True, help="stage to serve (ocr: rec)")
+    p.add_argument(
+        "--config", metavar="FILE",
+        help="the server's config file: its pipeline --pipeline, steps and settings as "
+        "served (default: none; the pipeline is the preset --kind with these flags)",
+    )  # fmt: skip
+    p.add_argument(
+        "--stage", required=True,
+        help="the step to serve: one with via: broker (ocr: rec; detect-classify: classify)",
+    )  # fmt: skip
     p.add_argument(
         "--broker", default=os.environ.get("CVSERVE_BROKER"),
         required="CVSERVE_BROKER" not in os.environ,
         help="redis://[[user]:password@]host:port (rediss:// for TLS); default: the "
         "CVSERVE_BROKER environment variable, which keeps a password out of `ps`",
     )  # fmt: skip
-    p.add_argument("--instances", type=int, default=1, help="model instances in this process")
-    p.add_argument("--max-batch-size", type=int, default=16, metavar="N",
-                   help="items per batch (YAML: max_batch_size)")  # fmt: skip
+    p.add_argument(
+        "--instances", type=int, default=None,
+        help="model instances in this process (default: the step's, else 1)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-batch-size", type=int, default=None, metavar="N",
+        help="items per batch (YAML: max_batch_size; default: the step's, else 16)",
+    )  # fmt: skip
     add_renamed(p, "--max-batch", "--max-batch-size", "max_batch_size", int)
     p.add_argument(
         "--intra-op-threads", type=int, default=0, metavar="N",
@@ -55,7 +68,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     from cvserve.config import worker_config_from_args
     from cvserve.serving.pipelines.stage_process import run_stage_process
 
-    cfg = worker_config_from_args(args)
+    cfg = worker_config_from_args(args)  # --config: that file's pipeline, flags on top
     return run_stage_process(cfg, args.stage, args.broker, say=say, cache_dir=args.cache_dir)
 
 

@@ -26,7 +26,7 @@ from cvserve.config.model import (
     queue_wait_ms,
     select_versions,
 )
-from cvserve.config.pipeline import PIPELINE_DNNS, PIPELINE_KINDS, PipelineConfig
+from cvserve.config.pipeline import PIPELINE_KINDS, PRESETS, PipelineConfig
 from cvserve.config.server import (
     DEFAULT_MAX_BODY_BYTES,
     MODEL_CONTROL_MODES,
@@ -39,7 +39,7 @@ __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
     "DEPRECATED_SERVER_KEYS",
     "MODEL_CONTROL_MODES",
-    "PIPELINE_DNNS",
+    "PRESETS",
     "PIPELINE_KINDS",
     "PREPROCESS_DEVICES",
     "RUNTIMES",

@@ -103,12 +103,23 @@ def server_config_from_args(args: Any) -> ServerConfig:
 
 
 def worker_config_from_args(args: Any) -> PipelineConfig:
-    """``cvserve worker``'s flags to the PipelineConfig of the stage it serves."""
+    """``cvserve worker``'s flags to the PipelineConfig of the stage it serves: the
+    pipeline ``--pipeline`` of ``--config`` (flags given on top), or the preset ``--kind``."""
+    from dataclasses import replace
+
+    if getattr(args, "config", None):
+        from cvserve.config.files import load_config
+
+        found = [p for p in load_config(args.config).pipelines if p.name == args.pipeline]
+        if not found:
+            raise ConfigError(f"{args.config} serves no pipeline {args.pipeline!r}")
+        over = {"instances": args.instances, "max_batch_size": args.max_batch_size}
+        return replace(found[0], **{k: v for k, v in over.items() if v is not None})
     return PipelineConfig(
         name=args.pipeline,
         kind=args.kind or "",
-        instances=args.instances,
-        max_batch_size=args.max_batch_size,
+        instances=args.instances or 1,
+        max_batch_size=args.max_batch_size or 16,
         intra_op_threads=args.intra_op_threads,
         cores=args.pipeline_cores,
         reclaim_idle_ms=args.reclaim_idle_ms,

@@ -1,5 +1,5 @@
-"""One served multi-DNN pipeline's settings, and the DNNs each pipeline kind opens (so
-that a per-DNN profile is checked here, below ``serving``)."""
+"""One served multi-DNN pipeline's settings: its steps (``config.graph``), given or a
+preset's (``config/presets/*.yaml``), and how it is served."""
 
 from __future__ import annotations
 
@@ -7,26 +7,60 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cvserve.config.checks import ConfigError, duration_ms, integer
+from cvserve.config.graph import Step, parse_steps
 from cvserve.config.model import RUNTIMES, queue_wait_ms
 
-#: The DNNs each stage of each pipeline kind opens (``serving.pipelines``' kinds read
-#: their ``dnns`` from here): the names a per-DNN ``sim_profile`` may use.
-PIPELINE_DNNS: dict[str, dict[str, tuple[str, ...]]] = {
-    "ocr": {"det": ("det",), "rec": ("cls", "rec")},
-    "detect-classify": {"detect": ("det",), "classify": ("cls",)},
-}
-#: The pipeline kinds cvserve serves.
-PIPELINE_KINDS: tuple[str, ...] = tuple(PIPELINE_DNNS)
+#: The pipelines cvserve ships, written as steps (``config/presets/<kind>.yaml``).
+PRESETS: tuple[str, ...] = ("ocr", "detect-classify", "detect-embed")
+#: The pipeline kinds cvserve serves: its presets, and ``graph`` (steps of one's own).
+PIPELINE_KINDS: tuple[str, ...] = (*PRESETS, "graph")
+#: A preset's settings (``params``) -> (step, field) of its steps they set.
+PRESET_PARAMS: dict[str, dict[str, tuple[str, str]]] = {
+    "ocr": {"use_cls": ("rec", "params.use_cls")},
+    "detect-classify": {"detector": ("detect", "model"), "classifier": ("classify", "model"),
+                        "objects": ("detect", "params.top_k")},
+    "detect-embed": {"detector": ("detect", "model"), "embedder": ("embed", "model"),
+                     "objects": ("detect", "params.top_k"), "margin": ("crops", "margin"),
+                     "gallery": ("", "gallery"), "neighbours": ("", "neighbours")},
+}  # fmt: skip
 
 
-def pipeline_dnns(kind: str) -> dict[str, tuple[str, ...]]:
-    """The DNNs of each stage of ``kind``; ValueError for an unknown kind."""
-    try:
-        return PIPELINE_DNNS[kind]
-    except KeyError:
-        raise ValueError(
-            f"unknown pipeline kind {kind!r}; known: {', '.join(PIPELINE_KINDS)}"
-        ) from None
+def preset(kind: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The steps and answer of preset ``kind`` with ``params`` applied to them."""
+    import copy
+    from importlib import resources
+
+    import yaml
+
+    if kind not in PRESETS:
+        raise ValueError(f"unknown pipeline kind {kind!r}; known: {', '.join(PIPELINE_KINDS)}")
+    text = resources.files("cvserve.config").joinpath(f"presets/{kind}.yaml").read_text()
+    doc = copy.deepcopy(yaml.safe_load(text))
+    steps = {s["name"]: s for s in doc["steps"]}
+    known = PRESET_PARAMS[kind]
+    for key, value in (params or {}).items():
+        if key not in known:
+            continue  # kept for the kind's own use (an unknown one is refused below)
+        step, path = known[key]
+        if not step:  # a step added by the setting (the gallery of detect-embed)
+            continue
+        *parents, last = path.split(".")
+        node = steps[step]
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    if kind == "detect-embed" and (params or {}).get("gallery"):
+        doc["steps"].append({"name": "gallery", "gallery": "embed", "file": str(params["gallery"]),
+                             "k": int(params.get("neighbours", 1))})  # fmt: skip
+    unknown = set(params or {}) - set(known)
+    if unknown:
+        raise ValueError(f"unknown params {sorted(unknown)} of preset {kind}; "
+                         f"known: {', '.join(sorted(known)) or 'none'}")  # fmt: skip
+    return doc
+
+
+#: The answer shapes a pipeline can give (see ``PipelineConfig.answer``).
+ANSWERS = ("graph", "ocr", "detect-classify")
 
 
 @dataclass(frozen=True)
@@ -35,7 +69,15 @@ class PipelineConfig:
 
     #: The name requests use (``/v1/pipelines/NAME:predict``).
     name: str
-    kind: str = ""  # "ocr" | "detect-classify"; defaults to ``name``
+    #: A preset ("ocr", "detect-classify", "detect-embed"; default: ``name``), or "graph"
+    #: (the default where ``steps`` are given): what the steps are when none are given.
+    kind: str = ""
+    #: The pipeline as data: named steps (``config.graph``; docs/pipelines.md). Empty: the
+    #: preset ``kind``'s steps, with ``params`` applied to them.
+    steps: list[dict[str, Any]] | None = None
+    #: The answer's shape: "graph" (one key per step, nested per crop), or a preset's own
+    #: ("ocr": lines; "detect-classify": objects). Default: the preset's, else "graph".
+    answer: str = ""
     #: Stage B workers inside the serving process (0: only ``cvserve worker`` processes;
     #: None: one per core of the CPU budget, so that under load every core runs a call).
     #: YAML ``stage_workers`` (it was ``workers``, now the server's process count).
@@ -84,9 +126,31 @@ class PipelineConfig:
     sim_devices: int = 1
 
     def __post_init__(self) -> None:
-        self._check_runtime()
+        if not isinstance(self.params, dict):
+            raise ValueError(f"params must be a mapping, not {self.params!r}")
         if not self.kind:
-            object.__setattr__(self, "kind", self.name)
+            object.__setattr__(self, "kind", "graph" if self.steps else self.name)
+        if not self.steps:
+            if self.kind not in PRESETS:
+                raise ConfigError(
+                    f"pipeline {self.name!r}: give its steps, or a kind of "
+                    f"{', '.join(PRESETS)} (not {self.kind!r})"
+                )
+            try:
+                doc = preset(self.kind, self.params)
+            except ValueError as e:
+                raise ConfigError(f"pipeline {self.name!r}: {e}") from None
+            object.__setattr__(self, "steps", doc["steps"])
+            if not self.answer:
+                object.__setattr__(self, "answer", doc.get("answer", "graph"))
+        if not self.answer:
+            object.__setattr__(self, "answer", "graph")
+        if self.answer not in ANSWERS:
+            raise ConfigError(f"pipeline {self.name!r}: answer must be one of "
+                              f"{', '.join(ANSWERS)}, not {self.answer!r}")  # fmt: skip
+        parsed = parse_steps(self.steps, f"pipeline {self.name!r}")
+        object.__setattr__(self, "_parsed", parsed)
+        self._check_runtime()
         object.__setattr__(self, "max_queue_wait_ms", queue_wait_ms(self.max_queue_wait_ms))
         # the durations in ms here are whole milliseconds: the broker takes integers
         for key in (
@@ -134,11 +198,7 @@ class PipelineConfig:
         from cvserve.runtime.simulated import SimProfile
 
         if isinstance(profiles, dict):
-            try:
-                stages = pipeline_dnns(self.kind or self.name).values()
-            except ValueError as e:
-                raise ConfigError(f"{where}: {e}") from None
-            dnns = {d for names in stages for d in names}
+            dnns = self.dnns()
             unknown = sorted(set(profiles) - dnns)
             if unknown:
                 raise ConfigError(f"{where}: sim_profile names no DNN of this pipeline: "
@@ -151,6 +211,14 @@ class PipelineConfig:
             except (TypeError, ValueError) as e:
                 of = "" if dnn == "*" else f" of {dnn}"
                 raise ConfigError(f"{where}: sim_profile{of}: {e}") from None
+
+    @property
+    def graph_steps(self) -> tuple[Step, ...]:
+        """The steps, parsed and value-checked (their graph is checked at load)."""
+        return self._parsed  # type: ignore[attr-defined]
+
+    def dnns(self) -> set[str]:
+        return {d for s in self.graph_steps for d in s.dnns()}
 
     def with_instances(self, n: int) -> PipelineConfig:
         return replace(self, instances=n)

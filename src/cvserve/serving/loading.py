@@ -157,8 +157,9 @@ def load_servables(
             if progress is not None:
                 progress(f"loading pipeline {pc.name} ({pc.kind}) over {redact_url(config.broker)}")
             pipelines[pc.name] = PipelineServer(
-                pc, pool, broker, max_pixels=config.max_pixels, cache_dir=config.cache_dir
-            )
+                pc, pool, broker, max_pixels=config.max_pixels, cache_dir=config.cache_dir,
+                metrics=metrics,
+            )  # fmt: skip
     return models, pipelines, broker, every
 
 

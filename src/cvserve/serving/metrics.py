@@ -83,6 +83,26 @@ class Metrics:
             "cvserve_wait_limit_seconds", "The longest expected wait admitted (0: no limit by "
             "time now)", ["model"], registry=r, multiprocess_mode="livemax",
         )  # fmt: skip
+        # pipelines (serving.pipelines.engine): each step's work, named
+        self.step_seconds = Histogram(
+            "cvserve_pipeline_step_seconds", "Time per call of a pipeline step, by part (infer, "
+            "postprocess; broker: the rest of a broker step's round trip)",
+            ["pipeline", "step", "part"], buckets=_STAGE_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.step_items = Counter(
+            "cvserve_pipeline_step_items", "Items (images or crops) a pipeline step ran on",
+            ["pipeline", "step"], registry=r,
+        )  # fmt: skip
+        self.step_batch = Histogram(
+            "cvserve_pipeline_step_batch_size", "Items per call of a pipeline step (a broker "
+            "step: the batch its worker ran)", ["pipeline", "step"], buckets=_BATCH_BUCKETS,
+            registry=r,
+        )  # fmt: skip
+        self.step_expired = Counter(
+            "cvserve_pipeline_step_expired_items", "Items a worker here dropped unrun: their "
+            "request's deadline had passed, or would before they finished",
+            ["pipeline", "step"], registry=r,
+        )  # fmt: skip
         self.model_memory = Gauge(
             "cvserve_model_memory_bytes", "Memory a loaded model version holds: its weights "
             "(per instance), the runtime's growth when it opened (an estimate), its batch "
@@ -108,6 +128,21 @@ class Metrics:
         """The batcher's ``on_batch`` hook for ``model``: records each batch's size."""
         hist = self.batch_size.labels(model)
         return lambda info: hist.observe(info.size)
+
+    def step_observer(self, pipeline: str):
+        """``on_step(step, items, batch, parts)`` for a pipeline: ``parts`` maps infer,
+        postprocess and broker to seconds of one call."""
+
+        def observe(step: str, items: int, batch: int, parts: dict[str, float]) -> None:
+            self.step_items.labels(pipeline, step).inc(items)
+            self.step_batch.labels(pipeline, step).observe(batch)
+            for part, seconds in parts.items():
+                self.step_seconds.labels(pipeline, step, part).observe(max(0.0, seconds))
+
+        return observe
+
+    def expired_observer(self, pipeline: str):
+        return lambda step, n: self.step_expired.labels(pipeline, step).inc(n)
 
     def render(self) -> bytes:
         if self.multiprocess_dir is not None:

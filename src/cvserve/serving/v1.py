@@ -231,6 +231,16 @@ async def list_pipelines(request: Request) -> Response:
     return json_response({"pipelines": [p.describe() for p in state.pipelines.values()]})
 
 
+async def show_pipeline(request: Request) -> Response:
+    """``GET /v1/pipelines/{name}``: its graph, and per step calls, batch sizes and time."""
+    state: ServerState = request.app.state.cvserve
+    p = state.pipelines.get(request.path_params["name"])
+    if p is None:
+        e = NotServed(f"no pipeline named {request.path_params['name']!r}")
+        return json_response(e.to_json(), http_status(e))
+    return json_response(p.describe())
+
+
 def routes() -> list[Route]:
     """The ``/v1`` routes."""
     return [
@@ -240,6 +250,7 @@ def routes() -> list[Route]:
         Route("/v1/models/{name}:unload", timed(unload_model), methods=["POST"]),
         Route("/v1/repository", timed(repository_index), methods=["GET"]),
         Route("/v1/pipelines", timed(list_pipelines), methods=["GET"]),
+        Route("/v1/pipelines/{name}", timed(show_pipeline), methods=["GET"]),
         Route("/v1/models", timed(list_models), methods=["GET"]),
         Route("/v1/models/{name}", timed(show_model), methods=["GET"]),
     ]

@@ -38,6 +38,8 @@ class StudyConfig:
     model: str | None = None
     duration: float | None = None
     sim_profiles: Sequence[str] = ()
+    #: a config file whose pipelines the broker experiment also measures (``--pipeline``)
+    pipelines: Path | None = None
 
 
 def default_images_root() -> Path | None:

@@ -93,6 +93,7 @@ def _models_named(args: Sequence[str], config: str | None) -> list[str]:
         for p in doc.get("pipelines") or []:
             params = p.get("params") or {}
             names += [params[k] for k in ("detector", "classifier") if k in params]
+            names += [s["model"] for s in p.get("steps") or [] if "model" in s]
     return names
 
 

@@ -1,24 +1,13 @@
-"""Multi-DNN pipelines: stage A in the serving process fans each image out into items,
-stage B workers (in-process or ``cvserve worker`` processes) serve them through a broker,
-and results are joined back to their request."""
+"""Multi-DNN pipelines declared as data (``config.graph``): steps run in the serving
+process or, over a broker, by workers (in-process or ``cvserve worker`` processes) that
+batch the items of every request; each request's answer is joined from its steps."""
 
 from __future__ import annotations
 
-from cvserve.serving.pipelines.base import FanOut, PipelineKind, StageOptions
+from cvserve.config.pipeline import PRESETS
+from cvserve.serving.pipelines.base import StageOptions
 
-__all__ = ["KINDS", "FanOut", "PipelineKind", "StageOptions", "get_kind"]
+__all__ = ["KINDS", "StageOptions"]
 
-KINDS = ("ocr", "detect-classify")
-
-
-def get_kind(kind: str) -> PipelineKind:
-    """The pipeline definition for ``kind``."""
-    if kind == "ocr":
-        from cvserve.serving.pipelines.ocr import OcrPipeline
-
-        return OcrPipeline()
-    if kind == "detect-classify":
-        from cvserve.serving.pipelines.detect_classify import DetectClassifyPipeline
-
-        return DetectClassifyPipeline()
-    raise ValueError(f"unknown pipeline kind {kind!r}; known: {', '.join(KINDS)}")
+#: The pipelines cvserve ships (``config/presets``), besides ``graph`` (one's own steps).
+KINDS = PRESETS

@@ -1,19 +1,12 @@
-"""What a two-stage pipeline kind provides: stage A in the serving process (one image ->
-N items), stage B behind the broker (a batch of items from any requests -> one result
-each), and the join of a request's results.
-"""
+"""What every pipeline step shares: the options its DNNs open with (threads, CPU budget,
+the simulated runtime), and the result headers a broker step's worker sets."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
-
-import numpy as np
-
-from cvserve.brokers import Message
-from cvserve.tasks.params import Param
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from cvserve.runtime import Runtime
@@ -26,30 +19,6 @@ BATCH = "batch"
 #: Set (to 1) on the results of a stage B that ran on the simulated accelerator, so the
 #: server marks the request ``sim=1`` even when the stage ran in another process.
 SIMULATED = "sim"
-
-
-@dataclass
-class FanOut:
-    """Stage A's output for one image."""
-
-    items: list[dict[str, np.ndarray]]  # one dict of named arrays per item
-    context: Any  # kept by the serving process for the join (never sent)
-    image_size: tuple[int, int]  # upright (width, height)
-    stages: dict[str, float] = field(default_factory=dict)  # DESIGN stage -> seconds
-    started: float = 0.0  # perf_counter when the thread picked the image up
-    finished: float = 0.0
-
-
-class StageA(Protocol):
-    """Runs in a preprocessing thread: decode, first DNN, fan-out."""
-
-    def run(self, data: bytes) -> FanOut: ...
-
-
-class StageB(Protocol):
-    """Runs in a worker thread: one result message per work message, in order."""
-
-    def run(self, messages: list[Message]) -> list[Message]: ...
 
 
 @dataclass(frozen=True)
@@ -67,7 +36,7 @@ class StageOptions:
     #: profile's time per batch and burns no host CPU (``cvserve.runtime.simulated``).
     runtime: str = "onnxruntime"
     #: The simulated runtime's latency profile: one spec for every DNN, or one per DNN
-    #: name (``{"det": "1:5", "cls": "1:20,16:100"}``; see ``PipelineKind.dnns``).
+    #: name (``{"det": "1:5", "cls": "1:20,16:100"}``; see ``config.graph.Step.dnns``).
     sim_profile: str | Mapping[str, str] | None = None
     #: Simulated devices per DNN, shared by every stage opened with these options.
     sim_devices: int = 1
@@ -127,24 +96,3 @@ def describe_runtime(options: StageOptions) -> dict[str, Any]:
 def waited_for_cores(options: StageOptions) -> float:
     """Seconds this thread's DNN calls waited for a core since it last asked."""
     return options.budget.pop_waited() if options.budget is not None else 0.0
-
-
-class PipelineKind(Protocol):
-    """A named two-stage pipeline (``ocr``, ``detect-classify``)."""
-
-    kind: str
-    task: str
-    stage_a: str
-    stage_b: str
-    #: The DNNs each stage opens (``open_stage_model``'s names; keys of a per-DNN profile).
-    dnns: dict[str, tuple[str, ...]]
-    #: The request parameters ``join`` takes (checked by the server; 400 for others).
-    params: tuple[Param, ...]
-
-    def make_stage_a(self, options: StageOptions) -> StageA: ...
-
-    def make_stage_b(self, options: StageOptions) -> StageB: ...
-
-    def join(self, context: Any, results: list[Message], **params: Any) -> dict: ...
-
-    def describe(self, options: StageOptions) -> dict: ...

@@ -1,22 +1,32 @@
-"""Serving one pipeline: admission, stage A in a preprocessing thread, fan-out through
-the broker to stage B workers, the join, and the time of every hop in the trace.
+"""Serving one declared pipeline (``config.graph``): admission, decoding, each step as
+soon as its input is ready (steps on one input run at the same time), steps marked
+``via: broker`` through the broker to workers that batch items of every request, the
+join of the answer, and the time of every hop in the trace.
 
-Trace of a pipeline request (contiguous, like a model's): ``recv``, ``queue``, stage A's
-``decode``/``resize``/``infer``/``postprocess``; then, for the item whose result came
-last, stage B's ``infer`` and ``postprocess`` as its worker measured them, and ``broker``
-for the rest of the round trip (publish, the hop to a worker, waiting in its batch, the
-hop back); finally the join (``postprocess``) and ``encode``.
+Trace of a pipeline request: ``recv``, ``queue``, ``decode``; each step run here charges
+its ``normalize``/``infer``/``postprocess``; a step over the broker charges, for the item
+whose result came last, ``infer`` and ``postprocess`` as its worker measured them and
+``broker`` for the rest of its round trip; the join is ``postprocess``. Steps that ran at
+the same time are charged side by side (their sum can exceed the wall time).
+
+Every item carries its request's deadline (``brokers.message.DEADLINE``): a worker drops
+it unrun once it has passed, and a request that times out or whose client hangs up
+withdraws its items that no worker has taken (``ResultRouter.forget``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
+
+import numpy as np
 
 from cvserve.brokers import (
     Broker,
@@ -25,14 +35,15 @@ from cvserve.brokers import (
     Message,
     ResultRouter,
     ResultTimeout,
-    StageConsumer,
 )
 from cvserve.brokers.consumer import DEAD_LETTER, ERROR
+from cvserve.brokers.message import DEADLINE
 from cvserve.config import PipelineConfig
+from cvserve.config.graph import CROPS, IMAGE, POLYGONS, Graph, Step, build_graph
 from cvserve.runtime.budget import CpuBudget
 from cvserve.serving.core import Admission, Prediction, PreprocessPool
 from cvserve.serving.errors import BrokerDown, DeadlineExceeded, Overloaded, StageFailed
-from cvserve.serving.pipelines import get_kind
+from cvserve.serving.pipelines.answers import join_answer
 from cvserve.serving.pipelines.base import (
     BATCH,
     INFER_S,
@@ -41,97 +52,97 @@ from cvserve.serving.pipelines.base import (
     StageOptions,
     describe_runtime,
 )
+from cvserve.serving.pipelines.steps import (
+    ANSWER,
+    HEIGHT,
+    WIDTH,
+    Crops,
+    Gallery,
+    ModelStep,
+    crop_boxes,
+    crop_polygons,
+    filter_detections,
+    make_step,
+    model_meta,
+)
+from cvserve.serving.pipelines.workers import StepWorkers, step_options, work_topic
 from cvserve.serving.stats import ModelStats
-from cvserve.tasks.params import describe_params, parse_params
 from cvserve.trace import Trace
 
 log = logging.getLogger(__name__)
 
 
-def work_topic(pipeline: str, stage: str) -> str:
-    return f"{pipeline}.{stage}"
-
-
 def cpu_budget(
     config: PipelineConfig, pressure: Callable[[], int] | None = None
 ) -> CpuBudget | None:
-    """The cores this process's stages of ``config`` share (None: no budget);
+    """The cores this process's steps of ``config`` share (None: no budget);
     ``pressure``: requests in flight, where this process knows them."""
     return None if config.cores < 0 else CpuBudget(config.cores, pressure)
 
 
 def runtime_options(config: PipelineConfig) -> dict[str, Any]:
-    """The StageOptions fields that say what the stages' DNNs run on."""
+    """The StageOptions fields that say what the steps' DNNs run on."""
     return {"runtime": config.runtime, "sim_profile": config.sim_profile,
             "sim_devices": config.sim_devices}  # fmt: skip
 
 
-class StageBRunner:
-    """Stage B workers of one process: ``instances`` StageConsumers, each with its own model
-    sessions on its own thread, consuming the stage's topic as members of one group."""
+def load_graph(config: PipelineConfig, cache_dir: str | None) -> Graph:
+    """``config``'s steps, ordered and type-checked (a model step's type is its task)."""
+    return build_graph(
+        config.graph_steps, lambda s: model_meta(s, cache_dir).task if s.kind == "model" else None
+    )
 
-    def __init__(self, config: PipelineConfig, broker: Broker, options: StageOptions) -> None:
-        self.config = config
-        self.broker = broker
-        kind = get_kind(config.kind)
-        self.topic = work_topic(config.name, kind.stage_b)
-        self.group = kind.stage_b
-        self.options = options
-        self.stages = [kind.make_stage_b(options) for _ in range(config.instances)]
-        self.executors = [
-            ThreadPoolExecutor(1, thread_name_prefix=f"{config.name}-{kind.stage_b}-{i}")
-            for i in range(config.instances)
-        ]
-        self.workers = [
-            StageConsumer(
-                broker,
-                self.topic,
-                self.group,
-                self._handler(i),
-                batch=config.max_batch_size,
-                block_ms=config.block_ms,
-                reclaim_idle_ms=config.reclaim_idle_ms,
-                max_deliveries=config.max_deliveries,
-            )  # fmt: skip
-            for i in range(config.instances)
-        ]
-        self._tasks: list[asyncio.Task] = []
 
-    def _handler(self, i: int):
-        stage, executor = self.stages[i], self.executors[i]
-        simulated = self.options.simulated
+@dataclass
+class StepStats:
+    """What one step did in this process (``GET /v1/pipelines/{p}``, ``/metrics``)."""
 
-        async def handle(messages: list[Message]) -> list[Message]:
-            results = await asyncio.get_running_loop().run_in_executor(
-                executor, stage.run, messages
-            )
-            if simulated:  # the server marks the request sim=1 (Server-Timing)
-                for r in results:
-                    r.headers[SIMULATED] = 1
-            return results
+    calls: int = 0
+    items: int = 0
+    seconds: float = 0.0  # infer + postprocess as measured where it ran
+    broker_s: float = 0.0  # for a broker step: the rest of the round trip
+    largest_batch: int = 0
+    batches: dict[int, int] = field(default_factory=dict)  # batch size -> calls
 
-        return handle
+    def record(self, items: int, seconds: float, batch: int, broker_s: float = 0.0) -> None:
+        self.calls += 1
+        self.items += items
+        self.seconds += seconds
+        self.broker_s += broker_s
+        self.largest_batch = max(self.largest_batch, batch)
+        self.batches[batch] = self.batches.get(batch, 0) + 1
 
-    async def start(self) -> None:
-        self._tasks = [
-            asyncio.create_task(w.run(), name=f"worker {self.topic}") for w in self.workers
-        ]
+    def describe(self) -> dict[str, Any]:
+        return {"calls": self.calls, "items": self.items, "seconds": round(self.seconds, 6),
+                "broker_seconds": round(self.broker_s, 6), "largest_batch": self.largest_batch,
+                "batch_sizes": {str(k): v for k, v in sorted(self.batches.items())}}  # fmt: skip
 
-    async def stop(self) -> None:
-        for w in self.workers:
-            w.stop()
-        for t in self._tasks:
-            try:
-                await asyncio.wait_for(t, 10)
-            except (TimeoutError, asyncio.CancelledError):
-                t.cancel()
-        for ex in self.executors:
-            ex.shutdown(wait=True)
+
+@dataclass
+class _Timed:
+    """A step's value and the seconds it spent per trace stage (for ``pool.submit``)."""
+
+    value: Any
+    stages: dict[str, float]
+
+
+@dataclass
+class _Request:
+    image: Any  # PIL image, upright RGB
+    trace: Trace
+    deadline: float  # perf_counter
+    rid: str
+    rgb: np.ndarray | None = None
+
+    def array(self) -> np.ndarray:
+        if self.rgb is None:
+            self.rgb = np.asarray(self.image)
+        return self.rgb
 
 
 class PipelineServer:
-    """Serves one pipeline in this process (stage A, and stage B unless
-    ``stage_workers=0``); a :class:`~cvserve.serving.core.Servable` like a model."""
+    """Serves one declared pipeline in this process (its steps run here, and its broker
+    steps' workers too unless ``stage_workers=0``); a ``Servable`` like a model."""
 
     #: the join is cheap: it and the encoding of the answer stay on the event loop
     heavy = False
@@ -144,12 +155,16 @@ class PipelineServer:
         *,
         max_pixels: int = 64_000_000,
         cache_dir: str | None = None,
+        metrics: Any = None,
     ) -> None:
         self.name = config.name
+        #: ``on_step(step, items, batch, parts)`` and ``on_expired(step, n)`` (``/metrics``)
+        self.on_step = metrics.step_observer(config.name) if metrics is not None else None
+        on_expired = metrics.expired_observer(config.name) if metrics is not None else None
         self.config = config
         self.pool = pool
         self.broker = broker
-        self.kind = get_kind(config.kind)
+        self.max_pixels = max_pixels
         self.options = StageOptions(
             intra_op_threads=config.intra_op_threads,
             max_pixels=max_pixels,
@@ -159,27 +174,34 @@ class PipelineServer:
             budget=cpu_budget(config, pressure=lambda: self.admission.inflight),
             **runtime_options(config),
         )
-        self.stage_a = self.kind.make_stage_a(self.options)
+        self.graph = load_graph(config, cache_dir)
+        self.impls: dict[str, Any] = {}
+        for s in self.graph.steps:
+            if s.kind == "model":  # a broker step's spec sizes its crops; opened on use
+                self.impls[s.name] = ModelStep(s, step_options(s, self.options))
+            elif s.kind == "op" and s.via == "inprocess":
+                self.impls[s.name] = make_step(s, step_options(s, self.options))
+            elif s.kind == "gallery":
+                self.impls[s.name] = Gallery(s)
         budget = self.options.budget
-        #: stage B workers here: by default one per core of the budget, so that under load
-        #: every core runs a one-core call (with one, the costlier stage caps throughput)
+        #: broker-step workers here: by default one per core of the budget, so that under
+        #: load every core runs a one-core call
         self.local_workers = (
             config.stage_workers
             if config.stage_workers is not None
             else (budget.cores if budget else 1)
         )
-        self.topic = work_topic(config.name, self.kind.stage_b)
         self.router = ResultRouter(
             broker,
             topic=f"{config.name}.replies.{uuid.uuid4().hex[:12]}",
             ttl_s=config.reply_ttl_ms / 1000,
             outage_s=config.broker_outage_ms / 1000,
         )
-        self.local = (
-            StageBRunner(config.with_instances(self.local_workers), broker, self.options)
+        self.local = [
+            StepWorkers(config, s, broker, self.options, s.instances or self.local_workers)
+            for s in self.graph.broker_steps
             if self.local_workers
-            else None
-        )
+        ]
         wait = config.max_queue_wait_ms
         self.admission = Admission(
             f"pipeline {self.name}", config.max_queue,
@@ -187,32 +209,52 @@ class PipelineServer:
             round_rows=pool.threads,
         )  # fmt: skip
         self.stats = ModelStats(self.name)
-        self.params = tuple(self.kind.params)
+        self.step_stats = {s.name: StepStats() for s in self.graph.steps}
+        #: the step run with decoding in one trip to the pool: the first in-process model or
+        #: op on the image (the detector of most pipelines)
+        self.first = next(
+            (s for s in self.graph.steps
+             if s.source == IMAGE and s.via == "inprocess" and s.kind in ("model", "op")),
+            None,
+        )  # fmt: skip
+        for w in self.local:
+            for c in w.workers:
+                if on_expired is not None:
+                    c.on_expired = partial(on_expired, w.step.name)
+        self.params = ()
         self.ready = False
 
-    def warm_up(self) -> None:
-        """One blank image through stage A, so the first request pays no session warm-up."""
-        import io
+    # --- life ---------------------------------------------------------------------------
 
+    def warm_up(self) -> None:
+        """One blank image through the steps run here, so the first request pays no
+        session warm-up."""
         from PIL import Image
 
-        buf = io.BytesIO()
-        Image.new("RGB", (256, 256), "white").save(buf, "PNG")
-        self.stage_a.run(buf.getvalue())
+        image = Image.new("RGB", (256, 256), "white")
+        for s in self.graph.steps:
+            impl = self.impls.get(s.name)
+            if s.via != "inprocess" or impl is None:
+                continue
+            if isinstance(impl, ModelStep) and s.source == IMAGE:
+                impl.run([impl.prepare_image(image)], [image.size])
+            elif s.kind == "op" and s.target == "ocr_det":
+                impl.run_image(np.asarray(image))
 
     async def start(self) -> None:
         await self.broker.ping()  # a wrong password fails here, before any warm-up
         await asyncio.get_running_loop().run_in_executor(None, self.warm_up)
-        await self.broker.create_group(self.topic, self.kind.stage_b)
+        for s in self.graph.broker_steps:
+            await self.broker.create_group(work_topic(self.name, s.name), s.name)
         await self.router.start()
-        if self.local is not None:
-            await self.local.start()
+        for w in self.local:
+            await w.start()
         self.ready = True
 
     async def stop(self) -> None:
         self.ready = False
-        if self.local is not None:
-            await self.local.stop()
+        for w in self.local:
+            await w.stop()
         await self.router.close()
 
     @property
@@ -220,39 +262,192 @@ class PipelineServer:
         return self.admission.inflight
 
     def parse_params(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        from cvserve.tasks.params import parse_params
+
         return parse_params(self.params, given)
+
+    # --- one request --------------------------------------------------------------------
+
+    def _decode(self, data: bytes):
+        from cvserve.images.decode import decode
+
+        return decode(data, max_pixels=self.max_pixels, backend="pil")
 
     async def predict(
         self, data: bytes, trace: Trace, deadline: float, params: dict[str, Any]
     ) -> Prediction:
         with self.admission.admit(deadline):
-            fan = await self.pool.submit(
-                trace, self.stage_a.run, data, deadline=deadline, fail_stage="decode"
-            )
+            # Decoding and the first step on the image share one trip to the pool (a
+            # second trip would queue each request behind every other's decoding).
+            first = await self.pool.submit(trace, self._decode_first, data, deadline=deadline,
+                                           fail_stage="decode")  # fmt: skip
+            dec, value, parts = first.value
             if self.options.simulated:
                 trace.simulated = True
-            results: list[Message] = []
-            if fan.items:
-                results = await self._fan_out(fan.items, trace, deadline)
+            req = _Request(dec.image, trace, deadline, uuid.uuid4().hex)
+            tasks: dict[str, asyncio.Future] = {}
+            if self.first is not None:
+                self._record(req, self.first.name, 1, 1, parts)
+                tasks[self.first.name] = asyncio.get_running_loop().create_future()
+                tasks[self.first.name].set_result(value)
+            for s in self.graph.steps:
+                if s.name not in tasks:
+                    tasks[s.name] = asyncio.ensure_future(self._step(req, s, tasks.get(s.source)))
+            try:
+                values = {name: await t for name, t in tasks.items()}
+            finally:
+                for t in tasks.values():  # a failed or cancelled step stops its siblings
+                    t.cancel()
+                    if t.done() and not t.cancelled():
+                        t.exception()  # retrieved: the first failure is what answers
             t0 = time.perf_counter()
-            result = self.kind.join(fan.context, results, **params)
+            result = join_answer(self.config.answer, self.graph, values)
             trace.add("postprocess", time.perf_counter() - t0)
             trace.advance(time.perf_counter())
-            batch = max((int(r.headers.get(BATCH, 1)) for r in results), default=1)
-            return Prediction(result=result, batch_size=batch, image_size=fan.image_size)
+            batch = max((self.step_stats[s.name].largest_batch for s in self.graph.steps),
+                        default=1)  # fmt: skip
+            return Prediction(result=result, batch_size=max(1, batch), image_size=dec.orig_size)
 
-    async def _fan_out(self, items, trace: Trace, deadline: float) -> list[Message]:
-        request_id = uuid.uuid4().hex
+    def _decode_first(self, data: bytes) -> _Timed:
+        """Decode, then run ``self.first`` (an in-process step on the image) if any."""
+        t0 = time.perf_counter()
+        dec = self._decode(data)
+        t1 = time.perf_counter()
+        stages: dict[str, float] = {"decode": t1 - t0}
+        value, parts = None, {}
+        s = self.first
+        if s is not None and s.kind == "op":
+            value, parts = self.impls[s.name].run_image(np.asarray(dec.image))
+        elif s is not None:
+            model = self.impls[s.name]
+            pixels = model.prepare_image(dec.image)
+            parts = {"resize": time.perf_counter() - t1}
+            answers, st = model.run([pixels], [dec.image.size])
+            value = answers[0]
+            parts.update(st)
+        for k, v in parts.items():
+            stages[k] = stages.get(k, 0.0) + v
+        return _Timed((dec, value, parts), stages)
+
+    async def _step(self, req: _Request, s: Step, source: asyncio.Future | None) -> Any:
+        value = req.image if source is None else await source
+        if s.kind == "filter":
+            return _per_scope(value, lambda a: filter_detections(s, a))
+        if s.kind == "gallery":
+            return _per_scope(value, self.impls[s.name].nearest)
+        if s.kind == "crop":
+            if self.graph.types[s.source] == POLYGONS:
+                return crop_polygons(s, value, req.array())
+            return crop_boxes(s, value, req.image.size)
+        per_crop = self.graph.types.get(s.source, IMAGE) == CROPS
+        crops: Crops | None = value if per_crop else None
+        if per_crop and not crops.items:
+            return []
+        if s.kind == "op" and s.target == "ocr_det":
+            impl = self.impls[s.name]
+
+            def detect() -> _Timed:
+                return _Timed(*impl.run_image(req.array()))
+
+            timed = await self.pool.submit(req.trace, detect, deadline=req.deadline)
+            self._record(req, s.name, 1, 1, timed.stages)
+            return timed.value
+        model = self.impls.get(s.name)
+
+        def prepare() -> tuple[list[np.ndarray], list[tuple[int, int]]]:
+            if crops is None:
+                return [model.prepare_image(req.image)], [req.image.size]
+            size = model.size if isinstance(model, ModelStep) else None
+            return ([c.pixels(req.image, size) for c in crops.items],
+                    [(c.box[2] - c.box[0], c.box[3] - c.box[1]) for c in crops.items])  # fmt: skip
+
+        if s.via == "inprocess" and s.kind == "model":
+
+            def run() -> _Timed:
+                t0 = time.perf_counter()
+                pixels, sizes = prepare()
+                resized = time.perf_counter() - t0
+                answers, st = model.run(pixels, sizes)
+                st["resize"] = resized
+                return _Timed(answers, st)
+
+            timed = await self.pool.submit(req.trace, run, deadline=req.deadline)
+            answers, st = timed.value, timed.stages
+            n = 1 if crops is None else len(crops.items)
+            self._record(req, s.name, n, n, {k: st.get(k, 0.0) for k in ("infer", "postprocess")})
+        elif s.via == "inprocess":  # op: ocr_rec, on this request's crops in one call
+            impl = self.impls[s.name]
+
+            def read() -> _Timed:
+                t0 = time.perf_counter()
+                pixels, _ = prepare()
+                resized = time.perf_counter() - t0
+                out = impl.run_messages(
+                    [
+                        Message(request_id=req.rid, index=i, arrays={"crop": p})
+                        for i, p in enumerate(pixels)
+                    ]  # fmt: skip
+                )
+                st = {"resize": resized, "infer": float(out[0].headers.get(INFER_S, 0.0)),
+                      "postprocess": float(out[0].headers.get(POST_S, 0.0))}  # fmt: skip
+                return _Timed([{"text": str(r.headers.get("text", "")),
+                                "score": float(r.headers.get("score", 0.0))} for r in out], st)  # fmt: skip
+
+            timed = await self.pool.submit(req.trace, read, deadline=req.deadline)
+            answers = timed.value
+            n = len(answers)
+            self._record(req, s.name, n, n, {k: timed.stages[k] for k in ("infer", "postprocess")})
+        else:
+            # Crops already cut (text regions) are handed over as they are; resizing crops
+            # for a model runs beside the pool, not queued behind other requests' decoding
+            # (stage A did it in the same trip as the detector)
+            t0 = time.perf_counter()
+            if isinstance(model, ModelStep):
+                pixels, sizes = await asyncio.get_running_loop().run_in_executor(None, prepare)
+            else:
+                pixels, sizes = prepare()
+            req.trace.add("resize", time.perf_counter() - t0)
+            answers = await self._over_broker(s, req, pixels, sizes)
+        return answers if per_crop else answers[0]
+
+    def _record(
+        self, req: _Request, step: str, items: int, batch: int, parts: dict[str, float]
+    ) -> None:
+        """One call of ``step``: its stats, its share of the trace (every stage it
+        spent time in), and ``/metrics`` (infer, postprocess, broker)."""
+        req.trace.note_step(step, parts)
+        parts = {k: parts[k] for k in ("infer", "postprocess", "broker") if k in parts}
+        broker = parts.get("broker", 0.0)
+        self.step_stats[step].record(items, sum(parts.values()) - broker, batch, broker)
+        if self.on_step is not None:
+            self.on_step(step, items, batch, parts)
+
+    async def _over_broker(
+        self, s: Step, req: _Request, pixels: list[np.ndarray], sizes: list[tuple[int, int]]
+    ) -> list[Any]:
+        """Each item through the broker to ``s``'s workers; their answers in order."""
+        trace, deadline = req.trace, req.deadline
+        request_id = f"{req.rid}.{s.name}"
+        key = "crop" if s.kind == "op" else "pixels"
+        wall_deadline = time.time() + max(0.0, deadline - time.perf_counter())
+        items = [
+            Message(
+                request_id=request_id,
+                index=i,
+                arrays={key: p},
+                headers={WIDTH: int(w), HEIGHT: int(h), DEADLINE: wall_deadline},
+            )  # fmt: skip
+            for i, (p, (w, h)) in enumerate(zip(pixels, sizes, strict=True))
+        ]
         fut = None
         sent = time.perf_counter()
         try:
             # One round trip for the whole fan-out where the broker can (Redis); the router
             # keeps the items until answered, to publish them again if the broker loses them.
             fut = await self.router.publish(
-                self.topic,
-                [Message(request_id=request_id, index=i, arrays=a) for i, a in enumerate(items)],
+                work_topic(self.name, s.name), items,
                 timeout=max(0.001, deadline - time.perf_counter()),
-            )
+            )  # fmt: skip
             deliveries = await self.router.wait(
                 request_id, len(items), timeout=max(0.0, deadline - time.perf_counter())
             )
@@ -264,13 +459,16 @@ class PipelineServer:
             self.router.forget(request_id)
             trace.mark("broker")
             raise Overloaded(
-                f"pipeline {self.name}: stage backlog full ({e})", retry_after_s=1
+                f"pipeline {self.name}: step {s.name} backlog full ({e})", retry_after_s=1
             ) from None
         except ResultTimeout:
             trace.mark("broker")
             raise DeadlineExceeded(
-                f"deadline passed waiting for {len(items)} {self.kind.stage_b} results"
+                f"deadline passed waiting for {len(items)} {s.name} results"
             ) from None
+        except asyncio.CancelledError:  # the client left, or a sibling step failed
+            self.router.forget(request_id)
+            raise
         finally:
             if fut is not None and not fut.done():
                 fut.cancel()
@@ -281,24 +479,33 @@ class PipelineServer:
             detail = {}
             if DEAD_LETTER in failed[0].headers:  # where to look: `cvserve broker dead-letters`
                 detail["dead_letter"] = str(failed[0].headers[DEAD_LETTER])
-            raise StageFailed(
-                f"stage {self.kind.stage_b} failed: {failed[0].headers[ERROR]}", **detail
-            )
+            raise StageFailed(f"step {s.name} failed: {failed[0].headers[ERROR]}", **detail)
         # The item that came back last bounds the request; charge its worker's own time.
         last = max(deliveries, key=lambda d: d.consumed_at).message.headers
         if any(SIMULATED in r.headers for r in results):
             trace.simulated = True
         infer = float(last.get(INFER_S, 0.0))
         post = float(last.get(POST_S, 0.0))
-        trace.add("broker", max(0.0, (done - sent) - infer - post))
+        broker_s = max(0.0, (done - sent) - infer - post)
+        trace.add("broker", broker_s)
         trace.add("infer", infer)
         trace.add("postprocess", post)
         trace.advance(done)
-        return results
+        batch = max(int(r.headers.get(BATCH, 1)) for r in results)
+        self._record(req, s.name, len(items), batch,
+                     {"infer": infer, "postprocess": post, "broker": broker_s})  # fmt: skip
+        if s.kind == "op":  # ocr_rec: text and score
+            return [{"text": str(r.headers.get("text", "")),
+                     "score": float(r.headers.get("score", 0.0))} for r in results]  # fmt: skip
+        return [json.loads(str(r.headers[ANSWER])) for r in results]
+
+    # --- what it is -----------------------------------------------------------------------
 
     @property
     def task(self) -> str:
-        return self.kind.task
+        return {"ocr": "ocr", "detect-classify": "detect-classify"}.get(
+            self.config.answer, "pipeline"
+        )
 
     @property
     def timeout_ms(self) -> float:
@@ -306,33 +513,57 @@ class PipelineServer:
 
     def describe(self) -> dict[str, Any]:
         c = self.config
+        workers = {w.step.name: w.counts() for w in self.local}
+        steps = []
+        for row in self.graph.describe():
+            name = row["name"]
+            row["stats"] = self.step_stats[name].describe()
+            if name in workers:
+                row["workers_here"] = workers[name]
+            if isinstance(self.impls.get(name), ModelStep):
+                row["task"] = self.impls[name].meta.task
+            steps.append(row)
         return {
             "name": self.name,
             "kind": c.kind,
-            "task": self.kind.task,
+            "task": self.task,
+            "answer": c.answer,
             "ready": self.ready,
-            "stages": [self.kind.stage_a, self.kind.stage_b],
-            "topic": self.topic,
+            "stages": [s.name for s in self.graph.steps if s.kind in ("model", "op")],
+            "steps": steps,
+            "topics": {s.name: work_topic(self.name, s.name) for s in self.graph.broker_steps},
             "broker": self.broker.safe_url,  # never the password
+            "router": {
+                "waiting": self.router.waiting,
+                "late": self.router.stats.late,
+                "withdrawn": self.router.stats.withdrawn,
+            },  # fmt: skip
             "max_deliveries": c.max_deliveries,
             "local_workers": self.local_workers,
             "max_batch_size": c.max_batch_size,
             "max_queue": c.max_queue,
             "timeout_ms": c.timeout_ms,
-            "parameters": describe_params(self.params),
-            "models": self.kind.describe(self.options),
-            # stage A's, and stage B's here (a `cvserve worker` reports its own at start)
+            "parameters": [],
+            "models": {
+                n: {"model": i.meta.name, "task": i.meta.task}
+                for n, i in self.impls.items()
+                if isinstance(i, ModelStep)
+            },  # fmt: skip
+            # the steps run here (a `cvserve worker` reports its own at start)
             "runtime": describe_runtime(self.options),
             "cpu": self.describe_cpu(),
         }
 
     def describe_cpu(self) -> dict[str, Any]:
-        """How the stages share the CPU here: who runs where with how many threads, and
-        (with a budget) what each stage has used since start."""
+        """How the steps share the CPU here: who runs where with how many threads, and
+        (with a budget) what each DNN has used since start."""
         budget = self.options.budget
         split: dict[str, Any] = {
-            self.kind.stage_a: {"runs_in": "preprocessing pool", "threads": self.pool.threads},
-            self.kind.stage_b: {"runs_in": "stage B workers", "workers": self.local_workers},
+            s.name: {"runs_in": "preprocessing pool", "threads": self.pool.threads}
+            if s.via == "inprocess"
+            else {"runs_in": "stage B workers", "workers": self.local_workers}
+            for s in self.graph.steps
+            if s.kind in ("model", "op")
         }
         if budget is None:
             return {
@@ -348,3 +579,8 @@ class PipelineServer:
             # per DNN: calls, core-seconds, seconds running/waiting for a core, mean width
             "use": use["stages"],
         }
+
+
+def _per_scope(value: Any, fn: Callable[[Any], Any]) -> Any:
+    """``fn`` on a whole-image answer, or on each crop's answer."""
+    return [fn(v) for v in value] if isinstance(value, list) else fn(value)

@@ -1,9 +1,9 @@
-"""The OCR pipeline: text detection in the serving process, recognition behind a broker.
+"""The packaged PP-OCR models behind the ``ocr_det`` and ``ocr_rec`` ops (the ``ocr``
+preset, ``config/presets/ocr.yaml``).
 
-Stage ``det``: decode -> ``tasks.ocr.detect`` (DB detector, boxes, one crop per text
-region: the fan-out). Stage ``rec``: ``tasks.ocr.recognize`` over crops from any
-requests (angle classifier, recognizer batched by aspect ratio, CTC). Join:
-``tasks.ocr.join_lines``. The steps live in ``cvserve.tasks.ocr``; this module is their
+``ocr_det``: ``tasks.ocr.detect`` (DB detector, boxes, one crop per text region: the
+fan-out). ``ocr_rec``: ``tasks.ocr.recognize`` over crops from any requests (angle
+classifier, recognizer batched by aspect ratio, CTC). Join: ``tasks.ocr.join_lines``. The steps live in ``cvserve.tasks.ocr``; this module is their
 runtime wiring: it opens the onnxruntime sessions and charges the steps' stage times.
 
 ``cvserve.tasks.ocr`` needs the ``ocr`` extra (opencv, pyclipper), so it is imported
@@ -12,22 +12,16 @@ where it is used: this module itself imports without the extra.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from cvserve.brokers import Message
-from cvserve.config import PIPELINE_DNNS
-from cvserve.images.decode import decode
 from cvserve.runtime import OrtOptions, open_runtime
 from cvserve.serving.pipelines.base import (
     BATCH,
     INFER_S,
     POST_S,
-    FanOut,
     StageOptions,
     open_stage_model,
     waited_for_cores,
@@ -89,7 +83,7 @@ def _ocr_config(options: StageOptions) -> OcrConfig:
 
 
 class OcrDetStage:
-    """Stage A: one image in, one crop per detected text region out."""
+    """The detector of ``op: ocr_det`` (``steps.OcrDetOp`` runs it on an image)."""
 
     def __init__(self, options: StageOptions) -> None:
         from cvserve.models.ocr_files import ocr_model_files
@@ -98,29 +92,6 @@ class OcrDetStage:
         self.options = options
         self.max_pixels = options.max_pixels
         self.det = _stage_infer(ocr_model_files().det, options, "det")
-
-    def run(self, data: bytes) -> FanOut:
-        from cvserve.tasks.ocr import detect
-
-        waited_for_cores(self.options)  # forget what a call that raised on this thread left
-        t0 = time.perf_counter()
-        rgb = np.asarray(decode(data, max_pixels=self.max_pixels, backend="pil").image)
-        t1 = time.perf_counter()
-        found = detect(rgb, self.det, self.cfg.det)
-        t2 = time.perf_counter()
-        h, w = rgb.shape[:2]
-        stages = {"decode": t1 - t0, **found.stages}
-        waited = waited_for_cores(self.options)  # for a core other stages held
-        stages["infer"] = stages.get("infer", 0.0) - waited
-        stages["queue"] = waited
-        return FanOut(
-            items=[{"crop": np.ascontiguousarray(c)} for c in found.crops],
-            context=found.boxes,
-            image_size=(w, h),
-            stages=stages,
-            started=t0,
-            finished=t2,
-        )
 
 
 class OcrRecStage:
@@ -162,40 +133,3 @@ class OcrRecStage:
             )  # fmt: skip
             for m, (text, score) in zip(messages, read.texts, strict=True)
         ]
-
-
-class OcrPipeline:
-    """The ``ocr`` pipeline kind: PP-OCRv4 detection as stage A, recognition as stage B."""
-
-    kind = KIND
-    task = "ocr"
-    stage_a = "det"
-    stage_b = "rec"
-    dnns = PIPELINE_DNNS[KIND]  # config checks per-DNN profiles against these
-    params = ()
-
-    def make_stage_a(self, options: StageOptions) -> OcrDetStage:
-        return OcrDetStage(options)
-
-    def make_stage_b(self, options: StageOptions) -> OcrRecStage:
-        return OcrRecStage(options)
-
-    def join(self, context: Any, results: list[Message], **_: Any) -> dict:
-        from cvserve.tasks.ocr import join_lines
-
-        cfg = _ocr_config(StageOptions())
-        texts = [
-            (str(r.headers.get("text", "")), float(r.headers.get("score", 0.0))) for r in results
-        ]
-        lines = join_lines(context, texts, cfg.rec.text_score) if results else []
-        return {"lines": [ln.to_dict() for ln in lines], "regions": len(results)}
-
-    def describe(self, options: StageOptions) -> dict:
-        from cvserve.models.ocr_files import ocr_model_files
-        from cvserve.tasks.ocr import describe_stages
-
-        stages = describe_stages(ocr_model_files(), _ocr_config(options))
-        return {
-            name: {"onnx_file": str(s.onnx_file), "input_shape": s.input_shape, "unit": s.unit}
-            for name, s in stages.items()
-        }

@@ -1,6 +1,6 @@
-"""The process behind ``cvserve worker``: it serves one pipeline stage from a broker until
+"""The process behind ``cvserve worker``: it serves one broker step of a pipeline until
 told to stop (the consume loop itself is :mod:`cvserve.brokers.consumer`). Two such
-processes on one stage share its load (one consumer group); one that dies leaves its items
+processes on one step share its load (one consumer group); one that dies leaves its items
 pending, and another reclaims them."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import signal
 
 from cvserve.brokers import BrokerUnavailable, broker_from_url, redact_url
 from cvserve.config import PipelineConfig
-from cvserve.serving.pipelines import get_kind
 from cvserve.serving.pipelines.base import StageOptions, describe_runtime
-from cvserve.serving.pipelines.engine import StageBRunner, cpu_budget, runtime_options
+from cvserve.serving.pipelines.engine import cpu_budget, load_graph, runtime_options
+from cvserve.serving.pipelines.workers import StepWorkers
 from cvserve.trace import Say
 
 log = logging.getLogger(__name__)
@@ -26,14 +26,16 @@ def run_stage_process(
     say: Say = log.info,
     cache_dir: str | None = None,
 ) -> int:
-    kind = get_kind(config.kind)
-    if stage != kind.stage_b:
+    graph = load_graph(config, cache_dir)
+    served = [s.name for s in graph.broker_steps]
+    if stage not in served:
         raise ValueError(
-            f"pipeline kind {config.kind!r} runs stage {kind.stage_a!r} in the server; "
-            f"workers serve stage {kind.stage_b!r}"
+            f"pipeline {config.name!r} runs step(s) {', '.join(served) or 'none'} over the "
+            f"broker; workers serve those, not {stage!r}"
         )
     if broker_url.startswith("inprocess:"):
         raise ValueError("an in-process broker cannot reach another process: use redis://")
+    step = graph.step(stage)
 
     async def main() -> None:
         broker = broker_from_url(broker_url)
@@ -51,19 +53,22 @@ def run_stage_process(
         except BaseException:
             await broker.close()
             raise
-        runner = StageBRunner(config, broker, options)
+        runner = StepWorkers(config, step, broker, options)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await runner.start()
         say(
-            f"worker: {config.instances} x {stage} of {config.name} on {runner.topic} "
-            f"via {redact_url(broker_url)}{_simulated_note(options)}"
+            f"worker: {len(runner.workers)} x {stage} of {config.name} on {runner.topic} "
+            f"via {redact_url(broker_url)}{_simulated_note(runner.options)}"
         )
         await stop.wait()
         say("worker: finishing the batch in hand")
         await runner.stop()
+        counts = runner.counts()
+        say(f"worker: {counts['processed']} items served, {counts['expired']} dropped past "
+            "their deadline")  # fmt: skip
         await broker.close()
 
     asyncio.run(main())

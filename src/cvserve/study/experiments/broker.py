@@ -13,7 +13,18 @@ if TYPE_CHECKING:
     from cvserve.study.context import StudyContext
 
 
+def user_pipelines(ctx: StudyContext) -> list[dict]:
+    """The pipelines of ``--pipeline FILE`` as config entries (checked as start-up would)."""
+    if ctx.config.pipelines is None:
+        return []
+    from cvserve.config import config_to_dict, load_config
+
+    return config_to_dict(load_config(ctx.config.pipelines))["pipelines"]
+
+
 def _broker_config(ctx: StudyContext, broker: str) -> str:
+    import json
+
     s = ctx.settings
     lines = [
         "server:",
@@ -27,6 +38,8 @@ def _broker_config(ctx: StudyContext, broker: str) -> str:
             f"  - {{name: dc-{n}, kind: detect-classify, stage_workers: 1, max_batch_size: 32, "
             f"params: {{objects: {n}, detector: {s.detector}, classifier: {s.classifier}}}}}"
         )
+    for p in user_pipelines(ctx):  # as declared, every step where its file put it
+        lines.append(f"  - {json.dumps(p)}")
     return "\n".join(lines) + "\n"
 
 
@@ -69,6 +82,24 @@ def _broker_plans(ctx: StudyContext, result: ExperimentResult) -> list[StudyPoin
                     },  # fmt: skip
                     server=server,
                     target=f"dc-{n}",
+                    kind="pipeline",
+                    images="medium",
+                    concurrency=c,
+                    skip=reason,
+                )
+            )
+        for p in user_pipelines(ctx):
+            plans.append(
+                StudyPoint(
+                    id=f"{p['name']}-{broker}",
+                    labels={
+                        "pipeline": p["name"],
+                        "broker": broker,
+                        "fanout": None,
+                        "concurrency": c,
+                    },  # fmt: skip
+                    server=server,
+                    target=p["name"],
                     kind="pipeline",
                     images="medium",
                     concurrency=c,
