@@ -179,6 +179,7 @@ class Decoded:
     orig_size: tuple[int, int]  # (width, height) of the full-resolution upright image
     format: str
     reduced: int = 1  # DCT-domain reduction factor applied while decoding (1, 2, 4, 8)
+    decoded_size: tuple[int, int] = (0, 0)  # (width, height) decoded, stored orientation
 
 
 def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, str]:
@@ -345,10 +346,13 @@ def decode(
         # TypeError: Pillow's decoder set-up on some corrupt PNG/TIFF headers (found by
         # tests/images/test_fuzz.py)
         raise UndecodableImage(f"cannot decode {fmt} image: {e}") from None
+    decoded_size = out.size
     if orientation in _UPRIGHT:
         out = out.transpose(_UPRIGHT[orientation])
     reduced = max(1, round(max(orig) / max(out.size)))
-    return Decoded(image=out, orig_size=orig, format=fmt, reduced=reduced)
+    return Decoded(
+        image=out, orig_size=orig, format=fmt, reduced=reduced, decoded_size=decoded_size
+    )
 
 
 def _decoded_pixels(size: tuple[int, int], req: tuple[int, int] | None) -> int:

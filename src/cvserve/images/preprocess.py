@@ -29,6 +29,7 @@ class ImageMeta:
     stages: dict[str, float] = field(default_factory=dict)  # decode/resize/normalize seconds
     started: float = 0.0  # perf_counter when a pool thread picked the image up
     finished: float = 0.0
+    decoded_size: tuple[int, int] = (0, 0)  # (width, height) decoded, stored orientation
 
 
 class Preprocessor:
@@ -86,4 +87,15 @@ class Preprocessor:
             stages={"decode": t1 - t0, "resize": t2 - t1, "normalize": t3 - t2},
             started=t0,
             finished=t3,
+            decoded_size=dec.decoded_size,
         )
+
+
+def decode_floor(data: bytes, decoded_size: tuple[int, int]) -> np.ndarray:
+    """The floor of preprocessing a JPEG: libjpeg-turbo alone (through simplejpeg) decoding
+    it to RGB at the scale that gives ``decoded_size`` (what :meth:`Preprocessor.run`
+    decoded, ``ImageMeta.decoded_size``), nothing else. For benchmarks and the study."""
+    import simplejpeg
+
+    w, h = decoded_size
+    return simplejpeg.decode_jpeg(data, "RGB", min_width=w, min_height=h)
