@@ -65,7 +65,7 @@ class ModelConfig:
     batching: BatchConfig = field(default_factory=BatchConfig)
     #: onnxruntime intra-op threads per instance; 0 = cores / instances.
     intra_op_threads: int = 0
-    decoder: str = "pil-reduced"
+    decoder: str = "simplejpeg"
     #: Overrides of the model's own PreprocessSpec fields (e.g. ``interpolation``).
     preprocess: dict[str, Any] = field(default_factory=dict)
     #: ``"onnxruntime"``, or ``"simulated"``: an accelerator that takes ``sim_profile``'s

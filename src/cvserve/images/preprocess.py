@@ -6,17 +6,27 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from PIL import Image
 
-from cvserve.images.decode import BACKENDS, DEFAULT_MAX_PIXELS, decode
+from cvserve.images.decode import BACKENDS, DEFAULT_BACKEND, DEFAULT_MAX_PIXELS, decode
 from cvserve.images.spec import PreprocessSpec
-from cvserve.images.transforms import normalize_into, resize_crop, resized_size
+from cvserve.images.transforms import (
+    fused_supported,
+    normalize_into,
+    resample_into,
+    resize_crop,
+    resized_size,
+)
 
 DECODERS = BACKENDS
 #: Reduced decoders keep at least this multiple of the resize target, so the final resize
 #: still antialiases: measured on the shared photos, a margin of 1.0 puts the worst model
 #: input at 28.7 dB PSNR against the full-decode reference, 1.5 at 37.7 dB
-#: (benchmarks/preprocess.py), for ~2 ms more per medium image.
+#: (benchmarks/preprocess.py), for ~2 ms more per medium image. Measured again with the
+#: fused resize: 1.25 puts demo15 at 31.0 dB (it decodes at 1/4 instead of 1/2).
 DECODE_MARGIN = 1.5
+#: simplejpeg with its fast IDCT and chroma upsampling (see decode(fast=...)): off.
+FAST_DECODE = False
 
 
 @dataclass
@@ -35,18 +45,22 @@ class ImageMeta:
 class Preprocessor:
     """Decode, resize/crop and normalize one image straight into a batch slot.
 
-    ``decoder='pil-reduced'`` (or ``'simplejpeg'``, ``'opencv'``) lets libjpeg-turbo decode
-    JPEGs at 1/2, 1/4 or 1/8 scale when the model needs fewer pixels; ``'pil'`` always
-    decodes at full resolution.
+    ``decoder='simplejpeg'`` (the default; or ``'pil-reduced'``, ``'opencv'``) lets
+    libjpeg-turbo decode JPEGs at 1/2, 1/4 or 1/8 scale when the model needs fewer pixels;
+    ``'pil'`` always decodes at full resolution. Where the spec allows
+    (:func:`~cvserve.images.transforms.fused_supported`) the resize, crop and normalize
+    are one pass from the decoder's array into the slot (``fused``); else Pillow resizes.
     """
 
     def __init__(
         self,
         spec: PreprocessSpec,
         *,
-        decoder: str = "pil-reduced",
+        decoder: str = DEFAULT_BACKEND,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         margin: float = DECODE_MARGIN,
+        fused: bool = True,
+        fast_decode: bool = FAST_DECODE,
     ) -> None:
         if decoder not in DECODERS:
             raise ValueError(f"unknown decoder {decoder!r}; choose from {', '.join(DECODERS)}")
@@ -54,6 +68,12 @@ class Preprocessor:
         self.decoder = decoder
         self.max_pixels = max_pixels
         self.margin = margin
+        self.fast_decode = fast_decode
+        self.fused = fused and fused_supported(spec)
+        if self.fused:
+            from cvserve.images._resample_kernels import warm_up
+
+            warm_up()
 
     def _min_decode_size(self, orig: tuple[int, int]) -> tuple[int, int]:
         # The resize step must still be a downscale (or identity): keep at least the
@@ -73,13 +93,18 @@ class Preprocessor:
             max_pixels=self.max_pixels,
             min_size=self._min_decode_size,
             backend=self.decoder,
+            as_pixels=self.fused,
+            fast=self.fast_decode,
         )
         t1 = time.perf_counter()
-        img = resize_crop(dec.image, dec.orig_size, spec)
-        pixels = np.asarray(img)
-        t2 = time.perf_counter()
-        normalize_into(pixels, out, spec)
-        t3 = time.perf_counter()
+        if self.fused and resample_into(dec.rgb(), dec.orig_size, spec, out):
+            t2 = t3 = time.perf_counter()  # one pass: resize and normalize together
+        else:
+            im = dec.image if dec.image is not None else Image.fromarray(dec.rgb())
+            pixels = np.asarray(resize_crop(im, dec.orig_size, spec))
+            t2 = time.perf_counter()
+            normalize_into(pixels, out, spec)
+            t3 = time.perf_counter()
         return ImageMeta(
             orig_size=dec.orig_size,
             format=dec.format,
