@@ -121,7 +121,7 @@ def child(path: str, cls: str, threads: int, seconds: float) -> dict:
 def available(paths: list[str]) -> list[str]:
     out = []
     for p in paths:
-        mod = {"simplejpeg": "simplejpeg", "opencv": "cv2"}.get(p)
+        mod = {"simplejpeg": "simplejpeg", "opencv": "cv2"}.get(p.split("+")[0])
         if mod:
             try:
                 __import__(mod)
@@ -179,7 +179,23 @@ def fidelity(paths: list[str], cache: str | None) -> dict:
     return out
 
 
-DECODERS = ("pil-reduced", "simplejpeg", "opencv", "pil")
+#: What the floor comparison runs: a decoder, ``+fast`` (simplejpeg's fast IDCT and
+#: upsampling), ``+pillow-resize`` (Pillow's resize and a separate normalize instead of the
+#: fused pass). ``pil-reduced+pillow-resize`` is the default before issue 26.
+DECODERS = (
+    "pil-reduced+pillow-resize", "simplejpeg", "simplejpeg+fast", "simplejpeg+pillow-resize",
+    "pil-reduced", "opencv", "pil",
+)  # fmt: skip
+
+
+def preprocessor(variant: str, sp):
+    """The Preprocessor a floor-comparison variant names (see DECODERS)."""
+    from cvserve.images.preprocess import Preprocessor
+
+    decoder, *opts = variant.split("+")
+    return Preprocessor(
+        sp, decoder=decoder, fast_decode="fast" in opts, fused="pillow-resize" not in opts
+    )
 
 
 def _top5(rt, x: np.ndarray) -> list[int]:
@@ -192,7 +208,7 @@ def floor_report(decoders: list[str], classes: list[str], rounds: int, cache: st
     stage split and the fidelity (PSNR, resnet50 top-5) against the full-decode reference."""
     from _interleave import variant_order  # beside this script
 
-    from cvserve.images.preprocess import Preprocessor, decode_floor
+    from cvserve.images.preprocess import decode_floor
 
     sp = spec()
     peak = 1.0 / min(sp.std)
@@ -204,7 +220,7 @@ def floor_report(decoders: list[str], classes: list[str], rounds: int, cache: st
         rt = OrtRuntime(store.model_path(store.ensure_built("resnet50", cache), cache))
     except Exception as e:  # no zoo extra: report PSNR only
         print(f"no resnet50 for the top-5 check: {e}", file=sys.stderr)
-    pres = {d: Preprocessor(sp, decoder=d) for d in decoders}
+    pres = {d: preprocessor(d, sp) for d in decoders}
     out = np.empty(sp.input_shape, np.float32)
     summary, per_image = [], []
     for cls in classes:
@@ -291,7 +307,7 @@ def print_floor(floor: dict) -> None:
             f"{s['floor_ms']:.2f}", f"{s['x_floor']:.2f}", f"{s['max_image_x_floor']:.2f}",
             f"{s['min_psnr_db']:.1f}", str(s["top5_same"]),
         )  # fmt: skip
-    Console(width=160).print(t)
+    Console(width=170).print(t)
 
 
 def main() -> int:
