@@ -459,7 +459,9 @@ def _decode_jpeg_array(
             # libjpeg's warning that the coded data ended before the image did: Pillow
             # would pad the rest with grey, so this is a truncated file, not a fallback.
             if "premature end" in str(e).lower():
-                raise UndecodableImage(f"truncated image: {e}", backend=backend) from None
+                raise UndecodableImage(
+                    f"cannot decode JPEG image: truncated image: {e}", backend=backend
+                ) from None
             return None
     else:
         import cv2
