@@ -203,7 +203,9 @@ def _top5(rt, x: np.ndarray) -> list[int]:
     return sorted(int(i) for i in np.argsort(-logits)[:5])
 
 
-def floor_report(decoders: list[str], classes: list[str], rounds: int, cache: str | None) -> dict:
+def floor_report(
+    decoders: list[str], classes: list[str], rounds: int, cache: str | None, top5: str = "resnet50"
+) -> dict:
     """cvserve's CPU per image against the decode floor, per class and decoder, with the
     stage split and the fidelity (PSNR, resnet50 top-5) against the full-decode reference."""
     from _interleave import variant_order  # beside this script
@@ -214,12 +216,13 @@ def floor_report(decoders: list[str], classes: list[str], rounds: int, cache: st
     peak = 1.0 / min(sp.std)
     rt = None
     try:
-        from cvserve.models import store
-        from cvserve.runtime import OrtRuntime
+        if top5:
+            from cvserve.models import store
+            from cvserve.runtime import OrtRuntime
 
-        rt = OrtRuntime(store.model_path(store.ensure_built("resnet50", cache), cache))
+            rt = OrtRuntime(store.model_path(store.ensure_built(top5, cache), cache))
     except Exception as e:  # no zoo extra: report PSNR only
-        print(f"no resnet50 for the top-5 check: {e}", file=sys.stderr)
+        print(f"no {top5} for the top-5 check: {e}", file=sys.stderr)
     pres = {d: preprocessor(d, sp) for d in decoders}
     out = np.empty(sp.input_shape, np.float32)
     summary, per_image = [], []
@@ -321,6 +324,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=15, help="rounds of the floor comparison")
     p.add_argument("--decoders", default=",".join(DECODERS), help="decoders the floor compares")
     p.add_argument("--floor-only", action="store_true", help="only the floor comparison")
+    p.add_argument("--top5-model", default="resnet50",
+                   help="model whose top-5 the floor comparison checks ('' for none)")  # fmt: skip
     p.add_argument("--out", default=str(HERE / "results" / "preprocess.json"))
     p.add_argument("--child", nargs=4, metavar=("PATH", "CLASS", "THREADS", "SECONDS"),
                    help=argparse.SUPPRESS)  # fmt: skip
@@ -338,7 +343,7 @@ def main() -> int:
     decoders = available(a.decoders.split(","))
     config = {k: v for k, v in vars(a).items() if k != "child"}
     if a.floor_only:
-        floor = floor_report(decoders, classes, a.rounds, a.cache_dir)
+        floor = floor_report(decoders, classes, a.rounds, a.cache_dir, a.top5_model)
         print_floor(floor)
         out = write_benchmark(a.out, "preprocess", config, floor=floor)
         print(f"wrote {out}", file=sys.stderr)
@@ -426,7 +431,7 @@ def main() -> int:
             f"{v['top1_agreement']:.2f}", f"{v['mean_top5_overlap']:.2f}",
         )  # fmt: skip
     console.print(f)
-    floor = floor_report(decoders, classes, a.rounds, a.cache_dir)
+    floor = floor_report(decoders, classes, a.rounds, a.cache_dir, a.top5_model)
     print_floor(floor)
     out = write_benchmark(
         a.out, "preprocess", config, summary=summary, fidelity=fid, floor=floor, runs=runs
