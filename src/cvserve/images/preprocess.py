@@ -70,11 +70,12 @@ class Preprocessor:
         self.max_pixels = max_pixels
         self.margin = margin
         self.fast_decode = fast_decode
+        # The fused kernel compiles (or loads from numba's disk cache, ~0.1 s) on first use
+        # of each tap count, not here: a server or test loads only the ones its images use.
+        # Importing numba (~0.5 s) is paid here, when the model loads.
         self.fused = fused and fused_supported(spec)
         if self.fused:
-            from cvserve.images._resample_kernels import warm_up
-
-            warm_up()
+            import cvserve.images._resample_kernels  # noqa: F401
 
     def _min_decode_size(self, orig: tuple[int, int]) -> tuple[int, int]:
         # The resize step must still be a downscale (or identity): keep at least the
