@@ -90,13 +90,25 @@ def coefficients(in_size, in0, in1, out_size, fid, support, bucket):
     return first, w
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _clip(v):
+    return min(max(v, np.float32(0.0)), np.float32(255.0))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _pixel(v):
+    """``v`` clipped to 0..255 and rounded half up, as Pillow's ``clip8``."""
+    return np.float32(math.floor(min(max(v, np.float32(0.0)), np.float32(255.0)) + 0.5))
+
+
 @njit(cache=True, nogil=True, fastmath=True)
-def resample_normalize(a, ix, wx, iy, wy, scale, shift, chan, out, kk):
-    """``out[c] = clip(resample(a)[..., chan[c]], 0, 255) * scale[c] + shift[c]``.
+def resample_normalize(a, ix, wx, iy, wy, scale, shift, chan, out, kk, rounded):
+    """``out[c] = clip(resample(a)[..., chan[c]], 0, 255) * scale[c] + shift[c]``, the
+    clipped value rounded to an 8-bit pixel when ``rounded`` (uint8 slots).
 
     ``a``: (H, W, 3) uint8, C-contiguous; ``ix``/``wx`` and ``iy``/``wy``: each axis's
-    first source index and weights (:func:`coefficients`); ``out``: (3, oh, ow) float32,
-    any strides. Vertical pass first, over the contiguous rows of the crop (vectorised),
+    first source index and weights (:func:`coefficients`); ``out``: (3, oh, ow) float32
+    or uint8 (``scale`` 1, ``shift`` 0), any strides. Vertical pass first, over the contiguous rows of the crop (vectorised),
     then horizontal per planar row. ``kk``: a tuple whose length is the horizontal tap
     count (a compile-time constant), or empty for any ``wx.shape[1]``."""
     K = len(kk)
@@ -148,10 +160,15 @@ def resample_normalize(a, ix, wx, iy, wy, scale, shift, chan, out, kk):
                 a0 += w * pa[b + k]
                 a1 += w * pb[b + k]
                 a2 += w * pc[b + k]
-            # clipped to the 8-bit range, as Pillow's (and so HF's) pixels are
-            oa[x] = min(max(a0, np.float32(0.0)), np.float32(255.0)) * scale[0] + shift[0]
-            ob[x] = min(max(a1, np.float32(0.0)), np.float32(255.0)) * scale[1] + shift[1]
-            oc[x] = min(max(a2, np.float32(0.0)), np.float32(255.0)) * scale[2] + shift[2]
+            # clipped to the 8-bit range as Pillow's (and so HF's) pixels are; rounded only
+            # for uint8 slots: float slots keep the fraction (closer to the reference)
+            if rounded:
+                a0, a1, a2 = _pixel(a0), _pixel(a1), _pixel(a2)
+            else:
+                a0, a1, a2 = _clip(a0), _clip(a1), _clip(a2)
+            oa[x] = a0 * scale[0] + shift[0]
+            ob[x] = a1 * scale[1] + shift[1]
+            oc[x] = a2 * scale[2] + shift[2]
 
 
 def warm_up() -> None:
@@ -168,4 +185,4 @@ def warm_up() -> None:
             np.zeros((3, 2, 2), np.float32),
             np.zeros((2, 2, 3), np.float32).transpose(2, 0, 1),
         ):
-            resample_normalize(a, ix, wx, iy, wy, ones, ones, chan, view, (0,) * taps)
+            resample_normalize(a, ix, wx, iy, wy, ones, ones, chan, view, (0,) * taps, False)

@@ -87,14 +87,10 @@ def resize_crop(im: Image.Image, orig: tuple[int, int], spec: PreprocessSpec) ->
 
 def fused_supported(spec: PreprocessSpec) -> bool:
     """Whether :func:`resample_into` can take this spec (else: :func:`resize_crop` and
-    :func:`normalize_into`): float32 slots, a filter other than nearest, no letterbox."""
+    :func:`normalize_into`): a filter other than nearest, no letterbox."""
     from cvserve.images._resample_kernels import FILTERS
 
-    return (
-        spec.dtype == "float32"
-        and spec.interpolation in FILTERS
-        and spec.resize_mode in ("shortest_edge_crop", "direct")
-    )
+    return spec.interpolation in FILTERS and spec.resize_mode in ("shortest_edge_crop", "direct")
 
 
 def resample_into(
@@ -104,7 +100,8 @@ def resample_into(
     ``orig`` or a reduced decode of it) straight into the slot ``out`` in one pass: the
     same filter as :func:`resize_crop` (Pillow's weights, over only the crop's source
     region) computed in float32 without the 8-bit rounding between Pillow's two passes,
-    then :func:`normalize_into`'s arithmetic. False (``out`` untouched) where it does not
+    then :func:`normalize_into`'s arithmetic (a uint8 slot: the pixels, rounded as
+    Pillow's are). False (``out`` untouched) where it does not
     apply: see :func:`fused_supported`, and a crop that reaches past the image."""
     from cvserve.images import _resample_kernels as k
 
@@ -117,18 +114,24 @@ def resample_into(
     fid, support = k.FILTERS[spec.interpolation]
     ix, wx = k.coefficients(w, x0, min(x1, w), spec.width, fid, support, True)
     iy, wy = k.coefficients(h, y0, min(y1, h), spec.height, fid, support, False)
-    std = np.asarray(spec.std, dtype=np.float64)
-    scale = (spec.rescale / std).astype(np.float32)
-    shift = (-np.asarray(spec.mean, dtype=np.float64) / std).astype(np.float32)
+    if spec.dtype == "uint8":  # the raw pixels: the model normalizes itself
+        scale, shift = _ONES, _ZEROS
+    else:
+        std = np.asarray(spec.std, dtype=np.float64)
+        scale = (spec.rescale / std).astype(np.float32)
+        shift = (-np.asarray(spec.mean, dtype=np.float64) / std).astype(np.float32)
     chan = _BGR if spec.channel_order == "BGR" else _RGB
     view = out if spec.layout == "NCHW" else out.transpose(2, 0, 1)
     taps = wx.shape[1] if wx.shape[1] in k.TAP_BUCKETS else 0
     k.resample_normalize(
-        np.ascontiguousarray(pixels), ix, wx, iy, wy, scale, shift, chan, view, (0,) * taps
-    )
+        np.ascontiguousarray(pixels), ix, wx, iy, wy, scale, shift, chan, view, (0,) * taps,
+        spec.dtype == "uint8",
+    )  # fmt: skip
     return True
 
 
+_ONES = np.ones(3, np.float32)
+_ZEROS = np.zeros(3, np.float32)
 _RGB = np.array([0, 1, 2], np.int64)
 _BGR = np.array([2, 1, 0], np.int64)
 
