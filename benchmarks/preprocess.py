@@ -8,6 +8,14 @@ logits (cosine similarity, raw and centred on the mean logit; top-1 agreement; t
 
     python benchmarks/preprocess.py                      # all paths, 3 repeats
     python benchmarks/preprocess.py --paths naive,pil-reduced --repeats 1 --seconds 2
+
+The floor (``--floor-only`` runs just this part, in seconds): per size class and decoder,
+cvserve's process CPU per image on one thread against libjpeg-turbo alone (simplejpeg)
+decoding the same photo at the scale cvserve chose, interleaved image by image, medians of
+the rounds; the decode / resize / normalize split (wall), and the model input's PSNR and
+resnet50's top-5 against the full-decode reference.
+
+    python benchmarks/preprocess.py --floor-only --rounds 5
 """
 
 from __future__ import annotations
@@ -113,7 +121,7 @@ def child(path: str, cls: str, threads: int, seconds: float) -> dict:
 def available(paths: list[str]) -> list[str]:
     out = []
     for p in paths:
-        mod = {"simplejpeg": "simplejpeg", "opencv": "cv2"}.get(p)
+        mod = {"simplejpeg": "simplejpeg", "opencv": "cv2"}.get(p.split("+")[0])
         if mod:
             try:
                 __import__(mod)
@@ -171,6 +179,140 @@ def fidelity(paths: list[str], cache: str | None) -> dict:
     return out
 
 
+#: What the floor comparison runs: a decoder, ``+fast`` (simplejpeg's fast IDCT and
+#: upsampling), ``+pillow-resize`` (Pillow's resize and a separate normalize instead of the
+#: fused pass). ``pil-reduced+pillow-resize`` is the default before issue 26.
+DECODERS = (
+    "pil-reduced+pillow-resize", "simplejpeg", "simplejpeg+fast", "simplejpeg+pillow-resize",
+    "pil-reduced", "opencv", "pil",
+)  # fmt: skip
+
+
+def preprocessor(variant: str, sp):
+    """The Preprocessor a floor-comparison variant names (see DECODERS)."""
+    from cvserve.images.preprocess import Preprocessor
+
+    decoder, *opts = variant.split("+")
+    return Preprocessor(
+        sp, decoder=decoder, fast_decode="fast" in opts, fused="pillow-resize" not in opts
+    )
+
+
+def _top5(rt, x: np.ndarray) -> list[int]:
+    logits = rt.run(x[None].astype(np.float32))[0][0]
+    return sorted(int(i) for i in np.argsort(-logits)[:5])
+
+
+def floor_report(
+    decoders: list[str], classes: list[str], rounds: int, cache: str | None, top5: str = "resnet50"
+) -> dict:
+    """cvserve's CPU per image against the decode floor, per class and decoder, with the
+    stage split and the fidelity (PSNR, resnet50 top-5) against the full-decode reference."""
+    from _interleave import variant_order  # beside this script
+
+    from cvserve.images.preprocess import decode_floor
+
+    sp = spec()
+    peak = 1.0 / min(sp.std)
+    rt = None
+    try:
+        if top5:
+            from cvserve.models import store
+            from cvserve.runtime import OrtRuntime
+
+            rt = OrtRuntime(store.model_path(store.ensure_built(top5, cache), cache))
+    except Exception as e:  # no zoo extra: report PSNR only
+        print(f"no {top5} for the top-5 check: {e}", file=sys.stderr)
+    pres = {d: preprocessor(d, sp) for d in decoders}
+    out = np.empty(sp.input_shape, np.float32)
+    summary, per_image = [], []
+    for cls in classes:
+        files = sorted((DATA / "images" / cls).glob("*.jpg"))
+        datas = [f.read_bytes() for f in files]
+        refs = [naive(d, sp).astype(np.float64) for d in datas]
+        ref_top5 = [_top5(rt, r) if rt else None for r in refs]
+        sizes, fid = {}, {}
+        for d, pre in pres.items():
+            for i, data in enumerate(datas):
+                meta = pre.run(data, out)
+                sizes[d, i] = meta.decoded_size
+                mse = float(np.mean((out.astype(np.float64) - refs[i]) ** 2))
+                fid[d, i] = (
+                    float("inf") if mse == 0 else 10 * np.log10(peak**2 / mse),
+                    _top5(rt, out) == ref_top5[i] if rt else None,
+                )
+        cpu: dict = {}
+        stages: dict = {}
+        variants = [(d, what) for d in decoders for what in ("cvserve", "floor")]
+        for rep in range(rounds):
+            for i, data in enumerate(datas):
+                for d, what in variant_order(variants, rep + i, rotate=True):
+                    if what == "floor":
+                        c0 = time.process_time()
+                        decode_floor(data, sizes[d, i])
+                        dt = time.process_time() - c0
+                    else:
+                        c0 = time.process_time()
+                        meta = pres[d].run(data, out)
+                        dt = time.process_time() - c0
+                        stages.setdefault((d, i), []).append(meta.stages)
+                    cpu.setdefault((d, what, i), []).append(dt * 1000)
+        for d in decoders:
+            rows = []
+            for i, f in enumerate(files):
+                cv = statistics.median(cpu[d, "cvserve", i])
+                fl = statistics.median(cpu[d, "floor", i])
+                ratio = statistics.median(
+                    a / b for a, b in zip(cpu[d, "cvserve", i], cpu[d, "floor", i], strict=True)
+                )
+                st = {k: 1000 * statistics.median(s[k] for s in stages[d, i])
+                      for k in ("decode", "resize", "normalize")}  # fmt: skip
+                rows.append({
+                    "image": f"{cls}/{f.name}", "decoder": d, "decoded_size": sizes[d, i],
+                    "cpu_ms": cv, "floor_ms": fl, "x_floor": ratio, "stages_wall_ms": st,
+                    "psnr_db": fid[d, i][0], "top5_same": fid[d, i][1],
+                })  # fmt: skip
+            per_image += rows
+            cv = statistics.mean(r["cpu_ms"] for r in rows)
+            fl = statistics.mean(r["floor_ms"] for r in rows)
+            top5 = [r["top5_same"] for r in rows if r["top5_same"] is not None]
+            summary.append({
+                "class": cls, "decoder": d, "images": len(rows),
+                "cpu_ms_per_image": cv, "floor_ms": fl, "x_floor": cv / fl,
+                "max_image_x_floor": max(r["x_floor"] for r in rows),
+                "stages_wall_ms": {k: statistics.mean(r["stages_wall_ms"][k] for r in rows)
+                                   for k in ("decode", "resize", "normalize")},
+                "min_psnr_db": min(r["psnr_db"] for r in rows),
+                "median_psnr_db": statistics.median(r["psnr_db"] for r in rows),
+                "top5_same": f"{sum(top5)}/{len(top5)}" if top5 else None,
+            })  # fmt: skip
+            print(
+                f"{cls:6s} {d:12s} cvserve {cv:6.2f} ms  floor {fl:6.2f} ms  x{cv / fl:5.2f}  "
+                f"min PSNR {summary[-1]['min_psnr_db']:5.1f} dB  top-5 {summary[-1]['top5_same']}",
+                file=sys.stderr, flush=True,
+            )  # fmt: skip
+    return {"summary": summary, "images": per_image}
+
+
+def print_floor(floor: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="cvserve against the decode floor (process CPU, one thread, medians)")
+    for col in ("class", "decoder", "cvserve ms", "decode/resize/normalize (wall)",
+                "floor ms", "x floor", "worst image x", "min PSNR", "top-5 same"):  # fmt: skip
+        t.add_column(col, justify="left" if col in ("class", "decoder") else "right")
+    for s in floor["summary"]:
+        st = s["stages_wall_ms"]
+        t.add_row(
+            s["class"], s["decoder"], f"{s['cpu_ms_per_image']:.2f}",
+            f"{st['decode']:.2f} / {st['resize']:.2f} / {st['normalize']:.2f}",
+            f"{s['floor_ms']:.2f}", f"{s['x_floor']:.2f}", f"{s['max_image_x_floor']:.2f}",
+            f"{s['min_psnr_db']:.1f}", str(s["top5_same"]),
+        )  # fmt: skip
+    Console(width=170).print(t)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--paths", default=",".join(PATHS))
@@ -179,6 +321,11 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=3.0, help="measured time per cell")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--cache-dir", default=None)
+    p.add_argument("--rounds", type=int, default=15, help="rounds of the floor comparison")
+    p.add_argument("--decoders", default=",".join(DECODERS), help="decoders the floor compares")
+    p.add_argument("--floor-only", action="store_true", help="only the floor comparison")
+    p.add_argument("--top5-model", default="resnet50",
+                   help="model whose top-5 the floor comparison checks ('' for none)")  # fmt: skip
     p.add_argument("--out", default=str(HERE / "results" / "preprocess.json"))
     p.add_argument("--child", nargs=4, metavar=("PATH", "CLASS", "THREADS", "SECONDS"),
                    help=argparse.SUPPRESS)  # fmt: skip
@@ -192,8 +339,16 @@ def main() -> int:
 
     from cvserve.bench.results import write_benchmark
 
-    paths = available(a.paths.split(","))
     classes = a.classes.split(",")
+    decoders = available(a.decoders.split(","))
+    config = {k: v for k, v in vars(a).items() if k != "child"}
+    if a.floor_only:
+        floor = floor_report(decoders, classes, a.rounds, a.cache_dir, a.top5_model)
+        print_floor(floor)
+        out = write_benchmark(a.out, "preprocess", config, floor=floor)
+        print(f"wrote {out}", file=sys.stderr)
+        return 0
+    paths = available(a.paths.split(","))
     threads = [int(t) for t in a.threads.split(",")]
     runs = []
     from _interleave import variant_order  # beside this script
@@ -276,8 +431,11 @@ def main() -> int:
             f"{v['top1_agreement']:.2f}", f"{v['mean_top5_overlap']:.2f}",
         )  # fmt: skip
     console.print(f)
-    config = {k: v for k, v in vars(a).items() if k != "child"}
-    out = write_benchmark(a.out, "preprocess", config, summary=summary, fidelity=fid, runs=runs)
+    floor = floor_report(decoders, classes, a.rounds, a.cache_dir, a.top5_model)
+    print_floor(floor)
+    out = write_benchmark(
+        a.out, "preprocess", config, summary=summary, fidelity=fid, floor=floor, runs=runs
+    )
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

@@ -54,7 +54,7 @@ def test_batch_config_boundaries_are_allowed():
 
 def test_model_config_defaults_and_store_name():
     m = ModelConfig("a")
-    assert m.runtime == "onnxruntime" and m.decoder == "pil-reduced"
+    assert m.runtime == "onnxruntime" and m.decoder == "simplejpeg"
     assert m.batching == BatchConfig() and m.store_name == "a"
     assert ModelConfig("alias", model="resnet50").store_name == "resnet50"
 

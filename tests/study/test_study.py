@@ -82,6 +82,8 @@ def test_quick_study_measures_what_it_claims(quick_study):
         assert large > small
     cost = res["accelerator"].derived["cpu_ms_per_image"]
     assert cost["large"]["baseline"] > cost["large"]["cvserve"] > 0
+    # the floor (libjpeg-turbo alone at cvserve's scale) is measured for every size
+    assert all(cost[size]["floor"] > 0 for size in ("small", "medium", "large"))
 
 
 def _fmt(v: float) -> str:
@@ -126,6 +128,7 @@ def test_each_finding_sentence_prints_the_json_numbers(quick_study):
     f = _by_id(acc, "accelerator-medium")
     assert f.values["pct"] == round(100 * m["throughput_rps"] / m["inference_alone_rps"])
     assert f.values["cv"] == round(acc.derived["cpu_ms_per_image"]["medium"]["cvserve"], 1)
+    assert f.values["fl"] == round(acc.derived["cpu_ms_per_image"]["medium"]["floor"], 1)
 
 
 def _by_id(result: ExperimentResult, fid: str):

@@ -59,7 +59,7 @@ class FakeMeasure:
 def test_defaults_are_cvserve_serve_defaults():
     s = Settings.defaults(CORES)
     assert (s.max_batch, s.max_delay_ms, s.instances) == (8, 5.0, 1)
-    assert (s.intra_op_threads, s.preprocess_threads, s.decoder) == (4, 4, "pil-reduced")
+    assert (s.intra_op_threads, s.preprocess_threads, s.decoder) == (4, 4, "simplejpeg")
 
 
 def test_proposals_keep_threads_times_instances_within_the_cores():

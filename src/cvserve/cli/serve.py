@@ -213,10 +213,10 @@ def _add_batching_args(p: argparse.ArgumentParser) -> None:
         "(default: cores / instances)",
     )  # fmt: skip
     p.add_argument(
-        "--decoder", default="pil-reduced",
-        choices=["pil-reduced", "simplejpeg", "opencv", "pil"],
-        help="JPEG decoding: reduced-scale DCT decode with Pillow (default), simplejpeg or "
-        "OpenCV, or 'pil' to always decode at full size",
+        "--decoder", default="simplejpeg",
+        choices=["simplejpeg", "pil-reduced", "opencv", "pil"],
+        help="JPEG decoding: reduced-scale DCT decode with libjpeg-turbo's own entry point "
+        "(simplejpeg, the default), Pillow or OpenCV, or 'pil' to always decode at full size",
     )  # fmt: skip
     p.add_argument(
         "--head", metavar="PACKAGE.MODULE:CLASS", default=None,

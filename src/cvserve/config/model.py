@@ -106,8 +106,8 @@ class ModelConfig:
     batching: BatchConfig = field(default_factory=BatchConfig)
     #: onnxruntime intra-op threads per instance; 0 = cores / instances.
     intra_op_threads: int = 0
-    #: How JPEGs become pixels: ``pil-reduced``, ``simplejpeg``, ``opencv`` or ``pil``.
-    decoder: str = "pil-reduced"
+    #: How JPEGs become pixels: ``simplejpeg`` (libjpeg-turbo at a power-of-two scale, the default), ``pil-reduced``, ``opencv`` or ``pil``.
+    decoder: str = "simplejpeg"
     #: Overrides of the model's own PreprocessSpec fields (e.g. ``interpolation``).
     preprocess: dict[str, Any] = field(default_factory=dict)
     #: ``"onnxruntime"``, or ``"simulated"``: an accelerator that takes ``sim_profile``'s

@@ -221,12 +221,19 @@ def jpeg_first_scan_components(data: bytes) -> int:
 
 @dataclass
 class Decoded:
-    """An upright RGB image and what it took to get there."""
+    """An upright RGB image and what it took to get there: a Pillow image, or with
+    ``decode(..., as_pixels=True)`` where the decoder made an array, ``pixels``."""
 
-    image: Image.Image  # mode "RGB", EXIF orientation applied
+    image: Image.Image | None  # mode "RGB", EXIF orientation applied
     orig_size: tuple[int, int]  # (width, height) of the full-resolution upright image
     format: str
     reduced: int = 1  # DCT-domain reduction factor applied while decoding (1, 2, 4, 8)
+    decoded_size: tuple[int, int] = (0, 0)  # (width, height) decoded, stored orientation
+    pixels: np.ndarray | None = None  # HxWx3 uint8 RGB, upright (a view; may be strided)
+
+    def rgb(self) -> np.ndarray:
+        """The upright pixels as an HxWx3 uint8 array, whichever form they came in."""
+        return self.pixels if self.pixels is not None else np.asarray(self.image)
 
 
 def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, str]:
@@ -327,7 +334,24 @@ def to_rgb(im: Image.Image) -> Image.Image:
 #: How an image is turned into pixels. ``pil``: Pillow, full resolution. The others decode
 #: JPEGs at reduced scale in the DCT domain (libjpeg-turbo in every case) when the caller
 #: needs fewer pixels, and fall back to Pillow for other formats and for CMYK JPEGs.
+#: ``simplejpeg`` (the default) calls libjpeg-turbo's own entry point straight into an
+#: array; every reduced decoder uses the power-of-two scales (1/2, 1/4, 1/8): libjpeg-turbo's
+#: M/8 scales (3/8, 5/8, 3/4, 7/8) have no SIMD IDCT, decode slower than the full-size
+#: image, and keep less detail (28.7 dB on a shared photo; benchmarks/preprocess.py).
 BACKENDS = ("pil", "pil-reduced", "simplejpeg", "opencv")
+#: The default decoder (``Preprocessor``, ``--decoder``, a model's ``decoder``).
+DEFAULT_BACKEND = "simplejpeg"
+
+#: The upright transposes as numpy views, for decoders that make arrays.
+_UPRIGHT_ARRAY: dict[int, Callable[[np.ndarray], np.ndarray]] = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: np.rot90(a, 2).transpose(1, 0, 2),
+    8: lambda a: np.rot90(a, 1),
+}
 
 # Pillow's exif_transpose table: orientation -> the transpose that shows the image upright.
 _UPRIGHT = {
@@ -346,13 +370,18 @@ def decode(
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     min_size: Callable[[tuple[int, int]], tuple[int, int]] | None = None,
-    backend: str = "pil-reduced",
+    backend: str = DEFAULT_BACKEND,
+    as_pixels: bool = False,
+    fast: bool = False,
 ) -> Decoded:
     """Decode ``data`` to an upright RGB image.
 
     ``min_size`` maps the upright original (width, height) to the smallest upright size the
     caller needs; with it (and a reduced ``backend``) a JPEG decodes at 1/2, 1/4 or 1/8
-    scale in the DCT domain, as long as the result stays at least that big.
+    scale in the DCT domain, as long as the result stays at least that big. ``as_pixels``:
+    where the decoder makes an array (simplejpeg, OpenCV), return it as ``pixels`` instead
+    of wrapping it in a Pillow image (one copy fewer). ``fast``: simplejpeg with
+    libjpeg-turbo's fast integer IDCT and chroma upsampling (a few % faster, ~45 dB).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown decoder {backend!r}; choose from {', '.join(BACKENDS)}")
@@ -386,10 +415,12 @@ def decode(
         )
     claim(cost)
     try:
-        out = None
+        out = arr = None
         if as_array:
-            out = _decode_jpeg_array(backend, data, (w, h), req)
-        if out is None:
+            arr = _decode_jpeg_array(backend, data, (w, h), req, fast=fast)
+            if arr is not None and not as_pixels:
+                out = Image.fromarray(arr)
+        if out is None and arr is None:
             if req is not None and im.mode in ("RGB", "L", "CMYK"):
                 # draft() picks the largest DCT scale factor that keeps both sides >= req.
                 im.draft("L" if im.mode == "L" else "RGB", req)
@@ -401,10 +432,23 @@ def decode(
         # TypeError: Pillow's decoder set-up on some corrupt PNG/TIFF headers (found by
         # tests/images/test_fuzz.py)
         raise UndecodableImage(f"cannot decode {fmt} image: {e}") from None
+    if out is None:  # the decoder's array, as asked
+        assert arr is not None
+        decoded_size = (arr.shape[1], arr.shape[0])
+        if orientation in _UPRIGHT_ARRAY:
+            arr = _UPRIGHT_ARRAY[orientation](arr)
+        reduced = max(1, round(max(orig) / max(decoded_size)))
+        return Decoded(
+            image=None, orig_size=orig, format=fmt, reduced=reduced,
+            decoded_size=decoded_size, pixels=arr,
+        )  # fmt: skip
+    decoded_size = out.size
     if orientation in _UPRIGHT:
         out = out.transpose(_UPRIGHT[orientation])
     reduced = max(1, round(max(orig) / max(out.size)))
-    return Decoded(image=out, orig_size=orig, format=fmt, reduced=reduced)
+    return Decoded(
+        image=out, orig_size=orig, format=fmt, reduced=reduced, decoded_size=decoded_size
+    )
 
 
 def _decoded_pixels(size: tuple[int, int], req: tuple[int, int] | None) -> int:
@@ -413,8 +457,7 @@ def _decoded_pixels(size: tuple[int, int], req: tuple[int, int] | None) -> int:
     w, h = size
     if req is None:
         return w * h
-    scale = min(w // req[0], h // req[1])
-    s = 8 if scale >= 8 else 4 if scale >= 4 else 2 if scale >= 2 else 1
+    s = _pow2_factor(size, req)
     return -(-w // s) * -(-h // s)
 
 
@@ -445,29 +488,40 @@ def decode_cost(
     return cost
 
 
+def _pow2_factor(size: tuple[int, int], req: tuple[int, int]) -> int:
+    """The largest DCT scale factor of 1, 2, 4, 8 that keeps both sides >= ``req``."""
+    scale = min(size[0] // req[0], size[1] // req[1])
+    return 8 if scale >= 8 else 4 if scale >= 4 else 2 if scale >= 2 else 1
+
+
 def _decode_jpeg_array(
-    backend: str, data: bytes, size: tuple[int, int], req: tuple[int, int]
-) -> Image.Image | None:
-    """Reduced-scale JPEG decode to RGB with simplejpeg or OpenCV (both release the GIL);
-    None when the library cannot take this file, so the caller falls back to Pillow."""
+    backend: str, data: bytes, size: tuple[int, int], req: tuple[int, int], *, fast: bool = False
+) -> np.ndarray | None:
+    """Reduced-scale JPEG decode to an HxWx3 RGB array with simplejpeg or OpenCV (both
+    release the GIL); None when the library cannot take this file, so the caller falls
+    back to Pillow."""
+    factor = _pow2_factor(size, req)
     if backend == "simplejpeg":
         import simplejpeg
 
         try:
+            # min_* of exactly size/factor: simplejpeg then picks scale 1/factor, never an
+            # M/8 scale between (slower and less faithful: see BACKENDS).
             arr = simplejpeg.decode_jpeg(
-                data, colorspace="RGB", min_width=req[0], min_height=req[1]
-            )
+                data, colorspace="RGB", fastdct=fast, fastupsample=fast,
+                min_width=-(-size[0] // factor), min_height=-(-size[1] // factor),
+            )  # fmt: skip
         except ValueError as e:
             # libjpeg's warning that the coded data ended before the image did: Pillow
             # would pad the rest with grey, so this is a truncated file, not a fallback.
             if "premature end" in str(e).lower():
-                raise UndecodableImage(f"truncated image: {e}", backend=backend) from None
+                raise UndecodableImage(
+                    f"cannot decode JPEG image: truncated image: {e}", backend=backend
+                ) from None
             return None
     else:
         import cv2
 
-        scale = min(size[0] // req[0], size[1] // req[1])
-        factor = 8 if scale >= 8 else 4 if scale >= 4 else 2 if scale >= 2 else 1
         flags = {
             1: cv2.IMREAD_COLOR,
             2: cv2.IMREAD_REDUCED_COLOR_2,
@@ -478,4 +532,4 @@ def _decode_jpeg_array(
         if arr is None:
             return None
         arr = cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
-    return Image.fromarray(arr)
+    return arr

@@ -6,17 +6,27 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from PIL import Image
 
-from cvserve.images.decode import BACKENDS, DEFAULT_MAX_PIXELS, decode
+from cvserve.images.decode import BACKENDS, DEFAULT_BACKEND, DEFAULT_MAX_PIXELS, decode
 from cvserve.images.spec import PreprocessSpec
-from cvserve.images.transforms import normalize_into, resize_crop, resized_size
+from cvserve.images.transforms import (
+    fused_supported,
+    normalize_into,
+    resample_into,
+    resize_crop,
+    resized_size,
+)
 
 DECODERS = BACKENDS
 #: Reduced decoders keep at least this multiple of the resize target, so the final resize
 #: still antialiases: measured on the shared photos, a margin of 1.0 puts the worst model
 #: input at 28.7 dB PSNR against the full-decode reference, 1.5 at 37.7 dB
-#: (benchmarks/preprocess.py), for ~2 ms more per medium image.
+#: (benchmarks/preprocess.py), for ~2 ms more per medium image. Measured again with the
+#: fused resize: 1.25 puts demo15 at 31.0 dB (it decodes at 1/4 instead of 1/2).
 DECODE_MARGIN = 1.5
+#: simplejpeg with its fast IDCT and chroma upsampling (see decode(fast=...)): off.
+FAST_DECODE = False
 
 
 @dataclass
@@ -29,23 +39,29 @@ class ImageMeta:
     stages: dict[str, float] = field(default_factory=dict)  # decode/resize/normalize seconds
     started: float = 0.0  # perf_counter when a pool thread picked the image up
     finished: float = 0.0
+    decoded_size: tuple[int, int] = (0, 0)  # (width, height) decoded, stored orientation
 
 
 class Preprocessor:
     """Decode, resize/crop and normalize one image straight into a batch slot.
 
-    ``decoder='pil-reduced'`` (or ``'simplejpeg'``, ``'opencv'``) lets libjpeg-turbo decode
-    JPEGs at 1/2, 1/4 or 1/8 scale when the model needs fewer pixels; ``'pil'`` always
-    decodes at full resolution.
+    ``decoder='simplejpeg'`` (the default; or ``'pil-reduced'``, ``'opencv'``) lets
+    libjpeg-turbo decode JPEGs at 1/2, 1/4 or 1/8 scale when the model needs fewer pixels;
+    ``'pil'`` always decodes at full resolution. Where the spec allows
+    (:func:`~cvserve.images.transforms.fused_supported`) the resize, crop and normalize
+    are one pass from the decoder's array into the slot (``fused``, JPEGs); else Pillow
+    resizes.
     """
 
     def __init__(
         self,
         spec: PreprocessSpec,
         *,
-        decoder: str = "pil-reduced",
+        decoder: str = DEFAULT_BACKEND,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         margin: float = DECODE_MARGIN,
+        fused: bool = True,
+        fast_decode: bool = FAST_DECODE,
     ) -> None:
         if decoder not in DECODERS:
             raise ValueError(f"unknown decoder {decoder!r}; choose from {', '.join(DECODERS)}")
@@ -53,6 +69,13 @@ class Preprocessor:
         self.decoder = decoder
         self.max_pixels = max_pixels
         self.margin = margin
+        self.fast_decode = fast_decode
+        # The fused kernel compiles (or loads from numba's disk cache, ~0.1 s) on first use
+        # of each tap count, not here: a server or test loads only the ones its images use.
+        # Importing numba (~0.5 s) is paid here, when the model loads.
+        self.fused = fused and fused_supported(spec)
+        if self.fused:
+            import cvserve.images._resample_kernels  # noqa: F401
 
     def _min_decode_size(self, orig: tuple[int, int]) -> tuple[int, int]:
         # The resize step must still be a downscale (or identity): keep at least the
@@ -76,13 +99,25 @@ class Preprocessor:
             max_pixels=self.max_pixels,
             min_size=self._min_decode_size,
             backend=self.decoder,
+            as_pixels=self.fused,
+            fast=self.fast_decode,
         )
         t1 = time.perf_counter()
-        img = resize_crop(dec.image, dec.orig_size, spec)
-        pixels = np.asarray(img)
-        t2 = time.perf_counter()
-        normalize_into(pixels, out, spec)
-        t3 = time.perf_counter()
+        # Other formats stay on Pillow's resize: their pixels would have to be copied out
+        # of Pillow's storage into a fresh array, and on a 2.2 MP PNG the page faults of
+        # that copy (13 ms of system time) cost more than the fused pass saves.
+        if (
+            self.fused
+            and (dec.pixels is not None or dec.format == "JPEG")
+            and resample_into(dec.rgb(), dec.orig_size, spec, out)
+        ):
+            t2 = t3 = time.perf_counter()  # one pass: resize and normalize together
+        else:
+            im = dec.image if dec.image is not None else Image.fromarray(dec.rgb())
+            pixels = np.asarray(resize_crop(im, dec.orig_size, spec))
+            t2 = time.perf_counter()
+            normalize_into(pixels, out, spec)
+            t3 = time.perf_counter()
         return ImageMeta(
             orig_size=dec.orig_size,
             format=dec.format,
@@ -90,4 +125,15 @@ class Preprocessor:
             stages={"decode": t1 - t0, "resize": t2 - t1, "normalize": t3 - t2},
             started=t0,
             finished=t3,
+            decoded_size=dec.decoded_size,
         )
+
+
+def decode_floor(data: bytes, decoded_size: tuple[int, int]) -> np.ndarray:
+    """The floor of preprocessing a JPEG: libjpeg-turbo alone (through simplejpeg) decoding
+    it to RGB at the scale that gives ``decoded_size`` (what :meth:`Preprocessor.run`
+    decoded, ``ImageMeta.decoded_size``), nothing else. For benchmarks and the study."""
+    import simplejpeg
+
+    w, h = decoded_size
+    return simplejpeg.decode_jpeg(data, "RGB", min_width=w, min_height=h)

@@ -122,6 +122,57 @@ def _resize_cv2(im: Image.Image, orig: tuple[int, int], spec: PreprocessSpec) ->
     return Image.fromarray(out)
 
 
+def fused_supported(spec: PreprocessSpec) -> bool:
+    """Whether :func:`resample_into` can take this spec (else: :func:`resize_crop` and
+    :func:`normalize_into`): a filter other than nearest, no letterbox."""
+    from cvserve.images._resample_kernels import FILTERS
+
+    return spec.interpolation in FILTERS and spec.resize_mode in ("shortest_edge_crop", "direct")
+
+
+def resample_into(
+    pixels: np.ndarray, orig: tuple[int, int], spec: PreprocessSpec, out: np.ndarray
+) -> bool:
+    """Resize, crop and normalize ``pixels`` (HxWx3 uint8 RGB, C-contiguous: the original
+    ``orig`` or a reduced decode of it) straight into the slot ``out`` in one pass: the
+    same filter as :func:`resize_crop` (Pillow's weights, over only the crop's source
+    region) computed in float32 without the 8-bit rounding between Pillow's two passes,
+    then :func:`normalize_into`'s arithmetic (a uint8 slot: the pixels, rounded as
+    Pillow's are). False (``out`` untouched) where it does not
+    apply: see :func:`fused_supported`, and a crop that reaches past the image."""
+    from cvserve.images import _resample_kernels as k
+
+    if not fused_supported(spec) or pixels.ndim != 3 or pixels.shape[2] != 3:
+        return False
+    h, w = pixels.shape[:2]
+    x0, y0, x1, y1 = source_box(orig, (w, h), spec)
+    if x0 < 0 or y0 < 0 or x1 > w + 1e-6 or y1 > h + 1e-6:
+        return False
+    fid, support = k.FILTERS[spec.interpolation]
+    ix, wx = k.coefficients(w, x0, min(x1, w), spec.width, fid, support, True)
+    iy, wy = k.coefficients(h, y0, min(y1, h), spec.height, fid, support, False)
+    if spec.dtype == "uint8":  # the raw pixels: the model normalizes itself
+        scale, shift = _ONES, _ZEROS
+    else:
+        std = np.asarray(spec.std, dtype=np.float64)
+        scale = (spec.rescale / std).astype(np.float32)
+        shift = (-np.asarray(spec.mean, dtype=np.float64) / std).astype(np.float32)
+    chan = _BGR if spec.channel_order == "BGR" else _RGB
+    view = out if spec.layout == "NCHW" else out.transpose(2, 0, 1)
+    taps = wx.shape[1] if wx.shape[1] in k.TAP_BUCKETS else 0
+    k.resample_normalize(
+        np.ascontiguousarray(pixels), ix, wx, iy, wy, scale, shift, chan, view, (0,) * taps,
+        spec.dtype == "uint8",
+    )  # fmt: skip
+    return True
+
+
+_ONES = np.ones(3, np.float32)
+_ZEROS = np.zeros(3, np.float32)
+_RGB = np.array([0, 1, 2], np.int64)
+_BGR = np.array([2, 1, 0], np.int64)
+
+
 def _pad_fill(spec: PreprocessSpec) -> tuple[int, int, int]:
     """Canvas colour for padding: ``extra["pad_value"]`` for letterboxes, else black."""
     if spec.resize_mode not in ("letterbox", "letterbox_center"):

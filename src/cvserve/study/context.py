@@ -216,12 +216,13 @@ class StudyContext:
 
     def cpu_cost_per_image(self, model: str) -> dict[str, dict[str, float]]:
         """CPU ms per image of preprocessing, per size class: cvserve's preprocessor (its
-        default decoder) and the baseline server's, on one thread."""
+        default decoder), the baseline server's, and the floor (libjpeg-turbo alone
+        decoding each photo at the scale cvserve chose), on one thread."""
         if model in self._cpu:
             return self._cpu[model]
         import numpy as np
 
-        from cvserve.images.preprocess import Preprocessor
+        from cvserve.images.preprocess import Preprocessor, decode_floor
         from cvserve.study.baseline import baseline_preprocess
 
         meta = self.ensure_model(model)
@@ -233,9 +234,12 @@ class StudyContext:
         for size in SIZES:
             images = [im.data for im in self.images(size)]
             self.say(f"measuring preprocessing CPU time on {size} photos")
+            scale = {id(d): pre.run(d, out).decoded_size for d in images}
+            floor = lambda d, scale=scale: decode_floor(d, scale[id(d)])  # noqa: E731
             cost[size] = {
                 "cvserve": _cpu_ms(lambda d: pre.run(d, out), images, budget),
                 "baseline": _cpu_ms(lambda d: baseline_preprocess(d, spec), images, budget),
+                "floor": _cpu_ms(floor, images, budget),
             }
         self._cpu[model] = cost
         return cost

@@ -123,10 +123,11 @@ def _accel_finish(ctx: StudyContext, result: ExperimentResult) -> None:
             "With an accelerator {k}x faster than this CPU, {size} photos are served end to "
             "end at {thr} req/s, {pct}% of the {alone} images/s the accelerator alone "
             "sustains; preprocessing needs {cv} host cores per 1,000 images/s with cvserve "
-            "against {bl} with the baseline's (so {need} cores to feed this accelerator).",
+            "against {bl} with the baseline's and {fl} for the JPEG decode alone, the floor "
+            "(so {need} cores to feed this accelerator).",
             {"size": size}, k=top, thr=rounded(m["throughput_rps"]), pct=rounded(m["e2e_vs_inference_pct"], 0),
             alone=rounded(m["inference_alone_rps"], 0), cv=rounded(c["cvserve"], 1),
-            bl=rounded(c["baseline"], 1),
+            bl=rounded(c["baseline"], 1), fl=rounded(c.get("floor", float("nan")), 1),
             need=rounded(result.derived["cores_needed"][f"{top}x"][size]["cvserve"], 1),
         )  # fmt: skip
         result.findings.append(f)
