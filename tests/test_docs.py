@@ -92,7 +92,11 @@ def cvserve_commands(script: str) -> list[list[str]]:
         lex.whitespace_split = True
         lex.commenters = "#"
         segment: list[str] = []
-        for token in [*lex, ";"]:
+        try:
+            tokens = [*lex, ";"]
+        except ValueError:  # a line of a multi-line quoted string (python -c "..."): no command
+            continue
+        for token in tokens:
             if token and set(token) <= set("&|;"):
                 if segment[:1] == ["cvserve"]:
                     commands.append(segment[1:])
@@ -264,10 +268,7 @@ def test_readme_is_a_front_page():
     readme = (REPO / "README.md").read_text()
     assert len(readme.splitlines()) <= 250
     for page in re.findall(r"\]\((docs/[\w.-]+\.md)", readme):
-        # pages other helpers write may land later; the ones this page owns must exist
-        if page not in ("docs/client.md", "docs/your-own-model.md", "docs/model-control.md",
-                        "docs/pipelines.md"):  # fmt: skip
-            assert (REPO / page).exists(), page
+        assert (REPO / page).exists(), page
 
 
 def test_numbers_name_their_machine():
@@ -286,7 +287,6 @@ def _slug(heading: str) -> str:
 
 
 #: Pages other helpers write; a link to one may land before the page does.
-PENDING = {"client.md", "your-own-model.md", "model-control.md", "pipelines.md"}
 
 
 def test_links_between_pages_resolve():
@@ -298,8 +298,6 @@ def test_links_between_pages_resolve():
         text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
         for target, anchor in re.findall(r"\]\(([\w./-]*\.md|)(?:#([\w-]+))?\)", text):
             dest = (page.parent / target).resolve() if target else page.resolve()
-            if dest.name in PENDING and not dest.exists():
-                continue
             assert dest.exists(), f"{page.name}: link to missing {target}"
             if anchor:
                 assert anchor in anchors.get(dest, set()), f"{page.name}: no #{anchor} in {target}"
