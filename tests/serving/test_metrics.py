@@ -148,6 +148,10 @@ def test_the_text_is_prometheus_exposition_format(filled):
         "cvserve_wait_limit_seconds": "gauge",
         "cvserve_model_memory_bytes": "gauge",
         "cvserve_edge_refusals": "counter",
+        "cvserve_pipeline_step_seconds": "histogram",
+        "cvserve_pipeline_step_items": "counter",
+        "cvserve_pipeline_step_batch_size": "histogram",
+        "cvserve_pipeline_step_expired_items": "counter",
     }
     names = [f.name for f in families]
     assert len(names) == len(set(names))  # each family once

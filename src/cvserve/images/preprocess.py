@@ -47,10 +47,11 @@ class Preprocessor:
 
     ``decoder='simplejpeg'`` (the default; or ``'pil-reduced'``, ``'opencv'``) lets
     libjpeg-turbo decode JPEGs at 1/2, 1/4 or 1/8 scale when the model needs fewer pixels;
-    ``'pil'`` always decodes at full resolution. Where the spec allows
-    (:func:`~cvserve.images.transforms.fused_supported`) the resize, crop and normalize
-    are one pass from the decoder's array into the slot (``fused``, JPEGs); else Pillow
-    resizes.
+    ``'pil'`` always decodes at full resolution and resizes with Pillow: the path
+    HuggingFace's image processors and timm take, so answers equal the library's. With the
+    others, where the spec allows (:func:`~cvserve.images.transforms.fused_supported`) the
+    resize, crop and normalize are one pass from the decoder's array into the slot
+    (``fused``, JPEGs); else Pillow resizes.
     """
 
     def __init__(
@@ -73,7 +74,7 @@ class Preprocessor:
         # The fused kernel compiles (or loads from numba's disk cache, ~0.1 s) on first use
         # of each tap count, not here: a server or test loads only the ones its images use.
         # Importing numba (~0.5 s) is paid here, when the model loads.
-        self.fused = fused and fused_supported(spec)
+        self.fused = fused and decoder != "pil" and fused_supported(spec)
         if self.fused:
             import cvserve.images._resample_kernels  # noqa: F401
 

@@ -167,6 +167,12 @@ def ultralytics_offline(config_dir: Path | str | None = None) -> Iterator[None]:
                 del sys.modules[name]
             _install_torchvision_stand_in()
             stand_in = True
+    real_nms = None
+    if not stand_in:  # a torchvision that imports (models.torchvision_compat) with no ops
+        import torchvision
+
+        if not _nms_runs(torchvision):
+            real_nms, torchvision.ops.nms = torchvision.ops.nms, _torch_nms
     # Importing ultralytics patches PIL.Image.open (to fetch a HEIF plugin), cv2.imread /
     # imwrite / imshow and torch.save for the whole process: put the originals back when
     # the block ends, so cvserve's decoding (and anything else here) is untouched.
@@ -176,6 +182,8 @@ def ultralytics_offline(config_dir: Path | str | None = None) -> Iterator[None]:
     finally:
         for (owner, name), value in saved.items():
             setattr(owner, name, value)
+        if real_nms is not None:
+            torchvision.ops.nms = real_nms
         if stand_in:  # others (transformers) must not mistake it for torchvision
             sys.modules.pop("torchvision", None)
             sys.modules.pop("torchvision.ops", None)
@@ -197,16 +205,29 @@ def _originals() -> dict[tuple[Any, str], Any]:
     return saved
 
 
+def _torch_nms(boxes: Any, scores: Any, iou_threshold: float) -> Any:
+    """Ultralytics' own NMS in torch (``TorchNMS``), which matches torchvision's."""
+    from ultralytics.utils.nms import TorchNMS
+
+    return TorchNMS.nms(boxes, scores, iou_threshold)
+
+
+def _nms_runs(torchvision: Any) -> bool:
+    """Whether torchvision's compiled NMS kernel runs here (PyPI's CUDA build beside
+    torch+cpu imports, through models.torchvision_compat, without its ops)."""
+    import torch
+
+    try:
+        torchvision.ops.nms(torch.zeros(1, 4), torch.zeros(1), 0.5)
+    except Exception:  # RuntimeError: "Couldn't load custom C++ ops", or a missing kernel
+        return False
+    return True
+
+
 def _install_torchvision_stand_in() -> None:
     tv = types.ModuleType("torchvision")
     ops = types.ModuleType("torchvision.ops")
-
-    def nms(boxes: Any, scores: Any, iou_threshold: float) -> Any:
-        from ultralytics.utils.nms import TorchNMS
-
-        return TorchNMS.nms(boxes, scores, iou_threshold)
-
-    ops.nms = nms  # type: ignore[attr-defined]
+    ops.nms = _torch_nms  # type: ignore[attr-defined]
     tv.ops = ops  # type: ignore[attr-defined]
     tv.__version__ = "0.0.0"  # type: ignore[attr-defined]
     sys.modules["torchvision"] = tv

@@ -234,6 +234,8 @@ async def list_pipelines(request: Request) -> Response:
 async def show_pipeline(request: Request) -> Response:
     """``GET /v1/pipelines/{name}``: its graph, and per step calls, batch sizes and time."""
     state: ServerState = request.app.state.cvserve
+    if request.path_params["name"].endswith(_PREDICT):  # GET on the predict route
+        raise HTTPException(405, headers={"Allow": "POST"})
     p = state.pipelines.get(request.path_params["name"])
     if p is None:
         e = NotServed(f"no pipeline named {request.path_params['name']!r}")
