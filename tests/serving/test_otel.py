@@ -259,3 +259,49 @@ def test_tracing_off_never_imports_opentelemetry_and_on_without_it_is_one_line()
     out = subprocess.run([sys.executable, "-c", absent], capture_output=True, text=True)
     assert out.returncode == 2, out.stderr
     assert "pip install 'cvserve[otel]'" in out.stdout + out.stderr, out.stdout + out.stderr
+
+
+def test_otlp_sends_the_spans_to_the_endpoint_the_standard_variables_name(monkeypatch):
+    """``--trace-exporter otlp``: OTLP/HTTP protobuf to ``OTEL_EXPORTER_OTLP_ENDPOINT``."""
+    pytest.importorskip("opentelemetry.exporter.otlp.proto.http", reason="the otel extra")
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    got: list[tuple[str, bytes]] = []
+
+    class Collector(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (the stdlib's name)
+            got.append((self.path, self.rfile.read(int(self.headers["content-length"]))))
+            self.send_response(200)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    collector = HTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=collector.serve_forever, daemon=True).start()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{collector.server_port}")
+    from cvserve.trace import Trace
+
+    try:
+        otel.configure("otlp", "edge-7")
+        trace = Trace()
+        span = otel.request_span("tiny-resnet", TRACEPARENT, trace)
+        trace.mark("recv")
+        trace.mark("infer")
+        span.finish(200, {"cvserve.model": "tiny-resnet"})
+    finally:
+        otel.shutdown()  # flushes the batch
+        collector.shutdown()
+    assert [path for path, _ in got] == ["/v1/traces"]
+    sent = ExportTraceServiceRequest.FromString(got[0][1])
+    (rs,) = sent.resource_spans
+    assert {a.key: a.value.string_value for a in rs.resource.attributes}["service.name"] == "edge-7"
+    names = sorted(s.name for ss in rs.scope_spans for s in ss.spans)
+    assert names == ["infer", "recv", "tiny-resnet"]
+    assert all(s.trace_id.hex() == TRACE_ID for ss in rs.scope_spans for s in ss.spans)
