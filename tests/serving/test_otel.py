@@ -16,7 +16,7 @@ import time
 import httpx
 import pytest
 from PIL import Image
-from served import stop_processes
+from served import start_worker, stop_processes
 
 from cvserve import otel
 from cvserve.config import ConfigError, PipelineConfig, ServerConfig, server_config_from_dict
@@ -186,21 +186,14 @@ def _console_spans(text: str) -> list[dict]:
 
 def test_a_remote_worker_exports_its_spans_in_the_requests_trace(built, spans, redis_server):
     url = f"{redis_server.url}?prefix=o{free_port()}:"
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "cvserve", "worker", "--pipeline", "dc", "--kind",
-         "detect-classify", "--stage", "classify", "--broker", url, "--cache-dir", str(built),
-         "--runtime", "simulated", "--sim-profile", CLS, "--trace-exporter", "console",
+    worker, _ = start_worker(
+        ["--pipeline", "dc", "--kind", "detect-classify", "--stage", "classify",
+         "--broker", url, "--cache-dir", str(built), "--runtime", "simulated",
+         "--sim-profile", CLS, "--trace-exporter", "console",
          "--trace-service-name", "cls-worker",
-         *[a for k, v in PARAMS.items() for a in ("--param", f"{k}={v}")]],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+         *[a for k, v in PARAMS.items() for a in ("--param", f"{k}={v}")]]
     )  # fmt: skip
     try:
-        started = ""
-        deadline = time.monotonic() + 120
-        while "worker: " not in started and time.monotonic() < deadline:
-            line = worker.stdout.readline()
-            assert line or worker.poll() is None, "worker exited"
-            started = line if line.startswith("worker: ") else ""
         cfg = ServerConfig(port=free_port(), cache_dir=str(built), broker=url,
                            pipelines=(_dc(stage_workers=0),))  # fmt: skip
         with ServerThread(cfg) as srv:
