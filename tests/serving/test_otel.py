@@ -90,7 +90,9 @@ def test_a_model_request_is_a_trace_of_its_stages(model_cache, spans):
         r = httpx.post(f"{srv.url}/v1/models/tiny-resnet:predict", content=_jpeg(),
                        headers={"traceparent": TRACEPARENT}, timeout=60)  # fmt: skip
         assert r.status_code == 200, r.text
-        _check_request(_finished(spans, 1), "tiny-resnet")
+        root, _ = _check_request(_finished(spans, 1), "tiny-resnet")
+        assert root.attributes["cvserve.batch_size"] == 1
+        assert root.attributes["cvserve.images"] == 1
         spans.clear()
         # gRPC: the traceparent metadata
         import grpc
