@@ -203,13 +203,15 @@ def worker_spans(
     consumed: list[float],
     done: float,
     stage_headers: Mapping[str, str],
+    error_header: str = "error",
     attributes: Mapping[str, Any] = {},
 ) -> None:
     """One span per broker item that carries a :data:`TRACEPARENT` (kind CONSUMER, a child
     of its request's root span): from its publication to ``done`` (wall clock,
     ``time.time()``), with ``broker`` (publish to consume) and each stage its result's
     headers time (``stage_headers``: header -> stage, seconds) as children, the stages
-    laid back from ``done``. ``items``: (work headers, result headers) pairs."""
+    laid back from ``done``; a result with ``error_header`` is an error span. ``items``:
+    (work headers, result headers) pairs."""
     if _tracer is None:
         return
     from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -224,8 +226,8 @@ def worker_spans(
         span = _tracer.start_span(step, context=parent, kind=SpanKind.CONSUMER,
                                   start_time=start_ns)  # fmt: skip
         span.set_attributes({"cvserve.step": step, **attributes})
-        if "error" in result:
-            span.set_status(Status(StatusCode.ERROR, str(result["error"])))
+        if error_header in result:
+            span.set_status(Status(StatusCode.ERROR, str(result[error_header])))
         inner = _tracer_context(span)
         b = _tracer.start_span("broker", context=inner, start_time=start_ns)
         b.set_attribute("cvserve.stage", "broker")

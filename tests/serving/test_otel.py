@@ -151,6 +151,7 @@ def _check_workers(done: list, root, n: int, step: str = "dc.classify") -> None:
     for w in workers:
         assert w.name == step and w.context.trace_id == root.context.trace_id
         assert w.parent.span_id == root.context.span_id  # the request's root, via the broker
+        assert 1 <= w.attributes["cvserve.batch_size"] <= n
         kids = {
             s.name for s in done if s.parent is not None and s.parent.span_id == w.context.span_id
         }
@@ -166,7 +167,7 @@ def test_a_pipeline_over_the_in_process_broker_traces_its_workers(built, spans):
         done = _finished(spans, 1)
     root, stages = _check_request(done, "dc")
     assert "broker" in {s.name for s in stages}
-    assert root.attributes["cvserve.step.classify.batch"] >= 1
+    assert root.attributes["cvserve.step.classify.batch_size"] >= 1
     # the pipeline's stages name their steps
     infer = next(s for s in stages if s.name == "infer")
     steps = {
@@ -300,3 +301,44 @@ def test_otlp_sends_the_spans_to_the_endpoint_the_standard_variables_name(monkey
     names = sorted(s.name for ss in rs.scope_spans for s in ss.spans)
     assert names == ["infer", "recv", "tiny-resnet"]
     assert all(s.trace_id.hex() == TRACE_ID for ss in rs.scope_spans for s in ss.spans)
+
+
+def test_a_worker_span_of_an_item_that_failed_is_an_error_and_untraced_items_have_none(spans):
+    """At the stage loop itself: an item with a traceparent gets its span (an error when
+    it failed), an item without one (tracing off where it was sent) gets none."""
+    import asyncio
+
+    import numpy as np
+    from opentelemetry.trace import StatusCode
+
+    from cvserve.brokers import InProcessBroker, Message, ResultRouter, StageConsumer
+
+    async def stage(batch: list[Message]) -> list[Message]:
+        x = np.stack([m.arrays["x"] for m in batch])  # KeyError on the item without x
+        return [m.reply(arrays={"y": r * 2}, headers={"infer_s": 0.001})
+                for m, r in zip(batch, x, strict=True)]  # fmt: skip
+
+    async def main():
+        async with InProcessBroker() as b, ResultRouter(b) as router:
+            worker = StageConsumer(b, "dc.classify", "g", stage, batch=3, block_ms=20)
+            worker.span_stages = {"infer_s": "infer"}
+            futs = []
+            for k, (arrays, traced) in enumerate(
+                [({"x": np.ones(2)}, True), ({}, True), ({"x": np.ones(2)}, False)]
+            ):
+                futs.append(router.expect(f"r{k}", 1))
+                headers = {otel.TRACEPARENT: TRACEPARENT} if traced else {}
+                await b.publish("dc.classify", Message(f"r{k}", arrays=arrays, headers=headers,
+                                                       reply_to=router.topic))  # fmt: skip
+            serving = asyncio.create_task(worker.run())
+            await asyncio.wait_for(asyncio.gather(*futs), 10)
+            worker.stop()
+            await serving
+
+    asyncio.run(main())
+    done = spans.get_finished_spans()
+    workers = [s for s in done if s.kind == SpanKind.CONSUMER]
+    assert len(workers) == 2  # the untraced item has none
+    assert all(f"{w.parent.span_id:016x}" == PARENT_ID for w in workers)
+    failed = [w for w in workers if w.status.status_code == StatusCode.ERROR]
+    assert len(failed) == 1 and "KeyError" in failed[0].status.description

@@ -209,7 +209,8 @@ class StageConsumer:
                 consumed=[d.consumed_at for d in deliveries],
                 done=time.time(),
                 stage_headers=self.span_stages,
-                attributes={"cvserve.consumer": self.consumer, "cvserve.batch": len(deliveries)},
+                error_header=ERROR,
+                attributes={"cvserve.consumer": self.consumer, "cvserve.batch_size": len(deliveries)},
             )  # fmt: skip
         # Acknowledge only now that every result is stored: a crash before this point
         # leaves the work pending, to be reclaimed and redone.

@@ -417,7 +417,8 @@ class PipelineServer:
         """One call of ``step``: its stats, its share of the trace (every stage it
         spent time in), and ``/metrics`` (infer, postprocess, broker)."""
         req.trace.note_step(step, parts)
-        otel.note(f"cvserve.step.{step}.batch", batch)
+        if otel.enabled():
+            otel.note(f"cvserve.step.{step}.batch_size", batch)
         parts = {k: parts[k] for k in ("infer", "postprocess", "broker") if k in parts}
         broker = parts.get("broker", 0.0)
         self.step_stats[step].record(items, sum(parts.values()) - broker, batch, broker)
