@@ -35,6 +35,7 @@ EXTRA_OF_MODULE = {
     "litserve": "peers",
     "ray": "peers",
     "cupy": "gpu",
+    "opentelemetry": "otel",
     "nvidia": "gpu",
     "tensorrt": "gpu",
 }

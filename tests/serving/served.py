@@ -33,6 +33,28 @@ def stop_processes(*procs: subprocess.Popen) -> None:
                 p.wait()
 
 
+def start_worker(args: list[str], timeout: float = 120) -> tuple[subprocess.Popen, str]:
+    """``cvserve worker ARGS`` in a child process (its output a pipe, stderr merged), once
+    it says it serves: ``(process, that "worker: ..." line)``; stop it with
+    :func:`stop_processes`."""
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "cvserve", "worker", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    started = ""
+    deadline = time.monotonic() + timeout
+    try:
+        while not started.startswith("worker: ") and time.monotonic() < deadline:
+            line = worker.stdout.readline()
+            assert line or worker.poll() is None, "worker exited"
+            started = line
+        assert started.startswith("worker: "), f"the worker did not start in {timeout} s"
+    except BaseException:
+        stop_processes(worker)
+        raise
+    return worker, started
+
+
 def wait_for(check: Callable[[], bool], timeout: float = 60, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not check():

@@ -5,13 +5,10 @@ when stage B ran in a `cvserve worker` process behind Redis)."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
-from served import stop_processes
+from served import start_worker, stop_processes
 
 from cvserve.cli import build_parser, server_config_from_args
 from cvserve.config import ConfigError, PipelineConfig, ServerConfig, server_config_from_dict
@@ -120,20 +117,12 @@ def test_a_simulated_worker_process_marks_the_answer_simulated(built, data_dir, 
     """Stage A on onnxruntime here, stage B on the simulated runtime in `cvserve worker`:
     only the results' header can tell the server that the request touched a simulation."""
     url = f"{redis_server.url}?prefix=s{free_port()}:"
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "cvserve", "worker", "--pipeline", "dc", "--kind",
-         "detect-classify", "--stage", "classify", "--broker", url, "--cache-dir", str(built),
-         "--runtime", "simulated", "--sim-profile", CLS,
-         *[a for k, v in PARAMS.items() for a in ("--param", f"{k}={v}")]],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    worker, started = start_worker(
+        ["--pipeline", "dc", "--kind", "detect-classify", "--stage", "classify",
+         "--broker", url, "--cache-dir", str(built), "--runtime", "simulated",
+         "--sim-profile", CLS, *[a for k, v in PARAMS.items() for a in ("--param", f"{k}={v}")]]
     )  # fmt: skip
     try:
-        started = ""
-        deadline = time.monotonic() + 120
-        while "worker: " not in started and time.monotonic() < deadline:
-            line = worker.stdout.readline()
-            assert line or worker.poll() is None, "worker exited"
-            started = line if line.startswith("worker: ") else ""
         assert "SIMULATED" in started and "1:100,16:130" in started, started
         cfg = ServerConfig(
             port=free_port(),

@@ -29,6 +29,8 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from cvserve import otel
+
 from .base import DEFAULT_MAX_DELIVERIES, Broker, dead_topic
 from .errors import BrokerError
 from .message import Delivery, Message
@@ -121,6 +123,8 @@ class StageConsumer:
         self.run_s = 0.0
         #: called with the number of items dropped past their deadline (metrics)
         self.on_expired: Callable[[int], None] | None = None
+        #: result header -> stage (seconds) its trace spans show (``cvserve.otel``)
+        self.span_stages: dict[str, str] = {}
 
     def stop(self) -> None:
         """Ask ``run`` to return after the batch in hand."""
@@ -197,6 +201,17 @@ class StageConsumer:
                 await self._reply(d, result)
         finally:
             heartbeat.cancel()
+        if otel.enabled():
+            otel.worker_spans(
+                self.topic,
+                [(d.message.headers, r.headers) for d, r in zip(deliveries, results, strict=True)],
+                published=[d.message.published_at for d in deliveries],
+                consumed=[d.consumed_at for d in deliveries],
+                done=time.time(),
+                stage_headers=self.span_stages,
+                error_header=ERROR,
+                attributes={"cvserve.consumer": self.consumer, "cvserve.batch_size": len(deliveries)},
+            )  # fmt: skip
         # Acknowledge only now that every result is stored: a crash before this point
         # leaves the work pending, to be reclaimed and redone.
         await self.broker.ack(self.topic, self.group, [d.id for d in deliveries])

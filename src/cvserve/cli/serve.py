@@ -46,6 +46,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         help="also serve KServe v2 gRPC (tritonclient.grpc) on this port (default: off)",
     )  # fmt: skip
     _add_front_args(p)
+    add_trace_args(p)
     _add_control_args(p)
     _add_batching_args(p)
     from cvserve.config import ServerConfig
@@ -135,6 +136,24 @@ def _add_front_args(p: argparse.ArgumentParser) -> None:
                    "a body that would leave less room than it takes gets 503 + Retry-After "
                    "before it is read; default 0: twice the body limit, at most 1/8 of the "
                    "memory available")  # fmt: skip
+
+
+def add_trace_args(p: argparse.ArgumentParser) -> None:
+    """OpenTelemetry traces (``cvserve.otel``; a --config file's ``server:`` keys of the
+    same names, which these flags override): ``serve`` and ``worker``."""
+    from cvserve.config import TRACE_EXPORTERS
+
+    g = p.add_argument_group("traces (docs/pipelines.md, the otel extra)")
+    g.add_argument(
+        "--trace-exporter", default=None, choices=TRACE_EXPORTERS,
+        help="each request as an OpenTelemetry trace of its stages: none (default), "
+        "console (stdout) or otlp (OTLP/HTTP to OTEL_EXPORTER_OTLP_ENDPOINT, default "
+        "localhost:4318); a client's traceparent header is its parent",
+    )  # fmt: skip
+    g.add_argument(
+        "--trace-service-name", default=None, metavar="NAME",
+        help="service.name of the traces (default cvserve)",
+    )  # fmt: skip
 
 
 def _add_control_args(p: argparse.ArgumentParser) -> None:

@@ -6,7 +6,7 @@ import argparse
 import os
 
 from cvserve.cli._common import add_cache_arg, add_renamed, say
-from cvserve.cli.serve import add_cores_arg, add_runtime_args
+from cvserve.cli.serve import add_cores_arg, add_runtime_args, add_trace_args
 
 
 def add_worker_parser(sub: argparse._SubParsersAction) -> None:
@@ -60,16 +60,19 @@ def add_worker_parser(sub: argparse._SubParsersAction) -> None:
         help="a pipeline-kind setting (detect-classify: classifier=resnet18)",
     )  # fmt: skip
     add_runtime_args(p, stage=True)
+    add_trace_args(p)
     add_cache_arg(p)
     p.set_defaults(func=_cmd_worker)
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from cvserve.config import worker_config_from_args
+    from cvserve.config import worker_config_from_args, worker_trace_settings
     from cvserve.serving.pipelines.stage_process import run_stage_process
 
     cfg = worker_config_from_args(args)  # --config: that file's pipeline, flags on top
-    return run_stage_process(cfg, args.stage, args.broker, say=say, cache_dir=args.cache_dir)
+    exporter, service = worker_trace_settings(args)
+    return run_stage_process(cfg, args.stage, args.broker, say=say, cache_dir=args.cache_dir,
+                             trace_exporter=exporter, trace_service_name=service)  # fmt: skip
 
 
 def add_broker_parser(sub: argparse._SubParsersAction) -> None:

@@ -16,7 +16,11 @@ from cvserve.config.files import (
     pipeline_config_from_dict,
     server_config_from_dict,
 )
-from cvserve.config.flags import server_config_from_args, worker_config_from_args
+from cvserve.config.flags import (
+    server_config_from_args,
+    worker_config_from_args,
+    worker_trace_settings,
+)
 from cvserve.config.model import (
     PREPROCESS_DEVICES,
     RUNTIMES,
@@ -30,6 +34,7 @@ from cvserve.config.pipeline import PIPELINE_KINDS, PRESETS, PipelineConfig
 from cvserve.config.server import (
     DEFAULT_MAX_BODY_BYTES,
     MODEL_CONTROL_MODES,
+    TRACE_EXPORTERS,
     ServerConfig,
     available_memory,
     default_pixels_in_flight,
@@ -39,6 +44,7 @@ __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
     "DEPRECATED_SERVER_KEYS",
     "MODEL_CONTROL_MODES",
+    "TRACE_EXPORTERS",
     "PRESETS",
     "PIPELINE_KINDS",
     "PREPROCESS_DEVICES",
@@ -60,4 +66,5 @@ __all__ = [
     "server_config_from_args",
     "server_config_from_dict",
     "worker_config_from_args",
+    "worker_trace_settings",
 ]

@@ -19,7 +19,8 @@ FRONT_KEYS = ("drain_delay_ms", "drain_timeout_ms", "reuse_port", "workers", "ap
               "tls_cert", "tls_key", "metrics_port", "max_header_bytes", "max_headers",
               "keep_alive_timeout_ms", "header_timeout_ms", "body_timeout_ms",
               "max_connections", "max_body_bytes_in_flight", "model_control",
-              "poll_interval_ms", "model_memory_bytes")  # fmt: skip
+              "poll_interval_ms", "model_memory_bytes", "trace_exporter",
+              "trace_service_name")  # fmt: skip
 
 
 def server_config_from_args(args: Any) -> ServerConfig:
@@ -127,6 +128,20 @@ def worker_config_from_args(args: Any) -> PipelineConfig:
         params=parse_params(args.param),
         **_pipeline_runtime(args),
     )
+
+
+def worker_trace_settings(args: Any) -> tuple[str, str]:
+    """``cvserve worker``'s trace exporter and service name: its flags, else the
+    ``server:`` keys of its --config file (the server's own), else off."""
+    d = ServerConfig()
+    exporter, service = d.trace_exporter, d.trace_service_name
+    if getattr(args, "config", None):
+        server = load_config(args.config)
+        exporter, service = server.trace_exporter, server.trace_service_name
+    exporter = getattr(args, "trace_exporter", None) or exporter
+    service = getattr(args, "trace_service_name", None) or service
+    replace(d, trace_exporter=exporter, trace_service_name=service)  # checks both
+    return exporter, service
 
 
 def _pipeline_runtime(args: Any) -> dict:

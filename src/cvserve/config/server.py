@@ -14,6 +14,8 @@ from cvserve.images.decode import DEFAULT_MAX_PIXELS
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 #: ``model_control`` modes (``--model-control``), as Triton's.
 MODEL_CONTROL_MODES = ("none", "explicit", "poll")
+#: ``trace_exporter`` values (``--trace-exporter``; ``cvserve.otel.EXPORTERS``).
+TRACE_EXPORTERS = ("none", "console", "otlp")
 
 
 def default_pixels_in_flight(max_pixels: int, bytes_per_pixel: int = 12) -> int:
@@ -142,6 +144,12 @@ class ServerConfig:
     model_memory_bytes: int = 0
     #: Where pipeline stages meet: ``inprocess://`` (default) or ``redis://host:port``.
     broker: str = "inprocess://"
+    #: Each request as an OpenTelemetry trace of its stages (``cvserve.otel``; the ``otel``
+    #: extra): ``none`` (off), ``console`` (stdout) or ``otlp`` (OTLP over HTTP, to where
+    #: the standard ``OTEL_EXPORTER_OTLP_*`` variables say; default localhost:4318).
+    trace_exporter: str = "none"
+    #: The ``service.name`` of the traces' resource.
+    trace_service_name: str = "cvserve"
     models: tuple[ModelConfig, ...] = ()
     pipelines: tuple[PipelineConfig, ...] = ()
 
@@ -167,6 +175,13 @@ class ServerConfig:
                 f"model_control {self.model_control!r}; choose one of "
                 f"{', '.join(MODEL_CONTROL_MODES)}"
             )
+        if self.trace_exporter not in TRACE_EXPORTERS:
+            raise ConfigError(
+                f"trace_exporter {self.trace_exporter!r}; choose one of "
+                f"{', '.join(TRACE_EXPORTERS)}"
+            )
+        if not isinstance(self.trace_service_name, str) or not self.trace_service_name:
+            raise ConfigError(f"trace_service_name must be a name, not {self.trace_service_name!r}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("TLS needs both a certificate (tls_cert) and its key (tls_key)")
         try:

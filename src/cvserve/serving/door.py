@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from cvserve import otel
 from cvserve.errors import RequestError
 from cvserve.serving import logs
 from cvserve.serving.core import Servable, remaining
@@ -116,6 +117,8 @@ async def handle(
     trace = Trace()
     target = targets.get(name)
     label = name if target is not None else "_unknown"
+    rec = logs.current()
+    span = otel.request_span(label, rec and rec.traceparent, trace) if otel.enabled() else None
     status, images = 200, 1
     body: E | None = None
     error: BaseException | None = None
@@ -154,3 +157,5 @@ async def handle(
     finally:
         state.leave()
         state.observe(label, target, status, trace, images)
+        if span is not None:
+            span.finish(status, {"cvserve.model": label, "cvserve.images": images})

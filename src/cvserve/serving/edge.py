@@ -71,13 +71,16 @@ class Edge:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = auth = None
+        rid = auth = parent = None
         for k, v in scope["headers"]:
             if k == b"x-request-id":
                 rid = v
             elif k == b"authorization":
                 auth = v
+            elif k == b"traceparent":
+                parent = v
         rec, token = logs.start_request(rid)
+        rec.traceparent = parent
         path: str = scope["path"]
         state = self.state
         status = 0

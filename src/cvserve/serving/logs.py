@@ -53,6 +53,8 @@ class RequestLog:
     warnings: list[str] = field(default_factory=list)
     #: A server fault behind a 500: logged with its traceback.
     exc: BaseException | None = None
+    #: The client's W3C ``traceparent`` (HTTP header, gRPC metadata), for ``cvserve.otel``.
+    traceparent: str | bytes | None = None
 
 
 _current: contextvars.ContextVar[RequestLog | None] = contextvars.ContextVar(

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from cvserve import otel
 from cvserve.config import ModelConfig
 from cvserve.images.preprocess import ImageMeta, Preprocessor
 from cvserve.models.metadata import ModelMeta
@@ -229,6 +230,7 @@ class ModelServer:
                 trace.mark("batch_wait")
                 raise DeadlineExceeded("deadline passed while waiting for inference") from None
             charge_batch(trace, info)
+            otel.note("cvserve.batch_size", info.size)  # the batch it rode in (its trace)
             post = partial(self.head.postprocess, rows, filled.meta, **params)
             if self.heavy:  # full-resolution masks and depth maps: off the event loop
                 result = await self.pool.submit(trace, post, deadline=deadline, stage="postprocess")

@@ -45,6 +45,7 @@ from pathlib import Path
 
 import uvicorn
 
+from cvserve import otel
 from cvserve.config import ServerConfig
 from cvserve.serving import logs
 from cvserve.serving.app import create_app, create_metrics_app, refresh_gauges
@@ -404,11 +405,16 @@ def run_server(
         the server cannot start (a port in use, a bad key or certificate file), the loading
         error when a model cannot be loaded. ``metrics_dir`` and ``own_metrics_port=False``:
         one process of ``--workers`` (see :mod:`cvserve.serving.replicas`). ``reread``: how
-    ``SIGHUP`` gets the settings again (the config file)."""
-    server = _Server(
-        config, progress, on_ready, metrics_dir=metrics_dir, own_metrics_port=own_metrics_port,
-        reread=reread,
-    )  # fmt: skip
-    server.run()
+    ``SIGHUP`` gets the settings again (the config file). ``trace_exporter``: requests
+    as traces (:mod:`cvserve.otel`), exported until the server stops."""
+    otel.configure(config.trace_exporter, config.trace_service_name)
+    try:
+        server = _Server(
+            config, progress, on_ready, metrics_dir=metrics_dir,
+            own_metrics_port=own_metrics_port, reread=reread,
+        )  # fmt: skip
+        server.run()
+    finally:
+        otel.shutdown()  # the spans still queued go out
     if server.failure is not None:
         raise server.failure

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from cvserve import otel
 from cvserve.brokers import (
     Broker,
     BrokerFull,
@@ -416,6 +417,8 @@ class PipelineServer:
         """One call of ``step``: its stats, its share of the trace (every stage it
         spent time in), and ``/metrics`` (infer, postprocess, broker)."""
         req.trace.note_step(step, parts)
+        if otel.enabled():
+            otel.note(f"cvserve.step.{step}.batch_size", batch)
         parts = {k: parts[k] for k in ("infer", "postprocess", "broker") if k in parts}
         broker = parts.get("broker", 0.0)
         self.step_stats[step].record(items, sum(parts.values()) - broker, batch, broker)
@@ -430,12 +433,16 @@ class PipelineServer:
         request_id = f"{req.rid}.{s.name}"
         key = "crop" if s.kind == "op" else "pixels"
         wall_deadline = time.time() + max(0.0, deadline - time.perf_counter())
+        headers = {DEADLINE: wall_deadline}
+        parent = otel.current_traceparent()
+        if parent is not None:  # the workers' spans join the request's trace
+            headers[otel.TRACEPARENT] = parent
         items = [
             Message(
                 request_id=request_id,
                 index=i,
                 arrays={key: p},
-                headers={WIDTH: int(w), HEIGHT: int(h), DEADLINE: wall_deadline},
+                headers={WIDTH: int(w), HEIGHT: int(h), **headers},
             )  # fmt: skip
             for i, (p, (w, h)) in enumerate(zip(pixels, sizes, strict=True))
         ]

@@ -9,6 +9,7 @@ import asyncio
 import logging
 import signal
 
+from cvserve import otel
 from cvserve.brokers import BrokerUnavailable, broker_from_url, redact_url
 from cvserve.config import PipelineConfig
 from cvserve.serving.pipelines.base import StageOptions, describe_runtime
@@ -25,7 +26,13 @@ def run_stage_process(
     broker_url: str,
     say: Say = log.info,
     cache_dir: str | None = None,
+    *,
+    trace_exporter: str = "none",
+    trace_service_name: str = "cvserve",
 ) -> int:
+    """Serve ``stage`` until SIGTERM/SIGINT. ``trace_exporter``: this process's spans of
+    the items it serves, to that exporter (``cvserve.otel``), the server's setting."""
+    otel.configure(trace_exporter, trace_service_name)  # before loading: a clear error
     graph = load_graph(config, cache_dir)
     served = [s.name for s in graph.broker_steps]
     if stage not in served:
@@ -71,7 +78,10 @@ def run_stage_process(
             "their deadline")  # fmt: skip
         await broker.close()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        otel.shutdown()  # the spans still queued go out
     return 0
 
 

@@ -12,7 +12,7 @@ from cvserve.brokers import Broker, Message, StageConsumer
 from cvserve.config import PipelineConfig
 from cvserve.config.graph import Step
 from cvserve.runtime.budget import CpuBudget
-from cvserve.serving.pipelines.base import SIMULATED, StageOptions
+from cvserve.serving.pipelines.base import INFER_S, POST_S, SIMULATED, StageOptions
 from cvserve.serving.pipelines.steps import make_step
 
 
@@ -58,6 +58,8 @@ class StepWorkers:
             )  # fmt: skip
             for i in range(n)
         ]
+        for w in self.workers:  # what a trace shows of each item (cvserve.otel)
+            w.span_stages = {INFER_S: "infer", POST_S: "postprocess"}
         self._tasks: list[asyncio.Task] = []
 
     def _handler(self, i: int):

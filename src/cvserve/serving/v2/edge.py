@@ -57,12 +57,14 @@ class GrpcEdge(grpc.aio.ServerInterceptor):
         if handler is None or handler.unary_unary is None:
             return handler  # not a method of ours (every one of ours is unary)
         method: str = handler_call_details.method
-        rid = auth = None
+        rid = auth = parent = None
         for key, value in handler_call_details.invocation_metadata or ():
             if key == "authorization":
                 auth = value
             elif key == logs.REQUEST_ID:
                 rid = value
+            elif key == "traceparent":
+                parent = value
         denied = None
         if self.keys is not None and method not in _OPEN:
             denied = self.keys.check(auth)
@@ -72,6 +74,7 @@ class GrpcEdge(grpc.aio.ServerInterceptor):
 
         async def behavior(requests, context: grpc.aio.ServicerContext):
             rec, token = logs.start_request(rid)
+            rec.traceparent = parent
             model = None
             try:
                 await context.send_initial_metadata(((logs.REQUEST_ID, rec.id),))
