@@ -119,9 +119,10 @@ def test_the_serving_path_never_imports_torch():
 def _every_parser():
     import argparse
 
-    from cvserve.cli import _parsers, build_parser
+    from cvserve.cli import build_parser
+    from cvserve.cli._common import walk_parsers
 
-    return [(p.prog, p) for p in _parsers(build_parser())], argparse
+    return [(p.prog, p) for _, p in walk_parsers(build_parser())], argparse
 
 
 def test_every_help_shows_every_default_and_fits_80_columns():

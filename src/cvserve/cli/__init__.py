@@ -11,7 +11,14 @@ import logging
 
 from cvserve import __version__
 from cvserve.cli import bench, demo, models, profile, serve, study, tune, worker
-from cvserve.cli._common import DefaultsFormatter, did_you_mean, prefix, say, set_prefix
+from cvserve.cli._common import (
+    DefaultsFormatter,
+    did_you_mean,
+    prefix,
+    say,
+    set_prefix,
+    walk_parsers,
+)
 from cvserve.config.flags import server_config_from_args
 from cvserve.errors import missing_extra
 
@@ -33,22 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_study_parser(sub)
     profile.add_profile_parser(sub)
     tune.add_tune_parser(sub)
-    for p in _parsers(parser):
+    for _, p in walk_parsers(parser):
         p.formatter_class = DefaultsFormatter
         if p is not parser:  # -v after the subcommand too; SUPPRESS: absent keeps the top's
             p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                            help="debug logging, and the traceback of an error")  # fmt: skip
     return parser
-
-
-def _parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
-    """``parser`` and every (sub)command parser under it, each once."""
-    out = [parser]
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for child in dict.fromkeys(action.choices.values()):
-                out += _parsers(child)
-    return out
 
 
 def _chosen(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:

@@ -195,3 +195,16 @@ def did_you_mean(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
         )
         parts.append(f"{arg} (did you mean {close[0]}?)" if close else arg)
     return "unrecognized arguments: " + " ".join(parts)
+
+
+def walk_parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ("cvserve",)):
+    """``(path, parser)`` for ``parser`` and every (sub)command parser under it, each once
+    (an alias of a subcommand is not walked twice)."""
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            seen: set[int] = set()
+            for name, child in action.choices.items():
+                if id(child) not in seen:
+                    seen.add(id(child))
+                    yield from walk_parsers(child, (*path, name))

@@ -17,21 +17,10 @@ import re
 import sys
 from pathlib import Path
 
+from cvserve.cli._common import walk_parsers
+
 WIDTH = 80  # --help is rendered at this width, whatever the terminal
 DOCS = Path(__file__).resolve().parents[3] / "docs"
-
-
-def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return dict(action.choices)
-    return {}
-
-
-def _walk(parser: argparse.ArgumentParser, path: list[str]):
-    yield path, parser
-    for name, sub in _subparsers(parser).items():
-        yield from _walk(sub, [*path, name])
 
 
 def _help(parser: argparse.ArgumentParser) -> str:
@@ -57,7 +46,7 @@ def cli_markdown() -> str:
         "hand; `tests/test_docs.py` fails when this file is out of date). Durations of the",
         "server are in milliseconds (`*-ms`); how long a measurement runs is in seconds.\n",
     ]
-    entries = list(_walk(parser, ["cvserve"]))
+    entries = [(list(path), p) for path, p in walk_parsers(parser)]
     out.append("| command | what it does |")
     out.append("| --- | --- |")
     helps = _command_helps(parser, ["cvserve"])
