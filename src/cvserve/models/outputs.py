@@ -1,4 +1,5 @@
-"""Which output of a user's ONNX file is what: the output roles each task's head reads.
+"""A user's ONNX file checked at add time (:func:`inspect_user_onnx`): its one image input,
+and which output is what, the output roles each task's head reads.
 
 ``cvserve models add FILE --task T --output ROLE=NAME ...`` names, for each role of the
 task, the graph output that holds it; :func:`resolve` checks the mapping against the
@@ -15,6 +16,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from cvserve.images.spec import PreprocessSpec
+from cvserve.models.errors import InvalidModel
 
 
 @dataclass(frozen=True)
@@ -153,3 +158,70 @@ def keep_only(path: Path, names: list[str]) -> None:
     del proto.graph.output[:]
     proto.graph.output.extend(chosen)
     onnx.save(proto, str(path))
+
+
+_ONNX_DTYPES = {"tensor(float)": "float32", "tensor(uint8)": "uint8"}
+
+
+def inspect_user_onnx(
+    path: Path,
+    spec: PreprocessSpec,
+    task: str,
+    labels: list[str] | None,
+    mapping: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """A user's ONNX file checked against ``spec`` and ``task`` (one image input of rank 4
+    agreeing with the spec; the task's output roles, :func:`resolve`): its input, and the
+    outputs to keep (``keep_outputs``, None: all, as they are). InvalidModel otherwise."""
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own exception types
+        raise InvalidModel(f"{path}: onnxruntime cannot load it: {e}") from e
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        names = ", ".join(f"{i.name}{i.shape}" for i in inputs)
+        raise InvalidModel(f"{path}: needs exactly one image input, has {len(inputs)}: {names}")
+    inp = inputs[0]
+    dtype = _ONNX_DTYPES.get(inp.type)
+    if dtype is None:
+        raise InvalidModel(
+            f"{path}: input {inp.name!r} is {inp.type}; an image input is float32 or uint8"
+        )
+    if dtype != spec.dtype:
+        raise InvalidModel(
+            f"{path}: input {inp.name!r} is {dtype} but the preprocessing spec sends {spec.dtype}"
+        )
+    shape = [d if isinstance(d, int) and d > 0 else None for d in inp.shape]
+    if len(shape) != 4:
+        raise InvalidModel(
+            f"{path}: input {inp.name!r} has shape {inp.shape}; an image batch has rank 4 "
+            f"({'N,3,H,W' if spec.layout == 'NCHW' else 'N,H,W,3'})"
+        )
+    for axis, (got, want) in enumerate(zip(shape[1:], spec.input_shape, strict=True), 1):
+        if got is not None and got != want:
+            raise InvalidModel(
+                f"{path}: input {inp.name!r} has shape {inp.shape} but the preprocessing spec "
+                f"makes {spec.layout} {list(spec.input_shape)} (axis {axis}: {got} != {want})"
+            )
+    outputs = session.get_outputs()
+    names = [o.name for o in outputs]
+    keep = None
+    if task in ROLES:
+        declared = [(o.name, list(o.shape)) for o in outputs]
+        try:
+            chosen = resolve(task, declared, mapping, labels)
+        except OutputMismatch as e:
+            raise InvalidModel(f"{path}: {e}") from None
+        if chosen != names:
+            keep, names = chosen, chosen
+    elif mapping:
+        raise InvalidModel(f"{path}: task {task!r} takes no --output mapping")
+    return {
+        "input_name": inp.name,
+        "input_shape": shape,
+        "input_dtype": dtype,
+        "output_names": names,
+        "keep_outputs": keep,
+    }

@@ -325,24 +325,14 @@ def add_pt2(
     src = Path(path).expanduser().resolve()
     if not src.is_file():
         raise FileNotFoundError(f"no such .pt2 file: {src}")
-    name = store.validate_name(name or store._name_from(src.stem))
-    if name in ZOO:
-        raise ValueError(f"{name!r} is a zoo model name; pick another name")
+    name = store.user_model_name(src, name)
     if outputs:
         raise store.InvalidModel(f"{src}: --output maps an ONNX file's outputs, not a .pt2's")
     task = task or "classify"
     spec = spec or PreprocessSpec(height=224, width=224, resize_shortest=256)
     info = inspect_pt2(src, spec, task, labels)
     dynamic = info.pop("dynamic_batch")
-    with store._store_lock(cache):
-        folder = store.version_dir(name, version or 1, cache)
-        if store._read_built_in(folder) is not None and not overwrite:
-            what = f"model {name!r}" + (f" version {version}" if version else "")
-            raise FileExistsError(
-                f"{what} already exists; replace it with --force (overwrite=True)"
-            )
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / store.SIDECAR_FILE).unlink(missing_ok=True)
+    with store.new_version_folder(name, version, cache, overwrite) as folder:
         (folder / store.ONNX_FILE).unlink(missing_ok=True)
         tmp = folder / f".{PT2_FILE}.tmp-{os.getpid()}"
         try:

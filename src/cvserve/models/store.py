@@ -44,7 +44,6 @@ CACHE_ENV = "CVSERVE_CACHE"
 ONNX_FILE = "model.onnx"
 SIDECAR_FILE = "model.json"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-_ONNX_DTYPES = {"tensor(float)": "float32", "tensor(uint8)": "uint8"}
 
 
 @dataclass(frozen=True)
@@ -402,9 +401,7 @@ def add_model(
     src = Path(onnx_path).expanduser().resolve()
     if not src.is_file():
         raise FileNotFoundError(f"no such ONNX file: {src}")
-    name = validate_name(name or _name_from(src.stem))
-    if name in ZOO:
-        raise ValueError(f"{name!r} is a zoo model name; pick another name")
+    name = user_model_name(src, name)
     from cvserve.models.yolo import read_export as read_yolo_export
 
     yolo_extra: dict[str, Any] = {}
@@ -418,18 +415,10 @@ def add_model(
     task = task or "classify"
     spec = spec or PreprocessSpec(height=224, width=224, resize_shortest=256)
     external = _external_data(src)  # checked before onnxruntime follows any of it
-    info = _inspect_onnx(src, spec, task, labels, outputs)
+    info = output_roles.inspect_user_onnx(src, spec, task, labels, outputs)
     keep = info.pop("keep_outputs", None)
 
-    with _store_lock(cache):
-        folder = version_dir(name, version or 1, cache)
-        if _read_built_in(folder) is not None and not overwrite:
-            what = f"model {name!r}" + (f" version {version}" if version else "")
-            raise FileExistsError(
-                f"{what} already exists; replace it with --force (overwrite=True)"
-            )
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / SIDECAR_FILE).unlink(missing_ok=True)
+    with new_version_folder(name, version, cache, overwrite) as folder:
         tmp = folder / f".{ONNX_FILE}.tmp-{os.getpid()}"
         try:
             if external:  # weights beside the file: bring them in (the store keeps one file)
@@ -455,6 +444,33 @@ def add_model(
         )
         _write_meta_in(meta, folder)
     return meta
+
+
+def user_model_name(src: Path, name: str | None) -> str:
+    """The store name of a user's file ``src``: ``name``, else its stem; never a zoo name."""
+    name = validate_name(name or _name_from(src.stem))
+    if name in ZOO:
+        raise ValueError(f"{name!r} is a zoo model name; pick another name")
+    return name
+
+
+@contextmanager
+def new_version_folder(
+    name: str, version: int | None, cache: Path | str | None, overwrite: bool
+) -> Iterator[Path]:
+    """Under the store's lock, the folder of ``version`` (None: 1) of ``name`` for a new
+    file: refused when that version is built unless ``overwrite``, its sidecar removed (the
+    version is not built until the caller writes the new one)."""
+    with _store_lock(cache):
+        folder = version_dir(name, version or 1, cache)
+        if _read_built_in(folder) is not None and not overwrite:
+            what = f"model {name!r}" + (f" version {version}" if version else "")
+            raise FileExistsError(
+                f"{what} already exists; replace it with --force (overwrite=True)"
+            )
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / SIDECAR_FILE).unlink(missing_ok=True)
+        yield folder
 
 
 def fold_normalize(
@@ -512,73 +528,12 @@ def _external_data(src: Path) -> list[Path]:
 
     try:
         proto = onnx.load(str(src), load_external_data=False)
-    except Exception:  # not protobuf: _inspect_onnx reports onnxruntime's reason
+    except Exception:  # not protobuf: inspect_user_onnx reports onnxruntime's reason
         return []
     try:
         return external_files(proto, src.parent)
     except UnsafeExternalData as e:
         raise InvalidModel(f"{src}: {e}") from None
-
-
-def _inspect_onnx(
-    path: Path,
-    spec: PreprocessSpec,
-    task: str,
-    labels: list[str] | None,
-    mapping: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    import onnxruntime as ort
-
-    try:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as e:  # ORT raises its own exception types
-        raise InvalidModel(f"{path}: onnxruntime cannot load it: {e}") from e
-    inputs = session.get_inputs()
-    if len(inputs) != 1:
-        names = ", ".join(f"{i.name}{i.shape}" for i in inputs)
-        raise InvalidModel(f"{path}: needs exactly one image input, has {len(inputs)}: {names}")
-    inp = inputs[0]
-    dtype = _ONNX_DTYPES.get(inp.type)
-    if dtype is None:
-        raise InvalidModel(
-            f"{path}: input {inp.name!r} is {inp.type}; an image input is float32 or uint8"
-        )
-    if dtype != spec.dtype:
-        raise InvalidModel(
-            f"{path}: input {inp.name!r} is {dtype} but the preprocessing spec sends {spec.dtype}"
-        )
-    shape = [d if isinstance(d, int) and d > 0 else None for d in inp.shape]
-    if len(shape) != 4:
-        raise InvalidModel(
-            f"{path}: input {inp.name!r} has shape {inp.shape}; an image batch has rank 4 "
-            f"({'N,3,H,W' if spec.layout == 'NCHW' else 'N,H,W,3'})"
-        )
-    for axis, (got, want) in enumerate(zip(shape[1:], spec.input_shape, strict=True), 1):
-        if got is not None and got != want:
-            raise InvalidModel(
-                f"{path}: input {inp.name!r} has shape {inp.shape} but the preprocessing spec "
-                f"makes {spec.layout} {list(spec.input_shape)} (axis {axis}: {got} != {want})"
-            )
-    outputs = session.get_outputs()
-    names = [o.name for o in outputs]
-    keep = None
-    if task in output_roles.ROLES:
-        declared = [(o.name, list(o.shape)) for o in outputs]
-        try:
-            chosen = output_roles.resolve(task, declared, mapping, labels)
-        except output_roles.OutputMismatch as e:
-            raise InvalidModel(f"{path}: {e}") from None
-        if chosen != names:
-            keep, names = chosen, chosen
-    elif mapping:
-        raise InvalidModel(f"{path}: task {task!r} takes no --output mapping")
-    return {
-        "input_name": inp.name,
-        "input_shape": shape,
-        "input_dtype": dtype,
-        "output_names": names,
-        "keep_outputs": keep,
-    }
 
 
 # --- versions (the rest: cvserve.models.versions) ---------------------------------------
